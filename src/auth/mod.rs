@@ -1,1 +1,276 @@
-//! auth
+//! API keys and per-key limits.
+//!
+//! Keys are off until the first key is created (or `auth.required` is set):
+//! a local server needs no setup. Once any key exists, every `/v1` request
+//! needs `Authorization: Bearer vq_...`. The HTTP glue (the middleware that
+//! turns [`AuthError`] into a response) lives in `api`; this room knows keys,
+//! limits and who the caller is.
+
+mod keys;
+mod limits;
+
+pub use keys::{hash_key, ApiKey, KeyError, KeyStore, LimitOverrides, NewKey, KEY_PREFIX};
+pub use limits::{KeyLimits, RateLimiter};
+
+use serde::{Deserialize, Serialize};
+use sqlx::SqlitePool;
+use std::time::Duration;
+
+/// Who may read `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsAccess {
+    /// Anyone, even when keys are on (for a scraper inside a trusted network).
+    Open,
+    /// Any valid key.
+    Key,
+    /// Only admin keys.
+    #[default]
+    Admin,
+}
+
+/// `[auth]` in the configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Require a key even before any key exists (then nothing but `/healthz`
+    /// and `/readyz` answers until `vqclip keys create` is run).
+    pub required: bool,
+    /// Who may read `/metrics` while keys are on.
+    pub metrics: MetricsAccess,
+    /// The `Retry-After` given when a key's queued-job bound is reached.
+    pub queue_full_retry_after_s: u64,
+    pub limits: KeyLimits,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            required: false,
+            metrics: MetricsAccess::default(),
+            queue_full_retry_after_s: 10,
+            limits: KeyLimits::default(),
+        }
+    }
+}
+
+/// Who is calling, as handlers see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Caller {
+    /// `None` when keys are off; jobs are then created without an owner.
+    pub key_id: Option<String>,
+    /// Admins see every job. With keys off the single local user is one.
+    pub admin: bool,
+    /// The caller's limits, its overrides applied.
+    pub limits: KeyLimits,
+}
+
+impl Caller {
+    /// May this caller see a job owned by `owner`?
+    pub fn can_see(&self, owner: Option<&str>) -> bool {
+        self.admin || (self.key_id.is_some() && self.key_id.as_deref() == owner)
+    }
+
+    /// The owner to filter job listings by; `None` means all jobs.
+    pub fn owner_filter(&self) -> Option<&str> {
+        if self.admin {
+            None
+        } else {
+            self.key_id.as_deref()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("this server requires an API key: send `Authorization: Bearer vq_...` (create one with `vqclip keys create --name NAME`)")]
+    MissingKey,
+    #[error("the Authorization header must be `Bearer <key>`")]
+    MalformedHeader,
+    #[error("the API key is not valid")]
+    InvalidKey,
+    #[error("the API key `{0}` was revoked")]
+    RevokedKey(String),
+    #[error("this needs an admin key")]
+    AdminOnly,
+    #[error("too many requests for this key: the limit is {rate} per second with a burst of {burst}; retry after {}s", retry_secs(*.retry_after))]
+    RateLimited {
+        rate: f64,
+        burst: u32,
+        retry_after: Duration,
+    },
+    #[error("this key already has {queued} queued jobs, its limit; wait for some to start or cancel some")]
+    QueueFull { queued: u64, retry_after: Duration },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+/// `Retry-After` carries whole seconds; rounding down would invite a retry
+/// that fails again.
+pub fn retry_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl AuthError {
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode;
+        match self {
+            AuthError::MissingKey
+            | AuthError::MalformedHeader
+            | AuthError::InvalidKey
+            | AuthError::RevokedKey(_) => StatusCode::UNAUTHORIZED,
+            AuthError::AdminOnly => StatusCode::FORBIDDEN,
+            AuthError::RateLimited { .. } | AuthError::QueueFull { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            AuthError::Key(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `Retry-After` value in seconds, for 429s.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            AuthError::RateLimited { retry_after, .. }
+            | AuthError::QueueFull { retry_after, .. } => Some(retry_secs(*retry_after).max(1)),
+            _ => None,
+        }
+    }
+}
+
+/// Checks keys and request rates.
+pub struct Authenticator {
+    keys: KeyStore,
+    config: AuthConfig,
+    rate: RateLimiter,
+}
+
+impl Authenticator {
+    /// `pool` must have migration 0003 applied.
+    pub fn new(pool: SqlitePool, config: AuthConfig) -> Self {
+        Self {
+            keys: KeyStore::new(pool),
+            config,
+            rate: RateLimiter::default(),
+        }
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.config
+    }
+
+    pub fn keys(&self) -> &KeyStore {
+        &self.keys
+    }
+
+    /// Keys are on once any key exists, or when the config requires them.
+    pub async fn enabled(&self) -> Result<bool, AuthError> {
+        Ok(self.config.required || self.keys.any().await?)
+    }
+
+    /// Identifies the caller from the `Authorization` header value. With keys
+    /// off the caller is the local admin whatever the header says.
+    pub async fn identify(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
+        if !self.enabled().await? {
+            return Ok(Caller {
+                key_id: None,
+                admin: true,
+                limits: self.config.limits.clone(),
+            });
+        }
+        let header = authorization.ok_or(AuthError::MissingKey)?;
+        let (scheme, token) = header
+            .trim()
+            .split_once(' ')
+            .ok_or(AuthError::MalformedHeader)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::MalformedHeader);
+        }
+        let token = token.trim();
+        if !token.starts_with(KEY_PREFIX) {
+            return Err(AuthError::InvalidKey);
+        }
+        let key = self
+            .keys
+            .find_by_secret(token)
+            .await?
+            .ok_or(AuthError::InvalidKey)?;
+        if key.is_revoked() {
+            return Err(AuthError::RevokedKey(key.name));
+        }
+        Ok(Caller {
+            limits: self.config.limits.with_overrides(&key.limits),
+            key_id: Some(key.id),
+            admin: key.admin,
+        })
+    }
+
+    /// Spends one request from the caller's rate. Callers without a key
+    /// (keys off) are not rate limited: they are the only user.
+    pub fn check_rate(&self, caller: &Caller) -> Result<(), AuthError> {
+        let Some(key) = caller.key_id.as_deref() else {
+            return Ok(());
+        };
+        self.rate
+            .acquire(key, &caller.limits)
+            .map_err(|retry_after| AuthError::RateLimited {
+                rate: caller.limits.requests_per_second,
+                burst: caller.limits.burst,
+                retry_after,
+            })
+    }
+
+    /// Refuses a new job when the caller already has `max_queued` queued.
+    pub fn check_queue(&self, caller: &Caller, queued_now: u64) -> Result<(), AuthError> {
+        let bound = caller.limits.max_queued;
+        if caller.key_id.is_some() && bound > 0 && queued_now >= u64::from(bound) {
+            return Err(AuthError::QueueFull {
+                queued: queued_now,
+                retry_after: Duration::from_secs(self.config.queue_full_retry_after_s),
+            });
+        }
+        Ok(())
+    }
+
+    /// May this caller read `/metrics`?
+    pub async fn check_metrics(&self, authorization: Option<&str>) -> Result<(), AuthError> {
+        if self.config.metrics == MetricsAccess::Open {
+            return Ok(());
+        }
+        let caller = self.identify(authorization).await?;
+        if self.config.metrics == MetricsAccess::Admin && !caller.admin {
+            return Err(AuthError::AdminOnly);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visibility_follows_ownership() {
+        let a = Caller {
+            key_id: Some("key_a".into()),
+            admin: false,
+            limits: KeyLimits::default(),
+        };
+        assert!(a.can_see(Some("key_a")));
+        assert!(!a.can_see(Some("key_b")));
+        assert!(!a.can_see(None));
+        assert_eq!(a.owner_filter(), Some("key_a"));
+        let admin = Caller {
+            admin: true,
+            ..a.clone()
+        };
+        assert!(admin.can_see(Some("key_b")) && admin.can_see(None));
+        assert_eq!(admin.owner_filter(), None);
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_secs(Duration::from_secs(2)), 2);
+        assert_eq!(retry_secs(Duration::from_millis(2001)), 3);
+    }
+}
