@@ -241,7 +241,14 @@ impl WebhookEngine {
             .body(c.payload.clone())
             .send()
             .await
-            .map_err(|e| Failure::Transient(error_chain(&e)))?;
+            .map_err(|e| {
+                // The guarded resolver's refusal is final; other errors may pass.
+                if refused_by_resolver(&e) {
+                    Failure::Permanent(error_chain(&e))
+                } else {
+                    Failure::Transient(error_chain(&e))
+                }
+            })?;
         Ok(response.status().as_u16())
     }
 
@@ -276,6 +283,17 @@ impl WebhookEngine {
 enum Failure {
     Transient(String),
     Permanent(String),
+}
+
+fn refused_by_resolver(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.downcast_ref::<super::TargetError>().is_some() {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }
 
 /// reqwest's top-level message hides the cause ("error sending request");
