@@ -5,12 +5,16 @@ CREATE TABLE webhook_deliveries (
     id              TEXT    PRIMARY KEY NOT NULL,
     job_id          TEXT    NOT NULL,
     event           TEXT    NOT NULL,
+    -- The job_events row this delivery was made from; UNIQUE so that an
+    -- event seen twice (a restart, two senders) is delivered once.
+    event_id        INTEGER UNIQUE,
     url             TEXT    NOT NULL,
     -- The exact body that is signed and sent.
     payload         TEXT    NOT NULL,
     status          TEXT    NOT NULL DEFAULT 'pending'
                             CHECK (status IN ('pending', 'delivered', 'failed')),
     attempts        INTEGER NOT NULL DEFAULT 0,
+    -- The event's time; the progress throttle compares these.
     created_at      INTEGER NOT NULL,
     -- While a sender holds a delivery this is pushed forward by a lease, so a
     -- crashed sender's delivery becomes due again instead of being lost.
@@ -30,4 +34,12 @@ CREATE TABLE webhook_attempts (
     error       TEXT,
     duration_ms INTEGER NOT NULL,
     PRIMARY KEY (delivery_id, attempt)
+);
+
+-- How far the webhook bridge has read job_events. One row, created by the
+-- bridge on its first start at the then-newest event, so that enabling
+-- webhooks does not replay history.
+CREATE TABLE webhook_cursor (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    last_event_id INTEGER NOT NULL
 );

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use vqclip::webhooks::{
-    verify, DeliveryStatus, EventKind, VerifyError, WebhookConfig, WebhookEngine, WebhookError,
-    WebhookSpec,
+    verify, DeliveryStatus, EventKind, OutgoingEvent, VerifyError, WebhookConfig, WebhookEngine,
+    WebhookError, WebhookSpec,
 };
 
 const SECRET: &str = "whsec_c2VjcmV0LWZvci10aGUtd2ViaG9vay10ZXN0cw==";
@@ -149,10 +149,12 @@ async fn delivery_is_signed_and_retried_after_a_500() {
     engine.validate(&hook).await.unwrap();
     let id = engine
         .publish(
-            "job-1",
             &hook,
-            EventKind::Completed,
-            serde_json::json!({"state": "succeeded"}),
+            OutgoingEvent::now(
+                "job-1",
+                EventKind::Completed,
+                serde_json::json!({"state": "succeeded"}),
+            ),
         )
         .await
         .unwrap()
@@ -200,10 +202,12 @@ async fn a_wrong_signature_is_detectably_wrong() {
     let hook = spec(&url, &[EventKind::Failed]);
     engine
         .publish(
-            "job-2",
             &hook,
-            EventKind::Failed,
-            serde_json::json!({"error": "x"}),
+            OutgoingEvent::now(
+                "job-2",
+                EventKind::Failed,
+                serde_json::json!({"error": "x"}),
+            ),
         )
         .await
         .unwrap();
@@ -261,7 +265,10 @@ async fn a_pending_delivery_survives_a_restart() {
     let stop = CancellationToken::new();
     let sender = engine.spawn(stop.clone());
     engine
-        .publish("job-3", &hook, EventKind::Canceled, serde_json::json!({}))
+        .publish(
+            &hook,
+            OutgoingEvent::now("job-3", EventKind::Canceled, serde_json::json!({})),
+        )
         .await
         .unwrap();
     wait_until("the first attempt", || receiver.got().len() == 1).await;
@@ -326,10 +333,12 @@ async fn progress_is_throttled_per_job_and_unsubscribed_events_are_dropped() {
         for (j, job) in ["job-a", "job-b"].iter().enumerate() {
             let queued = engine
                 .publish(
-                    job,
                     &hook,
-                    EventKind::Progress,
-                    serde_json::json!({"step": step}),
+                    OutgoingEvent::now(
+                        *job,
+                        EventKind::Progress,
+                        serde_json::json!({"step": step}),
+                    ),
                 )
                 .await
                 .unwrap();
@@ -356,17 +365,18 @@ async fn progress_is_throttled_per_job_and_unsubscribed_events_are_dropped() {
     // Not subscribed: never queued.
     let frame = engine
         .publish(
-            "job-a",
             &hook,
-            EventKind::Frame,
-            serde_json::json!({"step": 3}),
+            OutgoingEvent::now("job-a", EventKind::Frame, serde_json::json!({"step": 3})),
         )
         .await
         .unwrap();
     assert!(frame.is_none());
     // A terminal event always goes out, throttle or not.
     let done = engine
-        .publish("job-a", &hook, EventKind::Completed, serde_json::json!({}))
+        .publish(
+            &hook,
+            OutgoingEvent::now("job-a", EventKind::Completed, serde_json::json!({})),
+        )
         .await
         .unwrap();
     assert!(done.is_some());
@@ -426,10 +436,8 @@ async fn private_targets_are_refused_unless_allowed() {
     ] {
         strict
             .publish(
-                job,
                 &spec(&target, &[EventKind::Completed]),
-                EventKind::Completed,
-                serde_json::json!({}),
+                OutgoingEvent::now(job, EventKind::Completed, serde_json::json!({})),
             )
             .await
             .unwrap();
@@ -485,10 +493,8 @@ async fn gives_up_after_max_attempts() {
     let sender = engine.spawn(stop.clone());
     engine
         .publish(
-            "job-4",
             &spec(&url, &[EventKind::Failed]),
-            EventKind::Failed,
-            serde_json::json!({}),
+            OutgoingEvent::now("job-4", EventKind::Failed, serde_json::json!({})),
         )
         .await
         .unwrap();

@@ -2,13 +2,12 @@
 //! them with retries.
 
 use super::signing::Signer;
-use super::store::{Claimed, DeliveryStatus, DeliveryStore};
+use super::store::{Claimed, DeliveryStatus, DeliveryStore, NewDelivery};
 use super::target::{check_target, literal_refusal, GuardedResolver, TargetPolicy};
 use super::{Delivery, EventKind, WebhookConfig, WebhookError, WebhookSpec};
 use rand::Rng;
 use sqlx::SqlitePool;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -22,14 +21,11 @@ pub const EVENT_TYPE_PREFIX: &str = "job.";
 const GONE: u16 = 410;
 
 pub struct WebhookEngine {
-    store: DeliveryStore,
+    pub(crate) store: DeliveryStore,
     config: WebhookConfig,
     signer: Option<Signer>,
     policy: TargetPolicy,
     client: reqwest::Client,
-    /// When each job's last `progress` delivery was queued. Throttling is
-    /// per process, which is where a job's render runs.
-    last_progress: Mutex<HashMap<String, Instant>>,
     wake: Notify,
 }
 
@@ -41,7 +37,7 @@ impl std::fmt::Debug for WebhookEngine {
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
@@ -69,7 +65,6 @@ impl WebhookEngine {
             signer,
             policy,
             client,
-            last_progress: Mutex::new(HashMap::new()),
             wake: Notify::new(),
         }))
     }
@@ -89,56 +84,40 @@ impl WebhookEngine {
     }
 
     /// Queues the delivery of one job event if the job's webhook subscribes to
-    /// it. `progress` events closer than `progress_interval_ms` to the job's
-    /// previous one are dropped. Returns the delivery id when one was queued.
+    /// it. A `progress` event less than `progress_interval_ms` after the job's
+    /// previous progress delivery is dropped. Returns the delivery id when one
+    /// was queued.
     pub async fn publish(
         &self,
-        job_id: &str,
         spec: &WebhookSpec,
-        kind: EventKind,
-        data: serde_json::Value,
+        event: OutgoingEvent,
     ) -> Result<Option<String>, WebhookError> {
-        if kind.is_terminal() {
-            self.lock_throttle().remove(job_id);
-        }
-        if !spec.wants(kind) {
-            return Ok(None);
-        }
-        if kind == EventKind::Progress && !self.progress_due(job_id) {
+        if !spec.wants(event.kind) {
             return Ok(None);
         }
         let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
-        let payload = envelope(job_id, kind, data);
-        self.store
-            .insert(&id, job_id, kind.as_str(), &spec.url, &payload, now_ms())
-            .await?;
+        let payload = envelope(&event);
+        let throttle = (event.kind == EventKind::Progress)
+            .then(|| self.config.progress_interval_ms.as_millis() as i64);
+        let delivery = NewDelivery {
+            id: &id,
+            job_id: &event.job_id,
+            event: event.kind.as_str(),
+            event_id: event.event_id,
+            url: &spec.url,
+            payload: &payload,
+            at_ms: event.at_ms,
+        };
+        if !self.store.insert(&delivery, throttle, now_ms()).await? {
+            return Ok(None);
+        }
         self.wake.notify_one();
         Ok(Some(id))
     }
 
-    fn lock_throttle(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        // A panic while holding the map cannot leave it inconsistent.
-        self.last_progress
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn progress_due(&self, job_id: &str) -> bool {
-        let interval = self.config.progress_interval_ms;
-        let now = Instant::now();
-        let mut last = self.lock_throttle();
-        if last.len() > 4096 {
-            // Jobs that ended without a terminal event here (another process
-            // finished them) would otherwise stay forever.
-            last.retain(|_, t| now.duration_since(*t) < interval);
-        }
-        match last.get(job_id) {
-            Some(t) if now.duration_since(*t) < interval => false,
-            _ => {
-                last.insert(job_id.to_owned(), now);
-                true
-            }
-        }
+    /// Wakes the sender, e.g. when the job store reports a new event.
+    pub fn wake(&self) {
+        self.wake.notify_one();
     }
 
     /// The delivery history of a job, oldest first.
@@ -148,7 +127,6 @@ impl WebhookEngine {
 
     /// Deletes a job's deliveries, for when the job itself is deleted.
     pub async fn forget_job(&self, job_id: &str) -> Result<u64, WebhookError> {
-        self.lock_throttle().remove(job_id);
         Ok(self.store.delete_for_job(job_id).await?)
     }
 
@@ -252,7 +230,8 @@ impl WebhookEngine {
         Ok(response.status().as_u16())
     }
 
-    /// Starts the sender: it sends due deliveries, sleeps until the next one
+    /// Starts the sender: it turns new job events into deliveries
+    /// ([`Self::pump_events`]), sends due deliveries, sleeps until the next one
     /// is due (at most `poll_interval_ms`) or a new one is published, and
     /// stops when `shutdown` fires. Pending rows from before a restart are
     /// due at once, so they go out on the first pass.
@@ -261,6 +240,9 @@ impl WebhookEngine {
         tokio::spawn(async move {
             let poll = engine.config.poll_interval_ms;
             loop {
+                if let Err(e) = engine.pump_events().await {
+                    tracing::error!(error = %e, "reading job events for webhooks failed");
+                }
                 if let Err(e) = engine.deliver_due().await {
                     tracing::error!(error = %e, "webhook sender pass failed");
                 }
@@ -309,18 +291,47 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The body: Standard Webhooks' recommended `{type, timestamp, data}`.
-fn envelope(job_id: &str, kind: EventKind, data: serde_json::Value) -> String {
-    let data = match data {
-        serde_json::Value::Object(mut m) => {
-            m.insert("job_id".into(), job_id.into());
+/// One job event on its way to a webhook.
+#[derive(Clone, Debug)]
+pub struct OutgoingEvent {
+    pub job_id: String,
+    pub kind: EventKind,
+    pub data: serde_json::Value,
+    /// The `job_events` row it comes from: an event is delivered at most once
+    /// however often it is published.
+    pub event_id: Option<i64>,
+    /// When it happened, unix milliseconds.
+    pub at_ms: i64,
+}
+
+impl OutgoingEvent {
+    /// An event happening now that is not backed by a `job_events` row.
+    pub fn now(job_id: impl Into<String>, kind: EventKind, data: serde_json::Value) -> Self {
+        Self {
+            job_id: job_id.into(),
+            kind,
+            data,
+            event_id: None,
+            at_ms: now_ms(),
+        }
+    }
+}
+
+/// The body: Standard Webhooks' recommended `{type, timestamp, data}`, with
+/// the job id added to the event's data.
+fn envelope(event: &OutgoingEvent) -> String {
+    let data = match &event.data {
+        serde_json::Value::Object(m) => {
+            let mut m = m.clone();
+            m.insert("job_id".into(), event.job_id.clone().into());
             serde_json::Value::Object(m)
         }
-        other => serde_json::json!({ "job_id": job_id, "value": other }),
+        other => serde_json::json!({ "job_id": event.job_id, "value": other }),
     };
+    let at = chrono::DateTime::from_timestamp_millis(event.at_ms).unwrap_or_default();
     serde_json::json!({
-        "type": format!("{EVENT_TYPE_PREFIX}{kind}"),
-        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "type": format!("{EVENT_TYPE_PREFIX}{}", event.kind),
+        "timestamp": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         "data": data,
     })
     .to_string()
@@ -371,11 +382,11 @@ mod tests {
 
     #[test]
     fn envelope_has_type_timestamp_and_job_id() {
-        let body = envelope(
+        let body = envelope(&OutgoingEvent::now(
             "job1",
             EventKind::Completed,
             serde_json::json!({"state": "succeeded"}),
-        );
+        ));
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["type"], "job.completed");
         assert_eq!(v["data"]["job_id"], "job1");

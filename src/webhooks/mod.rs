@@ -1,18 +1,20 @@
 //! Webhooks: Standard Webhooks signing, SSRF-checked targets and persisted
 //! deliveries with retries.
 //!
-//! A job that carries a [`WebhookSpec`] has its events turned into rows of
-//! `webhook_deliveries` by [`WebhookEngine::publish`]; a background task
-//! ([`WebhookEngine::spawn`]) sends due rows and records every attempt in
-//! `webhook_attempts`. Nothing lives only in memory except the progress
-//! throttle, so a restart loses no pending delivery.
+//! The background task ([`WebhookEngine::spawn`]) tails `job_events`: each
+//! event of a job whose spec carries a [`WebhookSpec`] becomes a row of
+//! `webhook_deliveries` ([`WebhookEngine::publish`]); due rows are sent and
+//! every attempt is recorded in `webhook_attempts`. Events, the read cursor,
+//! deliveries and the progress throttle all live in the database, so a
+//! restart (or a worker in another process) loses no webhook.
 
+mod bridge;
 mod engine;
 mod signing;
 mod store;
 mod target;
 
-pub use engine::{WebhookEngine, EVENT_TYPE_PREFIX};
+pub use engine::{OutgoingEvent, WebhookEngine, EVENT_TYPE_PREFIX};
 pub use signing::{verify, SecretError, Signer, VerifyError};
 pub use store::{Attempt, Delivery, DeliveryStatus};
 pub use target::{check_target, TargetError, TargetPolicy};

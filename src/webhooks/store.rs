@@ -66,6 +66,16 @@ pub(crate) struct Claimed {
     pub attempts: u32,
 }
 
+pub(crate) struct NewDelivery<'a> {
+    pub id: &'a str,
+    pub job_id: &'a str,
+    pub event: &'a str,
+    pub event_id: Option<i64>,
+    pub url: &'a str,
+    pub payload: &'a str,
+    pub at_ms: i64,
+}
+
 pub(crate) fn millis_to_time(ms: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
@@ -79,31 +89,43 @@ impl DeliveryStore {
         Self { pool }
     }
 
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Inserts a pending delivery. Returns false when it was not inserted:
+    /// its event was delivered already (`event_id` is unique), or `throttle_ms`
+    /// is set and the job had a progress delivery less than that long before
+    /// this event. Checking inside the INSERT keeps the throttle right with
+    /// several processes publishing.
     pub async fn insert(
         &self,
-        id: &str,
-        job_id: &str,
-        event: &str,
-        url: &str,
-        payload: &str,
+        d: &NewDelivery<'_>,
+        throttle_ms: Option<i64>,
         now_ms: i64,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO webhook_deliveries
-                 (id, job_id, event, url, payload, status, attempts, created_at, next_attempt_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
+    ) -> Result<bool, sqlx::Error> {
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO webhook_deliveries
+                 (id, job_id, event, event_id, url, payload, status, attempts,
+                  created_at, next_attempt_at, updated_at)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, 'pending', 0, ?7, ?8, ?8
+              WHERE ?9 IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM webhook_deliveries
+                     WHERE job_id = ?2 AND event = 'progress' AND created_at > ?7 - ?9)",
         )
-        .bind(id)
-        .bind(job_id)
-        .bind(event)
-        .bind(url)
-        .bind(payload)
+        .bind(d.id)
+        .bind(d.job_id)
+        .bind(d.event)
+        .bind(d.event_id)
+        .bind(d.url)
+        .bind(d.payload)
+        .bind(d.at_ms)
         .bind(now_ms)
-        .bind(now_ms)
-        .bind(now_ms)
+        .bind(throttle_ms)
         .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
     }
 
     /// Claims up to `limit` due deliveries in one statement by pushing their
