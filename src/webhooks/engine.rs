@@ -98,7 +98,7 @@ impl WebhookEngine {
         let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
         let payload = envelope(&event);
         let throttle = (event.kind == EventKind::Progress)
-            .then(|| self.config.progress_interval_ms.as_millis() as i64);
+            .then_some(self.config.progress_interval_ms.as_millis() as i64);
         let delivery = NewDelivery {
             id: &id,
             job_id: &event.job_id,
