@@ -91,7 +91,7 @@ async fn open_pool(dir: &Path) -> SqlitePool {
 
 fn config() -> WebhookConfig {
     WebhookConfig {
-        secret: Some(SECRET.into()),
+        secret: SECRET.into(),
         max_attempts: 4,
         initial_backoff_ms: Duration::from_millis(100),
         max_backoff_ms: Duration::from_secs(1),
@@ -463,7 +463,7 @@ async fn private_targets_are_refused_unless_allowed() {
     let unsigned = WebhookEngine::new(
         open_pool(dir.path()).await,
         WebhookConfig {
-            secret: None,
+            secret: String::new(),
             ..config()
         },
     )

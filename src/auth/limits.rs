@@ -7,9 +7,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// `[auth.limits]`: the defaults every key gets unless it overrides them.
+/// The limits of one key: the `[auth]` defaults with the key's overrides.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
 pub struct KeyLimits {
     /// Sustained requests per second; 0 turns rate limiting off.
     pub requests_per_second: f64,

@@ -29,8 +29,9 @@ pub enum MetricsAccess {
     Admin,
 }
 
-/// `[auth]` in the configuration.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `[auth]` in the configuration. Flat, so that every setting has a
+/// `VQCLIP_AUTH_<KEY>` variable.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Require a key even before any key exists (then nothing but `/healthz`
@@ -39,17 +40,47 @@ pub struct AuthConfig {
     /// Who may read `/metrics` while keys are on.
     pub metrics: MetricsAccess,
     /// The `Retry-After` given when a key's queued-job bound is reached.
-    pub queue_full_retry_after_s: u64,
-    pub limits: KeyLimits,
+    pub queue_full_retry_after_seconds: u64,
+    /// Default requests per second of a key; 0 turns rate limiting off.
+    pub requests_per_second: f64,
+    /// Default burst of a key.
+    pub burst: u32,
+    /// Default bound on a key's queued jobs; 0: none.
+    pub max_queued_per_key: u32,
+    /// Default bound on a key's running jobs; 0: none.
+    pub max_running_per_key: u32,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
+        let l = KeyLimits::default();
         Self {
             required: false,
             metrics: MetricsAccess::default(),
-            queue_full_retry_after_s: 10,
-            limits: KeyLimits::default(),
+            queue_full_retry_after_seconds: 10,
+            requests_per_second: l.requests_per_second,
+            burst: l.burst,
+            max_queued_per_key: l.max_queued,
+            max_running_per_key: l.max_running,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Reads the `[auth]` table of the service configuration.
+    pub fn from_table(table: &toml::Table) -> Result<Self, String> {
+        toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("[auth]: {}", e.message()))
+    }
+
+    /// The limits of a key without overrides.
+    pub fn limits(&self) -> KeyLimits {
+        KeyLimits {
+            requests_per_second: self.requests_per_second,
+            burst: self.burst,
+            max_queued: self.max_queued_per_key,
+            max_running: self.max_running_per_key,
         }
     }
 }
@@ -174,7 +205,7 @@ impl Authenticator {
             return Ok(Caller {
                 key_id: None,
                 admin: true,
-                limits: self.config.limits.clone(),
+                limits: self.config.limits(),
             });
         }
         let header = authorization.ok_or(AuthError::MissingKey)?;
@@ -198,7 +229,7 @@ impl Authenticator {
             return Err(AuthError::RevokedKey(key.name));
         }
         Ok(Caller {
-            limits: self.config.limits.with_overrides(&key.limits),
+            limits: self.config.limits().with_overrides(&key.limits),
             key_id: Some(key.id),
             admin: key.admin,
         })
@@ -225,7 +256,7 @@ impl Authenticator {
         if caller.key_id.is_some() && bound > 0 && queued_now >= u64::from(bound) {
             return Err(AuthError::QueueFull {
                 queued: queued_now,
-                retry_after: Duration::from_secs(self.config.queue_full_retry_after_s),
+                retry_after: Duration::from_secs(self.config.queue_full_retry_after_seconds),
             });
         }
         Ok(())
@@ -265,6 +296,27 @@ mod tests {
         };
         assert!(admin.can_see(Some("key_b")) && admin.can_see(None));
         assert_eq!(admin.owner_filter(), None);
+    }
+
+    #[test]
+    fn config_is_flat_and_checked() {
+        let t: toml::Table =
+            "required = true\nrequests_per_second = 2.5\nmax_queued_per_key = 3\nmetrics = \"key\""
+                .parse()
+                .unwrap();
+        let c = AuthConfig::from_table(&t).unwrap();
+        assert!(c.required);
+        assert_eq!(c.metrics, MetricsAccess::Key);
+        assert_eq!(c.limits().max_queued, 3);
+        assert_eq!(c.limits().requests_per_second, 2.5);
+        assert_eq!(c.burst, AuthConfig::default().burst);
+        // config/default.toml documents exactly these defaults.
+        let documented = AuthConfig::from_table(&crate::config::Config::defaults().auth).unwrap();
+        assert_eq!(documented, AuthConfig::default());
+        let bad: toml::Table = "max_queued = 3".parse().unwrap();
+        assert!(AuthConfig::from_table(&bad)
+            .unwrap_err()
+            .contains("max_queued"));
     }
 
     #[test]

@@ -1,17 +1,20 @@
 //! `vqclip keys create | list | revoke`: API keys in the configured database.
 
 use anyhow::Context;
+use std::path::PathBuf;
+use std::time::Duration;
 use vqclip::auth::{ApiKey, KeyStore, LimitOverrides, NewKey};
+use vqclip::config::{Config, Overrides};
+use vqclip::queue::SqliteStore;
 
 #[derive(clap::Args, Debug)]
 pub struct DbArgs {
-    /// The database holding the keys (the server's).
-    #[arg(
-        long,
-        env = "VQCLIP_DATABASE_URL",
-        default_value = "sqlite://data/vqclip.db"
-    )]
-    database_url: String,
+    /// Configuration file (the server's), for its database.
+    #[arg(long, env = "VQCLIP_CONFIG")]
+    config: Option<PathBuf>,
+    /// The database holding the keys; overrides the configuration.
+    #[arg(long)]
+    database_url: Option<String>,
 }
 
 #[derive(clap::Subcommand)]
@@ -63,61 +66,20 @@ pub fn run(c: KeysCommand) -> anyhow::Result<()> {
 }
 
 async fn open(db: &DbArgs) -> anyhow::Result<KeyStore> {
-    Ok(KeyStore::new(open_database(&db.database_url).await?))
-}
-
-// Until the service's database opener lands: same settings (WAL, busy
-// timeout, migrations at open).
-async fn open_database(url: &str) -> anyhow::Result<sqlx::SqlitePool> {
-    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
-    use std::str::FromStr;
-    let opts = SqliteConnectOptions::from_str(url)
-        .with_context(|| format!("bad database URL `{url}`"))?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(std::time::Duration::from_secs(5));
-    if let Some(dir) = opts.get_filename().parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let pool = sqlx::SqlitePool::connect_with(opts)
-        .await
-        .with_context(|| format!("cannot open the database `{url}`"))?;
-    migrator()
-        .run(&pool)
-        .await
-        .context("running the migrations")?;
-    Ok(pool)
-}
-
-// sqlx's `migrate!` needs its `macros` feature, which this build leaves off;
-// the migrations are embedded by hand instead.
-fn migrator() -> sqlx::migrate::Migrator {
-    use sqlx::migrate::{Migration, MigrationType, Migrator};
-    use std::borrow::Cow;
-    let m = |version, description: &'static str, sql: &'static str| {
-        Migration::new(
-            version,
-            Cow::Borrowed(description),
-            MigrationType::Simple,
-            Cow::Borrowed(sql),
-            false,
-        )
+    let overrides = Overrides {
+        database_url: db.database_url.clone(),
+        ..Overrides::default()
     };
-    Migrator {
-        migrations: Cow::Owned(vec![
-            m(
-                2,
-                "webhooks",
-                include_str!("../../migrations/0002_webhooks.sql"),
-            ),
-            m(
-                3,
-                "api keys",
-                include_str!("../../migrations/0003_api_keys.sql"),
-            ),
-        ]),
-        ..Migrator::DEFAULT
-    }
+    let config = Config::load(db.config.as_deref(), &overrides)?;
+    let d = &config.database;
+    let store = SqliteStore::connect(
+        &d.url,
+        Duration::from_millis(d.busy_timeout_ms),
+        d.max_connections,
+    )
+    .await
+    .with_context(|| format!("cannot open the database {}", d.url))?;
+    Ok(KeyStore::new(store.pool().clone()))
 }
 
 async fn run_async(c: KeysCommand) -> anyhow::Result<()> {

@@ -44,11 +44,10 @@ pub(crate) fn now_ms() -> i64 {
 impl WebhookEngine {
     /// `pool` must have migration 0002 applied.
     pub fn new(pool: SqlitePool, config: WebhookConfig) -> Result<Arc<Self>, WebhookError> {
-        let signer = config
-            .secret
-            .as_deref()
-            .map(Signer::from_secret)
-            .transpose()?;
+        let signer = match config.secret.as_str() {
+            "" => None,
+            secret => Some(Signer::from_secret(secret)?),
+        };
         let policy = config.target_policy();
         let client = reqwest::Client::builder()
             .timeout(config.timeout_ms)

@@ -102,13 +102,13 @@ impl WebhookSpec {
 }
 
 /// `[webhooks]` in the configuration.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhookConfig {
     /// The per-server signing secret: `whsec_` + base64 (the Standard
     /// Webhooks format) or any other string, whose UTF-8 bytes are the key.
-    /// Jobs with a webhook are refused while it is unset.
-    pub secret: Option<String>,
+    /// Jobs with a webhook are refused while it is empty.
+    pub secret: String,
     /// Attempts per delivery, the first included, before it is marked failed.
     pub max_attempts: u32,
     /// Delay before the first retry; doubles per attempt, with jitter.
@@ -139,7 +139,7 @@ pub struct WebhookConfig {
 impl Default for WebhookConfig {
     fn default() -> Self {
         Self {
-            secret: None,
+            secret: String::new(),
             max_attempts: 8,
             initial_backoff_ms: Duration::from_secs(5),
             max_backoff_ms: Duration::from_secs(3600),
@@ -154,6 +154,13 @@ impl Default for WebhookConfig {
 }
 
 impl WebhookConfig {
+    /// Reads the `[webhooks]` table of the service configuration.
+    pub fn from_table(table: &toml::Table) -> Result<Self, String> {
+        toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("[webhooks]: {}", e.message()))
+    }
+
     pub fn target_policy(&self) -> TargetPolicy {
         TargetPolicy {
             allow_private: self.allow_private_targets,
@@ -200,7 +207,7 @@ mod cidr_list {
 pub enum WebhookError {
     #[error("unknown webhook event `{0}`; use one of state, progress, frame, completed, failed, canceled")]
     UnknownEvent(String),
-    #[error("webhooks need a signing secret: set `webhooks.secret` (VQCLIP_WEBHOOKS__SECRET), e.g. to `whsec_` followed by `openssl rand -base64 32`")]
+    #[error("webhooks need a signing secret: set `webhooks.secret` (VQCLIP_WEBHOOKS_SECRET), e.g. to `whsec_` followed by `openssl rand -base64 32`")]
     NoSecret,
     #[error(transparent)]
     Secret(#[from] SecretError),
@@ -245,6 +252,10 @@ mod tests {
             .target_policy()
             .refusal("127.0.0.1".parse().unwrap())
             .is_none());
+        // config/default.toml documents exactly these defaults.
+        let documented =
+            WebhookConfig::from_table(&crate::config::Config::defaults().webhooks).unwrap();
+        assert_eq!(documented, WebhookConfig::default());
         let bad = toml::from_str::<WebhookConfig>("allowed_networks = [\"nope\"]");
         assert!(bad.unwrap_err().to_string().contains("not a CIDR"));
     }
