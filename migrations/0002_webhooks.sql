@@ -3,7 +3,8 @@
 -- can deduplicate. Times are unix milliseconds.
 CREATE TABLE webhook_deliveries (
     id              TEXT    PRIMARY KEY NOT NULL,
-    job_id          TEXT    NOT NULL,
+    -- Deleting a job (DELETE /v1/jobs/{id}, retention) deletes its deliveries.
+    job_id          TEXT    NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
     event           TEXT    NOT NULL,
     -- The job_events row this delivery was made from; UNIQUE so that an
     -- event seen twice (a restart, two senders) is delivered once.

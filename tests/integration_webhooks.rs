@@ -6,13 +6,13 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use sqlx::SqlitePool;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use vqclip::queue::{JobStore, NewJob, SqliteStore};
 use vqclip::webhooks::{
     verify, DeliveryStatus, EventKind, OutgoingEvent, VerifyError, WebhookConfig, WebhookEngine,
     WebhookError, WebhookSpec,
@@ -72,21 +72,34 @@ async fn start_receiver(script: &[u16]) -> (String, Receiver) {
     (format!("http://127.0.0.1:{port}/hook"), r)
 }
 
-async fn open_pool(dir: &Path) -> SqlitePool {
-    let opts = SqliteConnectOptions::new()
-        .filename(dir.join("vqclip.db"))
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(Duration::from_secs(5));
-    let pool = SqlitePool::connect_with(opts).await.unwrap();
-    let migrations = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
-    sqlx::migrate::Migrator::new(migrations)
+/// The server's database: the job store's migrations include the webhook tables.
+async fn open_store(dir: &Path) -> SqliteStore {
+    let url = format!("sqlite://{}/vqclip.db", dir.display());
+    SqliteStore::connect(&url, Duration::from_secs(5), 4)
         .await
         .unwrap()
-        .run(&pool)
-        .await
-        .unwrap();
-    pool
+}
+
+async fn open_pool(dir: &Path) -> SqlitePool {
+    open_store(dir).await.pool().clone()
+}
+
+/// A queued job (deliveries belong to jobs), with `webhook` in its spec.
+async fn job(pool: &SqlitePool, webhook: Option<&WebhookSpec>) -> String {
+    let store = SqliteStore::from_pool(pool.clone());
+    let new = NewJob {
+        spec: serde_json::json!({ "prompts": "x", "webhook": webhook }),
+        priority: 0,
+        keep: false,
+        total_steps: 10,
+        owner_key_id: None,
+        idempotency_key: None,
+        request_hash: "h".into(),
+        max_attempts: 2,
+        warnings: vec![],
+        seed: Some(1),
+    };
+    store.submit(new, 1000).await.unwrap().job().id.to_string()
 }
 
 fn config() -> WebhookConfig {
@@ -141,7 +154,9 @@ fn assert_signed(r: &Received) {
 async fn delivery_is_signed_and_retried_after_a_500() {
     let dir = tempfile::tempdir().unwrap();
     let (url, receiver) = start_receiver(&[500]).await;
-    let engine = WebhookEngine::new(open_pool(dir.path()).await, config()).unwrap();
+    let pool = open_pool(dir.path()).await;
+    let job1 = job(&pool, None).await;
+    let engine = WebhookEngine::new(pool, config()).unwrap();
     let stop = CancellationToken::new();
     let sender = engine.spawn(stop.clone());
 
@@ -151,7 +166,7 @@ async fn delivery_is_signed_and_retried_after_a_500() {
         .publish(
             &hook,
             OutgoingEvent::now(
-                "job-1",
+                &*job1,
                 EventKind::Completed,
                 serde_json::json!({"state": "succeeded"}),
             ),
@@ -168,17 +183,17 @@ async fn delivery_is_signed_and_retried_after_a_500() {
     }
     let body: serde_json::Value = serde_json::from_str(&got[1].body).unwrap();
     assert_eq!(body["type"], "job.completed");
-    assert_eq!(body["data"]["job_id"], "job-1");
+    assert_eq!(body["data"]["job_id"], job1.as_str());
     assert_eq!(body["data"]["state"], "succeeded");
 
     // The history says what happened, attempt by attempt.
-    let mut history = engine.history("job-1").await.unwrap();
+    let mut history = engine.history(&job1).await.unwrap();
     for _ in 0..50 {
         if history[0].status == DeliveryStatus::Delivered {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        history = engine.history("job-1").await.unwrap();
+        history = engine.history(&job1).await.unwrap();
     }
     assert_eq!(history.len(), 1);
     let d = &history[0];
@@ -198,16 +213,14 @@ async fn delivery_is_signed_and_retried_after_a_500() {
 async fn a_wrong_signature_is_detectably_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let (url, receiver) = start_receiver(&[]).await;
-    let engine = WebhookEngine::new(open_pool(dir.path()).await, config()).unwrap();
+    let pool = open_pool(dir.path()).await;
+    let job2 = job(&pool, None).await;
+    let engine = WebhookEngine::new(pool, config()).unwrap();
     let hook = spec(&url, &[EventKind::Failed]);
     engine
         .publish(
             &hook,
-            OutgoingEvent::now(
-                "job-2",
-                EventKind::Failed,
-                serde_json::json!({"error": "x"}),
-            ),
+            OutgoingEvent::now(&*job2, EventKind::Failed, serde_json::json!({"error": "x"})),
         )
         .await
         .unwrap();
@@ -223,7 +236,9 @@ async fn a_wrong_signature_is_detectably_wrong() {
         check(other_secret, &r.id, r.timestamp, &r.body, &r.signature),
         Err(VerifyError::NoMatch)
     );
-    let tampered = r.body.replace("job-2", "job-3");
+    let tampered = r
+        .body
+        .replace(&job2, "00000000-0000-0000-0000-000000000000");
     assert_eq!(
         check(SECRET, &r.id, r.timestamp, &tampered, &r.signature),
         Err(VerifyError::NoMatch)
@@ -254,6 +269,7 @@ async fn a_pending_delivery_survives_a_restart() {
 
     // First life: one failed attempt, then the server stops before the retry.
     let first_pool = open_pool(dir.path()).await;
+    let job3 = job(&first_pool, None).await;
     let engine = WebhookEngine::new(
         first_pool.clone(),
         WebhookConfig {
@@ -267,14 +283,14 @@ async fn a_pending_delivery_survives_a_restart() {
     engine
         .publish(
             &hook,
-            OutgoingEvent::now("job-3", EventKind::Canceled, serde_json::json!({})),
+            OutgoingEvent::now(&*job3, EventKind::Canceled, serde_json::json!({})),
         )
         .await
         .unwrap();
     wait_until("the first attempt", || receiver.got().len() == 1).await;
     stop.cancel();
     sender.await.unwrap();
-    let before = engine.history("job-3").await.unwrap();
+    let before = engine.history(&job3).await.unwrap();
     drop(engine);
     first_pool.close().await;
     assert_eq!(before[0].status, DeliveryStatus::Pending);
@@ -283,8 +299,9 @@ async fn a_pending_delivery_survives_a_restart() {
     let second_pool = open_pool(dir.path()).await;
     sqlx::query(
         "INSERT INTO webhook_deliveries (id, job_id, event, url, payload, created_at, next_attempt_at, updated_at)
-         VALUES ('msg_unsent', 'job-3', 'state', ?, '{}', 0, 0, 0)",
+         VALUES ('msg_unsent', ?, 'state', ?, '{}', 0, 0, 0)",
     )
+    .bind(&job3)
     .bind(&url)
     .execute(&second_pool)
     .await
@@ -304,7 +321,7 @@ async fn a_pending_delivery_survives_a_restart() {
     got.iter().for_each(assert_signed);
     let mut settled = false;
     for _ in 0..50 {
-        let h = engine.history("job-3").await.unwrap();
+        let h = engine.history(&job3).await.unwrap();
         if h.iter().all(|d| d.status == DeliveryStatus::Delivered) {
             let first = h.iter().find(|d| d.id == got[0].id).unwrap();
             let codes: Vec<_> = first.attempts.iter().map(|a| a.status_code).collect();
@@ -323,14 +340,16 @@ async fn a_pending_delivery_survives_a_restart() {
 async fn progress_is_throttled_per_job_and_unsubscribed_events_are_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let (url, receiver) = start_receiver(&[]).await;
-    let engine = WebhookEngine::new(open_pool(dir.path()).await, config()).unwrap();
+    let pool = open_pool(dir.path()).await;
+    let (job_a, job_b) = (job(&pool, None).await, job(&pool, None).await);
+    let engine = WebhookEngine::new(pool, config()).unwrap();
     let hook = spec(&url, &[EventKind::Progress, EventKind::Completed]);
     let interval = config().progress_interval_ms;
 
     let start = Instant::now();
     let mut queued_at = [Vec::new(), Vec::new()];
     for step in 0..30 {
-        for (j, job) in ["job-a", "job-b"].iter().enumerate() {
+        for (j, job) in [&job_a, &job_b].iter().enumerate() {
             let queued = engine
                 .publish(
                     &hook,
@@ -366,7 +385,7 @@ async fn progress_is_throttled_per_job_and_unsubscribed_events_are_dropped() {
     let frame = engine
         .publish(
             &hook,
-            OutgoingEvent::now("job-a", EventKind::Frame, serde_json::json!({"step": 3})),
+            OutgoingEvent::now(&*job_a, EventKind::Frame, serde_json::json!({"step": 3})),
         )
         .await
         .unwrap();
@@ -375,7 +394,7 @@ async fn progress_is_throttled_per_job_and_unsubscribed_events_are_dropped() {
     let done = engine
         .publish(
             &hook,
-            OutgoingEvent::now("job-a", EventKind::Completed, serde_json::json!({})),
+            OutgoingEvent::now(&*job_a, EventKind::Completed, serde_json::json!({})),
         )
         .await
         .unwrap();
@@ -399,6 +418,7 @@ async fn private_targets_are_refused_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let (url, receiver) = start_receiver(&[]).await;
     let pool = open_pool(dir.path()).await;
+    let (job_lit, job_name) = (job(&pool, None).await, job(&pool, None).await);
     let strict = WebhookEngine::new(
         pool.clone(),
         WebhookConfig {
@@ -431,8 +451,8 @@ async fn private_targets_are_refused_unless_allowed() {
     // Even a delivery already in the database (accepted under a looser
     // config) is refused at send time, by IP literal and by name.
     for (job, target) in [
-        ("job-lit", url.clone()),
-        ("job-name", format!("{by_name}/hook")),
+        (&job_lit, url.clone()),
+        (&job_name, format!("{by_name}/hook")),
     ] {
         strict
             .publish(
@@ -444,7 +464,7 @@ async fn private_targets_are_refused_unless_allowed() {
     }
     strict.deliver_due().await.unwrap();
     assert!(receiver.got().is_empty(), "a refused target was contacted");
-    for job in ["job-lit", "job-name"] {
+    for job in [&job_lit, &job_name] {
         let h = strict.history(job).await.unwrap();
         assert_eq!(h[0].status, DeliveryStatus::Failed, "{job}");
         assert_eq!(h[0].attempts.len(), 1, "refusals are not retried");
@@ -480,8 +500,10 @@ async fn private_targets_are_refused_unless_allowed() {
 async fn gives_up_after_max_attempts() {
     let dir = tempfile::tempdir().unwrap();
     let (url, receiver) = start_receiver(&[500, 502, 500, 500, 500]).await;
+    let pool = open_pool(dir.path()).await;
+    let job4 = job(&pool, None).await;
     let engine = WebhookEngine::new(
-        open_pool(dir.path()).await,
+        pool,
         WebhookConfig {
             max_attempts: 3,
             initial_backoff_ms: Duration::from_millis(20),
@@ -494,13 +516,13 @@ async fn gives_up_after_max_attempts() {
     engine
         .publish(
             &spec(&url, &[EventKind::Failed]),
-            OutgoingEvent::now("job-4", EventKind::Failed, serde_json::json!({})),
+            OutgoingEvent::now(&*job4, EventKind::Failed, serde_json::json!({})),
         )
         .await
         .unwrap();
     let mut last = Vec::new();
     for _ in 0..200 {
-        last = engine.history("job-4").await.unwrap();
+        last = engine.history(&job4).await.unwrap();
         if last[0].status != DeliveryStatus::Pending {
             break;
         }
@@ -513,4 +535,88 @@ async fn gives_up_after_max_attempts() {
     assert_eq!(receiver.got().len(), 3);
     stop.cancel();
     sender.await.unwrap();
+}
+
+#[tokio::test]
+async fn job_events_become_deliveries_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, receiver) = start_receiver(&[]).await;
+    let pool = open_pool(dir.path()).await;
+    let store = SqliteStore::from_pool(pool.clone());
+    let engine = WebhookEngine::new(pool.clone(), config()).unwrap();
+    // The first pass places the cursor; earlier history is not replayed.
+    engine.pump_events().await.unwrap();
+    let stop = CancellationToken::new();
+    let sender = engine.spawn(stop.clone());
+
+    let hook = spec(
+        &url,
+        &[EventKind::State, EventKind::Progress, EventKind::Completed],
+    );
+    let with_hook = job(&pool, Some(&hook)).await;
+    let without = job(&pool, None).await;
+    for id in [&with_hook, &without] {
+        let id = id.parse().unwrap();
+        for step in 1..=10 {
+            store
+                .append_event(
+                    id,
+                    vqclip::queue::EventKind::Progress,
+                    serde_json::json!({"step": step, "total": 10}),
+                )
+                .await
+                .unwrap();
+        }
+        store
+            .append_event(
+                id,
+                vqclip::queue::EventKind::Completed,
+                serde_json::json!({"state": "succeeded"}),
+            )
+            .await
+            .unwrap();
+    }
+    // queued (state) + one progress (the rest fall inside the interval) + completed.
+    wait_until("three deliveries", || receiver.got().len() == 3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = receiver.got();
+    assert_eq!(got.len(), 3, "the job without a webhook sent nothing");
+    got.iter().for_each(assert_signed);
+    let bodies: Vec<serde_json::Value> = got
+        .iter()
+        .map(|r| serde_json::from_str(&r.body).unwrap())
+        .collect();
+    let types: Vec<&str> = bodies.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["job.state", "job.progress", "job.completed"]);
+    assert!(bodies
+        .iter()
+        .all(|b| b["data"]["job_id"] == with_hook.as_str()));
+    assert_eq!(bodies[0]["data"]["state"], "queued");
+    assert_eq!(bodies[1]["data"]["step"], 1);
+
+    // Reading the same events again (a second sender, a cursor moved back)
+    // delivers nothing twice.
+    stop.cancel();
+    sender.await.unwrap();
+    sqlx::query("UPDATE webhook_cursor SET last_event_id = 0")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(engine.pump_events().await.unwrap() >= 24);
+    assert_eq!(engine.deliver_due().await.unwrap(), 0);
+    assert_eq!(engine.history(&with_hook).await.unwrap().len(), 3);
+    assert!(engine.history(&without).await.unwrap().is_empty());
+
+    // Deleting the job deletes its delivery history with it.
+    sqlx::query("DELETE FROM jobs WHERE id = ?")
+        .bind(&with_hook)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(engine.history(&with_hook).await.unwrap().is_empty());
+    let attempts: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_attempts")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 0);
 }
