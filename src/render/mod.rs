@@ -4,6 +4,7 @@
 //! It knows nothing of HTTP or SQL: `vqclip render` and the service's workers run the
 //! same code, reporting through a [`ProgressSink`] and stopping on a [`CancelToken`].
 
+pub mod augment;
 pub mod cutouts;
 #[cfg(test)]
 mod gradcheck;
