@@ -1,1 +1,5 @@
 //! models
+
+pub mod catalogue;
+pub mod download;
+pub mod preprocess;
