@@ -83,3 +83,12 @@ pub enum RenderError {
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
 }
+
+impl RenderError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        RenderError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

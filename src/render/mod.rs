@@ -5,17 +5,23 @@
 //! same code, reporting through a [`ProgressSink`] and stopping on a [`CancelToken`].
 
 pub mod augment;
+pub mod checkpoint;
 pub mod cutouts;
+pub mod engine;
 #[cfg(test)]
 mod gradcheck;
 pub mod job;
+pub mod models;
 pub mod ops;
 pub mod optim;
+pub mod output;
 pub mod progress;
 pub mod prompts;
 pub mod spec;
 
+pub use engine::{render, RenderSession, StepStats};
 pub use job::{Artifacts, RenderError, RenderJob, RenderOutcome};
+pub use models::{ModelIdentities, ModelIdentity, ModelSet};
 pub use progress::{CancelToken, NoProgress, ProgressEvent, ProgressSink};
 pub use prompts::{PromptSet, TextPrompt};
 pub use spec::{
