@@ -403,3 +403,22 @@ pub trait JobStore: Send + Sync + 'static {
     /// Workers whose heartbeat is newer than `within`.
     fn live_workers(&self, within: Duration) -> QueueFuture<'_, Vec<WorkerInfo>>;
 }
+
+/// The public paths of a job's resources. Events record them, so workers that know no
+/// HTTP and the API that serves them agree on one spelling.
+pub mod links {
+    use uuid::Uuid;
+
+    pub fn job(id: Uuid) -> String {
+        format!("/v1/jobs/{id}")
+    }
+
+    /// `name` is one of `image.png`, `video.mp4`, `metadata.json`, `frames`, `events`.
+    pub fn artifact(id: Uuid, name: &str) -> String {
+        format!("/v1/jobs/{id}/{name}")
+    }
+
+    pub fn frame(id: Uuid, step: u32) -> String {
+        format!("/v1/jobs/{id}/frames/{step}.png")
+    }
+}
