@@ -39,8 +39,6 @@ pub struct AuthConfig {
     pub required: bool,
     /// Who may read `/metrics` while keys are on.
     pub metrics: MetricsAccess,
-    /// The `Retry-After` given when a key's queued-job bound is reached.
-    pub queue_full_retry_after_seconds: u64,
     /// Default requests per second of a key; 0 turns rate limiting off.
     pub requests_per_second: f64,
     /// Default burst of a key.
@@ -57,7 +55,6 @@ impl Default for AuthConfig {
         Self {
             required: false,
             metrics: MetricsAccess::default(),
-            queue_full_retry_after_seconds: 10,
             requests_per_second: l.requests_per_second,
             burst: l.burst,
             max_queued_per_key: l.max_queued,
@@ -130,8 +127,6 @@ pub enum AuthError {
         burst: u32,
         retry_after: Duration,
     },
-    #[error("this key already has {queued} queued jobs, its limit; wait for some to start or cancel some")]
-    QueueFull { queued: u64, retry_after: Duration },
     #[error(transparent)]
     Key(#[from] KeyError),
 }
@@ -151,9 +146,7 @@ impl AuthError {
             | AuthError::InvalidKey
             | AuthError::RevokedKey(_) => StatusCode::UNAUTHORIZED,
             AuthError::AdminOnly => StatusCode::FORBIDDEN,
-            AuthError::RateLimited { .. } | AuthError::QueueFull { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            AuthError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AuthError::Key(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -161,8 +154,7 @@ impl AuthError {
     /// The `Retry-After` value in seconds, for 429s.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            AuthError::RateLimited { retry_after, .. }
-            | AuthError::QueueFull { retry_after, .. } => Some(retry_secs(*retry_after).max(1)),
+            AuthError::RateLimited { retry_after, .. } => Some(retry_secs(*retry_after).max(1)),
             _ => None,
         }
     }
@@ -248,18 +240,6 @@ impl Authenticator {
                 burst: caller.limits.burst,
                 retry_after,
             })
-    }
-
-    /// Refuses a new job when the caller already has `max_queued` queued.
-    pub fn check_queue(&self, caller: &Caller, queued_now: u64) -> Result<(), AuthError> {
-        let bound = caller.limits.max_queued;
-        if caller.key_id.is_some() && bound > 0 && queued_now >= u64::from(bound) {
-            return Err(AuthError::QueueFull {
-                queued: queued_now,
-                retry_after: Duration::from_secs(self.config.queue_full_retry_after_seconds),
-            });
-        }
-        Ok(())
     }
 
     /// May this caller read `/metrics`?
