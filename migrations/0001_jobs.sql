@@ -25,6 +25,7 @@ CREATE TABLE jobs (
     loss             REAL,
     eta_seconds      REAL,
     checkpoint       TEXT,
+    checkpoint_step  INTEGER NOT NULL DEFAULT 0,
     error            TEXT,
     warnings         TEXT    NOT NULL DEFAULT '[]',
     created_at       INTEGER NOT NULL,

@@ -194,16 +194,19 @@ async fn track_requests(State(state): State<AppState>, request: Request, next: N
     response
 }
 
-fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+/// No origins configured: no CORS layer at all, so responses carry no CORS headers.
+fn cors(
+    origins: &[String],
+) -> tower::util::Either<tower_http::cors::CorsLayer, tower::layer::util::Identity> {
     use tower_http::cors::{AllowOrigin, Any, CorsLayer};
     if origins.is_empty() {
-        return CorsLayer::new();
+        return tower::util::option_layer(None);
     }
     let layer = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST, Method::DELETE])
         .allow_headers(Any)
         .expose_headers(Any);
-    if origins.iter().any(|o| o == "*") {
+    let layer = if origins.iter().any(|o| o == "*") {
         layer.allow_origin(Any)
     } else {
         let list: Vec<HeaderValue> = origins
@@ -211,5 +214,6 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
             .filter_map(|o| HeaderValue::from_str(o).ok())
             .collect();
         layer.allow_origin(AllowOrigin::list(list))
-    }
+    };
+    tower::util::option_layer(Some(layer))
 }

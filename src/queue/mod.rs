@@ -200,6 +200,8 @@ pub struct Job {
     pub progress: Progress,
     /// The latest resumable checkpoint, relative to the job's artifact directory.
     pub checkpoint: Option<String>,
+    /// The step the checkpoint was taken after; a resume continues from the next one.
+    pub checkpoint_step: u32,
     pub error: Option<String>,
     pub warnings: Vec<String>,
     pub created_at: DateTime<Utc>,
@@ -369,6 +371,7 @@ pub trait JobStore: Send + Sync + 'static {
         job: Uuid,
         worker_id: &'a str,
         checkpoint: &'a str,
+        step: u32,
     ) -> QueueFuture<'a, ()>;
     fn append_event(
         &self,

@@ -18,7 +18,7 @@ use super::*;
 
 const JOB_COLUMNS: &str = "seq, id, state, priority, spec, owner_key_id, idempotency_key, keep, \
     attempts, max_attempts, lease_owner, lease_expires_at, cancel_requested, device, seed, step, \
-    total, loss, eta_seconds, checkpoint, error, warnings, created_at, started_at, finished_at, \
+    total, loss, eta_seconds, checkpoint, checkpoint_step, error, warnings, created_at, started_at, finished_at, \
     updated_at";
 
 /// The claim: one atomic statement picks and takes the best queued job.
@@ -423,7 +423,7 @@ impl SqliteStore {
                 "state": "running",
                 "attempt": job.attempts,
                 "device": device,
-                "resumed_from": job.checkpoint.as_ref().map(|_| job.progress.step),
+                "resumed_from": job.checkpoint.as_ref().map(|_| job.checkpoint_step),
             }),
         )
         .await?;
@@ -478,11 +478,14 @@ impl SqliteStore {
         job: Uuid,
         worker_id: &str,
         checkpoint: &str,
+        step: u32,
     ) -> QueueResult<()> {
         let done = sqlx::query(
-            "UPDATE jobs SET checkpoint = ? WHERE id = ? AND state = 'running' AND lease_owner = ?",
+            "UPDATE jobs SET checkpoint = ?, checkpoint_step = ? \
+             WHERE id = ? AND state = 'running' AND lease_owner = ?",
         )
         .bind(checkpoint)
+        .bind(step as i64)
         .bind(job.to_string())
         .bind(worker_id)
         .execute(&self.pool)
@@ -826,6 +829,7 @@ fn job_from_row(row: &SqliteRow) -> QueueResult<Job> {
             eta_seconds: row.try_get("eta_seconds")?,
         },
         checkpoint: row.try_get("checkpoint")?,
+        checkpoint_step: row.try_get::<i64, _>("checkpoint_step")? as u32,
         error: row.try_get("error")?,
         warnings: serde_json::from_str(&warnings)
             .map_err(|e| QueueError::Corrupt(format!("job warnings: {e}")))?,
@@ -888,8 +892,9 @@ impl JobStore for SqliteStore {
         job: Uuid,
         worker_id: &'a str,
         checkpoint: &'a str,
+        step: u32,
     ) -> QueueFuture<'a, ()> {
-        Box::pin(self.set_checkpoint_impl(job, worker_id, checkpoint))
+        Box::pin(self.set_checkpoint_impl(job, worker_id, checkpoint, step))
     }
     fn append_event(
         &self,

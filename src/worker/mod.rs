@@ -247,6 +247,7 @@ enum RunEnd {
     /// Graceful shutdown: back to the queue, to resume from the checkpoint.
     Interrupted {
         checkpoint: Option<String>,
+        step: u32,
     },
     /// Another worker owns the job now; touch nothing.
     LeaseLost,
@@ -313,9 +314,9 @@ impl Worker {
                     .job_finished(state, started.elapsed().as_secs_f64());
                 store.finish(job.id, &self.id, finish).await.map(|_| state)
             }
-            RunEnd::Interrupted { checkpoint } => {
+            RunEnd::Interrupted { checkpoint, step } => {
                 let saved = match &checkpoint {
-                    Some(c) => store.set_checkpoint(job.id, &self.id, c).await,
+                    Some(c) => store.set_checkpoint(job.id, &self.id, c, step).await,
                     None => Ok(()),
                 };
                 match saved {
@@ -449,8 +450,9 @@ impl Worker {
                 })
             }
             Ok(RenderOutcome::Canceled { step }) => RunEnd::Finished(Finish::Canceled { step }),
-            Ok(RenderOutcome::Interrupted { checkpoint, .. }) => RunEnd::Interrupted {
+            Ok(RenderOutcome::Interrupted { checkpoint, step }) => RunEnd::Interrupted {
                 checkpoint: relative(&out_dir, &checkpoint),
+                step,
             },
             Err(error) => RunEnd::Finished(Finish::Failed { error }),
         }
@@ -529,9 +531,9 @@ impl Worker {
                     )
                     .await?;
             }
-            ProgressEvent::Checkpoint { path, .. } => {
+            ProgressEvent::Checkpoint { path, step } => {
                 if let Some(rel) = relative(out_dir, &path) {
-                    store.set_checkpoint(job.id, &self.id, &rel).await?;
+                    store.set_checkpoint(job.id, &self.id, &rel, step).await?;
                 }
             }
         }

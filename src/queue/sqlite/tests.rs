@@ -132,13 +132,14 @@ async fn graceful_release_requeues_without_spending_an_attempt() {
     let (_d, s) = store().await;
     let job = submit(&s, 0).await;
     s.claim("w1", "cpu", LEASE).await.unwrap().unwrap();
-    s.set_checkpoint(job.id, "w1", "checkpoint.bin")
+    s.set_checkpoint(job.id, "w1", "checkpoint.bin", 4)
         .await
         .unwrap();
     s.release(job.id, "w1").await.unwrap();
     let j = s.get(job.id, &Scope::unrestricted()).await.unwrap();
     assert_eq!((j.state, j.attempts), (JobState::Queued, 0));
     assert_eq!(j.checkpoint.as_deref(), Some("checkpoint.bin"));
+    assert_eq!(j.checkpoint_step, 4);
     let j = s.claim("w2", "cpu", LEASE).await.unwrap().unwrap();
     assert_eq!(j.attempts, 1);
 }
