@@ -47,7 +47,6 @@ pub(super) async fn authenticate(
         _ => Scope::unrestricted(),
     };
     request.extensions_mut().insert(scope);
-    request.extensions_mut().insert(caller);
     next.run(request).await
 }
 
