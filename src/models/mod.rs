@@ -1,5 +1,21 @@
-//! models
+//! Models: CLIP (text and vision), its BPE tokenizer and the taming VQGAN, in candle.
+//!
+//! Everything here is differentiable where the render loop needs it (CLIP image features to
+//! the pixels, the VQGAN decoder to its latent) and loads the upstream checkpoints unchanged.
+//! The model graphs are built only from the ops in [`layers`], the seam where a GPU backend
+//! swaps in its own kernels.
 
 pub mod catalogue;
+pub mod clip;
 pub mod download;
+pub mod error;
+pub mod layers;
 pub mod preprocess;
+pub mod tokenizer;
+pub mod vqgan;
+pub mod weights;
+
+pub use clip::{Clip, ClipConfig, ClipTextConfig, ClipVisionConfig};
+pub use error::ModelError;
+pub use tokenizer::{ClipTokenizer, Tokenized};
+pub use vqgan::{Vqgan, VqganConfig};

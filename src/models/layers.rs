@@ -1,0 +1,402 @@
+//! The layer seam: every tensor op the model graphs use goes through a type or function here.
+//!
+//! CLIP and the VQGAN are written only in terms of [`Conv2d`], [`GroupNorm`] (with its fused
+//! `+ SiLU` variant), [`upsample_nearest2x`], [`Linear`], [`LayerNorm`], [`Activation`],
+//! [`softmax_last_dim`] and [`attention`]. A faster backend (the planned CUDA custom ops with
+//! input-only backward passes) replaces the body of one of these, dispatching on
+//! `x.device()`, and no model file changes.
+//!
+//! The bodies here are the reference: plain candle ops whose autograd is known to work. That is
+//! why LayerNorm and softmax are built from primitives: `candle_nn::ops::layer_norm` and
+//! `candle_nn::ops::softmax_last_dim` have no backward and silently drop the gradient. Tests
+//! below check every gradient the render loop relies on against finite differences.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// Norms and softmax accumulate in f32 even when weights are half precision.
+fn upcast(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32),
+        _ => Ok(x.clone()),
+    }
+}
+
+/// 2-D convolution (PyTorch `nn.Conv2d` weights: `weight` (out, in, k, k), optional `bias`).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        }
+    }
+
+    /// Loads `weight` and `bias` from `vb` for a square `kernel`.
+    pub fn load(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let bias = vb.get(out_channels, "bias")?;
+        Ok(Self::new(weight, Some(bias), stride, padding))
+    }
+
+    /// Like [`Conv2d::load`] for convolutions that have no bias (CLIP's patch embedding).
+    pub fn load_no_bias(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        Ok(Self::new(weight, None, stride, 0))
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `torch.nn.GroupNorm` with affine parameters, over (B, C, H, W).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    num_groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if num_groups == 0 || !channels.is_multiple_of(num_groups) {
+            candle_core::bail!(
+                "GroupNorm: {channels} channels do not split into {num_groups} groups"
+            )
+        }
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            num_groups,
+            eps,
+        })
+    }
+
+    /// GroupNorm followed by SiLU (`x * sigmoid(x)`): the pair every taming ResNet block and
+    /// output head uses, and so the unit a fused GPU kernel replaces.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward(x)?.silu()
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let dtype = x.dtype();
+        let grouped = upcast(x)?.reshape((b, self.num_groups, (c / self.num_groups) * h * w))?;
+        let mean = grouped.mean_keepdim(2)?;
+        let centred = grouped.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(2)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let normed = normed.reshape((b, c, h, w))?.to_dtype(dtype)?;
+        normed
+            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
+    }
+}
+
+/// Nearest-neighbour upsampling by exactly 2 in both spatial dims (`F.interpolate(scale_factor=2)`).
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    let (_b, _c, h, w) = x.dims4()?;
+    x.upsample_nearest2d(2 * h, 2 * w)
+}
+
+/// `torch.nn.Linear`: `weight` (out, in), optional `bias`, applied to the last dim.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_dim, in_dim), "weight")?,
+            bias: Some(vb.get(out_dim, "bias")?),
+        })
+    }
+
+    pub fn load_no_bias(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_dim, in_dim), "weight")?,
+            bias: None,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        y.reshape(out_dims)
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last dim, from primitive ops so that it passes gradients.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self::new(vb.get(dim, "weight")?, vb.get(dim, "bias")?, eps))
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = upcast(x)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last dim from primitive ops (`candle_nn::ops::softmax_last_dim` has no
+/// backward). The max is detached: softmax is shift-invariant, so it carries no gradient.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = upcast(x)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    let sum = exp.sum_keepdim(D::Minus1)?;
+    exp.broadcast_div(&sum)?.to_dtype(dtype)
+}
+
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// The activations Hugging Face CLIP configs name in `hidden_act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)`: what the OpenAI checkpoints were trained with.
+    QuickGelu,
+    /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`.
+    Gelu,
+    /// The tanh approximation of GELU.
+    #[serde(alias = "gelu_pytorch_tanh")]
+    GeluNew,
+}
+
+impl Module for Activation {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::QuickGelu => x.mul(&sigmoid(&(x * 1.702)?)?),
+            Self::Gelu => x.gelu_erf(),
+            Self::GeluNew => x.gelu(),
+        }
+    }
+}
+
+/// Scaled dot-product attention over (batch, tokens, dim) tensors:
+/// `softmax(q k^T * scale + mask) v`. `mask` is additive and broadcasts to (batch, tq, tk).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    softmax_last_dim(&scores)?.matmul(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Central differences of `f` at `x` along `dir`, against autograd's directional derivative.
+    fn check_directional_gradient(
+        x: &Var,
+        f: &dyn Fn(&Tensor) -> Result<Tensor>,
+        dir: &Tensor,
+    ) -> Result<(f64, f64)> {
+        let loss = f(x.as_tensor())?;
+        let grads = loss.backward()?;
+        let g = grads
+            .get(x.as_tensor())
+            .expect("no gradient reached the input");
+        let analytic = (g * dir)?.sum_all()?.to_scalar::<f64>()?;
+        let h = 1e-5;
+        let plus = f(&(x.as_tensor() + (dir * h)?)?)?.to_scalar::<f64>()?;
+        let minus = f(&(x.as_tensor() - (dir * h)?)?)?.to_scalar::<f64>()?;
+        Ok((analytic, (plus - minus) / (2.0 * h)))
+    }
+
+    fn assert_close(analytic: f64, numeric: f64, what: &str) {
+        let err = (analytic - numeric).abs() / numeric.abs().max(1e-3);
+        assert!(
+            err < 1e-5,
+            "{what}: autograd {analytic} vs finite differences {numeric} (rel err {err})"
+        );
+    }
+
+    #[test]
+    fn layer_norm_passes_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0.0, 1.0, (2, 3, 6), &dev)?.to_dtype(DType::F64)?)?;
+        let ln = LayerNorm::new(
+            Tensor::randn(1.0, 0.3, 6, &dev)?.to_dtype(DType::F64)?,
+            Tensor::randn(0.0, 0.3, 6, &dev)?.to_dtype(DType::F64)?,
+            1e-5,
+        );
+        let readout = Tensor::rand(-1.0, 1.0, (2, 3, 6), &dev)?.to_dtype(DType::F64)?;
+        let f = |t: &Tensor| (ln.forward(t)? * &readout)?.sum_all();
+        for _ in 0..3 {
+            let dir = Tensor::randn(0.0, 1.0, (2, 3, 6), &dev)?.to_dtype(DType::F64)?;
+            let (a, n) = check_directional_gradient(&x, &f, &dir)?;
+            assert_close(a, n, "LayerNorm");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_passes_gradient_and_sums_to_one() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0.0, 3.0, (4, 7), &dev)?.to_dtype(DType::F64)?))?;
+        let s = softmax_last_dim(x.as_tensor())?;
+        let sums = s.sum(D::Minus1)?.to_vec1::<f64>()?;
+        assert!(sums.iter().all(|v| (v - 1.0).abs() < 1e-12), "{sums:?}");
+        let readout = Tensor::rand(-1.0, 1.0, (4, 7), &dev)?.to_dtype(DType::F64)?;
+        let f = |t: &Tensor| (softmax_last_dim(t)? * &readout)?.sum_all();
+        for _ in 0..3 {
+            let dir = Tensor::randn(0.0, 1.0, (4, 7), &dev)?.to_dtype(DType::F64)?;
+            let (a, n) = check_directional_gradient(&x, &f, &dir)?;
+            assert_close(a, n, "softmax");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn group_norm_silu_upsample_and_activations_pass_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let c = 4;
+        let gn = GroupNorm {
+            weight: Tensor::randn(1.0, 0.3, c, &dev)?.to_dtype(DType::F64)?,
+            bias: Tensor::randn(0.0, 0.3, c, &dev)?.to_dtype(DType::F64)?,
+            num_groups: 2,
+            eps: 1e-6,
+        };
+        let x =
+            Var::from_tensor(&Tensor::randn(0.0, 1.0, (2, c, 3, 3), &dev)?.to_dtype(DType::F64)?)?;
+        let readout = Tensor::rand(-1.0, 1.0, (2, c, 6, 6), &dev)?.to_dtype(DType::F64)?;
+        let f = |t: &Tensor| {
+            let y = upsample_nearest2x(&gn.forward_silu(t)?)?;
+            let y = Activation::QuickGelu.forward(&y)?;
+            let y = Activation::Gelu.forward(&y)?;
+            (y * &readout)?.sum_all()
+        };
+        for _ in 0..3 {
+            let dir = Tensor::randn(0.0, 1.0, (2, c, 3, 3), &dev)?.to_dtype(DType::F64)?;
+            let (a, n) = check_directional_gradient(&x, &f, &dir)?;
+            // candle's gelu_erf backward uses 1/sqrt(2 pi) rounded to 6 digits.
+            let err = (a - n).abs() / n.abs().max(1e-3);
+            assert!(err < 1e-4, "GroupNorm+SiLU chain: {a} vs {n}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn group_norm_matches_definition() -> Result<()> {
+        // Two groups of two channels: each group's 2*2*2 values must come out with zero mean
+        // and unit variance before the affine.
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 16.0, &dev)?
+            .reshape((1, 4, 2, 2))?
+            .sqr()?;
+        let gn = GroupNorm {
+            weight: Tensor::ones(4, DType::F32, &dev)?,
+            bias: Tensor::zeros(4, DType::F32, &dev)?,
+            num_groups: 2,
+            eps: 0.0,
+        };
+        let y = gn.forward(&x)?.reshape((2, 8))?;
+        let mean = y.mean(1)?.to_vec1::<f32>()?;
+        let var = y.sqr()?.mean(1)?.to_vec1::<f32>()?;
+        for g in 0..2 {
+            assert!(
+                mean[g].abs() < 1e-5 && (var[g] - 1.0).abs() < 1e-4,
+                "{mean:?} {var:?}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn attention_is_a_convex_mix_of_values() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 3, 4), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 5, 4), &dev)?;
+        // Identical value rows: any convex combination returns that row.
+        let v = Tensor::ones((1, 5, 2), DType::F32, &dev)?;
+        let out = attention(&q, &k, &v, 0.5, None)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert!(out.iter().all(|o| (o - 1.0).abs() < 1e-6));
+        Ok(())
+    }
+}

@@ -1,0 +1,383 @@
+//! The CLIP tokenizer: OpenAI's byte-level BPE with a 49,408-token vocabulary.
+//!
+//! Text cleaning follows Hugging Face's `CLIPTokenizer` (the reference the tests compare
+//! against): Unicode NFC, every whitespace run to one space, per-character lower-casing. OpenAI's
+//! original tokenizer also runs `ftfy.fix_text` and `html.unescape`, which have no Rust port;
+//! the two differ only on text those would rewrite (curly quotes, full-width letters, HTML
+//! entities, mojibake), and the fixtures record both so the difference stays visible.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+
+use regex::Regex;
+use unicode_normalization::UnicodeNormalization;
+
+use super::ModelError;
+
+/// Tokens per prompt, including start and end markers.
+pub const CONTEXT_LENGTH: usize = 77;
+
+const START_OF_TEXT: &str = "<|startoftext|>";
+const END_OF_TEXT: &str = "<|endoftext|>";
+
+static BUNDLED_BPE: &[u8] = include_bytes!("data/bpe_simple_vocab_16e6.txt.gz");
+
+/// One prompt's token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokenized {
+    /// Always [`CONTEXT_LENGTH`] ids: start, text, end, then end-of-text padding.
+    pub ids: Vec<u32>,
+    /// The prompt did not fit and its tail was dropped.
+    pub truncated: bool,
+}
+
+/// A byte-level BPE tokenizer with CLIP's cleaning, split pattern and special tokens.
+#[derive(Debug, Clone)]
+pub struct ClipTokenizer {
+    vocab: HashMap<String, u32>,
+    merge_ranks: HashMap<(String, String), u32>,
+    byte_chars: [char; 256],
+    pattern: Regex,
+    start_id: u32,
+    end_id: u32,
+}
+
+/// GPT-2's byte-to-printable-character table: printable Latin-1 bytes map to themselves, the
+/// rest to code points from 256 up, so that every byte string is a string of vocab symbols.
+fn byte_chars() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256u32;
+    for b in 0..256u32 {
+        let c = if printable(b) {
+            b
+        } else {
+            next += 1;
+            next - 1
+        };
+        table[b as usize] = char::from_u32(c).unwrap_or('\u{fffd}');
+    }
+    table
+}
+
+impl ClipTokenizer {
+    /// The OpenAI vocabulary shipped inside the binary.
+    pub fn bundled() -> Result<Self, ModelError> {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(BUNDLED_BPE)
+            .read_to_string(&mut text)
+            .map_err(|e| ModelError::Tokenizer(format!("bundled BPE vocabulary: {e}")))?;
+        Self::from_openai_merges(&text)
+    }
+
+    /// Builds the vocabulary the way OpenAI's `SimpleTokenizer` does: 256 byte symbols, the same
+    /// with `</w>`, one token per merge (the file's first 48,894 merges), then the two markers.
+    fn from_openai_merges(text: &str) -> Result<Self, ModelError> {
+        const MERGES: usize = 49152 - 256 - 2;
+        let merges: Vec<(String, String)> = text
+            .lines()
+            .skip(1)
+            .take(MERGES)
+            .map(|line| {
+                let mut parts = line.split(' ');
+                match (parts.next(), parts.next()) {
+                    (Some(a), Some(b)) => Ok((a.to_owned(), b.to_owned())),
+                    _ => Err(ModelError::Tokenizer(format!(
+                        "malformed merge line {line:?}"
+                    ))),
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        if merges.len() != MERGES {
+            return Err(ModelError::Tokenizer(format!(
+                "the BPE file holds {} merges, CLIP needs {MERGES}",
+                merges.len()
+            )));
+        }
+        // In the table's insertion order: printable bytes first, then the remapped ones.
+        let table = byte_chars();
+        let mut order: Vec<char> = table
+            .iter()
+            .copied()
+            .filter(|&c| (c as u32) < 256)
+            .collect();
+        order.extend(table.iter().copied().filter(|&c| (c as u32) >= 256));
+        let mut symbols: Vec<String> = order.iter().map(|c| c.to_string()).collect();
+        symbols.extend(order.iter().map(|c| format!("{c}</w>")));
+        symbols.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
+        symbols.push(START_OF_TEXT.into());
+        symbols.push(END_OF_TEXT.into());
+        let vocab = symbols
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (s, i as u32))
+            .collect();
+        Self::from_parts(vocab, merges)
+    }
+
+    fn from_parts(
+        vocab: HashMap<String, u32>,
+        merges: Vec<(String, String)>,
+    ) -> Result<Self, ModelError> {
+        let special = |name: &str| {
+            vocab
+                .get(name)
+                .copied()
+                .ok_or_else(|| ModelError::Tokenizer(format!("the vocabulary has no {name} token")))
+        };
+        let start_id = special(START_OF_TEXT)?;
+        let end_id = special(END_OF_TEXT)?;
+        let merge_ranks = merges
+            .into_iter()
+            .enumerate()
+            .map(|(rank, pair)| (pair, rank as u32))
+            .collect();
+        let pattern = Regex::new(
+            r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+",
+        )
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(Self {
+            vocab,
+            merge_ranks,
+            byte_chars: byte_chars(),
+            pattern,
+            start_id,
+            end_id,
+        })
+    }
+
+    /// The tokenizer of a model directory: its `tokenizer.json`, else `vocab.json` +
+    /// `merges.txt`, else the bundled vocabulary.
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        let json = dir.join("tokenizer.json");
+        if json.is_file() {
+            return Self::from_tokenizer_json(&json);
+        }
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        if vocab.is_file() && merges.is_file() {
+            return Self::from_vocab_and_merges(&vocab, &merges);
+        }
+        Self::bundled()
+    }
+
+    /// Reads the BPE vocabulary and merges of a Hugging Face `tokenizer.json`.
+    pub fn from_tokenizer_json(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let root: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::config(path, e))?;
+        let model = &root["model"];
+        if model["type"].as_str().is_some_and(|t| t != "BPE") {
+            return Err(ModelError::config(
+                path,
+                "tokenizer model is not BPE, so not a CLIP tokenizer",
+            ));
+        }
+        let mut vocab: HashMap<String, u32> = serde_json::from_value(model["vocab"].clone())
+            .map_err(|e| ModelError::config(path, format!("model.vocab: {e}")))?;
+        // Special tokens may live only in `added_tokens`.
+        if let Some(added) = root["added_tokens"].as_array() {
+            for token in added {
+                if let (Some(content), Some(id)) = (token["content"].as_str(), token["id"].as_u64())
+                {
+                    vocab.entry(content.to_owned()).or_insert(id as u32);
+                }
+            }
+        }
+        let merges = model["merges"]
+            .as_array()
+            .ok_or_else(|| ModelError::config(path, "model.merges is missing"))?
+            .iter()
+            .map(|m| {
+                parse_merge(m).ok_or_else(|| ModelError::config(path, format!("bad merge {m}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_parts(vocab, merges).map_err(|e| ModelError::config(path, e))
+    }
+
+    fn from_vocab_and_merges(vocab_path: &Path, merges_path: &Path) -> Result<Self, ModelError> {
+        let vocab_text =
+            std::fs::read_to_string(vocab_path).map_err(|e| ModelError::io(vocab_path, e))?;
+        let vocab: HashMap<String, u32> =
+            serde_json::from_str(&vocab_text).map_err(|e| ModelError::config(vocab_path, e))?;
+        let merges_text =
+            std::fs::read_to_string(merges_path).map_err(|e| ModelError::io(merges_path, e))?;
+        let merges = merges_text
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+            .map(|l| {
+                l.split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| ModelError::config(merges_path, format!("bad merge line {l:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_parts(vocab, merges)
+    }
+
+    pub fn start_of_text_id(&self) -> u32 {
+        self.start_id
+    }
+
+    pub fn end_of_text_id(&self) -> u32 {
+        self.end_id
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab.len()
+    }
+
+    /// Tokenizes one prompt to exactly [`CONTEXT_LENGTH`] ids, padded with end-of-text as
+    /// the OpenAI checkpoints expect. A prompt that does not fit keeps its first 75 tokens.
+    pub fn encode(&self, text: &str) -> Result<Tokenized, ModelError> {
+        let body = self.encode_body(text)?;
+        let room = CONTEXT_LENGTH - 2;
+        let truncated = body.len() > room;
+        let mut ids = Vec::with_capacity(CONTEXT_LENGTH);
+        ids.push(self.start_id);
+        ids.extend_from_slice(&body[..body.len().min(room)]);
+        ids.push(self.end_id);
+        ids.resize(CONTEXT_LENGTH, self.end_id);
+        Ok(Tokenized { ids, truncated })
+    }
+
+    /// The ids of the text alone, without markers, padding or truncation.
+    pub fn encode_body(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let cleaned = clean(text);
+        let mut ids = Vec::new();
+        for piece in self.pattern.find_iter(&cleaned) {
+            let piece = piece.as_str();
+            if let Some(&id) = self.vocab.get(piece).filter(|_| piece.starts_with("<|")) {
+                ids.push(id);
+                continue;
+            }
+            let symbols: String = piece.bytes().map(|b| self.byte_chars[b as usize]).collect();
+            for token in self.bpe(&symbols) {
+                let id = self.vocab.get(&token).ok_or_else(|| {
+                    ModelError::Tokenizer(format!(
+                        "BPE produced {token:?}, which is not in the vocabulary"
+                    ))
+                })?;
+                ids.push(*id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Merges the symbols of one word, lowest-ranked pair first, with `</w>` on the last symbol.
+    fn bpe(&self, word: &str) -> Vec<String> {
+        let mut parts: Vec<String> = word.chars().map(String::from).collect();
+        match parts.last_mut() {
+            Some(last) => last.push_str("</w>"),
+            None => return parts,
+        }
+        while parts.len() > 1 {
+            let best = parts
+                .windows(2)
+                .enumerate()
+                .filter_map(|(i, w)| {
+                    self.merge_ranks
+                        .get(&(w[0].clone(), w[1].clone()))
+                        .map(|&rank| (rank, i))
+                })
+                .min();
+            let Some((rank, _)) = best else { break };
+            let mut merged = Vec::with_capacity(parts.len());
+            let mut i = 0;
+            while i < parts.len() {
+                if i + 1 < parts.len()
+                    && self
+                        .merge_ranks
+                        .get(&(parts[i].clone(), parts[i + 1].clone()))
+                        == Some(&rank)
+                {
+                    merged.push(format!("{}{}", parts[i], parts[i + 1]));
+                    i += 2;
+                } else {
+                    merged.push(parts[i].clone());
+                    i += 1;
+                }
+            }
+            parts = merged;
+        }
+        parts
+    }
+}
+
+fn parse_merge(m: &serde_json::Value) -> Option<(String, String)> {
+    match m {
+        serde_json::Value::String(s) => {
+            s.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned()))
+        }
+        serde_json::Value::Array(pair) if pair.len() == 2 => {
+            Some((pair[0].as_str()?.to_owned(), pair[1].as_str()?.to_owned()))
+        }
+        _ => None,
+    }
+}
+
+/// HF `CLIPTokenizer`'s normaliser: NFC, whitespace runs to one space, then lower-case per
+/// character (no final-sigma rule, as in the `tokenizers` crate). Leading and trailing spaces
+/// vanish later because the split pattern never matches whitespace.
+fn clean(text: &str) -> String {
+    let nfc: String = text.nfc().collect();
+    let mut out = String::with_capacity(nfc.len());
+    let mut in_space = false;
+    for c in nfc.chars() {
+        if c.is_whitespace() {
+            if !in_space {
+                out.push(' ');
+            }
+            in_space = true;
+        } else {
+            in_space = false;
+            out.extend(c.to_lowercase());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_vocab_has_clip_size_and_markers() {
+        let tok = ClipTokenizer::bundled().unwrap();
+        assert_eq!(tok.vocab_size(), 49408);
+        assert_eq!(tok.start_of_text_id(), 49406);
+        assert_eq!(tok.end_of_text_id(), 49407);
+    }
+
+    #[test]
+    fn encodes_known_prompt() {
+        // Ids from OpenAI's tokenizer for "a photo of a cat".
+        let tok = ClipTokenizer::bundled().unwrap();
+        let out = tok.encode("a photo of a cat").unwrap();
+        assert_eq!(&out.ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
+        assert!(out.ids[7..].iter().all(|&i| i == 49407));
+        assert!(!out.truncated);
+    }
+
+    #[test]
+    fn long_prompt_is_truncated_and_reported() {
+        let tok = ClipTokenizer::bundled().unwrap();
+        let out = tok.encode(&"cat ".repeat(100)).unwrap();
+        assert_eq!(out.ids.len(), CONTEXT_LENGTH);
+        assert!(out.truncated);
+        assert_eq!(out.ids[76], 49407);
+        assert_eq!(out.ids[75], out.ids[1]);
+        // 75 body tokens fit exactly.
+        let exact = tok.encode(&"cat ".repeat(75)).unwrap();
+        assert!(!exact.truncated);
+    }
+
+    #[test]
+    fn whitespace_and_case_are_normalised() {
+        let tok = ClipTokenizer::bundled().unwrap();
+        assert_eq!(
+            tok.encode("  A   Photo\tOF\na CAT ").unwrap(),
+            tok.encode("a photo of a cat").unwrap()
+        );
+    }
+}

@@ -1,0 +1,103 @@
+//! Reading weight files in the formats the upstream projects ship: safetensors, PyTorch
+//! `pytorch_model.bin` and Lightning `.ckpt` (a zip pickle holding `state_dict`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::ModelError;
+
+/// The on-disk format of a weights file, from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsFormat {
+    Safetensors,
+    /// A torch zip pickle: `.bin`, `.pt`, `.pth` or a Lightning `.ckpt`.
+    Pickle,
+}
+
+impl WeightsFormat {
+    pub fn of(path: &Path) -> Option<Self> {
+        match path.extension()?.to_str()? {
+            "safetensors" => Some(Self::Safetensors),
+            "bin" | "pt" | "pth" | "ckpt" => Some(Self::Pickle),
+            _ => None,
+        }
+    }
+}
+
+/// Reads every tensor of a weights file whose name `keep` accepts, converted to `dtype`.
+///
+/// Pickles are read from their `state_dict` entry when they have one (Lightning checkpoints)
+/// and from the top level otherwise (`torch.save(model.state_dict())`).
+pub fn read_tensors(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<HashMap<String, Tensor>, ModelError> {
+    if !path.is_file() {
+        return Err(ModelError::Missing {
+            path: path.to_owned(),
+            hint: "Pass the path of an existing weights file (.safetensors, .bin or .ckpt).".into(),
+        });
+    }
+    let format = WeightsFormat::of(path).ok_or_else(|| {
+        ModelError::weights(
+            path,
+            "unknown weights format; expected .safetensors, .bin, .pt, .pth or .ckpt",
+        )
+    })?;
+    let raw: Vec<(String, Tensor)> = match format {
+        WeightsFormat::Safetensors => candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| ModelError::weights(path, e))?
+            .into_iter()
+            .filter(|(name, _)| keep(name))
+            .collect(),
+        WeightsFormat::Pickle => read_pickle(path, keep)?,
+    };
+    if raw.is_empty() {
+        return Err(ModelError::weights(path, "the file holds no model tensors"));
+    }
+    raw.into_iter()
+        .map(|(name, t)| {
+            let t = t
+                .to_dtype(dtype)
+                .and_then(|t| t.to_device(device))
+                .map_err(|e| ModelError::weights(path, format!("tensor {name}: {e}")))?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
+fn read_pickle(
+    path: &Path,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<Vec<(String, Tensor)>, ModelError> {
+    use candle_core::pickle::PthTensors;
+    // A Lightning checkpoint nests the weights under `state_dict`; a plain state dict does not.
+    let pth = match PthTensors::new(path, Some("state_dict")) {
+        Ok(p) if !p.tensor_infos().is_empty() => p,
+        _ => PthTensors::new(path, None).map_err(|e| ModelError::weights(path, e))?,
+    };
+    let mut names: Vec<&String> = pth.tensor_infos().keys().filter(|n| keep(n)).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let t = pth
+                .get(name)
+                .map_err(|e| ModelError::weights(path, format!("tensor {name}: {e}")))?
+                .ok_or_else(|| ModelError::weights(path, format!("tensor {name} vanished")))?;
+            Ok((name.clone(), t))
+        })
+        .collect()
+}
+
+/// Turns a missing-tensor or shape error from a `VarBuilder` into one that names the file.
+pub(crate) fn build_error(path: &Path, err: candle_core::Error) -> ModelError {
+    ModelError::weights(
+        path,
+        format!("{err}. The file does not match its config: check that config and weights come from the same model."),
+    )
+}
