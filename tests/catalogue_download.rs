@@ -4,7 +4,7 @@
 mod catalogue_support;
 
 use catalogue_support::{content, sha256_hex, ServedFile, TestServer};
-use vqclip::models::catalogue::{self, CatalogueError, ModelCache};
+use vqclip::models::catalogue::{self, CatalogueError, ModelCache, ModelKind};
 use vqclip::models::download::{self, DownloadError, RemoteFile};
 
 const B32: &str = "/openai/clip-vit-base-patch32/resolve/refs%2Fpr%2F15";
@@ -195,7 +195,7 @@ fn offline_mode_names_the_missing_file_and_where_to_put_it() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("config.json"), b"{}").unwrap();
 
-    let err = catalogue::resolve_clip("ViT-B/32", &cache).unwrap_err();
+    let err = catalogue::resolve("ViT-B/32", ModelKind::Clip, &cache).unwrap_err();
     let CatalogueError::Offline { missing, .. } = &err else {
         panic!("expected the offline error, got {err}");
     };
@@ -249,6 +249,6 @@ fn a_local_path_is_used_as_it_is() {
         tmp.path()
     );
     let missing = tmp.path().join("nope.ckpt");
-    let err = catalogue::resolve_vqgan(missing.to_str().unwrap(), &cache).unwrap_err();
+    let err = catalogue::resolve(missing.to_str().unwrap(), ModelKind::Vqgan, &cache).unwrap_err();
     assert!(matches!(err, CatalogueError::PathNotFound(_)), "{err}");
 }
