@@ -760,7 +760,7 @@ fn fetch_artifacts(
                         tracing::info!(
                             model = entry.name,
                             file = %fetched.path.display(),
-                            sha256 = %fetched.sha256,
+                            sha256 = fetched.sha256.as_deref().unwrap_or("(already present)"),
                             "model file ready"
                         );
                         done = true;
