@@ -278,8 +278,10 @@ fn concurrent_fetches_of_one_file_download_it_once() {
 #[test]
 fn a_redirect_to_plain_http_off_loopback_is_refused() {
     let server = TestServer::start();
-    let mut file = ServedFile::default();
-    file.redirect_to = Some("http://198.51.100.7/last.ckpt".to_owned());
+    let file = ServedFile {
+        redirect_to: Some("http://198.51.100.7/last.ckpt".to_owned()),
+        ..ServedFile::default()
+    };
     server.put("/files/moved.ckpt", file);
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("moved.ckpt");
