@@ -385,7 +385,7 @@ pub struct Vqgan {
     quant_conv: Conv2d,
     post_quant_conv: Conv2d,
     codebook: Tensor,
-    /// `||e||^2` per codebook row, in f32, precomputed for the nearest-neighbour search.
+    /// `||e||^2` per codebook row, precomputed for the nearest-neighbour search.
     codebook_sq: Tensor,
 }
 
@@ -404,7 +404,10 @@ impl Vqgan {
             .pp("quantize")
             .pp("embedding")
             .get((cfg.n_embed, cfg.embed_dim), "weight")?;
-        let codebook_sq = codebook.to_dtype(DType::F32)?.sqr()?.sum(1)?;
+        let codebook_sq = codebook
+            .to_dtype(search_dtype(codebook.dtype()))?
+            .sqr()?
+            .sum(1)?;
         Ok(Self {
             config: cfg.clone(),
             encoder: Encoder::new(vb.pp("encoder"), dd)?,
@@ -488,17 +491,18 @@ impl Vqgan {
         if c != self.config.embed_dim {
             candle_core::bail!("quantize needs {} channels, got {c}", self.config.embed_dim)
         }
+        let search_dtype = search_dtype(z.dtype());
         let flat = z
             .detach()
             .permute((0, 2, 3, 1))?
             .reshape((b * h * w, c))?
-            .to_dtype(DType::F32)?;
-        let codebook = self.codebook.to_dtype(DType::F32)?;
+            .to_dtype(search_dtype)?;
+        let codebook = self.codebook.to_dtype(search_dtype)?;
         // ||z - e||^2 = ||z||^2 + ||e||^2 - 2 z.e, the same expansion (and rounding) as taming.
         let dist = flat
             .sqr()?
             .sum_keepdim(1)?
-            .broadcast_add(&self.codebook_sq.unsqueeze(0)?)?
+            .broadcast_add(&self.codebook_sq.to_dtype(search_dtype)?.unsqueeze(0)?)?
             .sub(&(flat.matmul(&codebook.t()?)? * 2.0)?)?;
         let indices = dist.argmin(1)?;
         let snapped = self
@@ -528,6 +532,14 @@ impl Vqgan {
             candle_core::bail!("decode needs {} channels, got {c}", self.config.embed_dim)
         }
         self.decoder.forward(&self.post_quant_conv.forward(z_q)?)
+    }
+}
+
+/// The dtype of the nearest-codebook search: half precision would blur near-ties.
+fn search_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
     }
 }
 
