@@ -440,9 +440,7 @@ impl Vqgan {
     ) -> std::result::Result<Self, ModelError> {
         let files = VqganFiles::locate(path)?;
         let cfg = VqganConfig::from_yaml_file(&files.config)?;
-        let tensors = weights::read_tensors(&files.weights, dtype, device, &|name| {
-            !name.starts_with("loss.")
-        })?;
+        let tensors = weights::read_tensors(&files.weights, dtype, device, &is_model_tensor)?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
         Self::new(vb, &cfg).map_err(|e| weights::build_error(&files.weights, e))
     }
@@ -533,6 +531,12 @@ impl Vqgan {
         }
         self.decoder.forward(&self.post_quant_conv.forward(z_q)?)
     }
+}
+
+/// Whether a checkpoint tensor belongs to the VQGAN itself: taming checkpoints also hold the
+/// training losses' weights (`loss.discriminator.*`, `loss.perceptual_loss.*`), never needed.
+pub fn is_model_tensor(name: &str) -> bool {
+    !name.starts_with("loss.")
 }
 
 /// The dtype of the nearest-codebook search: half precision would blur near-ties.
