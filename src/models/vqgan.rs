@@ -91,6 +91,12 @@ impl VqganConfig {
 
     fn validate(&self) -> std::result::Result<(), String> {
         let dd = &self.ddconfig;
+        if dd.double_z {
+            // VQModel's quant_conv takes z_channels; double_z belongs to the KL autoencoders.
+            return Err(
+                "ddconfig.double_z is true, which taming's VQModel does not support".into(),
+            );
+        }
         if dd.ch_mult.is_empty() {
             return Err("ddconfig.ch_mult is empty".into());
         }
@@ -274,17 +280,12 @@ impl Encoder {
                 resample,
             });
         }
-        let z_out = if dd.double_z {
-            2 * dd.z_channels
-        } else {
-            dd.z_channels
-        };
         Ok(Self {
             conv_in,
             down,
             mid: Mid::new(vb.pp("mid"), block_in)?,
             norm_out: GroupNorm::load(vb.pp("norm_out"), NORM_GROUPS, block_in, NORM_EPS)?,
-            conv_out: Conv2d::load(vb.pp("conv_out"), block_in, z_out, 3, 1, 1)?,
+            conv_out: Conv2d::load(vb.pp("conv_out"), block_in, dd.z_channels, 3, 1, 1)?,
         })
     }
 
@@ -395,11 +396,6 @@ impl Vqgan {
     pub fn new(vb: VarBuilder, cfg: &VqganConfig) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let dd = &cfg.ddconfig;
-        let z_out = if dd.double_z {
-            2 * dd.z_channels
-        } else {
-            dd.z_channels
-        };
         let codebook = vb
             .pp("quantize")
             .pp("embedding")
@@ -412,7 +408,7 @@ impl Vqgan {
             config: cfg.clone(),
             encoder: Encoder::new(vb.pp("encoder"), dd)?,
             decoder: Decoder::new(vb.pp("decoder"), dd)?,
-            quant_conv: Conv2d::load(vb.pp("quant_conv"), z_out, cfg.embed_dim, 1, 1, 0)?,
+            quant_conv: Conv2d::load(vb.pp("quant_conv"), dd.z_channels, cfg.embed_dim, 1, 1, 0)?,
             post_quant_conv: Conv2d::load(
                 vb.pp("post_quant_conv"),
                 cfg.embed_dim,
@@ -697,6 +693,9 @@ mod tests {
         );
         let err = VqganConfig::from_yaml_str(&gumbel).unwrap_err();
         assert!(err.contains("GumbelVQ"), "{err}");
+        let kl = F16_16384.replace("double_z: false", "double_z: true");
+        let err = VqganConfig::from_yaml_str(&kl).unwrap_err();
+        assert!(err.contains("double_z"), "{err}");
         let odd = F16_16384.replace("ch: 128", "ch: 100");
         let err = VqganConfig::from_yaml_str(&odd).unwrap_err();
         assert!(err.contains("GroupNorm"), "{err}");
