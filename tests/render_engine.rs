@@ -30,7 +30,7 @@ fn models() -> &'static ModelSet {
 fn spec(json: &str) -> JobSpec {
     let mut value: serde_json::Value = serde_json::from_str(json).unwrap();
     let defaults = serde_json::json!({
-        "width": 32, "height": 32, "cutn": 8, "save_every": 0, "checkpoint_every": 0,
+        "width": 16, "height": 16, "cutn": 8, "save_every": 0, "checkpoint_every": 0,
         "augments": [], "seed": 1
     });
     for (k, v) in defaults.as_object().unwrap() {
@@ -99,8 +99,8 @@ fn png_data_url(img: &image::RgbImage) -> String {
 
 #[test]
 fn image_prompt_similarity_rises() {
-    let target = image::RgbImage::from_fn(32, 32, |x, y| {
-        image::Rgb([(x * 8) as u8, 255 - (y * 8) as u8, ((x + y) * 4) as u8])
+    let target = image::RgbImage::from_fn(16, 16, |x, y| {
+        image::Rgb([(x * 16) as u8, 255 - (y * 16) as u8, ((x + y) * 8) as u8])
     });
     let json = format!(
         r#"{{"image_prompts": [{{"image": "{}"}}], "steps": 30}}"#,
@@ -213,7 +213,7 @@ fn full_render_writes_png_frames_video_and_metadata() {
         panic!("{outcome:?}")
     };
     let img = image::open(&art.image).unwrap();
-    assert_eq!((img.width(), img.height()), (32, 32));
+    assert_eq!((img.width(), img.height()), (16, 16));
     let names: Vec<String> = art
         .frames
         .iter()
@@ -247,7 +247,7 @@ fn full_render_writes_png_frames_video_and_metadata() {
     let track = reader.tracks().values().next().unwrap();
     assert_eq!(
         (track.width(), track.height(), track.sample_count()),
-        (32, 32, 4)
+        (16, 16, 4)
     );
     assert_eq!(track.duration(), std::time::Duration::from_millis(800));
 

@@ -5,6 +5,7 @@
 //! (`"step": 10`) fails loudly instead of silently rendering 500 steps.
 
 use std::fmt;
+use std::sync::OnceLock;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -624,6 +625,7 @@ impl JobSpec {
                 if let Some(stop) = prompt.stop {
                     check_finite_range(&format!("{field}.stop"), stop, -10.0, 10.0)?;
                 }
+                check_token_length(&field, &prompt.text, limits)?;
             }
         }
         for (i, prompt) in self.image_prompts.iter().enumerate() {
@@ -694,6 +696,38 @@ impl JobSpec {
 /// The index of a prompt across all story phrases, as a client would count them.
 fn phrase_index(phrase: usize, index: usize, set: &PromptSet) -> usize {
     set.phrases[..phrase].iter().map(Vec::len).sum::<usize>() + index
+}
+
+/// The bundled CLIP tokenizer, built once: validation must not need a model on disk.
+fn tokenizer() -> Result<&'static crate::models::ClipTokenizer, SpecError> {
+    static TOKENIZER: OnceLock<Result<crate::models::ClipTokenizer, String>> = OnceLock::new();
+    TOKENIZER
+        .get_or_init(|| crate::models::ClipTokenizer::bundled().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| SpecError::new("prompts", "could not be tokenized", e.clone()))
+}
+
+fn check_token_length(field: &str, text: &str, limits: &Limits) -> Result<(), SpecError> {
+    let body = tokenizer()?.encode_body(text).map_err(|e| {
+        SpecError::new(
+            format!("{field}.text"),
+            "could not be tokenized",
+            e.to_string(),
+        )
+    })?;
+    // The start and end markers take two places of the context.
+    let count = body.len() + 2;
+    if count > limits.max_prompt_tokens {
+        return Err(SpecError::new(
+            format!("{field}.text"),
+            format!(
+                "must fit CLIP's context of {} tokens, start and end markers included",
+                limits.max_prompt_tokens
+            ),
+            format!("got {count} tokens; shorten the prompt or split it with `|`"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -791,6 +825,20 @@ mod tests {
         let err = spec(&json).validate(&Limits::default()).unwrap_err();
         assert_eq!(err.field, "prompts");
         assert!(err.rule.contains("16"), "{err}");
+    }
+
+    #[test]
+    fn overlong_prompt_is_rejected_not_truncated() {
+        let long = "word ".repeat(76);
+        let err = spec(&format!(r#"{{"prompts": "ok|{long}"}}"#))
+            .validate(&Limits::default())
+            .unwrap_err();
+        assert_eq!(err.field, "prompts[1].text");
+        assert!(err.detail.contains("got 78 tokens"), "{err}");
+        let fits = "word ".repeat(75);
+        spec(&format!(r#"{{"prompts": "{fits}"}}"#))
+            .validate(&Limits::default())
+            .unwrap();
     }
 
     #[test]
