@@ -142,6 +142,7 @@ pub fn router(state: AppState) -> Router {
             track_requests,
         ))
         .layer(cors(&state.config.server.cors_allowed_origins))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
 }

@@ -234,6 +234,11 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     )?;
+    if config.workers.worker_devices().is_empty() {
+        anyhow::bail!(
+            "no workers configured; pass --workers N or set workers.count / workers.devices"
+        );
+    }
     runtime()?.block_on(async move {
         let store = open_store(&config).await?;
         let artifacts = ArtifactStore::open(&config.storage.artifact_dir)?;
