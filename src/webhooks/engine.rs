@@ -124,11 +124,6 @@ impl WebhookEngine {
         Ok(self.store.for_job(job_id).await?)
     }
 
-    /// Deletes a job's deliveries, for when the job itself is deleted.
-    pub async fn forget_job(&self, job_id: &str) -> Result<u64, WebhookError> {
-        Ok(self.store.delete_for_job(job_id).await?)
-    }
-
     /// Sends every delivery that is due now, `concurrency` at a time.
     /// Returns how many were attempted.
     pub async fn deliver_due(&self) -> Result<usize, WebhookError> {

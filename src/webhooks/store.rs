@@ -265,23 +265,4 @@ impl DeliveryStore {
         }
         Ok(out)
     }
-
-    /// Removes the deliveries of jobs that no longer exist.
-    pub async fn delete_for_job(&self, job_id: &str) -> Result<u64, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "DELETE FROM webhook_attempts WHERE delivery_id IN
-                 (SELECT id FROM webhook_deliveries WHERE job_id = ?)",
-        )
-        .bind(job_id)
-        .execute(&mut *tx)
-        .await?;
-        let n = sqlx::query("DELETE FROM webhook_deliveries WHERE job_id = ?")
-            .bind(job_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(n)
-    }
 }
