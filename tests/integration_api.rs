@@ -406,3 +406,66 @@ async fn a_job_webhook_is_delivered_signed_and_listed() {
     sender.await.unwrap();
     s.stop().await;
 }
+
+#[tokio::test]
+async fn browsers_get_cors_answers_with_keys_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = fast_keys(test_config(dir.path(), 0));
+    config.server.cors_allowed_origins = vec!["https://app.example".into()];
+    config.auth.insert("metrics".into(), "open".into());
+    let s = TestServer::start(config).await;
+    let key = Keys::of(&s)
+        .create("web", false, LimitOverrides::default())
+        .await;
+    // A preflight carries no credentials; it is answered before the key check.
+    let r = s
+        .client
+        .request(reqwest::Method::OPTIONS, s.url("/v1/jobs"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    // A 401 still carries the CORS header, so the page can read why.
+    let r = s
+        .client
+        .get(s.url("/v1/jobs"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let ok = s
+        .client
+        .get(s.url("/v1/jobs"))
+        .header("origin", "https://app.example")
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    // auth.metrics = "open": a scraper needs no key.
+    assert_eq!(
+        s.client
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    s.stop().await;
+}
