@@ -4,7 +4,9 @@
 //! a local server needs no setup. Once any key exists, every `/v1` request
 //! needs `Authorization: Bearer vq_...`. The HTTP glue (the middleware that
 //! turns [`AuthError`] into a response) lives in `api`; this room knows keys,
-//! limits and who the caller is.
+//! limits and who the caller is. The per-key bounds on queued and running jobs
+//! are enforced by the job store, in the same statements that queue and claim
+//! (`queue::KeyBounds` and the `api_keys` overrides).
 
 mod keys;
 mod limits;
@@ -91,22 +93,6 @@ pub struct Caller {
     pub admin: bool,
     /// The caller's limits, its overrides applied.
     pub limits: KeyLimits,
-}
-
-impl Caller {
-    /// May this caller see a job owned by `owner`?
-    pub fn can_see(&self, owner: Option<&str>) -> bool {
-        self.admin || (self.key_id.is_some() && self.key_id.as_deref() == owner)
-    }
-
-    /// The owner to filter job listings by; `None` means all jobs.
-    pub fn owner_filter(&self) -> Option<&str> {
-        if self.admin {
-            None
-        } else {
-            self.key_id.as_deref()
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,25 +244,6 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn visibility_follows_ownership() {
-        let a = Caller {
-            key_id: Some("key_a".into()),
-            admin: false,
-            limits: KeyLimits::default(),
-        };
-        assert!(a.can_see(Some("key_a")));
-        assert!(!a.can_see(Some("key_b")));
-        assert!(!a.can_see(None));
-        assert_eq!(a.owner_filter(), Some("key_a"));
-        let admin = Caller {
-            admin: true,
-            ..a.clone()
-        };
-        assert!(admin.can_see(Some("key_b")) && admin.can_see(None));
-        assert_eq!(admin.owner_filter(), None);
-    }
 
     #[test]
     fn config_is_flat_and_checked() {
