@@ -146,6 +146,22 @@ impl AuthError {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header value.
+fn parse_bearer(header: &str) -> Result<&str, AuthError> {
+    let (scheme, token) = header
+        .trim()
+        .split_once(' ')
+        .ok_or(AuthError::MalformedHeader)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::MalformedHeader);
+    }
+    let token = token.trim();
+    if !token.starts_with(KEY_PREFIX) {
+        return Err(AuthError::InvalidKey);
+    }
+    Ok(token)
+}
+
 /// Checks keys and request rates.
 pub struct Authenticator {
     keys: KeyStore,
@@ -179,6 +195,21 @@ impl Authenticator {
     /// Identifies the caller from the `Authorization` header value. With keys
     /// off the caller is the local admin whatever the header says.
     pub async fn identify(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
+        // A known key settles it in one lookup; only other requests need to
+        // know whether keys are on at all.
+        let presented = authorization.map(parse_bearer);
+        if let Some(Ok(token)) = presented {
+            if let Some(key) = self.keys.find_by_secret(token).await? {
+                if key.is_revoked() {
+                    return Err(AuthError::RevokedKey(key.name));
+                }
+                return Ok(Caller {
+                    limits: self.config.limits().with_overrides(&key.limits),
+                    key_id: Some(key.id),
+                    admin: key.admin,
+                });
+            }
+        }
         if !self.enabled().await? {
             return Ok(Caller {
                 key_id: None,
@@ -186,31 +217,11 @@ impl Authenticator {
                 limits: self.config.limits(),
             });
         }
-        let header = authorization.ok_or(AuthError::MissingKey)?;
-        let (scheme, token) = header
-            .trim()
-            .split_once(' ')
-            .ok_or(AuthError::MalformedHeader)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthError::MalformedHeader);
+        match presented {
+            None => Err(AuthError::MissingKey),
+            Some(Err(e)) => Err(e),
+            Some(Ok(_)) => Err(AuthError::InvalidKey),
         }
-        let token = token.trim();
-        if !token.starts_with(KEY_PREFIX) {
-            return Err(AuthError::InvalidKey);
-        }
-        let key = self
-            .keys
-            .find_by_secret(token)
-            .await?
-            .ok_or(AuthError::InvalidKey)?;
-        if key.is_revoked() {
-            return Err(AuthError::RevokedKey(key.name));
-        }
-        Ok(Caller {
-            limits: self.config.limits().with_overrides(&key.limits),
-            key_id: Some(key.id),
-            admin: key.admin,
-        })
     }
 
     /// Spends one request from the caller's rate. Callers without a key
