@@ -142,7 +142,13 @@ pub fn router(state: AppState) -> Router {
             track_requests,
         ))
         .layer(cors(&state.config.server.cors_allowed_origins))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        // Server faults are logged where they happen (ApiError::internal); a 503 from
+        // /readyz is an answer, not an error, so failures log at debug here.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
 }
