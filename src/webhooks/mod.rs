@@ -261,6 +261,42 @@ mod tests {
     }
 
     #[test]
+    fn environment_variables_reach_the_typed_settings() {
+        use crate::config::{Config, ConfigError, Overrides};
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("VQCLIP_WEBHOOKS_SECRET", "whsec_c2VjcmV0"),
+                ("VQCLIP_WEBHOOKS_ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#),
+                ("VQCLIP_WEBHOOKS_MAX_ATTEMPTS", "3"),
+                ("VQCLIP_AUTH_MAX_QUEUED_PER_KEY", "7"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        let w = c.webhook_settings().unwrap();
+        assert_eq!(w.secret, "whsec_c2VjcmV0");
+        assert_eq!(w.max_attempts, 3);
+        assert_eq!(w.allowed_networks, vec!["127.0.0.0/8".parse().unwrap()]);
+        assert_eq!(c.auth_settings().unwrap().max_queued_per_key, 7);
+        // A bad value fails at load, naming the setting.
+        let err = Config::load_from(
+            None,
+            env(&[("VQCLIP_WEBHOOKS_ALLOWED_NETWORKS", r#"["nope"]"#)]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+        assert!(err.to_string().contains("not a CIDR"), "{err}");
+    }
+
+    #[test]
     fn event_names_round_trip() {
         for k in EventKind::ALL {
             assert_eq!(k.as_str().parse::<EventKind>().unwrap(), k);
