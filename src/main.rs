@@ -5,7 +5,11 @@ mod cli;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "vqclip", version, about = "VQGAN+CLIP image generation service")]
+#[command(
+    name = "vqclip",
+    version,
+    about = "VQGAN+CLIP image generation service"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,8 +1,254 @@
-//! `vqclip render`. Owned by the render work; replaced as it lands.
+//! `vqclip render`: one job from the command line, through the same engine the
+//! service's workers run.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Context};
+use base64::Engine as _;
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use vqclip::models::catalogue::ModelCache;
+use vqclip::render::{
+    render, Augment, CancelToken, CutMethod, ImagePromptSpec, JobSpec, Limits, ModelSet,
+    OptimizerKind, ProgressEvent, PromptsSpec, RenderJob, RenderOutcome,
+};
 
 #[derive(clap::Args)]
-pub struct RenderArgs {}
+pub struct RenderArgs {
+    /// A job spec (the JSON body of POST /v1/jobs); flags below override its fields.
+    #[arg(long, conflicts_with = "prompt")]
+    spec: Option<PathBuf>,
+    /// Text prompts in generate.py syntax: "text:weight:stop | text2:-0.5", `^` between story phrases.
+    #[arg(long, short = 'p')]
+    prompt: Option<String>,
+    /// An image file to use as a prompt (repeatable).
+    #[arg(long = "image-prompt")]
+    image_prompts: Vec<PathBuf>,
+    /// An image file whose encoding is the starting point.
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    #[arg(long)]
+    init_weight: Option<f32>,
+    #[arg(long)]
+    width: Option<u32>,
+    #[arg(long)]
+    height: Option<u32>,
+    #[arg(long)]
+    steps: Option<u32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    lr: Option<f32>,
+    /// adam, adamw, adagrad, adamax, rmsprop or radam.
+    #[arg(long)]
+    optimizer: Option<String>,
+    #[arg(long)]
+    cutn: Option<u32>,
+    #[arg(long)]
+    cut_pow: Option<f32>,
+    /// `original` (Crowson's random crops) or `latest` (pooled cutouts + augments).
+    #[arg(long)]
+    cut_method: Option<String>,
+    /// Comma-separated generate.py codes, e.g. Af,Pe,Ji,Er; empty for none.
+    #[arg(long)]
+    augments: Option<String>,
+    /// Write a frame every N steps (0: only the final image).
+    #[arg(long)]
+    save_every: Option<u32>,
+    /// Video frame rate.
+    #[arg(long)]
+    fps: Option<f32>,
+    /// Skip the MP4.
+    #[arg(long)]
+    no_video: bool,
+    #[arg(long)]
+    checkpoint_every: Option<u32>,
+    /// CLIP model: catalogue name (ViT-B/32) or a HF CLIP directory; repeat for an ensemble.
+    #[arg(long)]
+    clip: Vec<String>,
+    /// VQGAN model: catalogue name or a .ckpt/.safetensors (model.yaml beside it) or its directory.
+    #[arg(long)]
+    vqgan: Option<String>,
+    /// Output directory: image.png, frames/, video.mp4, metadata.json.
+    #[arg(long, short = 'o')]
+    out: PathBuf,
+    /// Continue from a checkpoint written by an earlier run of the same job.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// cpu, cuda:N, or auto (CUDA when built with it and present, else CPU).
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
 
-pub fn run(_args: RenderArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`vqclip render` is not built yet")
+/// Set by SIGINT: finish the step, write a checkpoint, exit.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+pub fn run(args: RenderArgs) -> anyhow::Result<()> {
+    let spec = build_spec(&args)?;
+    spec.validate(&Limits {
+        max_pixels: u64::MAX,
+        max_side: u32::MAX,
+        max_steps: u32::MAX,
+        max_cutn: u32::MAX,
+        ..Limits::default()
+    })
+    .context("invalid job")?;
+    let device = parse_device(&args.device)?;
+    let cache = ModelCache::from_env();
+    eprintln!(
+        "loading models: vqgan {}, clip {}",
+        spec.models.vqgan,
+        spec.models.clip.join(", ")
+    );
+    let models = ModelSet::load(&spec.models, &cache, &device)?;
+
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut job = RenderJob::new(spec, &args.out);
+    job.resume = args.resume.clone();
+    eprintln!("seed {}", job.seed);
+
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+    let cancel = CancelToken::new();
+    let bar = ProgressBar::new(u64::from(job.spec.steps));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let token = cancel.clone();
+    let progress_bar = bar.clone();
+    let mut sink = move |ev: ProgressEvent| {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            token.interrupt();
+        }
+        match ev {
+            ProgressEvent::Step { step, loss, .. } => {
+                progress_bar.set_position(u64::from(step));
+                progress_bar.set_message(format!("loss {loss:.4}"));
+            }
+            ProgressEvent::Frame { path, .. } => progress_bar.println(format!("frame {}", path.display())),
+            ProgressEvent::Checkpoint { .. } => {}
+        }
+    };
+    let outcome = render(&job, &models, &mut sink, &cancel)?;
+    bar.finish_and_clear();
+    match outcome {
+        RenderOutcome::Completed(art) => {
+            println!("image    {}", art.image.display());
+            println!("frames   {} ({} files)", args.out.join("frames").display(), art.frames.len());
+            match &art.video {
+                Some(v) => println!("video    {}", v.display()),
+                None => println!("video    (none: disabled or fewer than two frames)"),
+            }
+            println!("metadata {}", art.metadata.display());
+        }
+        RenderOutcome::Interrupted { step, checkpoint } => {
+            println!("interrupted after step {step}; checkpoint {}", checkpoint.display());
+            println!(
+                "resume with the same flags plus --seed {} --resume {}",
+                job.seed,
+                checkpoint.display()
+            );
+        }
+        RenderOutcome::Canceled { step } => println!("canceled after step {step}"),
+    }
+    Ok(())
+}
+
+fn parse_device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        other => {
+            let Some(index) = other.strip_prefix("cuda:") else {
+                bail!("unknown device {other:?}: use cpu, cuda:N or auto");
+            };
+            let index: usize = index.parse().with_context(|| format!("bad CUDA index in {other:?}"))?;
+            Device::new_cuda(index).with_context(|| {
+                format!("{other} is unavailable (is this build made with `--features cuda`?)")
+            })
+        }
+    }
+}
+
+/// A local image file as an inline `data:` reference.
+fn data_url(path: &Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let format = image::guess_format(&bytes)
+        .with_context(|| format!("{} is not an image vqclip can read", path.display()))?;
+    let media_type = format.to_mime_type();
+    Ok(format!(
+        "data:{media_type};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    ))
+}
+
+fn parse_enum<T: serde::de::DeserializeOwned>(what: &str, value: &str) -> anyhow::Result<T> {
+    serde_json::from_value(serde_json::Value::String(value.to_owned()))
+        .with_context(|| format!("unknown {what} {value:?}"))
+}
+
+fn build_spec(args: &RenderArgs) -> anyhow::Result<JobSpec> {
+    let mut spec = match &args.spec {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{} is not a valid job spec", path.display()))?
+        }
+        None => JobSpec::default(),
+    };
+    if let Some(p) = &args.prompt {
+        spec.prompts = PromptsSpec::Syntax(p.clone());
+    }
+    for path in &args.image_prompts {
+        spec.image_prompts.push(ImagePromptSpec {
+            image: data_url(path)?,
+            weight: 1.0,
+            stop: None,
+        });
+    }
+    if let Some(path) = &args.init_image {
+        spec.init_image = Some(data_url(path)?);
+    }
+    macro_rules! set {
+        ($($field:ident),*) => { $( if let Some(v) = args.$field { spec.$field = v; } )* };
+    }
+    set!(init_weight, width, height, steps, lr, cutn, cut_pow, save_every, checkpoint_every);
+    if args.seed.is_some() {
+        spec.seed = args.seed;
+    }
+    if let Some(o) = &args.optimizer {
+        spec.optimizer = parse_enum::<OptimizerKind>("optimizer", &o.to_lowercase())?;
+    }
+    if let Some(c) = &args.cut_method {
+        spec.cut_method = parse_enum::<CutMethod>("cut method", c)?;
+    }
+    if let Some(a) = &args.augments {
+        spec.augments = a
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| parse_enum::<Augment>("augment", s))
+            .collect::<anyhow::Result<_>>()?;
+    }
+    if let Some(fps) = args.fps {
+        spec.video.fps = fps;
+    }
+    if args.no_video {
+        spec.video.enabled = false;
+    }
+    if !args.clip.is_empty() {
+        spec.models.clip = args.clip.clone();
+    }
+    if let Some(v) = &args.vqgan {
+        spec.models.vqgan = v.clone();
+    }
+    Ok(spec)
 }

@@ -5,9 +5,12 @@
 //! The model graphs are built only from the ops in [`layers`], the seam where a GPU backend
 //! swaps in its own kernels.
 
+pub mod catalogue;
 pub mod clip;
+pub mod download;
 pub mod error;
 pub mod layers;
+pub mod preprocess;
 pub mod tokenizer;
 pub mod vqgan;
 pub mod weights;

@@ -1,1 +1,31 @@
-//! render
+//! The VQGAN+CLIP optimisation: job spec, prompts, cutouts, augmentations, loss,
+//! optimisers, the step loop, checkpoints and the output files.
+//!
+//! It knows nothing of HTTP or SQL: `vqclip render` and the service's workers run the
+//! same code, reporting through a [`ProgressSink`] and stopping on a [`CancelToken`].
+
+pub mod augment;
+pub mod checkpoint;
+pub mod cutouts;
+pub mod engine;
+#[cfg(test)]
+mod gradcheck;
+pub mod job;
+pub mod models;
+pub mod ops;
+pub mod optim;
+pub mod output;
+pub mod progress;
+pub mod prompts;
+pub mod spec;
+
+pub use engine::{render, RenderSession, StepStats};
+pub use job::{Artifacts, RenderError, RenderJob, RenderOutcome};
+pub use models::{ModelIdentities, ModelIdentity, ModelSet};
+pub use progress::{CancelToken, NoProgress, ProgressEvent, ProgressSink};
+pub use prompts::{PromptSet, TextPrompt};
+pub use spec::{
+    Augment, CutMethod, ImagePromptSpec, ImageRef, InitNoise, InitRegulariser, JobSpec, Limits,
+    ModelsSpec, NoisePromptSpec, OptimizerKind, PromptsSpec, SpecError, TextPromptSpec, VideoSpec,
+    WebhookEvent, WebhookSpec, ZoomSpec, SPEC_VERSION,
+};

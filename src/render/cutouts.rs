@@ -1,0 +1,561 @@
+//! Cutouts: the crops of the decoded image that CLIP sees, resampled to its input size.
+//!
+//! candle's bilinear upsampling has no backward and its pooling has one only when the
+//! kernel equals the stride, so every resample here is a product with precomputed
+//! weight matrices, `R_y · img · R_xᵀ`, which autograd differentiates exactly. The
+//! one non-linear case, adaptive max pooling, is a gather plus `max`, both of which
+//! candle differentiates.
+
+use candle_core::{IndexOp, Tensor, D};
+use rand::Rng;
+use rand_chacha::ChaCha20Rng;
+
+use super::spec::CutMethod;
+
+/// A square crop of the image, in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Crop {
+    pub x: usize,
+    pub y: usize,
+    pub size: usize,
+}
+
+/// Makes `cutn` cutouts of `cut_size`² pixels per step.
+#[derive(Debug, Clone)]
+pub struct Cutouts {
+    pub method: CutMethod,
+    pub cutn: usize,
+    pub cut_pow: f32,
+    pub cut_size: usize,
+}
+
+impl Cutouts {
+    pub fn new(method: CutMethod, cutn: usize, cut_pow: f32, cut_size: usize) -> Self {
+        Self {
+            method,
+            cutn,
+            cut_pow,
+            cut_size,
+        }
+    }
+
+    /// Crowson's random crops: side `rand^cut_pow · (max − min) + min`, random offset.
+    pub fn sample_crops(&self, rng: &mut ChaCha20Rng, height: usize, width: usize) -> Vec<Crop> {
+        let max_size = height.min(width);
+        let min_size = max_size.min(self.cut_size);
+        (0..self.cutn)
+            .map(|_| {
+                let r: f32 = rng.gen();
+                let size =
+                    (r.powf(self.cut_pow) * (max_size - min_size) as f32) as usize + min_size;
+                let size = size.clamp(1, max_size);
+                let x = rng.gen_range(0..=width - size);
+                let y = rng.gen_range(0..=height - size);
+                Crop { x, y, size }
+            })
+            .collect()
+    }
+
+    /// The cutouts of `image` (1,3,H,W) in [0,1], before augmentation: (cutn,3,S,S).
+    ///
+    /// `original` draws random crops and pre-filters them as generate.py's `resample`
+    /// does; `latest` averages adaptive average and max pooling of the whole image, the
+    /// same for every cutout (the augmentations then make them differ).
+    pub fn make(&self, image: &Tensor, rng: &mut ChaCha20Rng) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = image.dims4()?;
+        match self.method {
+            CutMethod::Original => {
+                let crops = self.sample_crops(rng, h, w);
+                resample_crops(&image.i(0)?, &crops, self.cut_size)
+            }
+            CutMethod::Latest => {
+                let img = image.i(0)?;
+                let avg = adaptive_avg_pool(&img, self.cut_size)?;
+                let max = adaptive_max_pool(&img, self.cut_size)?;
+                let pooled = ((avg + max)? * 0.5)?.unsqueeze(0)?;
+                pooled.repeat((self.cutn, 1, 1, 1))
+            }
+        }
+    }
+}
+
+/// Resamples each crop of `image` (C,H,W) to `out`² pixels: (N,C,out,out).
+pub fn resample_crops(image: &Tensor, crops: &[Crop], out: usize) -> candle_core::Result<Tensor> {
+    let (c, h, w) = image.dims3()?;
+    let n = crops.len();
+    let mut ry = vec![0f32; n * out * h];
+    let mut rx = vec![0f32; n * out * w];
+    for (k, crop) in crops.iter().enumerate() {
+        let m = crowson_resample_matrix(crop.size, out);
+        embed_rows(
+            &mut ry[k * out * h..(k + 1) * out * h],
+            &m,
+            out,
+            crop.size,
+            crop.y,
+            h,
+        );
+        embed_rows(
+            &mut rx[k * out * w..(k + 1) * out * w],
+            &m,
+            out,
+            crop.size,
+            crop.x,
+            w,
+        );
+    }
+    let dev = image.device();
+    let ry = Tensor::from_vec(ry, (n, out, h), dev)?.to_dtype(image.dtype())?;
+    let rx = Tensor::from_vec(rx, (n * out, w), dev)?.to_dtype(image.dtype())?;
+    apply_separable(image, &ry, &rx, n, c, h, out)
+}
+
+/// `ry` (N,S,H), `rx` (N·S,W): out[k] = ry[k] · image · rx[k]ᵀ for every channel.
+fn apply_separable(
+    image: &Tensor,
+    ry: &Tensor,
+    rx: &Tensor,
+    n: usize,
+    c: usize,
+    h: usize,
+    out: usize,
+) -> candle_core::Result<Tensor> {
+    // Columns for all cutouts in one product: (C·H, W) · (W, N·S).
+    let cols = image
+        .reshape((c * h, image.dim(2)?))?
+        .matmul(&rx.t()?)?
+        .reshape((c, h, n, out))?
+        .permute((2, 1, 0, 3))? // (N, H, C, S)
+        .contiguous()?
+        .reshape((n, h, c * out))?;
+    // Rows, batched per cutout: (N,S,H) · (N,H,C·S).
+    ry.matmul(&cols)?
+        .reshape((n, out, c, out))?
+        .permute((0, 2, 1, 3))?
+        .contiguous()
+}
+
+/// Copies `m` (out × size) into `dst` (out × full) at column `offset`.
+fn embed_rows(dst: &mut [f32], m: &[f32], out: usize, size: usize, offset: usize, full: usize) {
+    for i in 0..out {
+        dst[i * full + offset..i * full + offset + size]
+            .copy_from_slice(&m[i * size..(i + 1) * size]);
+    }
+}
+
+/// generate.py's `resample` along one axis as an (out × size) matrix: a Lanczos-2
+/// low-pass (reflect padded) when shrinking, then bicubic interpolation with
+/// `align_corners=True`.
+pub fn crowson_resample_matrix(size: usize, out: usize) -> Vec<f32> {
+    let bicubic = bicubic_matrix(size, out);
+    if out >= size {
+        return bicubic;
+    }
+    let prefilter = lanczos_prefilter_matrix(size, out as f64 / size as f64);
+    let mut m = vec![0f32; out * size];
+    for i in 0..out {
+        for k in 0..size {
+            let b = bicubic[i * size + k];
+            if b == 0.0 {
+                continue;
+            }
+            for j in 0..size {
+                m[i * size + j] += b * prefilter[k * size + j];
+            }
+        }
+    }
+    m
+}
+
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        1.0
+    } else {
+        (std::f64::consts::PI * x).sin() / (std::f64::consts::PI * x)
+    }
+}
+
+/// The taps of generate.py's `lanczos(ramp(ratio, 2), 2)`.
+fn lanczos_taps(ratio: f64) -> Vec<f64> {
+    let n = (2.0 / ratio + 1.0).ceil() as usize;
+    let ramp: Vec<f64> = (0..n).map(|i| i as f64 * ratio).collect();
+    let mut xs: Vec<f64> = ramp[1..].iter().rev().map(|v| -v).collect();
+    xs.extend_from_slice(&ramp);
+    let xs = &xs[1..xs.len() - 1];
+    let taps: Vec<f64> = xs
+        .iter()
+        .map(|&x| {
+            if -2.0 < x && x < 2.0 {
+                sinc(x) * sinc(x / 2.0)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let sum: f64 = taps.iter().sum();
+    taps.into_iter().map(|t| t / sum).collect()
+}
+
+/// Reflect padding as torch's `F.pad(..., 'reflect')` does (the edge is not repeated).
+fn reflect(i: isize, len: usize) -> usize {
+    let len = len as isize;
+    if len == 1 {
+        return 0;
+    }
+    let period = 2 * (len - 1);
+    let mut j = i.rem_euclid(period);
+    if j >= len {
+        j = period - j;
+    }
+    j as usize
+}
+
+fn lanczos_prefilter_matrix(size: usize, ratio: f64) -> Vec<f32> {
+    let taps = lanczos_taps(ratio);
+    let pad = (taps.len() - 1) / 2;
+    let mut m = vec![0f32; size * size];
+    for i in 0..size {
+        for (t, &tap) in taps.iter().enumerate() {
+            let j = reflect(i as isize + t as isize - pad as isize, size);
+            m[i * size + j] += tap as f32;
+        }
+    }
+    m
+}
+
+/// torch's cubic convolution kernel with a = −0.75.
+fn cubic_weights(t: f64) -> [f64; 4] {
+    const A: f64 = -0.75;
+    let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)]
+}
+
+/// Bicubic interpolation from `size` to `out` samples, `align_corners=True`, border
+/// samples clamped as torch does.
+fn bicubic_matrix(size: usize, out: usize) -> Vec<f32> {
+    let mut m = vec![0f32; out * size];
+    let scale = if out > 1 {
+        (size as f64 - 1.0) / (out as f64 - 1.0)
+    } else {
+        0.0
+    };
+    for i in 0..out {
+        let src = i as f64 * scale;
+        let x0 = src.floor();
+        let w = cubic_weights(src - x0);
+        for (k, wk) in w.iter().enumerate() {
+            let j = (x0 as isize + k as isize - 1).clamp(0, size as isize - 1) as usize;
+            m[i * size + j] += *wk as f32;
+        }
+    }
+    m
+}
+
+/// torch's adaptive pooling windows: `[floor(i·in/out), ceil((i+1)·in/out))`.
+fn adaptive_window(i: usize, input: usize, out: usize) -> (usize, usize) {
+    let start = i * input / out;
+    let end = ((i + 1) * input).div_ceil(out);
+    (start, end)
+}
+
+/// The (out × input) matrix of adaptive average pooling along one axis.
+pub fn adaptive_avg_matrix(input: usize, out: usize) -> Vec<f32> {
+    let mut m = vec![0f32; out * input];
+    for i in 0..out {
+        let (s, e) = adaptive_window(i, input, out);
+        let w = 1.0 / (e - s) as f32;
+        for j in s..e {
+            m[i * input + j] = w;
+        }
+    }
+    m
+}
+
+/// Adaptive average pooling of (C,H,W) to (C,out,out), as a matrix product.
+pub fn adaptive_avg_pool(image: &Tensor, out: usize) -> candle_core::Result<Tensor> {
+    let (c, h, w) = image.dims3()?;
+    let dev = image.device();
+    let ry =
+        Tensor::from_vec(adaptive_avg_matrix(h, out), (1, out, h), dev)?.to_dtype(image.dtype())?;
+    let rx =
+        Tensor::from_vec(adaptive_avg_matrix(w, out), (out, w), dev)?.to_dtype(image.dtype())?;
+    apply_separable(image, &ry, &rx, 1, c, h, out)?.squeeze(0)
+}
+
+/// Gather indices for adaptive max pooling along one axis: (out · window), where
+/// short windows point at `pad_index` (a row of −∞ stand-ins) so they never win.
+fn adaptive_max_indices(input: usize, out: usize, pad_index: usize) -> (Vec<u32>, usize) {
+    let window = (0..out)
+        .map(|i| {
+            let (s, e) = adaptive_window(i, input, out);
+            e - s
+        })
+        .max()
+        .unwrap_or(1);
+    let mut idx = Vec::with_capacity(out * window);
+    for i in 0..out {
+        let (s, e) = adaptive_window(i, input, out);
+        for k in 0..window {
+            idx.push(if s + k < e {
+                (s + k) as u32
+            } else {
+                pad_index as u32
+            });
+        }
+    }
+    (idx, window)
+}
+
+/// Adaptive max pooling of (C,H,W) to (C,out,out). Separable: the max over a
+/// rectangle is the max over its rows of the max over its columns.
+pub fn adaptive_max_pool(image: &Tensor, out: usize) -> candle_core::Result<Tensor> {
+    let (c, h, w) = image.dims3()?;
+    let dev = image.device();
+    // A sentinel far below any pixel, appended so padded window slots never win.
+    let floor =
+        |shape: (usize, usize, usize)| Tensor::full(-1e4f32, shape, dev)?.to_dtype(image.dtype());
+
+    let padded = Tensor::cat(&[image, &floor((c, 1, w))?], 1)?;
+    let (idx, win) = adaptive_max_indices(h, out, h);
+    let idx = Tensor::from_vec(idx, out * win, dev)?;
+    let rows = padded
+        .index_select(&idx, 1)?
+        .reshape((c, out, win, w))?
+        .max(2)?; // (C, out, W)
+
+    let padded = Tensor::cat(&[&rows, &floor((c, out, 1))?], 2)?;
+    let (idx, win) = adaptive_max_indices(w, out, w);
+    let idx = Tensor::from_vec(idx, out * win, dev)?;
+    padded
+        .index_select(&idx, 2)?
+        .reshape((c, out, out, win))?
+        .max(D::Minus1)
+}
+
+/// Uniform noise strengths per cutout then Gaussian noise, generate.py's `noise_fac`
+/// step after the augmentations of the `latest` method.
+pub fn add_cutout_noise(
+    batch: &Tensor,
+    noise_fac: f32,
+    rng: &mut ChaCha20Rng,
+) -> candle_core::Result<Tensor> {
+    use rand_distr::{Distribution, StandardNormal};
+    let (n, c, h, w) = batch.dims4()?;
+    let facs: Vec<f32> = (0..n).map(|_| rng.gen_range(0.0..noise_fac)).collect();
+    let noise: Vec<f32> = (0..n * c * h * w)
+        .map(|_| StandardNormal.sample(rng))
+        .collect();
+    let dev = batch.device();
+    let facs = Tensor::from_vec(facs, (n, 1, 1, 1), dev)?.to_dtype(batch.dtype())?;
+    let noise = Tensor::from_vec(noise, (n, c, h, w), dev)?.to_dtype(batch.dtype())?;
+    batch + noise.broadcast_mul(&facs)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::gradcheck::check_gradient;
+    use candle_core::Device;
+    use rand::SeedableRng;
+
+    fn host(data: Vec<f32>, shape: &[usize]) -> candle_core::Result<Tensor> {
+        Tensor::from_vec(data, shape, &Device::Cpu)
+    }
+
+    fn ramp_image(c: usize, h: usize, w: usize) -> Tensor {
+        let data: Vec<f32> = (0..c * h * w)
+            .map(|i| 0.5 + 0.5 * ((i as f32) * 1.37 + 0.1).sin())
+            .collect();
+        host(data, &[c, h, w]).unwrap()
+    }
+
+    fn to_vec3(t: &Tensor) -> Vec<Vec<Vec<f32>>> {
+        t.to_vec3().unwrap()
+    }
+
+    #[test]
+    fn full_crop_at_same_size_is_identity() {
+        let img = ramp_image(3, 16, 16);
+        let out = resample_crops(
+            &img,
+            &[Crop {
+                x: 0,
+                y: 0,
+                size: 16,
+            }],
+            16,
+        )
+        .unwrap();
+        let diff = (out.squeeze(0).unwrap() - &img)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        let out = adaptive_avg_pool(&img, 16).unwrap();
+        assert_eq!(to_vec3(&out), to_vec3(&img));
+        let out = adaptive_max_pool(&img, 16).unwrap();
+        assert_eq!(to_vec3(&out), to_vec3(&img));
+    }
+
+    #[test]
+    fn pooling_equals_direct_window_reductions() {
+        let (h, w, s) = (13, 10, 4);
+        let img = ramp_image(2, h, w);
+        let v = to_vec3(&img);
+        let avg = to_vec3(&adaptive_avg_pool(&img, s).unwrap());
+        let max = to_vec3(&adaptive_max_pool(&img, s).unwrap());
+        for c in 0..2 {
+            for i in 0..s {
+                for j in 0..s {
+                    let (ys, ye) = ((i * h) / s, ((i + 1) * h).div_ceil(s));
+                    let (xs, xe) = ((j * w) / s, ((j + 1) * w).div_ceil(s));
+                    let mut sum = 0.0;
+                    let mut m = f32::MIN;
+                    for row in &v[c][ys..ye] {
+                        for &p in &row[xs..xe] {
+                            sum += p;
+                            m = m.max(p);
+                        }
+                    }
+                    let mean = sum / ((ye - ys) * (xe - xs)) as f32;
+                    assert!((avg[c][i][j] - mean).abs() < 1e-5);
+                    assert_eq!(max[c][i][j], m);
+                }
+            }
+        }
+    }
+
+    /// Reference values from torch: generate.py's `resample(x, (4, 4))` on
+    /// `x = torch.arange(64.).reshape(1,1,8,8).sin()` (lanczos prefilter, reflect pad,
+    /// bicubic with align_corners=True).
+    #[test]
+    fn downscale_matches_generate_py_resample() {
+        let data: Vec<f32> = (0..64).map(|i| (i as f32).sin()).collect();
+        let img = host(data, &[1, 8, 8]).unwrap();
+        let out = resample_crops(
+            &img,
+            &[Crop {
+                x: 0,
+                y: 0,
+                size: 8,
+            }],
+            4,
+        )
+        .unwrap();
+        let got: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
+        let expected = TORCH_RESAMPLE_8_TO_4;
+        assert_eq!(got.len(), 16);
+        for (g, e) in got.iter().zip(expected.iter()) {
+            assert!((g - e).abs() < 1e-4, "got {got:?}\nexpected {expected:?}");
+        }
+    }
+
+    #[rustfmt::skip]
+    const TORCH_RESAMPLE_8_TO_4: [f32; 16] = [0.715985, -0.158159, -0.381032, 0.676784, -0.395036, 0.0571681, 0.236487, -0.363496, 0.330591, -0.276137, 0.0012802, 0.379385, -0.627463, 0.458933, 0.0544367, -0.698609];
+    #[rustfmt::skip]
+    const TORCH_RESAMPLE_6_TO_9: [f32; 81] = [1.0, 0.811034, 0.295297, -0.27973, -0.82427, -1.00565, -0.848878, -0.278932, 0.283662, 0.987302, 0.880607, 0.437899, -0.130822, -0.721148, -0.993745, -0.922223, -0.415074, 0.135766, 0.936069, 0.950062, 0.626172, 0.0855275, -0.550145, -0.94343, -0.99565, -0.59492, -0.0793107, 0.868774, 0.968503, 0.740097, 0.237239, -0.409968, -0.876549, -1.01543, -0.703851, -0.230317, 0.763319, 0.965896, 0.860894, 0.417642, -0.226853, -0.7714, -1.01325, -0.819452, -0.410032, 0.625236, 0.922002, 0.944892, 0.580192, -0.0340421, -0.633278, -0.967755, -0.900026, -0.572221, 0.499695, 0.86674, 0.993127, 0.700036, 0.123445, -0.507535, -0.910221, -0.946429, -0.69194, 0.300967, 0.749556, 1.01505, 0.835685, 0.338283, -0.308163, -0.787859, -0.967932, -0.827786, 0.154251, 0.649544, 1.0065, 0.911266, 0.481233, -0.160824, -0.683305, -0.960202, -0.903692];
+
+    /// Upscaling (a crop smaller than CLIP's input) is plain bicubic, no prefilter:
+    /// `resample(torch.arange(36.).reshape(1,1,6,6).cos(), (9, 9))`.
+    #[test]
+    fn upscale_matches_generate_py_resample() {
+        let data: Vec<f32> = (0..36).map(|i| (i as f32).cos()).collect();
+        let img = host(data, &[1, 6, 6]).unwrap();
+        let out = resample_crops(
+            &img,
+            &[Crop {
+                x: 0,
+                y: 0,
+                size: 6,
+            }],
+            9,
+        )
+        .unwrap();
+        let got: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
+        for (g, e) in got.iter().zip(TORCH_RESAMPLE_6_TO_9.iter()) {
+            assert!((g - e).abs() < 1e-4, "got {got:?}");
+        }
+    }
+
+    #[test]
+    fn crops_select_their_region() {
+        // A crop at the output size is a plain copy of its region.
+        let img = ramp_image(3, 12, 12);
+        let crop = Crop {
+            x: 3,
+            y: 5,
+            size: 4,
+        };
+        let out = resample_crops(
+            &img,
+            &[
+                crop,
+                Crop {
+                    x: 0,
+                    y: 0,
+                    size: 12,
+                },
+            ],
+            4,
+        )
+        .unwrap();
+        let region = img.narrow(1, 5, 4).unwrap().narrow(2, 3, 4).unwrap();
+        assert_eq!(to_vec3(&out.i(0).unwrap()), to_vec3(&region));
+    }
+
+    #[test]
+    fn crop_sizes_follow_cut_pow() {
+        let cut = Cutouts::new(CutMethod::Original, 200, 1.0, 8);
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let crops = cut.sample_crops(&mut rng, 20, 30);
+        assert!(crops
+            .iter()
+            .all(|c| (8..=20).contains(&c.size) && c.x + c.size <= 30 && c.y + c.size <= 20));
+        assert!(crops.iter().any(|c| c.size > 16) && crops.iter().any(|c| c.size < 12));
+        let mean = |p: f32| {
+            let cut = Cutouts::new(CutMethod::Original, 400, p, 8);
+            let crops = cut.sample_crops(&mut ChaCha20Rng::seed_from_u64(1), 64, 64);
+            crops.iter().map(|c| c.size as f32).sum::<f32>() / 400.0
+        };
+        assert!(mean(3.0) < mean(1.0));
+    }
+
+    #[test]
+    fn resampler_gradients_match_finite_differences() {
+        let img = ramp_image(2, 9, 11);
+        let crops = [
+            Crop {
+                x: 1,
+                y: 0,
+                size: 9,
+            },
+            Crop {
+                x: 4,
+                y: 2,
+                size: 5,
+            },
+        ];
+        check_gradient(&img, |x| resample_crops(x, &crops, 4), 1e-2);
+        check_gradient(&img, |x| resample_crops(x, &crops, 7), 1e-2);
+        check_gradient(&img, |x| adaptive_avg_pool(x, 4), 1e-2);
+        check_gradient(&img, |x| adaptive_max_pool(x, 4), 1e-2);
+    }
+
+    #[test]
+    fn latest_cutouts_are_pooled_copies() {
+        let cut = Cutouts::new(CutMethod::Latest, 3, 1.0, 4);
+        let img = ramp_image(3, 8, 8).unsqueeze(0).unwrap();
+        let out = cut.make(&img, &mut ChaCha20Rng::seed_from_u64(0)).unwrap();
+        assert_eq!(out.dims(), &[3, 3, 4, 4]);
+        let img0 = img.i(0).unwrap();
+        let expected = ((adaptive_avg_pool(&img0, 4).unwrap()
+            + adaptive_max_pool(&img0, 4).unwrap())
+        .unwrap()
+            * 0.5)
+            .unwrap();
+        assert_eq!(to_vec3(&out.i(2).unwrap()), to_vec3(&expected));
+    }
+}

@@ -1,0 +1,674 @@
+//! The optimisation loop. A [`RenderSession`] holds one job's state (z, optimiser,
+//! RNG, prompts) and takes one step at a time; [`render`] drives a session to the end,
+//! writing frames, checkpoints and the final outputs.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use super::augment::Augmentations;
+use super::checkpoint::Checkpoint;
+use super::cutouts::{add_cutout_noise, resample_crops, Crop, Cutouts};
+use super::job::{Artifacts, RenderError, RenderJob, RenderOutcome};
+use super::models::ModelSet;
+use super::ops::{asin, clamp_with_grad, stop_below};
+use super::optim::Optimizer;
+use super::output;
+use super::progress::{CancelToken, ProgressEvent, ProgressSink};
+use super::prompts::PromptSet;
+use super::spec::{CutMethod, ImageRef, InitNoise, InitRegulariser, JobSpec};
+
+/// generate.py's `noise_fac`: cutouts get Gaussian noise of a strength drawn in [0, 0.1).
+const CUTOUT_NOISE: f32 = 0.1;
+
+/// What one step did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    /// Steps completed, counting this one.
+    pub step: u32,
+    pub loss: f32,
+    /// Per prompt (text, image, noise), then the regulariser when on.
+    pub losses: Vec<f32>,
+}
+
+/// A prompt's target embeddings for one CLIP model, L2-normalised: (M, D).
+#[derive(Debug, Clone)]
+struct Target {
+    embed: Tensor,
+    weight: f32,
+    stop: Option<f32>,
+}
+
+/// Every prompt's targets for one CLIP model.
+struct ClipTargets {
+    /// Per story phrase, its text prompts.
+    phrases: Vec<Vec<Target>>,
+    images: Vec<Target>,
+    noise: Vec<Target>,
+}
+
+/// One job's optimisation state. Everything that changes between steps lives here, so
+/// several sessions can later share one batched forward pass.
+pub struct RenderSession<'m> {
+    models: &'m ModelSet,
+    spec: JobSpec,
+    seed: u64,
+    device: Device,
+    z: Var,
+    /// The z the `mse_init` regulariser pulls toward (the latest re-encoding when zooming).
+    z_orig: Tensor,
+    z_min: Tensor,
+    z_max: Tensor,
+    optimizer: Optimizer,
+    rng: ChaCha20Rng,
+    step: u32,
+    prompts: PromptSet,
+    targets: Vec<ClipTargets>,
+    cutouts: Vec<Cutouts>,
+    augmentations: Augmentations,
+    width: usize,
+    height: usize,
+}
+
+impl<'m> RenderSession<'m> {
+    /// Sets up a job: encodes prompts, draws the initial z, builds the optimiser.
+    /// With `job.resume`, z, optimiser and RNG come from the checkpoint instead.
+    pub fn new(job: &RenderJob, models: &'m ModelSet) -> Result<Self, RenderError> {
+        let spec = job.spec.clone();
+        let device = models.device().clone();
+        let prompts = spec.prompt_set()?;
+        let vqgan = &models.vqgan;
+        let f = vqgan.downsample_factor();
+        let (toks_x, toks_y) = (spec.width as usize / f, spec.height as usize / f);
+        let (width, height) = (toks_x * f, toks_y * f);
+        if toks_x == 0 || toks_y == 0 {
+            return Err(RenderError::Spec(super::spec::SpecError::new(
+                "width",
+                format!("must be at least the VQGAN's downsampling factor {f}"),
+                format!("got {}x{}", spec.width, spec.height),
+            )));
+        }
+
+        let codebook = vqgan.codebook().to_dtype(DType::F32)?;
+        let z_min = codebook.min(0)?.reshape((1, (), 1, 1))?;
+        let z_max = codebook.max(0)?.reshape((1, (), 1, 1))?;
+
+        let cutouts: Vec<Cutouts> = models
+            .clips
+            .iter()
+            .map(|c| {
+                Cutouts::new(
+                    spec.cut_method,
+                    spec.cutn as usize,
+                    spec.cut_pow,
+                    c.image_size(),
+                )
+            })
+            .collect();
+        let augmentations = Augmentations::new(&spec.augments);
+
+        // Prompt set-up draws from its own stream so a resumed job, which skips the
+        // initial z, still sees the very same target embeddings.
+        let mut setup_rng = ChaCha20Rng::seed_from_u64(job.seed ^ 0x5eed_5e70_0000_0001);
+        let mut targets = Vec::with_capacity(models.clips.len());
+        for (k, clip) in models.clips.iter().enumerate() {
+            targets.push(Self::encode_targets(
+                job,
+                &prompts,
+                clip,
+                &cutouts[k],
+                &augmentations,
+                (width, height),
+                &mut setup_rng,
+                &device,
+            )?);
+        }
+
+        let mut rng = ChaCha20Rng::seed_from_u64(job.seed);
+        let (z, z_orig, optimizer, rng, step) = match &job.resume {
+            Some(path) => {
+                let ckpt = Checkpoint::read(path, &device)?;
+                ckpt.check_matches(job, path)?;
+                let optimizer =
+                    Optimizer::from_state(spec.optimizer, f64::from(spec.lr), ckpt.optimizer);
+                (ckpt.z, ckpt.z_orig, optimizer, ckpt.rng, ckpt.step)
+            }
+            None => {
+                let z = Self::initial_z(
+                    job,
+                    models,
+                    (width, height),
+                    (toks_x, toks_y),
+                    &mut rng,
+                    &device,
+                )?;
+                let optimizer = Optimizer::new(spec.optimizer, f64::from(spec.lr), &z)?;
+                (z.clone(), z, optimizer, rng, 0)
+            }
+        };
+        Ok(Self {
+            models,
+            seed: job.seed,
+            device,
+            z: Var::from_tensor(&z)?,
+            z_orig,
+            z_min,
+            z_max,
+            optimizer,
+            rng,
+            step,
+            prompts,
+            targets,
+            cutouts,
+            augmentations,
+            width,
+            height,
+            spec,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn encode_targets(
+        job: &RenderJob,
+        prompts: &PromptSet,
+        clip: &crate::models::Clip,
+        cutouts: &Cutouts,
+        augmentations: &Augmentations,
+        (width, height): (usize, usize),
+        rng: &mut ChaCha20Rng,
+        device: &Device,
+    ) -> Result<ClipTargets, RenderError> {
+        let mut phrases = Vec::with_capacity(prompts.phrases.len());
+        for phrase in &prompts.phrases {
+            let texts: Vec<&str> = phrase.iter().map(|p| p.text.as_str()).collect();
+            let (embeds, _) = clip
+                .encode_prompts(&texts)
+                .map_err(|e| RenderError::Model(e.to_string()))?;
+            let embeds = unit(&embeds.to_dtype(DType::F32)?)?;
+            phrases.push(
+                phrase
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        Ok(Target {
+                            embed: embeds.narrow(0, i, 1)?,
+                            weight: p.weight,
+                            stop: p.stop,
+                        })
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            );
+        }
+
+        // generate.py embeds an image prompt through the same cutouts and
+        // augmentations the render uses, at the render's area.
+        let mut images = Vec::with_capacity(job.spec.image_prompts.len());
+        for prompt in &job.spec.image_prompts {
+            let img = load_image(job, &prompt.image)?;
+            let img = output::resize_keep_area(&img, width as u32, height as u32);
+            let x = output::image_to_tensor(&img, device)?;
+            let batch = make_cutouts(cutouts, augmentations, &x, rng)?;
+            let embed = clip.encode_image(&clip.normalize_pixels(&batch)?)?;
+            images.push(Target {
+                embed: unit(&embed.to_dtype(DType::F32)?)?.detach(),
+                weight: prompt.weight,
+                stop: prompt.stop,
+            });
+        }
+
+        let dim = clip.config().projection_dim;
+        let mut noise = Vec::with_capacity(job.spec.noise_prompts.len());
+        for prompt in &job.spec.noise_prompts {
+            let mut g = ChaCha20Rng::seed_from_u64(prompt.seed);
+            let v: Vec<f32> = (0..dim).map(|_| StandardNormal.sample(&mut g)).collect();
+            noise.push(Target {
+                embed: unit(&Tensor::from_vec(v, (1, dim), device)?)?,
+                weight: prompt.weight,
+                stop: None,
+            });
+        }
+        Ok(ClipTargets {
+            phrases,
+            images,
+            noise,
+        })
+    }
+
+    /// generate.py's start: the init image, a noise image, or random codebook tokens.
+    fn initial_z(
+        job: &RenderJob,
+        models: &ModelSet,
+        (width, height): (usize, usize),
+        (toks_x, toks_y): (usize, usize),
+        rng: &mut ChaCha20Rng,
+        device: &Device,
+    ) -> Result<Tensor, RenderError> {
+        let vqgan = &models.vqgan;
+        let encode = |img: image::RgbImage| -> Result<Tensor, RenderError> {
+            let x = output::image_to_tensor(&img, device)?;
+            Ok(vqgan.encode(&x.affine(2.0, -1.0)?)?.detach())
+        };
+        let (w, h) = (width as u32, height as u32);
+        if let Some(reference) = &job.spec.init_image {
+            let img = load_image(job, reference)?;
+            return encode(output::resize_exact(&img, w, h));
+        }
+        match job.spec.init_noise {
+            Some(InitNoise::Pixels) => {
+                let mut img = image::RgbImage::new(w, h);
+                for p in img.pixels_mut() {
+                    *p = image::Rgb([rng.gen(), rng.gen(), rng.gen()]);
+                }
+                encode(img)
+            }
+            Some(InitNoise::Gradient) => {
+                // generate.py's random_gradient_image: red ramps across, green and blue down.
+                let start = [0.0, 0.0, f64::from(rng.gen_range(0u8..255))];
+                let stop = [
+                    f64::from(rng.gen_range(1u8..255)),
+                    f64::from(rng.gen_range(2u8..255)),
+                    f64::from(rng.gen_range(3u8..128)),
+                ];
+                let img = image::RgbImage::from_fn(w, h, |x, y| {
+                    let t = |c: usize, horizontal: bool| {
+                        let (i, n) = if horizontal { (x, w) } else { (y, h) };
+                        let frac = if n > 1 {
+                            f64::from(i) / f64::from(n - 1)
+                        } else {
+                            0.0
+                        };
+                        (start[c] + (stop[c] - start[c]) * frac) as u8
+                    };
+                    image::Rgb([t(0, true), t(1, false), t(2, false)])
+                });
+                encode(img)
+            }
+            None => {
+                let n = vqgan.n_embed() as u32;
+                let idx: Vec<u32> = (0..toks_x * toks_y).map(|_| rng.gen_range(0..n)).collect();
+                let idx = Tensor::from_vec(idx, (1, toks_y, toks_x), device)?;
+                Ok(vqgan.embed_indices(&idx)?.to_dtype(DType::F32)?)
+            }
+        }
+    }
+
+    /// Steps completed so far.
+    pub fn step_count(&self) -> u32 {
+        self.step
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
+    }
+
+    /// The latent being optimised, (1, C, h, w).
+    pub fn z(&self) -> &Tensor {
+        self.z.as_tensor()
+    }
+
+    /// The image z decodes to, (1, 3, H, W) in [0, 1].
+    pub fn image(&self) -> Result<Tensor, RenderError> {
+        Ok(self.synth(&self.z.as_tensor().detach())?.detach())
+    }
+
+    /// quantize → decode → [0, 1] with ClampWithGrad.
+    fn synth(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let (z_q, _) = self.models.vqgan.quantize(z)?;
+        let img = self.models.vqgan.decode(&z_q)?;
+        clamp_with_grad(&img.affine(0.5, 0.5)?, 0.0, 1.0)
+    }
+
+    fn phrase_index(&self) -> usize {
+        self.prompts
+            .phrase_index_at(self.step, self.spec.change_prompt_every)
+    }
+
+    /// One full optimisation step: zoom if due, forward, loss, backward, update, clamp.
+    pub fn step(&mut self) -> Result<StepStats, RenderError> {
+        if let Some(zoom) = self.spec.zoom.clone() {
+            if self.step >= zoom.start && self.step.is_multiple_of(zoom.every) && self.step > 0 {
+                self.zoom(zoom.scale, zoom.shift_x, zoom.shift_y)?;
+            }
+        }
+        let z = self.z.as_tensor();
+        let image = self.synth(z)?;
+        let phrase = self.phrase_index();
+        let n_prompts = self.targets.first().map_or(0, |t| {
+            t.phrases.get(phrase).map_or(0, Vec::len) + t.images.len() + t.noise.len()
+        });
+        let mut terms: Vec<Tensor> = Vec::with_capacity(n_prompts + 1);
+        for (k, clip) in self.models.clips.iter().enumerate() {
+            let batch = make_cutouts(&self.cutouts[k], &self.augmentations, &image, &mut self.rng)?;
+            let embeds = unit(
+                &clip
+                    .encode_image(&clip.normalize_pixels(&batch)?)?
+                    .to_dtype(DType::F32)?,
+            )?;
+            let targets = &self.targets[k];
+            let all = targets
+                .phrases
+                .get(phrase)
+                .into_iter()
+                .flatten()
+                .chain(&targets.images)
+                .chain(&targets.noise);
+            for (i, target) in all.enumerate() {
+                let loss = prompt_loss(&embeds, target)?;
+                if k == 0 {
+                    terms.push(loss);
+                } else {
+                    terms[i] = (&terms[i] + loss)?;
+                }
+            }
+        }
+        if self.spec.init_weight > 0.0 {
+            let w = f64::from(self.spec.init_weight);
+            let reg = match self.spec.init_regulariser {
+                InitRegulariser::MseInit => ((z - &self.z_orig)?.sqr()?.mean_all()? * (w / 2.0))?,
+                InitRegulariser::DecayZero => {
+                    let decay = 1.0 / (f64::from(self.step) * 2.0 + 1.0);
+                    (z.sqr()?.mean_all()? * (decay * w / 2.0))?
+                }
+            };
+            terms.push(reg);
+        }
+        let losses: Vec<f32> = terms
+            .iter()
+            .map(|t| t.to_scalar::<f32>())
+            .collect::<candle_core::Result<_>>()?;
+        let total = Tensor::stack(&terms, 0)?.sum_all()?;
+        let grads = total.backward()?;
+        let grad = grads
+            .get(z)
+            .ok_or_else(|| RenderError::Model("the loss does not depend on z".into()))?;
+        self.optimizer.step(&self.z, grad)?;
+        let clamped = self
+            .z
+            .as_tensor()
+            .broadcast_maximum(&self.z_min)?
+            .broadcast_minimum(&self.z_max)?;
+        self.z.set(&clamped)?;
+        self.step += 1;
+        Ok(StepStats {
+            step: self.step,
+            loss: losses.iter().sum(),
+            losses,
+        })
+    }
+
+    /// generate.py's zoom video step: zoom the current image about its centre, shift
+    /// it (wrapping), re-encode it as the new z and restart the optimiser.
+    fn zoom(&mut self, scale: f32, shift_x: i32, shift_y: i32) -> Result<(), RenderError> {
+        let img = output::tensor_to_image(&self.image()?)?;
+        let img = output::zoom_and_shift(&img, scale, shift_x, shift_y);
+        let x = output::image_to_tensor(&img, &self.device)?;
+        let z = self.models.vqgan.encode(&x.affine(2.0, -1.0)?)?.detach();
+        self.z = Var::from_tensor(&z)?;
+        self.z_orig = z.clone();
+        self.optimizer = Optimizer::new(self.spec.optimizer, f64::from(self.spec.lr), &z)?;
+        Ok(())
+    }
+
+    /// CLIP cosine similarity of the current image to each prompt of the current
+    /// phrase (text, image, noise), averaged over the CLIP ensemble. The image is
+    /// seen whole, resampled to CLIP's size, without augmentation.
+    pub fn similarities(&self) -> Result<Vec<f32>, RenderError> {
+        let image = self.image()?.squeeze(0)?;
+        let phrase = self.phrase_index();
+        let mut sums: Vec<f32> = Vec::new();
+        for (k, clip) in self.models.clips.iter().enumerate() {
+            let side = self.height.min(self.width);
+            let crop = Crop {
+                x: (self.width - side) / 2,
+                y: (self.height - side) / 2,
+                size: side,
+            };
+            let view = resample_crops(&image, &[crop], clip.image_size())?;
+            let embed = unit(
+                &clip
+                    .encode_image(&clip.normalize_pixels(&view)?)?
+                    .to_dtype(DType::F32)?,
+            )?;
+            let targets = &self.targets[k];
+            let all = targets
+                .phrases
+                .get(phrase)
+                .into_iter()
+                .flatten()
+                .chain(&targets.images)
+                .chain(&targets.noise);
+            for (i, t) in all.enumerate() {
+                let sim = embed
+                    .matmul(&t.embed.t()?)?
+                    .mean_all()?
+                    .to_scalar::<f32>()?;
+                if sums.len() <= i {
+                    sums.push(0.0);
+                }
+                sums[i] += sim;
+            }
+        }
+        let n = self.models.clips.len().max(1) as f32;
+        Ok(sums.into_iter().map(|s| s / n).collect())
+    }
+
+    /// The state a checkpoint records.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            step: self.step,
+            seed: self.seed,
+            width: self.width as u32,
+            height: self.height as u32,
+            z: self.z.as_tensor().clone(),
+            z_orig: self.z_orig.clone(),
+            optimizer: self.optimizer.state().clone(),
+            rng: self.rng.clone(),
+        }
+    }
+}
+
+/// The cutout batch CLIP sees: crops, then (for `latest`) augmentations and noise.
+fn make_cutouts(
+    cutouts: &Cutouts,
+    augmentations: &Augmentations,
+    image: &Tensor,
+    rng: &mut ChaCha20Rng,
+) -> candle_core::Result<Tensor> {
+    let batch = cutouts.make(image, rng)?;
+    match cutouts.method {
+        CutMethod::Latest => {
+            let batch = augmentations.apply(&batch, rng)?;
+            add_cutout_noise(&batch, CUTOUT_NOISE, rng)
+        }
+        CutMethod::Original => clamp_with_grad(&batch, 0.0, 1.0),
+    }
+}
+
+/// Rows scaled to unit length (torch's F.normalize).
+fn unit(x: &Tensor) -> candle_core::Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    x.broadcast_div(&norm)
+}
+
+/// generate.py's `Prompt.forward`: mean squared spherical distance between the cutout
+/// embeddings (N, D) and the target's (M, D), signed by the weight, with `stop`.
+fn prompt_loss(embeds: &Tensor, target: &Target) -> candle_core::Result<Tensor> {
+    let diff = embeds
+        .unsqueeze(1)?
+        .broadcast_sub(&target.embed.unsqueeze(0)?)?;
+    let dist = diff.sqr()?.sum(2)?.sqrt()?;
+    let dists = (asin(&(dist * 0.5)?)?.sqr()? * 2.0)?;
+    let sign = if target.weight < 0.0 { -1.0 } else { 1.0 };
+    let dists = (dists * sign)?;
+    let dists = match target.stop {
+        Some(stop) => stop_below(&dists, f64::from(stop))?,
+        None => dists,
+    };
+    dists.mean_all()? * f64::from(target.weight.abs())
+}
+
+/// The bytes of an image a spec refers to.
+fn load_image(job: &RenderJob, reference: &str) -> Result<image::RgbImage, RenderError> {
+    let input_err = |reason: String| RenderError::Input {
+        reference: reference.chars().take(80).collect(),
+        reason,
+    };
+    let bytes: Vec<u8> = match ImageRef::parse(reference).map_err(input_err)? {
+        ImageRef::Inline { bytes, .. } => bytes,
+        ImageRef::Upload(id) => {
+            let keys = [
+                reference.trim().to_owned(),
+                format!("upload:{id}"),
+                id.to_string(),
+            ];
+            keys.iter()
+                .find_map(|k| job.inputs.get(k))
+                .cloned()
+                .ok_or_else(|| input_err("the upload was not provided to the renderer".into()))?
+        }
+    };
+    let img = image::load_from_memory(&bytes)
+        .map_err(|e| input_err(format!("not a readable image: {e}")))?;
+    Ok(img.to_rgb8())
+}
+
+/// Per-step record kept for `metadata.json` and carried through checkpoints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    pub losses: Vec<Vec<f32>>,
+    pub step_seconds: Vec<f64>,
+}
+
+/// Runs a job to the end (or until told to stop), writing everything under
+/// `job.out_dir`: `image.png`, `frames/NNNNN.png`, `video.mp4`, `metadata.json` and,
+/// every `checkpoint_every` steps, `checkpoint.safetensors`.
+pub fn render(
+    job: &RenderJob,
+    models: &ModelSet,
+    progress: &mut dyn ProgressSink,
+    cancel: &CancelToken,
+) -> Result<RenderOutcome, RenderError> {
+    job.spec.validate(&super::spec::Limits {
+        max_pixels: u64::MAX,
+        max_side: u32::MAX,
+        max_steps: u32::MAX,
+        max_cutn: u32::MAX,
+        max_prompts: usize::MAX,
+        max_prompt_tokens: 77,
+    })?;
+    let out = &job.out_dir;
+    let frames_dir = out.join("frames");
+    std::fs::create_dir_all(&frames_dir).map_err(|e| RenderError::io(&frames_dir, e))?;
+    let started = Instant::now();
+    let mut session = RenderSession::new(job, models)?;
+    let total = job.spec.steps;
+    let mut history = match &job.resume {
+        Some(path) => Checkpoint::read_history(path)?,
+        None => History::default(),
+    };
+    let save_every = job.spec.save_every;
+    let checkpoint_path = out.join("checkpoint.safetensors");
+
+    if session.step_count() == 0 && save_every > 0 {
+        write_frame(&session, &frames_dir, progress)?;
+    }
+    while session.step_count() < total {
+        if cancel.is_canceled() {
+            return Ok(RenderOutcome::Canceled {
+                step: session.step_count(),
+            });
+        }
+        if cancel.is_interrupted() {
+            session.checkpoint().write(&checkpoint_path, &history)?;
+            return Ok(RenderOutcome::Interrupted {
+                step: session.step_count(),
+                checkpoint: checkpoint_path,
+            });
+        }
+        let t0 = Instant::now();
+        let stats = session.step()?;
+        let dt = t0.elapsed().as_secs_f64();
+        history.losses.push(stats.losses.clone());
+        history.step_seconds.push(dt);
+        let elapsed = started.elapsed().as_secs_f64();
+        let done_here = history.step_seconds.len().max(1) as f64;
+        let mean = history.step_seconds.iter().sum::<f64>() / done_here;
+        progress.event(ProgressEvent::Step {
+            step: stats.step,
+            total,
+            loss: stats.loss,
+            losses: stats.losses,
+            elapsed_s: elapsed,
+            eta_s: mean * f64::from(total - stats.step),
+        });
+        if save_every > 0 && stats.step.is_multiple_of(save_every) {
+            write_frame(&session, &frames_dir, progress)?;
+        }
+        let every = job.spec.checkpoint_every;
+        if every > 0 && stats.step.is_multiple_of(every) && stats.step < total {
+            session.checkpoint().write(&checkpoint_path, &history)?;
+            progress.event(ProgressEvent::Checkpoint {
+                step: stats.step,
+                path: checkpoint_path.clone(),
+            });
+        }
+    }
+
+    let final_image = output::tensor_to_image(&session.image()?)?;
+    let image_path = out.join("image.png");
+    output::write_png(
+        &image_path,
+        &final_image,
+        &output::png_text(job, &models.identities),
+    )?;
+    let frames = output::list_frames(&frames_dir)?;
+    let video = if job.spec.video.enabled && frames.len() >= 2 {
+        let path = out.join("video.mp4");
+        output::write_mp4(&path, &frames, job.spec.video.fps)?;
+        Some(path)
+    } else {
+        None
+    };
+    let similarities = session.similarities()?;
+    let metadata = out.join("metadata.json");
+    output::write_metadata(&metadata, job, models, &history, &similarities)?;
+    if checkpoint_path.exists() {
+        // A finished job has no use for its checkpoint.
+        std::fs::remove_file(&checkpoint_path).map_err(|e| RenderError::io(&checkpoint_path, e))?;
+    }
+    Ok(RenderOutcome::Completed(Artifacts {
+        image: image_path,
+        frames,
+        video,
+        metadata,
+    }))
+}
+
+fn write_frame(
+    session: &RenderSession,
+    dir: &Path,
+    progress: &mut dyn ProgressSink,
+) -> Result<PathBuf, RenderError> {
+    let step = session.step_count();
+    let path = dir.join(format!("{step:05}.png"));
+    let img = output::tensor_to_image(&session.image()?)?;
+    output::write_png(&path, &img, &[])?;
+    progress.event(ProgressEvent::Frame {
+        step,
+        path: path.clone(),
+    });
+    Ok(path)
+}

@@ -1,0 +1,397 @@
+//! What a render writes: PNGs with text metadata, the MP4 of the frames, and
+//! `metadata.json`; plus the image conversions the loop needs.
+
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use image::{imageops::FilterType, RgbImage};
+use serde::Serialize;
+
+use super::engine::History;
+use super::job::{RenderError, RenderJob};
+use super::models::{ModelIdentities, ModelSet};
+
+fn encode_err(what: &'static str, reason: impl ToString) -> RenderError {
+    RenderError::Encode {
+        what,
+        reason: reason.to_string(),
+    }
+}
+
+/// An RGB image to a (1, 3, H, W) tensor in [0, 1].
+pub fn image_to_tensor(img: &RgbImage, device: &Device) -> candle_core::Result<Tensor> {
+    let (w, h) = img.dimensions();
+    let data: Vec<f32> = img.as_raw().iter().map(|&b| f32::from(b) / 255.0).collect();
+    Tensor::from_vec(data, (h as usize, w as usize, 3), device)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .contiguous()
+}
+
+/// A (1, 3, H, W) tensor in [0, 1] to 8-bit RGB, rounding to nearest.
+pub fn tensor_to_image(t: &Tensor) -> Result<RgbImage, RenderError> {
+    let (_, _, h, w) = t.dims4()?;
+    let data: Vec<f32> = t
+        .squeeze(0)?
+        .permute((1, 2, 0))?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let bytes = data
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    RgbImage::from_raw(w as u32, h as u32, bytes)
+        .ok_or_else(|| encode_err("image", "buffer size mismatch"))
+}
+
+/// generate.py's `resize_image`: keep the aspect ratio, at most the target's area.
+pub fn resize_keep_area(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (iw, ih) = img.dimensions();
+    let ratio = f64::from(iw) / f64::from(ih);
+    let area = (f64::from(iw) * f64::from(ih)).min(f64::from(width) * f64::from(height));
+    let w = ((area * ratio).sqrt().round() as u32).max(1);
+    let h = ((area / ratio).sqrt().round() as u32).max(1);
+    image::imageops::resize(img, w, h, FilterType::Lanczos3)
+}
+
+pub fn resize_exact(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    if img.dimensions() == (width, height) {
+        return img.clone();
+    }
+    image::imageops::resize(img, width, height, FilterType::Lanczos3)
+}
+
+/// generate.py's `zoom_at` about the centre, then `ImageChops.offset` (wrapping shift).
+pub fn zoom_and_shift(img: &RgbImage, scale: f32, shift_x: i32, shift_y: i32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let zoomed = if (scale - 1.0).abs() > f32::EPSILON {
+        let cw = (f64::from(w) / f64::from(scale))
+            .round()
+            .clamp(1.0, f64::from(w)) as u32;
+        let ch = (f64::from(h) / f64::from(scale))
+            .round()
+            .clamp(1.0, f64::from(h)) as u32;
+        if cw <= w && ch <= h {
+            let crop =
+                image::imageops::crop_imm(img, (w - cw) / 2, (h - ch) / 2, cw, ch).to_image();
+            image::imageops::resize(&crop, w, h, FilterType::Lanczos3)
+        } else {
+            img.clone()
+        }
+    } else {
+        img.clone()
+    };
+    if shift_x == 0 && shift_y == 0 {
+        return zoomed;
+    }
+    RgbImage::from_fn(w, h, |x, y| {
+        let sx = (i64::from(x) - i64::from(shift_x)).rem_euclid(i64::from(w)) as u32;
+        let sy = (i64::from(y) - i64::from(shift_y)).rem_euclid(i64::from(h)) as u32;
+        *zoomed.get_pixel(sx, sy)
+    })
+}
+
+/// The text chunks of the final PNG.
+pub fn png_text(job: &RenderJob, identities: &ModelIdentities) -> Vec<(String, String)> {
+    let prompts = match &job.spec.prompts {
+        super::spec::PromptsSpec::Syntax(s) => s.clone(),
+        other => serde_json::to_string(other).unwrap_or_default(),
+    };
+    vec![
+        ("prompts".into(), prompts),
+        ("seed".into(), job.seed.to_string()),
+        (
+            "parameters".into(),
+            serde_json::to_string(&job.spec).unwrap_or_default(),
+        ),
+        (
+            "software".into(),
+            format!("vqclip {}", env!("CARGO_PKG_VERSION")),
+        ),
+        (
+            "models".into(),
+            serde_json::to_string(identities).unwrap_or_default(),
+        ),
+    ]
+}
+
+/// Writes an 8-bit RGB PNG with text chunks: `tEXt` when the text is Latin-1,
+/// `iTXt` (UTF-8) otherwise.
+pub fn write_png(
+    path: &Path,
+    img: &RgbImage,
+    text: &[(String, String)],
+) -> Result<(), RenderError> {
+    let file = std::fs::File::create(path).map_err(|e| RenderError::io(path, e))?;
+    let mut encoder = png::Encoder::new(BufWriter::new(file), img.width(), img.height());
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    for (key, value) in text {
+        let latin1 = value.chars().all(|c| (c as u32) < 256 && c != '\0');
+        let added = if latin1 {
+            encoder.add_text_chunk(key.clone(), value.clone())
+        } else {
+            encoder.add_itxt_chunk(key.clone(), value.clone())
+        };
+        added.map_err(|e| encode_err("PNG", e))?;
+    }
+    let mut writer = encoder.write_header().map_err(|e| encode_err("PNG", e))?;
+    writer
+        .write_image_data(img.as_raw())
+        .map_err(|e| encode_err("PNG", e))?;
+    writer.finish().map_err(|e| encode_err("PNG", e))
+}
+
+/// The frames written so far, in step order.
+pub fn list_frames(dir: &Path) -> Result<Vec<PathBuf>, RenderError> {
+    let mut frames: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| RenderError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "png"))
+        .collect();
+    frames.sort();
+    Ok(frames)
+}
+
+/// Encodes the frames as H.264 (openh264, built from source by cargo) in an MP4.
+pub fn write_mp4(path: &Path, frames: &[PathBuf], fps: f32) -> Result<(), RenderError> {
+    use openh264::encoder::{Encoder, EncoderConfig};
+    use openh264::formats::{RgbSliceU8, YUVBuffer};
+    use openh264::OpenH264API;
+
+    let first = image::open(&frames[0])
+        .map_err(|e| encode_err("video", e))?
+        .to_rgb8();
+    let (w, h) = first.dimensions();
+    let config = EncoderConfig::new()
+        .max_frame_rate(openh264::encoder::FrameRate::from_hz(fps))
+        .bitrate(openh264::encoder::BitRate::from_bps(w * h * 8));
+    let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
+        .map_err(|e| encode_err("video", e))?;
+
+    // The track ticks `fps · 1000` times a second so every frame lasts exactly 1000.
+    let timescale = (f64::from(fps) * 1000.0).round().max(1.0) as u32;
+    let frame_ticks = 1000u32;
+    let mut sps = None;
+    let mut pps = None;
+    let mut samples: Vec<(Vec<u8>, bool)> = Vec::with_capacity(frames.len());
+    for (i, frame) in frames.iter().enumerate() {
+        let img = if i == 0 {
+            first.clone()
+        } else {
+            image::open(frame)
+                .map_err(|e| encode_err("video", e))?
+                .to_rgb8()
+        };
+        if img.dimensions() != (w, h) {
+            return Err(encode_err(
+                "video",
+                format!("{} differs in size from the first frame", frame.display()),
+            ));
+        }
+        let yuv =
+            YUVBuffer::from_rgb8_source(RgbSliceU8::new(img.as_raw(), (w as usize, h as usize)));
+        let bitstream = encoder.encode(&yuv).map_err(|e| encode_err("video", e))?;
+        let annex_b = bitstream.to_vec();
+        let mut sample = Vec::with_capacity(annex_b.len());
+        let mut sync = false;
+        for nal in split_annex_b(&annex_b) {
+            match nal[0] & 0x1f {
+                7 => sps = Some(nal.to_vec()),
+                8 => pps = Some(nal.to_vec()),
+                t => {
+                    sync |= t == 5;
+                    sample.extend_from_slice(&(nal.len() as u32).to_be_bytes());
+                    sample.extend_from_slice(nal);
+                }
+            }
+        }
+        samples.push((sample, sync));
+    }
+    let (Some(sps), Some(pps)) = (sps, pps) else {
+        return Err(encode_err("video", "the encoder produced no SPS/PPS"));
+    };
+
+    let file = std::fs::File::create(path).map_err(|e| RenderError::io(path, e))?;
+    let mp4_config = mp4::Mp4Config {
+        major_brand: str::parse("isom").map_err(|e| encode_err("video", e))?,
+        minor_version: 512,
+        compatible_brands: ["isom", "iso2", "avc1", "mp41"]
+            .iter()
+            .map(|b| str::parse(b))
+            .collect::<Result<_, _>>()
+            .map_err(|e| encode_err("video", e))?,
+        timescale: 1000,
+    };
+    let mut writer = mp4::Mp4Writer::write_start(BufWriter::new(file), &mp4_config)
+        .map_err(|e| encode_err("video", e))?;
+    let track = mp4::TrackConfig {
+        track_type: mp4::TrackType::Video,
+        timescale,
+        language: "und".into(),
+        media_conf: mp4::MediaConfig::AvcConfig(mp4::AvcConfig {
+            width: w as u16,
+            height: h as u16,
+            seq_param_set: sps,
+            pic_param_set: pps,
+        }),
+    };
+    writer
+        .add_track(&track)
+        .map_err(|e| encode_err("video", e))?;
+    for (i, (bytes, is_sync)) in samples.into_iter().enumerate() {
+        let sample = mp4::Mp4Sample {
+            start_time: i as u64 * u64::from(frame_ticks),
+            duration: frame_ticks,
+            rendering_offset: 0,
+            is_sync,
+            bytes: bytes.into(),
+        };
+        writer
+            .write_sample(1, &sample)
+            .map_err(|e| encode_err("video", e))?;
+    }
+    writer.write_end().map_err(|e| encode_err("video", e))
+}
+
+/// NAL units of an Annex B stream, without their start codes.
+fn split_annex_b(data: &[u8]) -> Vec<&[u8]> {
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i + 3 <= data.len() {
+        if data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 {
+            starts.push(i + 3);
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    let mut nals = Vec::with_capacity(starts.len());
+    for (k, &s) in starts.iter().enumerate() {
+        let mut end = starts.get(k + 1).map_or(data.len(), |&n| n - 3);
+        // A four-byte start code leaves one zero before the next three-byte marker.
+        while end > s && data[end - 1] == 0 && k + 1 < starts.len() {
+            end -= 1;
+        }
+        if end > s {
+            nals.push(&data[s..end]);
+        }
+    }
+    nals
+}
+
+#[derive(Serialize)]
+struct Metadata<'a> {
+    vqclip_version: &'static str,
+    spec: &'a super::spec::JobSpec,
+    seed: u64,
+    width: u32,
+    height: u32,
+    models: &'a ModelIdentities,
+    steps_done: usize,
+    /// Per step, one loss per prompt (then the regulariser).
+    losses: &'a [Vec<f32>],
+    step_seconds: &'a [f64],
+    total_seconds: f64,
+    /// Final CLIP cosine similarity per prompt of the last phrase, ensemble mean.
+    final_similarity: &'a [f32],
+}
+
+pub fn write_metadata(
+    path: &Path,
+    job: &RenderJob,
+    models: &ModelSet,
+    history: &History,
+    similarities: &[f32],
+) -> Result<(), RenderError> {
+    let meta = Metadata {
+        vqclip_version: env!("CARGO_PKG_VERSION"),
+        spec: &job.spec,
+        seed: job.seed,
+        width: job.spec.width,
+        height: job.spec.height,
+        models: &models.identities,
+        steps_done: history.losses.len(),
+        losses: &history.losses,
+        step_seconds: &history.step_seconds,
+        total_seconds: history.step_seconds.iter().sum(),
+        final_similarity: similarities,
+    };
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| encode_err("metadata", e))?;
+    std::fs::write(path, json).map_err(|e| RenderError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annex_b_splits_on_three_and_four_byte_codes() {
+        let data = [
+            0, 0, 0, 1, 0x67, 1, 2, 0, 0, 1, 0x68, 3, 0, 0, 0, 1, 0x65, 4, 5,
+        ];
+        let nals = split_annex_b(&data);
+        assert_eq!(
+            nals,
+            vec![&[0x67, 1, 2][..], &[0x68, 3][..], &[0x65, 4, 5][..]]
+        );
+    }
+
+    #[test]
+    fn mp4_reads_back_with_size_frames_and_duration() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut frames = Vec::new();
+        for i in 0..5u8 {
+            let img = RgbImage::from_fn(64, 48, |x, y| {
+                image::Rgb([x as u8 * 4, y as u8 * 5, i * 50])
+            });
+            let p = dir.path().join(format!("{i:05}.png"));
+            write_png(&p, &img, &[]).unwrap();
+            frames.push(p);
+        }
+        let out = dir.path().join("v.mp4");
+        write_mp4(&out, &frames, 10.0).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let size = bytes.len() as u64;
+        let reader = mp4::Mp4Reader::read_header(std::io::Cursor::new(bytes), size).unwrap();
+        let track = reader.tracks().values().next().unwrap();
+        assert_eq!((track.width(), track.height()), (64, 48));
+        assert_eq!(track.sample_count(), 5);
+        assert_eq!(track.duration(), std::time::Duration::from_millis(500));
+        assert!((track.frame_rate() - 10.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn png_carries_text_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.png");
+        let img = RgbImage::from_pixel(4, 4, image::Rgb([1, 2, 3]));
+        write_png(
+            &p,
+            &img,
+            &[
+                ("prompts".into(), "a cat".into()),
+                ("note".into(), "ünï 猫".into()),
+            ],
+        )
+        .unwrap();
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&p).unwrap()));
+        let reader = decoder.read_info().unwrap();
+        let info = reader.info();
+        assert_eq!(info.uncompressed_latin1_text[0].keyword, "prompts");
+        assert_eq!(info.uncompressed_latin1_text[0].text, "a cat");
+        assert_eq!(info.utf8_text[0].get_text().unwrap(), "ünï 猫");
+    }
+
+    #[test]
+    fn zoom_and_shift_move_pixels() {
+        let img = RgbImage::from_fn(8, 8, |x, y| image::Rgb([x as u8, y as u8, 0]));
+        let shifted = zoom_and_shift(&img, 1.0, 2, -1);
+        assert_eq!(shifted.get_pixel(2, 0), img.get_pixel(0, 1));
+        let zoomed = zoom_and_shift(&img, 2.0, 0, 0);
+        assert_eq!(zoomed.dimensions(), (8, 8));
+        assert_ne!(zoomed, img);
+    }
+}

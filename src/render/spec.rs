@@ -1,0 +1,882 @@
+//! The job spec: the body of `POST /v1/jobs` and of `vqclip render --spec`.
+//!
+//! Defaults follow nerdyrodent's generate.py so a spec holding only a prompt
+//! renders what generate.py would. Unknown fields are rejected so that a typo
+//! (`"step": 10`) fails loudly instead of silently rendering 500 steps.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::prompts::{self, PromptSet};
+
+/// The only spec version this build understands.
+pub const SPEC_VERSION: u32 = 1;
+
+/// A render job as submitted by a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    #[serde(default = "default_version")]
+    pub version: u32,
+    /// Text prompts: generate.py syntax (`"text:weight:stop|text2:-0.5"`, `^` between
+    /// story phrases) or a list of `{text, weight, stop}`.
+    #[serde(default)]
+    pub prompts: PromptsSpec,
+    #[serde(default)]
+    pub image_prompts: Vec<ImagePromptSpec>,
+    #[serde(default)]
+    pub noise_prompts: Vec<NoisePromptSpec>,
+    /// An image reference (see [`ImageRef`]) whose VQGAN encoding is the starting z.
+    #[serde(default)]
+    pub init_image: Option<String>,
+    /// Strength of the z regulariser; 0 turns it off (generate.py's default).
+    #[serde(default)]
+    pub init_weight: f32,
+    #[serde(default)]
+    pub init_regulariser: InitRegulariser,
+    /// Without `init_image` or `init_noise`, z starts from random codebook tokens.
+    #[serde(default)]
+    pub init_noise: Option<InitNoise>,
+    #[serde(default = "default_side")]
+    pub width: u32,
+    #[serde(default = "default_side")]
+    pub height: u32,
+    #[serde(default = "default_steps")]
+    pub steps: u32,
+    /// Random when absent; the resolved seed is always recorded in the outputs.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default = "default_lr")]
+    pub lr: f32,
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+    #[serde(default = "default_cutn")]
+    pub cutn: u32,
+    #[serde(default = "default_cut_pow")]
+    pub cut_pow: f32,
+    #[serde(default)]
+    pub cut_method: CutMethod,
+    #[serde(default = "default_augments")]
+    pub augments: Vec<Augment>,
+    /// A frame is written every `save_every` steps; 0 writes only the final image.
+    #[serde(default = "default_save_every")]
+    pub save_every: u32,
+    #[serde(default)]
+    pub video: VideoSpec,
+    #[serde(default)]
+    pub zoom: Option<ZoomSpec>,
+    /// Story mode: move to the next `^` phrase every this many steps; 0 keeps the first.
+    #[serde(default)]
+    pub change_prompt_every: u32,
+    #[serde(default)]
+    pub models: ModelsSpec,
+    /// A checkpoint is written every this many steps so a crashed job can resume; 0 never
+    /// (a graceful shutdown still writes one).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u32,
+
+    // Job-level fields: the service reads these, the renderer ignores them.
+    /// Higher runs first; -100..=100.
+    #[serde(default)]
+    pub priority: i32,
+    /// Keep artifacts past the retention period.
+    #[serde(default)]
+    pub keep: bool,
+    #[serde(default)]
+    pub webhook: Option<WebhookSpec>,
+}
+
+fn default_version() -> u32 {
+    SPEC_VERSION
+}
+fn default_side() -> u32 {
+    512
+}
+fn default_steps() -> u32 {
+    500
+}
+fn default_lr() -> f32 {
+    0.1
+}
+fn default_cutn() -> u32 {
+    32
+}
+fn default_cut_pow() -> f32 {
+    1.0
+}
+fn default_augments() -> Vec<Augment> {
+    vec![Augment::Af, Augment::Pe, Augment::Ji, Augment::Er]
+}
+fn default_save_every() -> u32 {
+    50
+}
+fn default_checkpoint_every() -> u32 {
+    50
+}
+
+impl Default for JobSpec {
+    fn default() -> Self {
+        // Deserialising `{}` is the single source of truth for defaults.
+        serde_json::from_str("{}").expect("the empty spec deserialises")
+    }
+}
+
+/// Text prompts in either of the two accepted shapes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PromptsSpec {
+    /// generate.py syntax: `|` between prompts, `^` between story phrases.
+    Syntax(String),
+    /// Explicit prompts: one phrase, no story.
+    List(Vec<TextPromptSpec>),
+}
+
+impl Default for PromptsSpec {
+    fn default() -> Self {
+        PromptsSpec::List(Vec::new())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextPromptSpec {
+    pub text: String,
+    #[serde(default = "default_weight")]
+    pub weight: f32,
+    /// The loss for this prompt is not pushed below `stop` (generate.py's third field).
+    #[serde(default)]
+    pub stop: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagePromptSpec {
+    /// An [`ImageRef`]: `upload:<uuid>`, a bare uuid, or `data:image/...;base64,...`.
+    pub image: String,
+    #[serde(default = "default_weight")]
+    pub weight: f32,
+    #[serde(default)]
+    pub stop: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoisePromptSpec {
+    pub seed: u64,
+    #[serde(default = "default_weight")]
+    pub weight: f32,
+}
+
+fn default_weight() -> f32 {
+    1.0
+}
+
+/// How `init_weight` pulls on z.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitRegulariser {
+    /// Crowson's notebook: `mse(z, z_init) * init_weight / 2`.
+    MseInit,
+    /// nerdyrodent's generate.py: `mse(z, 0) * init_weight / (2 * (2i + 1))`, fading out.
+    #[default]
+    DecayZero,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitNoise {
+    /// Uniform random pixels, VQGAN-encoded.
+    Pixels,
+    /// A random colour gradient, VQGAN-encoded.
+    Gradient,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    #[default]
+    Adam,
+    Adamw,
+    Adagrad,
+    Adamax,
+    Rmsprop,
+    Radam,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CutMethod {
+    /// Crowson's random-size crops, pre-filtered when downscaling.
+    Original,
+    /// nerdyrodent's pooled whole-image cutouts followed by augmentations.
+    #[default]
+    Latest,
+}
+
+/// generate.py's augmentation codes, kept verbatim so existing command lines translate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Augment {
+    /// Colour jitter.
+    Ji,
+    /// Sharpness.
+    Sh,
+    /// Gaussian noise.
+    Gn,
+    /// Perspective.
+    Pe,
+    /// Rotation.
+    Ro,
+    /// Affine (rotation, translation, shear).
+    Af,
+    /// Elastic transform.
+    Et,
+    /// Thin-plate spline.
+    Ts,
+    /// Random crop with reflect padding.
+    Cr,
+    /// Random erasing.
+    Er,
+    /// Random resized crop.
+    Re,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VideoSpec {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_fps")]
+    pub fps: f32,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_fps() -> f32 {
+    10.0
+}
+
+impl Default for VideoSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            fps: default_fps(),
+        }
+    }
+}
+
+/// generate.py's zoom video: every `every` steps (from `start`) the image is zoomed and
+/// shifted, re-encoded to a new z, and the optimiser restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoomSpec {
+    #[serde(default)]
+    pub start: u32,
+    #[serde(default = "default_zoom_every")]
+    pub every: u32,
+    #[serde(default = "default_zoom_scale")]
+    pub scale: f32,
+    #[serde(default)]
+    pub shift_x: i32,
+    #[serde(default)]
+    pub shift_y: i32,
+}
+
+fn default_zoom_every() -> u32 {
+    10
+}
+fn default_zoom_scale() -> f32 {
+    0.99
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsSpec {
+    /// A catalogue name or a local path.
+    #[serde(default = "default_vqgan")]
+    pub vqgan: String,
+    /// One or more CLIP models; their losses are summed.
+    #[serde(default = "default_clip")]
+    pub clip: Vec<String>,
+}
+
+fn default_vqgan() -> String {
+    "vqgan_imagenet_f16_16384".to_owned()
+}
+fn default_clip() -> Vec<String> {
+    vec!["ViT-B/32".to_owned()]
+}
+
+impl Default for ModelsSpec {
+    fn default() -> Self {
+        Self {
+            vqgan: default_vqgan(),
+            clip: default_clip(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSpec {
+    pub url: String,
+    #[serde(default = "default_webhook_events")]
+    pub events: Vec<WebhookEvent>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookEvent {
+    State,
+    Progress,
+    Frame,
+    Completed,
+    Failed,
+    Canceled,
+}
+
+fn default_webhook_events() -> Vec<WebhookEvent> {
+    vec![
+        WebhookEvent::Completed,
+        WebhookEvent::Failed,
+        WebhookEvent::Canceled,
+    ]
+}
+
+/// Where an image in a spec comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageRef {
+    /// An image stored by `POST /v1/uploads`; the caller resolves it to bytes.
+    Upload(uuid::Uuid),
+    /// Image bytes carried inline as a `data:` URL.
+    Inline { media_type: String, bytes: Vec<u8> },
+}
+
+impl ImageRef {
+    /// Parses `upload:<uuid>`, a bare uuid, or `data:image/<type>;base64,<data>`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(rest) = s.strip_prefix("data:") {
+            let (header, data) = rest
+                .split_once(',')
+                .ok_or("a data URL needs a comma before its payload")?;
+            let media_type = header
+                .strip_suffix(";base64")
+                .ok_or("only base64 data URLs are accepted (data:image/png;base64,...)")?;
+            if !media_type.starts_with("image/") {
+                return Err(format!("media type {media_type:?} is not an image"));
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data.trim())
+                .map_err(|e| format!("invalid base64: {e}"))?;
+            if bytes.is_empty() {
+                return Err("the inline image is empty".to_owned());
+            }
+            return Ok(ImageRef::Inline {
+                media_type: media_type.to_owned(),
+                bytes,
+            });
+        }
+        let id = s.strip_prefix("upload:").unwrap_or(s);
+        uuid::Uuid::parse_str(id)
+            .map(ImageRef::Upload)
+            .map_err(|_| {
+                "expected `upload:<id>` from POST /v1/uploads, a bare upload id, or \
+                 `data:image/png;base64,...`"
+                    .to_owned()
+            })
+    }
+}
+
+/// Bounds a deployment puts on jobs; the service fills these from its config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest `width * height`.
+    pub max_pixels: u64,
+    /// Largest `width` or `height`.
+    pub max_side: u32,
+    pub max_steps: u32,
+    pub max_cutn: u32,
+    /// Most prompts of all kinds together (every story phrase counted).
+    pub max_prompts: usize,
+    /// CLIP's context length including start and end tokens.
+    pub max_prompt_tokens: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_pixels: 1024 * 1024,
+            max_side: 2048,
+            max_steps: 2000,
+            max_cutn: 128,
+            max_prompts: 16,
+            max_prompt_tokens: 77,
+        }
+    }
+}
+
+/// A spec field that broke a rule. `Display` reads
+/// `width: must be a multiple of 16; got 500, allowed 16..=2048`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[error("{field}: {rule}; {detail}")]
+pub struct SpecError {
+    /// JSON path of the field, e.g. `prompts[1].weight`.
+    pub field: String,
+    /// The rule, phrased as what the value must be.
+    pub rule: String,
+    /// What was received and what is allowed.
+    pub detail: String,
+}
+
+impl SpecError {
+    pub fn new(
+        field: impl Into<String>,
+        rule: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            field: field.into(),
+            rule: rule.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+fn check_range<T: PartialOrd + fmt::Display + Copy>(
+    field: &str,
+    value: T,
+    lo: T,
+    hi: T,
+) -> Result<(), SpecError> {
+    if value < lo || value > hi {
+        return Err(SpecError::new(
+            field,
+            format!("must be between {lo} and {hi}"),
+            format!("got {value}, allowed {lo}..={hi}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_finite_range(field: &str, value: f32, lo: f32, hi: f32) -> Result<(), SpecError> {
+    if !value.is_finite() {
+        return Err(SpecError::new(
+            field,
+            "must be a finite number",
+            format!("got {value}"),
+        ));
+    }
+    check_range(field, value, lo, hi)
+}
+
+impl JobSpec {
+    /// Checks every field against `limits` without loading a model.
+    ///
+    /// A text prompt longer than CLIP's 77-token context is rejected, not truncated:
+    /// a silently shortened prompt renders something the client did not ask for, and
+    /// the API can only say so loudly by refusing the job (HTTP 400).
+    pub fn validate(&self, limits: &Limits) -> Result<(), SpecError> {
+        if self.version != SPEC_VERSION {
+            return Err(SpecError::new(
+                "version",
+                format!("must be {SPEC_VERSION}"),
+                format!(
+                    "got {}; this server understands version {SPEC_VERSION}",
+                    self.version
+                ),
+            ));
+        }
+        self.validate_size(limits)?;
+        check_range("steps", self.steps, 1, limits.max_steps)?;
+        check_range("cutn", self.cutn, 1, limits.max_cutn)?;
+        check_finite_range("cut_pow", self.cut_pow, 0.01, 10.0)?;
+        if self.lr <= 0.0 {
+            return Err(SpecError::new(
+                "lr",
+                "must be positive",
+                format!("got {}, allowed (0, 10]", self.lr),
+            ));
+        }
+        check_finite_range("lr", self.lr, 0.0, 10.0)?;
+        let prompt_set = self.validate_prompts(limits)?;
+        self.validate_init()?;
+        if self.change_prompt_every > 0 && prompt_set.phrases.len() < 2 {
+            return Err(SpecError::new(
+                "change_prompt_every",
+                "needs story phrases separated by `^` in prompts",
+                format!(
+                    "got change_prompt_every = {} with {} phrase",
+                    self.change_prompt_every,
+                    prompt_set.phrases.len()
+                ),
+            ));
+        }
+        if self.video.enabled {
+            check_finite_range("video.fps", self.video.fps, 1.0, 60.0)?;
+        }
+        if let Some(zoom) = &self.zoom {
+            check_range("zoom.every", zoom.every, 1, u32::MAX)?;
+            check_finite_range("zoom.scale", zoom.scale, 0.5, 2.0)?;
+            check_range(
+                "zoom.shift_x",
+                zoom.shift_x,
+                -(self.width as i32),
+                self.width as i32,
+            )?;
+            check_range(
+                "zoom.shift_y",
+                zoom.shift_y,
+                -(self.height as i32),
+                self.height as i32,
+            )?;
+        }
+        self.validate_models()?;
+        check_range("priority", self.priority, -100, 100)?;
+        if let Some(hook) = &self.webhook {
+            let parsed = url::Url::parse(&hook.url).map_err(|e| {
+                SpecError::new(
+                    "webhook.url",
+                    "must be an absolute URL",
+                    format!("{e}: {:?}", hook.url),
+                )
+            })?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(SpecError::new(
+                    "webhook.url",
+                    "must use http or https",
+                    format!("got scheme {:?}", parsed.scheme()),
+                ));
+            }
+            if hook.events.is_empty() {
+                return Err(SpecError::new(
+                    "webhook.events",
+                    "must name at least one event",
+                    "got an empty list; leave it out for completed, failed and canceled",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_size(&self, limits: &Limits) -> Result<(), SpecError> {
+        for (field, side) in [("width", self.width), ("height", self.height)] {
+            let allowed = format!("allowed 16..={} in steps of 16", limits.max_side);
+            if side % 16 != 0 || side == 0 {
+                return Err(SpecError::new(
+                    field,
+                    "must be a multiple of 16",
+                    format!("got {side}, {allowed}"),
+                ));
+            }
+            if side > limits.max_side {
+                return Err(SpecError::new(
+                    field,
+                    format!("must be at most {}", limits.max_side),
+                    format!("got {side}, {allowed}"),
+                ));
+            }
+        }
+        let pixels = u64::from(self.width) * u64::from(self.height);
+        if pixels > limits.max_pixels {
+            return Err(SpecError::new(
+                "width",
+                format!("width * height must be at most {}", limits.max_pixels),
+                format!("got {}x{} = {pixels} pixels", self.width, self.height),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parses the text prompts (generate.py syntax or list) into phrases.
+    pub fn prompt_set(&self) -> Result<PromptSet, SpecError> {
+        prompts::prompt_set(&self.prompts)
+    }
+
+    fn validate_prompts(&self, limits: &Limits) -> Result<PromptSet, SpecError> {
+        let set = self.prompt_set()?;
+        let text_count: usize = set.phrases.iter().map(Vec::len).sum();
+        let total = text_count + self.image_prompts.len() + self.noise_prompts.len();
+        if total == 0 {
+            return Err(SpecError::new(
+                "prompts",
+                "at least one text, image or noise prompt is required",
+                "got none; e.g. \"prompts\": \"a wooden banana temple\"",
+            ));
+        }
+        if total > limits.max_prompts {
+            return Err(SpecError::new(
+                "prompts",
+                format!("at most {} prompts in all", limits.max_prompts),
+                format!(
+                    "got {text_count} text (all story phrases), {} image and {} noise prompts",
+                    self.image_prompts.len(),
+                    self.noise_prompts.len()
+                ),
+            ));
+        }
+        for (p, phrase) in set.phrases.iter().enumerate() {
+            for (i, prompt) in phrase.iter().enumerate() {
+                let field = format!("prompts[{}]", phrase_index(p, i, &set));
+                check_finite_range(&format!("{field}.weight"), prompt.weight, -1e3, 1e3)?;
+                if let Some(stop) = prompt.stop {
+                    check_finite_range(&format!("{field}.stop"), stop, -10.0, 10.0)?;
+                }
+                check_token_length(&field, &prompt.text, limits)?;
+            }
+        }
+        for (i, prompt) in self.image_prompts.iter().enumerate() {
+            let field = format!("image_prompts[{i}]");
+            ImageRef::parse(&prompt.image).map_err(|e| {
+                SpecError::new(format!("{field}.image"), "must be an image reference", e)
+            })?;
+            check_finite_range(&format!("{field}.weight"), prompt.weight, -1e3, 1e3)?;
+            if let Some(stop) = prompt.stop {
+                check_finite_range(&format!("{field}.stop"), stop, -10.0, 10.0)?;
+            }
+        }
+        for (i, prompt) in self.noise_prompts.iter().enumerate() {
+            check_finite_range(
+                &format!("noise_prompts[{i}].weight"),
+                prompt.weight,
+                -1e3,
+                1e3,
+            )?;
+        }
+        Ok(set)
+    }
+
+    fn validate_init(&self) -> Result<(), SpecError> {
+        check_finite_range("init_weight", self.init_weight, 0.0, 1e3)?;
+        if let Some(image) = &self.init_image {
+            ImageRef::parse(image)
+                .map_err(|e| SpecError::new("init_image", "must be an image reference", e))?;
+            if self.init_noise.is_some() {
+                return Err(SpecError::new(
+                    "init_noise",
+                    "cannot be combined with init_image",
+                    "remove one of init_image and init_noise",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_models(&self) -> Result<(), SpecError> {
+        if self.models.vqgan.trim().is_empty() {
+            return Err(SpecError::new(
+                "models.vqgan",
+                "must name a VQGAN model",
+                "got an empty string; e.g. vqgan_imagenet_f16_16384",
+            ));
+        }
+        if self.models.clip.is_empty() || self.models.clip.len() > 4 {
+            return Err(SpecError::new(
+                "models.clip",
+                "must list 1 to 4 CLIP models",
+                format!("got {}", self.models.clip.len()),
+            ));
+        }
+        for (i, name) in self.models.clip.iter().enumerate() {
+            if name.trim().is_empty() {
+                return Err(SpecError::new(
+                    format!("models.clip[{i}]"),
+                    "must name a CLIP model",
+                    "got an empty string; e.g. ViT-B/32",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The index of a prompt across all story phrases, as a client would count them.
+fn phrase_index(phrase: usize, index: usize, set: &PromptSet) -> usize {
+    set.phrases[..phrase].iter().map(Vec::len).sum::<usize>() + index
+}
+
+/// The bundled CLIP tokenizer, built once: validation must not need a model on disk.
+fn tokenizer() -> Result<&'static crate::models::ClipTokenizer, SpecError> {
+    static TOKENIZER: OnceLock<Result<crate::models::ClipTokenizer, String>> = OnceLock::new();
+    TOKENIZER
+        .get_or_init(|| crate::models::ClipTokenizer::bundled().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| SpecError::new("prompts", "could not be tokenized", e.clone()))
+}
+
+fn check_token_length(field: &str, text: &str, limits: &Limits) -> Result<(), SpecError> {
+    let body = tokenizer()?.encode_body(text).map_err(|e| {
+        SpecError::new(
+            format!("{field}.text"),
+            "could not be tokenized",
+            e.to_string(),
+        )
+    })?;
+    // The start and end markers take two places of the context.
+    let count = body.len() + 2;
+    if count > limits.max_prompt_tokens {
+        return Err(SpecError::new(
+            format!("{field}.text"),
+            format!(
+                "must fit CLIP's context of {} tokens, start and end markers included",
+                limits.max_prompt_tokens
+            ),
+            format!("got {count} tokens; shorten the prompt or split it with `|`"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> JobSpec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_generate_py() {
+        let s = spec(r#"{"prompts": "a cat"}"#);
+        assert_eq!(s.version, 1);
+        assert_eq!((s.width, s.height, s.steps), (512, 512, 500));
+        assert_eq!((s.cutn, s.cut_pow, s.lr), (32, 1.0, 0.1));
+        assert_eq!(s.cut_method, CutMethod::Latest);
+        assert_eq!(s.optimizer, OptimizerKind::Adam);
+        assert_eq!(s.augments, default_augments());
+        assert_eq!(s.save_every, 50);
+        assert_eq!(s.models.clip, vec!["ViT-B/32"]);
+        assert_eq!(s.models.vqgan, "vqgan_imagenet_f16_16384");
+        assert!(s.webhook.is_none());
+        s.validate(&Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<JobSpec>(r#"{"prompts": "a", "step": 3}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `step`"), "{err}");
+        let err = serde_json::from_str::<JobSpec>(r#"{"zoom": {"scal": 1.0}}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn width_not_multiple_of_16_names_field_rule_and_range() {
+        let s = spec(r#"{"prompts": "a", "width": 500}"#);
+        let err = s.validate(&Limits::default()).unwrap_err();
+        assert_eq!(err.field, "width");
+        assert_eq!(
+            err.to_string(),
+            "width: must be a multiple of 16; got 500, allowed 16..=2048 in steps of 16"
+        );
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let limits = Limits::default();
+        let cases = [
+            (r#"{"prompts": "a", "steps": 0}"#, "steps"),
+            (r#"{"prompts": "a", "steps": 2001}"#, "steps"),
+            (r#"{"prompts": "a", "cutn": 129}"#, "cutn"),
+            (
+                r#"{"prompts": "a", "width": 2048, "height": 1024}"#,
+                "width",
+            ),
+            (r#"{"prompts": "a", "height": 4096}"#, "height"),
+            (r#"{"prompts": "a", "lr": 0}"#, "lr"),
+            (r#"{"prompts": "a", "priority": 101}"#, "priority"),
+            (r#"{"prompts": "a", "video": {"fps": 0}}"#, "video.fps"),
+            (r#"{"prompts": "a", "models": {"clip": []}}"#, "models.clip"),
+            (r#"{"prompts": "a|:2"}"#, "prompts[1]"),
+            (r#"{}"#, "prompts"),
+            (
+                r#"{"prompts": "a", "change_prompt_every": 5}"#,
+                "change_prompt_every",
+            ),
+            (r#"{"prompts": "a", "init_image": "nope"}"#, "init_image"),
+            (
+                r#"{"prompts": "a", "webhook": {"url": "ftp://x"}}"#,
+                "webhook.url",
+            ),
+            (
+                r#"{"image_prompts": [{"image": "data:text/plain;base64,aGk="}]}"#,
+                "image_prompts[0].image",
+            ),
+        ];
+        for (json, field) in cases {
+            let err = spec(json).validate(&limits).unwrap_err();
+            assert!(err.field.starts_with(field), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn too_many_prompts_counts_every_kind() {
+        let texts: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+        let json = format!(
+            r#"{{"prompts": "{}", "noise_prompts": [{}]}}"#,
+            texts.join("|"),
+            (0..7)
+                .map(|i| format!(r#"{{"seed": {i}}}"#))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let err = spec(&json).validate(&Limits::default()).unwrap_err();
+        assert_eq!(err.field, "prompts");
+        assert!(err.rule.contains("16"), "{err}");
+    }
+
+    #[test]
+    fn overlong_prompt_is_rejected_not_truncated() {
+        let long = "word ".repeat(76);
+        let err = spec(&format!(r#"{{"prompts": "ok|{long}"}}"#))
+            .validate(&Limits::default())
+            .unwrap_err();
+        assert_eq!(err.field, "prompts[1].text");
+        assert!(err.detail.contains("got 78 tokens"), "{err}");
+        let fits = "word ".repeat(75);
+        spec(&format!(r#"{{"prompts": "{fits}"}}"#))
+            .validate(&Limits::default())
+            .unwrap();
+    }
+
+    #[test]
+    fn image_refs_parse() {
+        let id = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        assert!(matches!(
+            ImageRef::parse(&format!("upload:{id}")),
+            Ok(ImageRef::Upload(_))
+        ));
+        assert!(matches!(ImageRef::parse(id), Ok(ImageRef::Upload(_))));
+        match ImageRef::parse("data:image/png;base64,iVBORw0KGgo=").unwrap() {
+            ImageRef::Inline { media_type, bytes } => {
+                assert_eq!(media_type, "image/png");
+                assert_eq!(&bytes[1..4], b"PNG");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(ImageRef::parse("/etc/passwd").is_err());
+        assert!(ImageRef::parse("data:image/png,raw").is_err());
+        assert!(ImageRef::parse("data:image/png;base64,!!!").is_err());
+    }
+
+    #[test]
+    fn list_prompts_and_webhook_round_trip() {
+        let s = spec(
+            r#"{"prompts": [{"text": "a: b", "weight": -0.5, "stop": -1}],
+                "webhook": {"url": "https://example.com/h", "events": ["progress", "completed"]},
+                "priority": -3, "keep": true, "zoom": {"every": 5}}"#,
+        );
+        s.validate(&Limits::default()).unwrap();
+        let back: JobSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(
+            s.webhook.unwrap().events,
+            vec![WebhookEvent::Progress, WebhookEvent::Completed]
+        );
+        let hook: WebhookSpec = serde_json::from_str(r#"{"url": "https://x"}"#).unwrap();
+        assert_eq!(hook.events.len(), 3);
+        assert_eq!(s.zoom.unwrap().scale, 0.99);
+    }
+}

@@ -1,0 +1,281 @@
+//! The render loop end to end on the tiny random-weight fixtures (real formats:
+//! HF CLIP safetensors, taming VQGAN ckpt + model.yaml), on the CPU.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use base64::Engine as _;
+use candle_core::Device;
+use vqclip::render::{
+    render, CancelToken, JobSpec, ModelSet, NoProgress, ProgressEvent, RenderJob, RenderOutcome,
+    RenderSession,
+};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn models() -> &'static ModelSet {
+    static MODELS: OnceLock<ModelSet> = OnceLock::new();
+    MODELS.get_or_init(|| {
+        ModelSet::load_paths(
+            &fixtures().join("vqgan-tiny"),
+            &[fixtures().join("clip-tiny")],
+            &Device::Cpu,
+        )
+        .expect("tiny fixtures load")
+    })
+}
+
+fn spec(json: &str) -> JobSpec {
+    let mut value: serde_json::Value = serde_json::from_str(json).unwrap();
+    let defaults = serde_json::json!({
+        "width": 16, "height": 16, "cutn": 8, "save_every": 0, "checkpoint_every": 0,
+        "augments": [], "seed": 1
+    });
+    for (k, v) in defaults.as_object().unwrap() {
+        value
+            .as_object_mut()
+            .unwrap()
+            .entry(k.clone())
+            .or_insert(v.clone());
+    }
+    serde_json::from_value(value).unwrap()
+}
+
+fn job(spec: JobSpec, out: &Path) -> RenderJob {
+    RenderJob::new(spec, out)
+}
+
+fn mean(v: &[f32]) -> f32 {
+    v.iter().sum::<f32>() / v.len() as f32
+}
+
+/// Runs `steps` steps; returns (loss per step, similarity before, similarity after).
+fn optimise(spec: JobSpec, steps: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(spec, dir.path());
+    let mut session = RenderSession::new(&job, models()).unwrap();
+    let before = session.similarities().unwrap();
+    let losses: Vec<f32> = (0..steps).map(|_| session.step().unwrap().loss).collect();
+    let after = session.similarities().unwrap();
+    (losses, before, after)
+}
+
+#[test]
+fn text_prompt_loss_falls_and_similarity_rises() {
+    let (losses, before, after) = optimise(spec(r#"{"prompts": "a red cube", "steps": 30}"#), 30);
+    assert!(
+        mean(&losses[25..]) < mean(&losses[..5]),
+        "losses {losses:?}"
+    );
+    assert!(after[0] > before[0], "similarity {before:?} -> {after:?}");
+}
+
+#[test]
+fn negative_prompt_similarity_falls() {
+    let (losses, before, after) =
+        optimise(spec(r#"{"prompts": "a red cube:-1", "steps": 30}"#), 30);
+    assert!(
+        mean(&losses[25..]) < mean(&losses[..5]),
+        "losses {losses:?}"
+    );
+    assert!(after[0] < before[0], "similarity {before:?} -> {after:?}");
+}
+
+fn png_data_url(img: &image::RgbImage) -> String {
+    let mut bytes = Vec::new();
+    image::DynamicImage::ImageRgb8(img.clone())
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+#[test]
+fn image_prompt_similarity_rises() {
+    let target = image::RgbImage::from_fn(16, 16, |x, y| {
+        image::Rgb([(x * 16) as u8, 255 - (y * 16) as u8, ((x + y) * 8) as u8])
+    });
+    let json = format!(
+        r#"{{"image_prompts": [{{"image": "{}"}}], "steps": 30}}"#,
+        png_data_url(&target)
+    );
+    let (losses, before, after) = optimise(spec(&json), 30);
+    assert!(
+        mean(&losses[25..]) < mean(&losses[..5]),
+        "losses {losses:?}"
+    );
+    assert!(after[0] > before[0], "similarity {before:?} -> {after:?}");
+}
+
+fn run(spec: JobSpec, out: &Path) -> RenderOutcome {
+    render(
+        &job(spec, out),
+        models(),
+        &mut NoProgress,
+        &CancelToken::new(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn same_seed_same_png_different_seed_different_png() {
+    let s = r#"{"prompts": "a forest", "steps": 4, "augments": ["Af", "Pe", "Ji", "Er"], "video": {"enabled": false}}"#;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    run(spec(s), dirs[0].path());
+    run(spec(s), dirs[1].path());
+    let mut other = spec(s);
+    other.seed = Some(2);
+    run(other, dirs[2].path());
+    let png = |d: &tempfile::TempDir| std::fs::read(d.path().join("image.png")).unwrap();
+    assert_eq!(png(&dirs[0]), png(&dirs[1]));
+    assert_ne!(png(&dirs[0]), png(&dirs[2]));
+}
+
+#[test]
+fn checkpoint_and_resume_equal_an_uninterrupted_run() {
+    let s = r#"{"prompts": "a castle:1|fog:-0.3", "steps": 6, "checkpoint_every": 3,
+                "augments": ["Af", "Pe", "Ji", "Er"], "optimizer": "adam", "video": {"enabled": false}}"#;
+    let full = tempfile::tempdir().unwrap();
+    run(spec(s), full.path());
+
+    // Interrupt after the checkpoint at step 3, then resume from it.
+    let part = tempfile::tempdir().unwrap();
+    let cancel = CancelToken::new();
+    let token = cancel.clone();
+    let mut sink = move |ev: ProgressEvent| {
+        if let ProgressEvent::Checkpoint { step: 3, .. } = ev {
+            token.interrupt();
+        }
+    };
+    let outcome = render(&job(spec(s), part.path()), models(), &mut sink, &cancel).unwrap();
+    let RenderOutcome::Interrupted { step, checkpoint } = outcome else {
+        panic!("expected an interruption, got {outcome:?}");
+    };
+    assert_eq!(step, 3);
+    let mut resumed = job(spec(s), part.path());
+    resumed.resume = Some(checkpoint);
+    let outcome = render(&resumed, models(), &mut NoProgress, &CancelToken::new()).unwrap();
+    assert!(matches!(outcome, RenderOutcome::Completed(_)));
+    let png = |d: &Path| std::fs::read(d.join("image.png")).unwrap();
+    assert_eq!(png(full.path()), png(part.path()));
+}
+
+#[test]
+fn cancellation_stops_within_one_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let cancel = CancelToken::new();
+    let token = cancel.clone();
+    let mut steps_seen = 0;
+    let mut sink = |ev: ProgressEvent| {
+        if let ProgressEvent::Step { step, .. } = ev {
+            steps_seen = step;
+            if step == 2 {
+                token.cancel();
+            }
+        }
+    };
+    let outcome = render(
+        &job(spec(r#"{"prompts": "x", "steps": 50}"#), dir.path()),
+        models(),
+        &mut sink,
+        &cancel,
+    )
+    .unwrap();
+    assert_eq!(outcome, RenderOutcome::Canceled { step: 2 });
+    assert_eq!(steps_seen, 2);
+    assert!(!dir.path().join("image.png").exists());
+}
+
+#[test]
+fn full_render_writes_png_frames_video_and_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(
+        r#"{"prompts": "a wooden banana temple | trending on artstation:0.5", "steps": 6,
+            "save_every": 2, "video": {"fps": 5}, "noise_prompts": [{"seed": 3, "weight": 0.2}]}"#,
+    );
+    let mut events = Vec::new();
+    let mut sink = |ev: ProgressEvent| events.push(ev);
+    let outcome = render(
+        &job(s, dir.path()),
+        models(),
+        &mut sink,
+        &CancelToken::new(),
+    )
+    .unwrap();
+    let RenderOutcome::Completed(art) = outcome else {
+        panic!("{outcome:?}")
+    };
+    let img = image::open(&art.image).unwrap();
+    assert_eq!((img.width(), img.height()), (16, 16));
+    let names: Vec<String> = art
+        .frames
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["00000.png", "00002.png", "00004.png", "00006.png"]);
+    let frames = events
+        .iter()
+        .filter(|e| matches!(e, ProgressEvent::Frame { .. }))
+        .count();
+    assert_eq!(frames, 4);
+    let steps: Vec<&ProgressEvent> = events
+        .iter()
+        .filter(|e| matches!(e, ProgressEvent::Step { .. }))
+        .collect();
+    assert_eq!(steps.len(), 6);
+    if let ProgressEvent::Step {
+        step,
+        total,
+        losses,
+        ..
+    } = steps[5]
+    {
+        assert_eq!((*step, *total, losses.len()), (6, 6, 3));
+    }
+
+    let video = art.video.expect("video");
+    let bytes = std::fs::read(&video).unwrap();
+    let size = bytes.len() as u64;
+    let reader = mp4::Mp4Reader::read_header(std::io::Cursor::new(bytes), size).unwrap();
+    let track = reader.tracks().values().next().unwrap();
+    assert_eq!(
+        (track.width(), track.height(), track.sample_count()),
+        (16, 16, 4)
+    );
+    assert_eq!(track.duration(), std::time::Duration::from_millis(800));
+
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&art.metadata).unwrap()).unwrap();
+    assert_eq!(meta["seed"], 1);
+    assert_eq!(meta["losses"].as_array().unwrap().len(), 6);
+    assert_eq!(meta["final_similarity"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        meta["models"]["clip"][0]["sha256"].as_str().unwrap().len(),
+        64
+    );
+
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&art.image).unwrap(),
+    ));
+    let reader = decoder.read_info().unwrap();
+    let text: Vec<(&str, &str)> = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.as_str(), t.text.as_str()))
+        .collect();
+    assert!(text.contains(&("seed", "1")));
+    assert!(text
+        .iter()
+        .any(|(k, v)| *k == "prompts" && v.contains("banana temple")));
+    assert!(text
+        .iter()
+        .any(|(k, v)| *k == "software" && v.starts_with("vqclip ")));
+}
