@@ -431,3 +431,26 @@ fn real_size_architectures_request_exactly_the_upstream_tensors() {
         &[],
     );
 }
+
+#[test]
+fn half_precision_weights_stay_close_to_f32() {
+    // Norms and softmax accumulate in f32 inside the seam. (candle's CPU matmul has no bf16,
+    // so bf16 is checked only where a GPU runs it.)
+    let t = reference_tensors();
+    let dtype = DType::F16;
+    let clip = Clip::load_with_dtype(&fixtures().join("clip-tiny"), dtype, &Device::Cpu).unwrap();
+    let pixels = t["clip_pixel_values"].to_dtype(dtype).unwrap();
+    let err = relative_error(
+        &clip.encode_image(&pixels).unwrap(),
+        &t["clip_image_embeds"],
+    );
+    assert!(err < 1e-2, "f16 CLIP image: {err}");
+    let ids = t["clip_text_ids"].to_dtype(DType::U32).unwrap();
+    let err = relative_error(&clip.encode_text(&ids).unwrap(), &t["clip_text_embeds"]);
+    assert!(err < 1e-2, "f16 CLIP text: {err}");
+
+    let vq = Vqgan::load_with_dtype(&fixtures().join("vqgan-tiny"), dtype, &Device::Cpu).unwrap();
+    let z_q = t["vqgan_z_q"].to_dtype(dtype).unwrap();
+    let err = relative_error(&vq.decode(&z_q).unwrap(), &t["vqgan_decoded"]);
+    assert!(err < 1e-2, "f16 VQGAN decode: {err}");
+}
