@@ -604,3 +604,69 @@ async fn operations_endpoints() {
     assert!(spec.starts_with("openapi: 3."));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn cors_headers_only_for_configured_origins() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = TestServer::start(test_config(dir.path(), 0)).await;
+    let r = plain
+        .client
+        .get(plain.url("/healthz"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    plain.stop().await;
+
+    let mut config = test_config(dir.path(), 0);
+    config.server.cors_allowed_origins = vec!["https://app.example".into()];
+    let s = TestServer::start(config).await;
+    let r = s
+        .client
+        .get(s.url("/healthz"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let r = s
+        .client
+        .get(s.url("/healthz"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn sse_sends_keep_alives_while_nothing_happens() {
+    use futures::StreamExt;
+    let (_d, s) = server().await;
+    let job = s.submit(&tiny_spec("waiting for a worker", 4)).await;
+    let id = job["id"].as_str().unwrap();
+    let r = s
+        .client
+        .get(s.url(&format!("/v1/jobs/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !seen.contains(": keep-alive") {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("a keep-alive within the interval")
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains("event: state"), "{seen}");
+    s.stop().await;
+}

@@ -252,3 +252,87 @@ clip = ["{clip}"]
     let status = second.child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test]
+async fn separate_worker_process_and_migrate_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/vqclip.db", dir.path().display());
+    let bin = env!("CARGO_BIN_EXE_vqclip");
+    let migrated = Command::new(bin)
+        .args(["migrate", "--database-url", &db])
+        .env("VQCLIP_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{migrated:?}");
+    assert!(dir.path().join("vqclip.db").is_file());
+
+    let refused = Command::new(bin)
+        .args(["worker", "--database-url", &db, "--device", "cuda:0"])
+        .env("VQCLIP_LOG", "warn")
+        .output()
+        .unwrap();
+    if !cfg!(feature = "cuda") {
+        assert!(!refused.status.success());
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            err.contains("cuda:0") && err.contains("without CUDA"),
+            "{err}"
+        );
+    }
+
+    let config = dir.path().join("vqclip.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n[database]\nurl = \"{db}\"\n\
+             [storage]\nartifact_dir = \"{d}/artifacts\"\n\
+             [workers]\ncount = 0\nheartbeat_seconds = 1\npoll_interval_ms = 100\n\
+             [models]\nvqgan = \"{v}\"\nclip = [\"{c}\"]\n",
+            d = dir.path().display(),
+            v = fixture("vqgan-tiny").display(),
+            c = fixture("clip-tiny").display(),
+        ),
+    )
+    .unwrap();
+    // The API alone is not ready: no worker anywhere.
+    let mut api = spawn_server(&config);
+    let client = reqwest::Client::new();
+    let ready = client
+        .get(format!("{}/readyz", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let job: Value = client
+        .post(format!("{}/v1/jobs", api.base))
+        .json(&tiny_spec("in another process", 3))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let mut worker = Command::new(bin)
+        .args(["worker", "--config"])
+        .arg(&config)
+        .args(["--workers", "1"])
+        .env("VQCLIP_LOG", "warn")
+        .spawn()
+        .unwrap();
+    // Events written by the other process reach this SSE stream through the database.
+    let events = all_events(&client, &api.base, &id).await;
+    assert_eq!(events.last().unwrap().event, "completed");
+    let ready = client
+        .get(format!("{}/readyz", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    unsafe {
+        libc::kill(worker.id() as i32, libc::SIGTERM);
+        libc::kill(api.child.id() as i32, libc::SIGTERM);
+    }
+    assert!(worker.wait().unwrap().success());
+    assert!(api.child.wait().unwrap().success());
+}

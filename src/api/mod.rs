@@ -124,6 +124,13 @@ pub fn router(state: AppState) -> Router {
             track_requests,
         ))
         .layer(cors(&state.config.server.cors_allowed_origins))
+        // Server faults are logged where they happen (ApiError::internal); a 503 from
+        // /readyz is an answer, not an error, so failures log at debug here.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
 }
@@ -176,16 +183,19 @@ async fn track_requests(State(state): State<AppState>, request: Request, next: N
     response
 }
 
-fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+/// No origins configured: no CORS layer at all, so responses carry no CORS headers.
+fn cors(
+    origins: &[String],
+) -> tower::util::Either<tower_http::cors::CorsLayer, tower::layer::util::Identity> {
     use tower_http::cors::{AllowOrigin, Any, CorsLayer};
     if origins.is_empty() {
-        return CorsLayer::new();
+        return tower::util::option_layer(None);
     }
     let layer = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST, Method::DELETE])
         .allow_headers(Any)
         .expose_headers(Any);
-    if origins.iter().any(|o| o == "*") {
+    let layer = if origins.iter().any(|o| o == "*") {
         layer.allow_origin(Any)
     } else {
         let list: Vec<HeaderValue> = origins
@@ -193,5 +203,6 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
             .filter_map(|o| HeaderValue::from_str(o).ok())
             .collect();
         layer.allow_origin(AllowOrigin::list(list))
-    }
+    };
+    tower::util::option_layer(Some(layer))
 }

@@ -138,6 +138,11 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
         let store = open_store(&config).await?;
         let artifacts = ArtifactStore::open(&config.storage.artifact_dir)?;
         let metrics = Arc::new(Metrics::default());
+        // Bound before the workers start, so a busy port fails before any job is claimed.
+        let listener = tokio::net::TcpListener::bind(config.server.bind)
+            .await
+            .with_context(|| format!("listening on {}", config.server.bind))?;
+        let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         watch_signals(shutdown.clone());
         let pool = start_workers(
@@ -147,10 +152,6 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             metrics.clone(),
             shutdown.clone(),
         )?;
-        let listener = tokio::net::TcpListener::bind(config.server.bind)
-            .await
-            .with_context(|| format!("listening on {}", config.server.bind))?;
-        let addr = listener.local_addr()?;
         println!("vqclip listening on http://{addr}");
         tracing::info!(
             "{} worker(s) on {:?}; database {}; artifacts in {}",
@@ -184,6 +185,11 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     )?;
+    if config.workers.worker_devices().is_empty() {
+        anyhow::bail!(
+            "no workers configured; pass --workers N or set workers.count / workers.devices"
+        );
+    }
     runtime()?.block_on(async move {
         let store = open_store(&config).await?;
         let artifacts = ArtifactStore::open(&config.storage.artifact_dir)?;

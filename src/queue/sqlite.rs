@@ -30,6 +30,9 @@ const CLAIM_SQL: &str = "UPDATE jobs SET state = 'running', attempts = attempts 
     AND state = 'queued' \
     RETURNING ";
 
+/// A worker row this old belongs to a dead process.
+const STALE_WORKER_MS: i64 = 3_600_000;
+
 /// Restricts a query to the jobs a [`Scope`] may see; binds `all` then `owner`.
 const SCOPE_SQL: &str = "(?1 OR owner_key_id IS ?2)";
 
@@ -544,6 +547,11 @@ impl SqliteStore {
                 attempts: attempts as u32,
             });
         }
+        // Workers that vanished without saying goodbye (SIGKILL) leave rows behind.
+        sqlx::query("DELETE FROM workers WHERE heartbeat_at < ?")
+            .bind(now - STALE_WORKER_MS)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         for event in &events {
             self.notify(event);

@@ -172,6 +172,8 @@ pub fn tiny_spec(prompt: &str, steps: u32) -> Value {
         "cutn": 2,
         "save_every": 2,
         "seed": 7,
+        // Augmentations are the render's business; they only slow these tests down.
+        "augments": [],
     })
 }
 
