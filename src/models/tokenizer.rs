@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
@@ -33,10 +34,11 @@ pub struct Tokenized {
 }
 
 /// A byte-level BPE tokenizer with CLIP's cleaning, split pattern and special tokens.
+/// Cloning is cheap: the tables are shared.
 #[derive(Debug, Clone)]
 pub struct ClipTokenizer {
-    vocab: HashMap<String, u32>,
-    merge_ranks: HashMap<(String, String), u32>,
+    vocab: Arc<HashMap<String, u32>>,
+    merge_ranks: Arc<HashMap<(String, String), u32>>,
     byte_chars: [char; 256],
     pattern: Regex,
     start_id: u32,
@@ -63,8 +65,16 @@ fn byte_chars() -> [char; 256] {
 }
 
 impl ClipTokenizer {
-    /// The OpenAI vocabulary shipped inside the binary.
+    /// The OpenAI vocabulary shipped inside the binary, parsed once per process.
     pub fn bundled() -> Result<Self, ModelError> {
+        static BUNDLED: OnceLock<Result<ClipTokenizer, String>> = OnceLock::new();
+        BUNDLED
+            .get_or_init(|| Self::parse_bundled().map_err(|e| e.to_string()))
+            .clone()
+            .map_err(ModelError::Tokenizer)
+    }
+
+    fn parse_bundled() -> Result<Self, ModelError> {
         let mut text = String::new();
         flate2::read::GzDecoder::new(BUNDLED_BPE)
             .read_to_string(&mut text)
@@ -139,8 +149,8 @@ impl ClipTokenizer {
         )
         .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(Self {
-            vocab,
-            merge_ranks,
+            vocab: Arc::new(vocab),
+            merge_ranks: Arc::new(merge_ranks),
             byte_chars: byte_chars(),
             pattern,
             start_id,
