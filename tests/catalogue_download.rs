@@ -4,7 +4,7 @@
 mod catalogue_support;
 
 use catalogue_support::{content, sha256_hex, ServedFile, TestServer};
-use vqclip::models::catalogue::{self, CatalogueError, ModelCache};
+use vqclip::models::catalogue::{self, CatalogueError, ModelCache, ModelKind};
 use vqclip::models::download::{self, DownloadError, RemoteFile};
 
 const B32: &str = "/openai/clip-vit-base-patch32/resolve/refs%2Fpr%2F15";
@@ -99,8 +99,8 @@ fn an_interrupted_download_resumes_with_range() {
         "/files/last.ckpt",
         ServedFile {
             bytes: data.clone(),
-            linked_sha256: None,
             cut_first_response_at: Some(70_000),
+            ..ServedFile::default()
         },
     );
     let tmp = tempfile::tempdir().unwrap();
@@ -130,7 +130,7 @@ fn an_interrupted_download_resumes_with_range() {
     let fetched = download::fetch_blocking(&remote, &dest).unwrap();
     assert_eq!(fetched.resumed_from, kept);
     assert_eq!(std::fs::read(&dest).unwrap(), data);
-    assert_eq!(fetched.sha256, sha256_hex(&data));
+    assert_eq!(fetched.sha256, Some(sha256_hex(&data)));
     let last = server.requests().last().cloned().unwrap();
     assert_eq!(
         last.range.as_deref(),
@@ -195,7 +195,7 @@ fn offline_mode_names_the_missing_file_and_where_to_put_it() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("config.json"), b"{}").unwrap();
 
-    let err = catalogue::resolve_clip("ViT-B/32", &cache).unwrap_err();
+    let err = catalogue::resolve("ViT-B/32", ModelKind::Clip, &cache).unwrap_err();
     let CatalogueError::Offline { missing, .. } = &err else {
         panic!("expected the offline error, got {err}");
     };
@@ -249,6 +249,49 @@ fn a_local_path_is_used_as_it_is() {
         tmp.path()
     );
     let missing = tmp.path().join("nope.ckpt");
-    let err = catalogue::resolve_vqgan(missing.to_str().unwrap(), &cache).unwrap_err();
+    let err = catalogue::resolve(missing.to_str().unwrap(), ModelKind::Vqgan, &cache).unwrap_err();
     assert!(matches!(err, CatalogueError::PathNotFound(_)), "{err}");
+}
+
+#[test]
+fn concurrent_fetches_of_one_file_download_it_once() {
+    let server = TestServer::start();
+    let data = content(500_000, 7);
+    server.put("/files/shared.ckpt", ServedFile::plain(data.clone()));
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("shared.ckpt");
+    let remote = RemoteFile::new(server.url("/files/shared.ckpt").parse().unwrap());
+
+    let results: Vec<_> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| download::fetch_blocking(&remote, &dest)))
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for r in &results {
+        assert_eq!(r.as_ref().unwrap().path, dest);
+    }
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(server.requests().len(), 1, "{:?}", server.requests());
+}
+
+#[test]
+fn a_redirect_to_plain_http_off_loopback_is_refused() {
+    let server = TestServer::start();
+    let file = ServedFile {
+        redirect_to: Some("http://198.51.100.7/last.ckpt".to_owned()),
+        ..ServedFile::default()
+    };
+    server.put("/files/moved.ckpt", file);
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("moved.ckpt");
+    let remote = RemoteFile::new(server.url("/files/moved.ckpt").parse().unwrap());
+
+    let err = download::fetch_blocking(&remote, &dest).unwrap_err();
+    assert!(matches!(err, DownloadError::InsecureUrl { .. }), "{err}");
+    assert!(
+        err.to_string().contains("http://198.51.100.7/last.ckpt"),
+        "{err}"
+    );
+    assert!(!dest.exists());
 }

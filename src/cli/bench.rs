@@ -1,8 +1,377 @@
-//! `vqclip bench`. Owned by the bench work; replaced as it lands.
+//! `vqclip bench`: times the render step on the real architectures with random weights
+//! (or on real weights when given a path), so the numbers compare with the PyTorch
+//! baseline in `bench/pytorch/` without any download.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use serde::Serialize;
+
+use vqclip::models::catalogue::{self, ModelCache};
+use vqclip::models::{Clip, ClipConfig, Vqgan, VqganConfig};
+use vqclip::render::{JobSpec, ModelIdentities, ModelIdentity, ModelSet, RenderJob, RenderSession};
 
 #[derive(clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Image side in pixels (square; a multiple of 16).
+    #[arg(long, default_value_t = 512)]
+    size: u32,
+    #[arg(long, default_value_t = 32)]
+    cutn: u32,
+    /// Timed steps; the median is reported.
+    #[arg(long, default_value_t = 30)]
+    steps: u32,
+    /// Untimed steps first: the first use of each kernel module costs seconds on a GPU.
+    #[arg(long, default_value_t = 5)]
+    warmup: u32,
+    /// Jobs stepped together; reported as job-steps/s.
+    #[arg(long, default_value_t = 1)]
+    batch: u32,
+    /// f32, or tf32 (CUDA matmuls in reduced precision). bf16 is not implemented yet.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
+    /// Comma-separated augment codes (generate.py's), empty for none.
+    #[arg(long, default_value = "Af,Pe,Ji,Er")]
+    augments: String,
+    /// cutout method: latest | original
+    #[arg(long, default_value = "latest")]
+    cut_method: String,
+    /// A catalogue CLIP name (random weights of that architecture) or a model directory.
+    #[arg(long, default_value = "ViT-B/32")]
+    clip: String,
+    /// A catalogue VQGAN name (random weights of that architecture) or a checkpoint path.
+    #[arg(long, default_value = "vqgan_imagenet_f16_16384")]
+    vqgan: String,
+    /// cpu | cuda:N | auto
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
 
-pub fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`vqclip bench` is not built yet")
+#[derive(Clone, Copy, Debug, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Precision {
+    F32,
+    Tf32,
+    Bf16,
+}
+
+#[derive(Serialize)]
+struct BenchReport {
+    implementation: &'static str,
+    version: &'static str,
+    device: String,
+    size: u32,
+    cutn: u32,
+    batch: u32,
+    precision: Precision,
+    augments: String,
+    cut_method: String,
+    clip: String,
+    vqgan: String,
+    steps: u32,
+    warmup: u32,
+    median_ms_per_step: f64,
+    min_ms_per_step: f64,
+    steps_per_s: f64,
+    job_steps_per_s: f64,
+    /// Peak resident memory of the process (CPU) or device memory in use (CUDA), bytes.
+    peak_memory_bytes: Option<u64>,
+    peak_memory_kind: &'static str,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let device = catalogue::parse_device(&args.device)?;
+    set_precision(args.precision, &device)?;
+    let models = load_models(&args.clip, &args.vqgan, &device)?;
+    let scratch = tempdir()?;
+    let mut jobs = Vec::with_capacity(args.batch as usize);
+    for b in 0..args.batch {
+        let spec = bench_spec(&args, u64::from(b))?;
+        jobs.push(RenderJob::new(spec, scratch.join(format!("job{b}"))));
+    }
+    let mut sessions = jobs
+        .iter()
+        .map(|job| RenderSession::new(job, &models))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut step_all = || -> Result<()> {
+        for session in sessions.iter_mut() {
+            session.step()?;
+        }
+        // A step is finished only once the device is idle again.
+        device.synchronize()?;
+        Ok(())
+    };
+    for _ in 0..args.warmup {
+        step_all()?;
+    }
+    let mut times = Vec::with_capacity(args.steps as usize);
+    for _ in 0..args.steps {
+        let t0 = Instant::now();
+        step_all()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    if times.is_empty() {
+        bail!("--steps must be at least 1");
+    }
+    times.sort_by(f64::total_cmp);
+    let median = median_sorted(&times);
+    let (peak, kind) = peak_memory(&device);
+    let report = BenchReport {
+        implementation: "vqclip",
+        version: env!("CARGO_PKG_VERSION"),
+        device: describe(&device),
+        size: args.size,
+        cutn: args.cutn,
+        batch: args.batch,
+        precision: args.precision,
+        augments: args.augments.clone(),
+        cut_method: args.cut_method.clone(),
+        clip: args.clip.clone(),
+        vqgan: args.vqgan.clone(),
+        steps: args.steps,
+        warmup: args.warmup,
+        median_ms_per_step: median,
+        min_ms_per_step: times[0],
+        steps_per_s: 1e3 / median,
+        job_steps_per_s: 1e3 * f64::from(args.batch) / median,
+        peak_memory_bytes: peak,
+        peak_memory_kind: kind,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn median_sorted(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+fn bench_spec(args: &BenchArgs, seed: u64) -> Result<JobSpec> {
+    let augments: Vec<&str> = args.augments.split(',').filter(|s| !s.is_empty()).collect();
+    let spec = serde_json::json!({
+        "prompts": "a wooden banana temple in an underwater kingdom | trending on artstation",
+        "width": args.size,
+        "height": args.size,
+        "steps": args.warmup + args.steps,
+        "seed": seed,
+        "cutn": args.cutn,
+        "cut_method": args.cut_method,
+        "augments": augments,
+        "models": { "vqgan": args.vqgan, "clip": [args.clip] },
+    });
+    serde_json::from_value(spec).context("building the bench job spec")
+}
+
+#[cfg(feature = "cuda")]
+fn set_precision(p: Precision, device: &Device) -> Result<()> {
+    match p {
+        Precision::F32 => candle_core::cuda::set_gemm_reduced_precision_f32(false),
+        Precision::Tf32 if device.is_cuda() => {
+            candle_core::cuda::set_gemm_reduced_precision_f32(true)
+        }
+        Precision::Tf32 => bail!("--precision tf32 needs a CUDA device"),
+        Precision::Bf16 => bail!("--precision bf16 is not implemented yet; use f32 or tf32"),
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn set_precision(p: Precision, _device: &Device) -> Result<()> {
+    match p {
+        Precision::F32 => Ok(()),
+        Precision::Tf32 => bail!("--precision tf32 needs a CUDA build (--features cuda)"),
+        Precision::Bf16 => bail!("--precision bf16 is not implemented yet; use f32"),
+    }
+}
+
+/// Real weights for a path, random weights of the named architecture otherwise.
+fn load_models(clip: &str, vqgan: &str, device: &Device) -> Result<ModelSet> {
+    let (clip_model, clip_id) = if Path::new(clip).exists() {
+        let cache = ModelCache::from_env();
+        (
+            catalogue::load_clip(clip, &cache, device)?,
+            clip.to_string(),
+        )
+    } else {
+        let cfg = clip_architecture(clip)?;
+        let vb = random_weights(device);
+        (Clip::new(vb, &cfg)?, format!("{clip} (random weights)"))
+    };
+    let (vqgan_model, vqgan_id) = if Path::new(vqgan).exists() {
+        let cache = ModelCache::from_env();
+        (
+            catalogue::load_vqgan(vqgan, &cache, device)?,
+            vqgan.to_string(),
+        )
+    } else {
+        let cfg = vqgan_architecture(vqgan)?;
+        (
+            Vqgan::new(random_weights(device), &cfg)?,
+            format!("{vqgan} (random weights)"),
+        )
+    };
+    // Random weights have no file to hash; the bench reports only what it ran.
+    let identity = |name: String| ModelIdentity {
+        name,
+        sha256: String::new(),
+        path: PathBuf::new(),
+    };
+    Ok(ModelSet::from_loaded(
+        vqgan_model,
+        vec![clip_model],
+        ModelIdentities {
+            vqgan: identity(vqgan_id),
+            clip: vec![identity(clip_id)],
+        },
+    ))
+}
+
+fn clip_architecture(name: &str) -> Result<ClipConfig> {
+    let json = match name {
+        "ViT-B/32" => include_str!("../models/data/configs/clip-vit-base-patch32.json"),
+        "ViT-B/16" => include_str!("../models/data/configs/clip-vit-base-patch16.json"),
+        "ViT-L/14" => include_str!("../models/data/configs/clip-vit-large-patch14.json"),
+        "ViT-L/14@336px" => include_str!("../models/data/configs/clip-vit-large-patch14-336.json"),
+        other => bail!(
+            "unknown CLIP architecture {other:?}: use ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px or a model directory"
+        ),
+    };
+    ClipConfig::from_json_str(json).map_err(anyhow::Error::msg)
+}
+
+fn vqgan_architecture(name: &str) -> Result<VqganConfig> {
+    // The imagenet and wikiart f16 models share one architecture; only the codebook size differs.
+    let n_embed = match name {
+        "vqgan_imagenet_f16_16384" | "wikiart_16384" => 16384,
+        "vqgan_imagenet_f16_1024" => 1024,
+        other => bail!(
+            "unknown VQGAN architecture {other:?}: use vqgan_imagenet_f16_16384, vqgan_imagenet_f16_1024, wikiart_16384 or a checkpoint path"
+        ),
+    };
+    let yaml = format!(
+        "model:\n  params:\n    embed_dim: 256\n    n_embed: {n_embed}\n    ddconfig:\n      double_z: false\n      z_channels: 256\n      resolution: 256\n      in_channels: 3\n      out_ch: 3\n      ch: 128\n      ch_mult: [1, 1, 2, 2, 4]\n      num_res_blocks: 2\n      attn_resolutions: [16]\n      dropout: 0.0\n"
+    );
+    VqganConfig::from_yaml_str(&yaml).map_err(anyhow::Error::msg)
+}
+
+/// Weights drawn from N(0, 0.02²), like a freshly initialised transformer, with norm
+/// scales at one so activations keep a sensible range through deep stacks.
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        let is_norm = name.contains("norm") || name.contains("layrnorm");
+        let t = if is_norm && leaf == "weight" {
+            Tensor::ones(s, DType::F32, dev)?
+        } else {
+            Tensor::randn(0f32, 0.02, s, dev)?
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+fn random_weights(device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone())
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("vqclip-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn describe(device: &Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        Device::Cuda(_) => "cuda".to_string(),
+        Device::Metal(_) => "metal".to_string(),
+    }
+}
+
+/// CPU: the process's peak resident set (VmHWM). CUDA: memory in use on the device
+/// after the timed steps (candle keeps no allocator statistics).
+fn peak_memory(device: &Device) -> (Option<u64>, &'static str) {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => {
+            let used = dev
+                .cuda_stream()
+                .context()
+                .mem_get_info()
+                .ok()
+                .map(|(free, total)| (total - free) as u64);
+            (used, "device memory in use")
+        }
+        _ => (vm_hwm(), "process peak RSS (VmHWM)"),
+    }
+}
+
+fn vm_hwm() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn print_table(r: &BenchReport) {
+    println!("vqclip bench  {} on {}", r.version, r.device);
+    println!(
+        "  models      {} + {}\n  size        {}x{}   cutn {}   batch {}   precision {:?}   augments {}   cutouts {}",
+        r.vqgan, r.clip, r.size, r.size, r.cutn, r.batch, r.precision, r.augments, r.cut_method
+    );
+    println!("  steps       {} timed after {} warm-up", r.steps, r.warmup);
+    println!(
+        "  median      {:.1} ms/step   (min {:.1})",
+        r.median_ms_per_step, r.min_ms_per_step
+    );
+    println!(
+        "  throughput  {:.2} steps/s   {:.2} job-steps/s",
+        r.steps_per_s, r.job_steps_per_s
+    );
+    match r.peak_memory_bytes {
+        Some(b) => println!(
+            "  memory      {:.2} GiB ({})",
+            b as f64 / (1u64 << 30) as f64,
+            r.peak_memory_kind
+        ),
+        None => println!("  memory      unknown"),
+    }
 }

@@ -1,18 +1,213 @@
-//! `vqclip serve | worker | migrate`. Owned by the service work; replaced as it lands.
+//! `vqclip serve | worker | migrate`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use vqclip::api::{self, AppState};
+use vqclip::config::{Config, Overrides};
+use vqclip::queue::{JobStore, Metrics, SqliteStore};
+use vqclip::storage::ArtifactStore;
+use vqclip::worker::{WorkerContext, WorkerPool};
 
 #[derive(clap::Args)]
-pub struct ServeArgs {}
-#[derive(clap::Args)]
-pub struct WorkerArgs {}
-#[derive(clap::Args)]
-pub struct MigrateArgs {}
+pub struct CommonArgs {
+    /// A TOML file layered over the defaults (config/default.toml documents every setting).
+    #[arg(long, env = "VQCLIP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Database URL, e.g. sqlite://data/vqclip.db [database.url].
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Directory for artifacts and uploads [storage.artifact_dir].
+    #[arg(long)]
+    artifact_dir: Option<PathBuf>,
+}
 
-pub fn serve(_a: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`vqclip serve` is not built yet")
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Address to listen on, e.g. 127.0.0.1:8080 [server.bind].
+    #[arg(long)]
+    bind: Option<std::net::SocketAddr>,
+    /// Number of workers in this process; 0 serves the API only [workers.count].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Device of every worker: cpu or cuda:N [workers.device].
+    #[arg(long)]
+    device: Option<String>,
 }
-pub fn worker(_a: WorkerArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`vqclip worker` is not built yet")
+
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Number of workers [workers.count].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Device of every worker: cpu or cuda:N [workers.device].
+    #[arg(long)]
+    device: Option<String>,
 }
-pub fn migrate(_a: MigrateArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`vqclip migrate` is not built yet")
+
+#[derive(clap::Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn load_config(common: &CommonArgs, mut overrides: Overrides) -> anyhow::Result<Config> {
+    overrides.database_url = common.database_url.clone();
+    overrides.artifact_dir = common.artifact_dir.clone();
+    Ok(Config::load(common.config.as_deref(), &overrides)?)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
+    let db = &config.database;
+    let store = SqliteStore::connect(
+        &db.url,
+        std::time::Duration::from_millis(db.busy_timeout_ms),
+        db.max_connections,
+    )
+    .await
+    .with_context(|| format!("opening the database {}", db.url))?;
+    Ok(Arc::new(store))
+}
+
+/// The first SIGINT/SIGTERM asks for a graceful stop; a second one exits at once.
+fn watch_signals(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot listen for SIGTERM: {e}");
+                    return;
+                }
+            };
+        for round in 0..2 {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if round == 0 {
+                tracing::info!("shutting down: no new jobs; running jobs checkpoint and return to the queue (signal again to exit at once)");
+                shutdown.cancel();
+            } else {
+                tracing::warn!("second signal: exiting without waiting");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+fn start_workers(
+    config: &Config,
+    store: Arc<SqliteStore>,
+    artifacts: ArtifactStore,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<WorkerPool> {
+    let ctx = WorkerContext::new(store, artifacts, metrics, config);
+    Ok(WorkerPool::start(
+        ctx,
+        &config.workers.worker_devices(),
+        shutdown,
+    )?)
+}
+
+pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(
+        &a.common,
+        Overrides {
+            bind: a.bind,
+            workers: a.workers,
+            device: a.device,
+            ..Default::default()
+        },
+    )?;
+    runtime()?.block_on(async move {
+        let store = open_store(&config).await?;
+        let artifacts = ArtifactStore::open(&config.storage.artifact_dir)?;
+        let metrics = Arc::new(Metrics::default());
+        let shutdown = CancellationToken::new();
+        watch_signals(shutdown.clone());
+        let pool = start_workers(
+            &config,
+            store.clone(),
+            artifacts.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )?;
+        let listener = tokio::net::TcpListener::bind(config.server.bind)
+            .await
+            .with_context(|| format!("listening on {}", config.server.bind))?;
+        let addr = listener.local_addr()?;
+        println!("vqclip listening on http://{addr}");
+        tracing::info!(
+            "{} worker(s) on {:?}; database {}; artifacts in {}",
+            config.workers.worker_devices().len(),
+            config.workers.worker_devices(),
+            config.database.url,
+            config.storage.artifact_dir.display()
+        );
+        let state = AppState {
+            store: store.clone() as Arc<dyn JobStore>,
+            artifacts,
+            config: Arc::new(config),
+            metrics,
+            shutdown: shutdown.clone(),
+        };
+        api::serve(listener, state).await?;
+        shutdown.cancel();
+        pool.join().await;
+        store.pool().close().await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    let config = load_config(
+        &a.common,
+        Overrides {
+            workers: a.workers,
+            device: a.device,
+            ..Default::default()
+        },
+    )?;
+    runtime()?.block_on(async move {
+        let store = open_store(&config).await?;
+        let artifacts = ArtifactStore::open(&config.storage.artifact_dir)?;
+        let shutdown = CancellationToken::new();
+        watch_signals(shutdown.clone());
+        let pool = start_workers(
+            &config,
+            store.clone(),
+            artifacts,
+            Arc::new(Metrics::default()),
+            shutdown,
+        )?;
+        pool.join().await;
+        store.pool().close().await;
+        Ok(())
+    })
+}
+
+pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
+    let config = load_config(&a.common, Overrides::default())?;
+    runtime()?.block_on(async move {
+        let store = open_store(&config).await?;
+        store.pool().close().await;
+        println!("database {} is migrated", config.database.url);
+        Ok(())
+    })
 }

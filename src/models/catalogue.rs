@@ -8,9 +8,11 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use candle_core::Device;
 use url::Url;
 
 use super::download::{self, DownloadError, RemoteFile};
+use super::{Clip, ModelError, Vqgan};
 
 /// What a catalogue entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,6 +320,8 @@ pub enum CatalogueError {
     Download {
         model: String,
         file: String,
+        /// Where the file was to go.
+        path: PathBuf,
         attempts: Vec<(String, DownloadError)>,
     },
     #[error("the Hugging Face hub client could not be set up: {0}")]
@@ -536,14 +540,76 @@ fn looks_like_path(spec: &str) -> bool {
 
 /// A CLIP name or path to a local path `Clip::load` accepts (a HF directory or a
 /// file in it). Downloads a missing model unless the cache is offline.
-pub fn resolve_clip(spec: &str, cache: &ModelCache) -> Result<PathBuf, CatalogueError> {
-    resolve(spec, ModelKind::Clip, cache)
+pub fn resolve_clip(spec: &str, cache: &ModelCache) -> Result<PathBuf, ModelError> {
+    Ok(resolve(spec, ModelKind::Clip, cache)?)
 }
 
 /// A VQGAN name or path to a local path `Vqgan::load` accepts (a checkpoint with
 /// `model.yaml` beside it, or a directory holding both).
-pub fn resolve_vqgan(spec: &str, cache: &ModelCache) -> Result<PathBuf, CatalogueError> {
-    resolve(spec, ModelKind::Vqgan, cache)
+pub fn resolve_vqgan(spec: &str, cache: &ModelCache) -> Result<PathBuf, ModelError> {
+    Ok(resolve(spec, ModelKind::Vqgan, cache)?)
+}
+
+/// Resolves `spec` (name or path) and loads the CLIP model on `device`: the one
+/// call the CLI tools, `render` and the workers share.
+pub fn load_clip(spec: &str, cache: &ModelCache, device: &Device) -> Result<Clip, ModelError> {
+    Clip::load(&resolve_clip(spec, cache)?, device)
+}
+
+/// Resolves `spec` (name or path) and loads the VQGAN on `device`.
+pub fn load_vqgan(spec: &str, cache: &ModelCache, device: &Device) -> Result<Vqgan, ModelError> {
+    Vqgan::load(&resolve_vqgan(spec, cache)?, device)
+}
+
+/// A device from `cpu`, `cuda`, `cuda:N` or `auto` (the first GPU when this build
+/// has CUDA and one is present, else the CPU).
+pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
+    let spec = spec.trim().to_ascii_lowercase();
+    let cuda = |ordinal: usize| {
+        if !candle_core::utils::cuda_is_available() {
+            return Err(ModelError::Input(format!(
+                "--device {spec}: this vqclip was built without CUDA; use --device cpu, or rebuild with `cargo build --release --features cuda`"
+            )));
+        }
+        Device::new_cuda(ordinal).map_err(|e| {
+            ModelError::Input(format!(
+                "--device {spec}: cannot open CUDA device {ordinal}: {e}"
+            ))
+        })
+    };
+    match spec.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "auto" if candle_core::utils::cuda_is_available() => cuda(0),
+        "auto" => Ok(Device::Cpu),
+        "cuda" | "gpu" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => cuda(n),
+            _ => Err(ModelError::Input(format!(
+                "unknown device {spec:?}: use cpu, cuda:N (e.g. cuda:0) or auto"
+            ))),
+        },
+    }
+}
+
+impl From<CatalogueError> for ModelError {
+    fn from(err: CatalogueError) -> Self {
+        match err {
+            CatalogueError::PathNotFound(path) => ModelError::Missing {
+                path,
+                hint: "It is neither an existing path nor a catalogue name (`vqclip models list`)."
+                    .into(),
+            },
+            CatalogueError::Offline { ref missing, .. } => ModelError::Missing {
+                path: missing.first().map(|m| m.path.clone()).unwrap_or_default(),
+                hint: err.to_string(),
+            },
+            CatalogueError::Download { ref path, .. } => ModelError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(err),
+            },
+            other => ModelError::Input(other.to_string()),
+        }
+    }
 }
 
 /// Resolves a name or a path. A cached model is returned without any network request.
@@ -694,7 +760,7 @@ fn fetch_artifacts(
                         tracing::info!(
                             model = entry.name,
                             file = %fetched.path.display(),
-                            sha256 = %fetched.sha256,
+                            sha256 = fetched.sha256.as_deref().unwrap_or("(already present)"),
                             "model file ready"
                         );
                         done = true;
@@ -717,6 +783,7 @@ fn fetch_artifacts(
             return Err(CatalogueError::Download {
                 model: entry.name.to_owned(),
                 file: artifact.candidates[0].local_name.to_owned(),
+                path: dir.join(artifact.candidates[0].local_name),
                 attempts,
             });
         }
@@ -787,13 +854,13 @@ mod tests {
     #[test]
     fn wrong_kind_and_unknown_names_are_explained() {
         let cache = ModelCache::new("/nonexistent-cache").with_offline(true);
-        let err = resolve_clip("vqgan_imagenet_f16_16384", &cache).unwrap_err();
+        let err = resolve("vqgan_imagenet_f16_16384", ModelKind::Clip, &cache).unwrap_err();
         assert!(matches!(err, CatalogueError::WrongKind { .. }), "{err}");
         let err = resolve_vqgan("imagenet-mystery", &cache).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("unknown VQGAN model"), "{msg}");
         assert!(msg.contains("wikiart_16384"), "{msg}");
-        let err = resolve_vqgan("./missing/model.ckpt", &cache).unwrap_err();
+        let err = resolve("./missing/model.ckpt", ModelKind::Vqgan, &cache).unwrap_err();
         assert!(matches!(err, CatalogueError::PathNotFound(_)), "{err}");
     }
 }

@@ -96,7 +96,9 @@ fn resume_hint(partial: &Option<PathBuf>) -> String {
 #[derive(Debug, Clone)]
 pub struct Fetched {
     pub path: PathBuf,
-    pub sha256: String,
+    /// The sha256 of what was downloaded; `None` when the file was already there
+    /// (it is not re-hashed on every use).
+    pub sha256: Option<String>,
     pub bytes: u64,
     /// Bytes that were already on disk from an earlier, interrupted run.
     pub resumed_from: u64,
@@ -168,7 +170,7 @@ fn existing(dest: &Path) -> Result<Fetched, DownloadError> {
         .len();
     Ok(Fetched {
         path: dest.to_path_buf(),
-        sha256: String::new(),
+        sha256: None,
         bytes,
         resumed_from: bytes,
     })
@@ -293,7 +295,7 @@ pub async fn fetch(remote: &RemoteFile, dest: &Path) -> Result<Fetched, Download
     std::fs::rename(&part, dest).map_err(io(dest))?;
     Ok(Fetched {
         path: dest.to_path_buf(),
-        sha256: actual,
+        sha256: Some(actual),
         bytes: written,
         resumed_from: offset,
     })

@@ -19,3 +19,15 @@ pub use clip::{Clip, ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use error::ModelError;
 pub use tokenizer::{ClipTokenizer, Tokenized};
 pub use vqgan::{Vqgan, VqganConfig};
+
+#[cfg(test)]
+mod tests {
+    /// Models are loaded once and shared by worker threads.
+    #[test]
+    fn models_are_send_and_sync() {
+        fn shared<T: Send + Sync>() {}
+        shared::<super::Clip>();
+        shared::<super::Vqgan>();
+        shared::<super::ClipTokenizer>();
+    }
+}

@@ -91,6 +91,12 @@ impl VqganConfig {
 
     fn validate(&self) -> std::result::Result<(), String> {
         let dd = &self.ddconfig;
+        if dd.double_z {
+            // VQModel's quant_conv takes z_channels; double_z belongs to the KL autoencoders.
+            return Err(
+                "ddconfig.double_z is true, which taming's VQModel does not support".into(),
+            );
+        }
         if dd.ch_mult.is_empty() {
             return Err("ddconfig.ch_mult is empty".into());
         }
@@ -274,17 +280,12 @@ impl Encoder {
                 resample,
             });
         }
-        let z_out = if dd.double_z {
-            2 * dd.z_channels
-        } else {
-            dd.z_channels
-        };
         Ok(Self {
             conv_in,
             down,
             mid: Mid::new(vb.pp("mid"), block_in)?,
             norm_out: GroupNorm::load(vb.pp("norm_out"), NORM_GROUPS, block_in, NORM_EPS)?,
-            conv_out: Conv2d::load(vb.pp("conv_out"), block_in, z_out, 3, 1, 1)?,
+            conv_out: Conv2d::load(vb.pp("conv_out"), block_in, dd.z_channels, 3, 1, 1)?,
         })
     }
 
@@ -385,7 +386,7 @@ pub struct Vqgan {
     quant_conv: Conv2d,
     post_quant_conv: Conv2d,
     codebook: Tensor,
-    /// `||e||^2` per codebook row, in f32, precomputed for the nearest-neighbour search.
+    /// `||e||^2` per codebook row, precomputed for the nearest-neighbour search.
     codebook_sq: Tensor,
 }
 
@@ -395,21 +396,19 @@ impl Vqgan {
     pub fn new(vb: VarBuilder, cfg: &VqganConfig) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let dd = &cfg.ddconfig;
-        let z_out = if dd.double_z {
-            2 * dd.z_channels
-        } else {
-            dd.z_channels
-        };
         let codebook = vb
             .pp("quantize")
             .pp("embedding")
             .get((cfg.n_embed, cfg.embed_dim), "weight")?;
-        let codebook_sq = codebook.to_dtype(DType::F32)?.sqr()?.sum(1)?;
+        let codebook_sq = codebook
+            .to_dtype(search_dtype(codebook.dtype()))?
+            .sqr()?
+            .sum(1)?;
         Ok(Self {
             config: cfg.clone(),
             encoder: Encoder::new(vb.pp("encoder"), dd)?,
             decoder: Decoder::new(vb.pp("decoder"), dd)?,
-            quant_conv: Conv2d::load(vb.pp("quant_conv"), z_out, cfg.embed_dim, 1, 1, 0)?,
+            quant_conv: Conv2d::load(vb.pp("quant_conv"), dd.z_channels, cfg.embed_dim, 1, 1, 0)?,
             post_quant_conv: Conv2d::load(
                 vb.pp("post_quant_conv"),
                 cfg.embed_dim,
@@ -437,9 +436,7 @@ impl Vqgan {
     ) -> std::result::Result<Self, ModelError> {
         let files = VqganFiles::locate(path)?;
         let cfg = VqganConfig::from_yaml_file(&files.config)?;
-        let tensors = weights::read_tensors(&files.weights, dtype, device, &|name| {
-            !name.starts_with("loss.")
-        })?;
+        let tensors = weights::read_tensors(&files.weights, dtype, device, &is_model_tensor)?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
         Self::new(vb, &cfg).map_err(|e| weights::build_error(&files.weights, e))
     }
@@ -488,17 +485,18 @@ impl Vqgan {
         if c != self.config.embed_dim {
             candle_core::bail!("quantize needs {} channels, got {c}", self.config.embed_dim)
         }
+        let search_dtype = search_dtype(z.dtype());
         let flat = z
             .detach()
             .permute((0, 2, 3, 1))?
             .reshape((b * h * w, c))?
-            .to_dtype(DType::F32)?;
-        let codebook = self.codebook.to_dtype(DType::F32)?;
+            .to_dtype(search_dtype)?;
+        let codebook = self.codebook.to_dtype(search_dtype)?;
         // ||z - e||^2 = ||z||^2 + ||e||^2 - 2 z.e, the same expansion (and rounding) as taming.
         let dist = flat
             .sqr()?
             .sum_keepdim(1)?
-            .broadcast_add(&self.codebook_sq.unsqueeze(0)?)?
+            .broadcast_add(&self.codebook_sq.to_dtype(search_dtype)?.unsqueeze(0)?)?
             .sub(&(flat.matmul(&codebook.t()?)? * 2.0)?)?;
         let indices = dist.argmin(1)?;
         let snapped = self
@@ -528,6 +526,20 @@ impl Vqgan {
             candle_core::bail!("decode needs {} channels, got {c}", self.config.embed_dim)
         }
         self.decoder.forward(&self.post_quant_conv.forward(z_q)?)
+    }
+}
+
+/// Whether a checkpoint tensor belongs to the VQGAN itself: taming checkpoints also hold the
+/// training losses' weights (`loss.discriminator.*`, `loss.perceptual_loss.*`), never needed.
+pub fn is_model_tensor(name: &str) -> bool {
+    !name.starts_with("loss.")
+}
+
+/// The dtype of the nearest-codebook search: half precision would blur near-ties.
+fn search_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
     }
 }
 
@@ -681,6 +693,9 @@ mod tests {
         );
         let err = VqganConfig::from_yaml_str(&gumbel).unwrap_err();
         assert!(err.contains("GumbelVQ"), "{err}");
+        let kl = F16_16384.replace("double_z: false", "double_z: true");
+        let err = VqganConfig::from_yaml_str(&kl).unwrap_err();
+        assert!(err.contains("double_z"), "{err}");
         let odd = F16_16384.replace("ch: 128", "ch: 100");
         let err = VqganConfig::from_yaml_str(&odd).unwrap_err();
         assert!(err.contains("GroupNorm"), "{err}");

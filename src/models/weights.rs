@@ -26,14 +26,33 @@ impl WeightsFormat {
     }
 }
 
-/// Reads every tensor of a weights file whose name `keep` accepts, converted to `dtype`.
-///
-/// Pickles are read from their `state_dict` entry when they have one (Lightning checkpoints)
-/// and from the top level otherwise (`torch.save(model.state_dict())`).
+/// Reads every tensor of a weights file whose name `keep` accepts, converted to `dtype` and
+/// moved to `device`.
 pub fn read_tensors(
     path: &Path,
     dtype: DType,
     device: &Device,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<HashMap<String, Tensor>, ModelError> {
+    read_state_dict(path, keep)?
+        .into_iter()
+        .map(|(name, t)| {
+            let t = t
+                .to_dtype(dtype)
+                .and_then(|t| t.to_device(device))
+                .map_err(|e| ModelError::weights(path, format!("tensor {name}: {e}")))?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// Reads the tensors `keep` accepts as stored (dtype unchanged, on the CPU), e.g. to convert a
+/// checkpoint to safetensors.
+///
+/// Pickles are read from their `state_dict` entry when they have one (Lightning checkpoints)
+/// and from the top level otherwise (`torch.save(model.state_dict())`).
+pub fn read_state_dict(
+    path: &Path,
     keep: &dyn Fn(&str) -> bool,
 ) -> Result<HashMap<String, Tensor>, ModelError> {
     if !path.is_file() {
@@ -48,26 +67,18 @@ pub fn read_tensors(
             "unknown weights format; expected .safetensors, .bin, .pt, .pth or .ckpt",
         )
     })?;
-    let raw: Vec<(String, Tensor)> = match format {
+    let tensors: HashMap<String, Tensor> = match format {
         WeightsFormat::Safetensors => candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| ModelError::weights(path, e))?
             .into_iter()
             .filter(|(name, _)| keep(name))
             .collect(),
-        WeightsFormat::Pickle => read_pickle(path, keep)?,
+        WeightsFormat::Pickle => read_pickle(path, keep)?.into_iter().collect(),
     };
-    if raw.is_empty() {
+    if tensors.is_empty() {
         return Err(ModelError::weights(path, "the file holds no model tensors"));
     }
-    raw.into_iter()
-        .map(|(name, t)| {
-            let t = t
-                .to_dtype(dtype)
-                .and_then(|t| t.to_device(device))
-                .map_err(|e| ModelError::weights(path, format!("tensor {name}: {e}")))?;
-            Ok((name, t))
-        })
-        .collect()
+    Ok(tensors)
 }
 
 fn read_pickle(

@@ -1,1 +1,420 @@
-//! queue
+//! The job store: job states, claiming with leases, persisted events and uploads.
+//!
+//! [`JobStore`] is the seam; [`SqliteStore`] implements it. Nothing here knows candle or
+//! the render engine: a job's spec is opaque JSON that the worker interprets.
+//!
+//! State machine:
+//! ```text
+//! queued ──claim──► running ──finish──► succeeded | failed | canceled
+//!   ▲  │               │ lease expired / graceful release
+//!   │  └──cancel──► canceled
+//!   └──────────────────┘  (failed instead once attempts reach max_attempts)
+//! ```
+
+pub mod metrics;
+mod sqlite;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use uuid::Uuid;
+
+pub use metrics::Metrics;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("cannot run database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("the queue is full ({queued} jobs queued, limit {limit}); retry later")]
+    QueueFull { queued: u64, limit: u64 },
+    #[error("Idempotency-Key {key:?} was already used with a different request body; use a new key for a new job")]
+    IdempotencyMismatch { key: String },
+    #[error("no job with id {0}")]
+    NotFound(Uuid),
+    #[error("job {id} is {state}; {detail}")]
+    Conflict {
+        id: Uuid,
+        state: JobState,
+        detail: &'static str,
+    },
+    #[error("worker {worker} no longer holds the lease on job {job}")]
+    LeaseLost { job: Uuid, worker: String },
+    #[error("corrupt row in the job store: {0}")]
+    Corrupt(String),
+}
+
+pub type QueueResult<T> = Result<T, QueueError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Canceled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Canceled => "canceled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Canceled
+        )
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The kinds of event a client sees on `GET /v1/jobs/{id}/events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    State,
+    Progress,
+    Frame,
+    Completed,
+    Failed,
+    Canceled,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::State => "state",
+            EventKind::Progress => "progress",
+            EventKind::Frame => "frame",
+            EventKind::Completed => "completed",
+            EventKind::Failed => "failed",
+            EventKind::Canceled => "canceled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventKind> {
+        [
+            EventKind::State,
+            EventKind::Progress,
+            EventKind::Frame,
+            EventKind::Completed,
+            EventKind::Failed,
+            EventKind::Canceled,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+
+    /// The last event of a job's stream.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            EventKind::Completed | EventKind::Failed | EventKind::Canceled
+        )
+    }
+}
+
+/// Whose jobs a request may see. The auth layer narrows it to one API key; without
+/// keys every request sees every job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// `None` with `all == false` means jobs submitted without a key.
+    pub owner_key_id: Option<String>,
+    /// Admins and key-less deployments see all jobs.
+    pub all: bool,
+}
+
+impl Scope {
+    pub fn unrestricted() -> Scope {
+        Scope {
+            owner_key_id: None,
+            all: true,
+        }
+    }
+
+    pub fn key(key_id: impl Into<String>) -> Scope {
+        Scope {
+            owner_key_id: Some(key_id.into()),
+            all: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Progress {
+    pub step: u32,
+    pub total: u32,
+    pub loss: Option<f64>,
+    pub eta_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: Uuid,
+    /// Insertion order; the pagination cursor.
+    pub seq: i64,
+    pub state: JobState,
+    pub priority: i32,
+    pub spec: serde_json::Value,
+    pub owner_key_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub keep: bool,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub cancel_requested: bool,
+    pub device: Option<String>,
+    pub seed: Option<u64>,
+    pub progress: Progress,
+    /// The latest resumable checkpoint, relative to the job's artifact directory.
+    pub checkpoint: Option<String>,
+    /// The step the checkpoint was taken after; a resume continues from the next one.
+    pub checkpoint_step: u32,
+    pub error: Option<String>,
+    pub warnings: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub spec: serde_json::Value,
+    pub priority: i32,
+    pub keep: bool,
+    pub total_steps: u32,
+    pub owner_key_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    /// Hash of the request body, to tell a retry from a different request with a reused key.
+    pub request_hash: String,
+    pub max_attempts: u32,
+    pub warnings: Vec<String>,
+    /// Drawn at submission when the spec has none, so that every attempt renders alike.
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    Created(Job),
+    /// An earlier submission with the same Idempotency-Key and body.
+    Existing(Job),
+}
+
+impl Submitted {
+    pub fn job(&self) -> &Job {
+        match self {
+            Submitted::Created(j) | Submitted::Existing(j) => j,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct JobEvent {
+    pub id: i64,
+    pub job_id: Uuid,
+    pub kind: EventKind,
+    pub data: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Sent on the store's broadcast channel after an event row is committed.
+#[derive(Debug, Clone, Copy)]
+pub struct EventNotice {
+    pub job_id: Uuid,
+    pub event_id: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub state: Option<JobState>,
+    /// Only jobs older than this cursor (a job's `seq`).
+    pub before: Option<i64>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub jobs: Vec<Job>,
+    /// Pass as `before` to get the next (older) page; `None` on the last page.
+    pub next_cursor: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub enum CancelOutcome {
+    /// A queued job: canceled at once.
+    Canceled(Job),
+    /// A running job: its worker stops it within one step.
+    Requested(Job),
+    /// It was canceled before; canceling is idempotent.
+    AlreadyCanceled(Job),
+}
+
+/// How a worker's run of a job ended.
+#[derive(Debug, Clone)]
+pub enum Finish {
+    Succeeded { data: serde_json::Value },
+    Failed { error: String },
+    Canceled { step: u32 },
+}
+
+/// The answer to a lease renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub cancel_requested: bool,
+}
+
+/// A job whose worker vanished, handed back to the queue or failed.
+#[derive(Debug, Clone)]
+pub struct Rescued {
+    pub job_id: Uuid,
+    pub state: JobState,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    pub id: Uuid,
+    pub owner_key_id: Option<String>,
+    pub file_name: String,
+    pub content_type: String,
+    pub width: u32,
+    pub height: u32,
+    pub bytes: u64,
+    pub sha256: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub device: String,
+    pub job_id: Option<Uuid>,
+    pub heartbeat_at: DateTime<Utc>,
+}
+
+pub type QueueFuture<'a, T> = BoxFuture<'a, QueueResult<T>>;
+
+/// The job store. Every state change is a database write; nothing lives only in memory.
+pub trait JobStore: Send + Sync + 'static {
+    /// Inserts a queued job unless `max_queued` jobs are already queued. With an
+    /// idempotency key already used by the same owner, returns that job instead.
+    fn submit(&self, job: NewJob, max_queued: u64) -> QueueFuture<'_, Submitted>;
+    fn get<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, Job>;
+    /// Newest first.
+    fn list<'a>(&'a self, query: &'a ListQuery, scope: &'a Scope) -> QueueFuture<'a, Page>;
+    /// 1 for the job claimed next; `None` unless queued.
+    fn position<'a>(&'a self, job: &'a Job) -> QueueFuture<'a, Option<u64>>;
+    fn cancel<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, CancelOutcome>;
+    /// Removes a terminal job and its events; the caller removes its artifacts.
+    fn delete<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, Job>;
+
+    /// Atomically takes the next queued job (priority, then first in first out).
+    fn claim<'a>(
+        &'a self,
+        worker_id: &'a str,
+        device: &'a str,
+        lease: Duration,
+    ) -> QueueFuture<'a, Option<Job>>;
+    fn renew<'a>(
+        &'a self,
+        job: Uuid,
+        worker_id: &'a str,
+        lease: Duration,
+    ) -> QueueFuture<'a, Lease>;
+    /// Records progress on the job and appends a `progress` event, in one transaction.
+    fn progress<'a>(
+        &'a self,
+        job: Uuid,
+        worker_id: &'a str,
+        progress: Progress,
+        data: serde_json::Value,
+    ) -> QueueFuture<'a, Lease>;
+    fn set_checkpoint<'a>(
+        &'a self,
+        job: Uuid,
+        worker_id: &'a str,
+        checkpoint: &'a str,
+        step: u32,
+    ) -> QueueFuture<'a, ()>;
+    fn append_event(
+        &self,
+        job: Uuid,
+        kind: EventKind,
+        data: serde_json::Value,
+    ) -> QueueFuture<'_, JobEvent>;
+    fn finish<'a>(&'a self, job: Uuid, worker_id: &'a str, finish: Finish) -> QueueFuture<'a, Job>;
+    /// Graceful shutdown: back to the queue without spending an attempt.
+    fn release<'a>(&'a self, job: Uuid, worker_id: &'a str) -> QueueFuture<'a, ()>;
+    /// Requeues (or fails, at max attempts) running jobs whose lease has expired.
+    fn rescue_expired(&self) -> QueueFuture<'_, Vec<Rescued>>;
+
+    fn events_after(&self, job: Uuid, after: i64, limit: u32) -> QueueFuture<'_, Vec<JobEvent>>;
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<EventNotice>;
+    /// Woken whenever a job is queued (or requeued) by this process.
+    fn job_queued(&self) -> std::sync::Arc<tokio::sync::Notify>;
+
+    fn counts_by_state(&self) -> QueueFuture<'_, Vec<(JobState, u64)>>;
+    fn ping(&self) -> QueueFuture<'_, ()>;
+
+    fn insert_upload(&self, upload: Upload) -> QueueFuture<'_, ()>;
+    fn get_upload<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, Upload>;
+
+    fn worker_heartbeat<'a>(
+        &'a self,
+        worker_id: &'a str,
+        device: &'a str,
+        job: Option<Uuid>,
+    ) -> QueueFuture<'a, ()>;
+    fn worker_gone<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, ()>;
+    /// Workers whose heartbeat is newer than `within`.
+    fn live_workers(&self, within: Duration) -> QueueFuture<'_, Vec<WorkerInfo>>;
+}
+
+/// The public paths of a job's resources. Events record them, so workers that know no
+/// HTTP and the API that serves them agree on one spelling.
+pub mod links {
+    use uuid::Uuid;
+
+    pub fn job(id: Uuid) -> String {
+        format!("/v1/jobs/{id}")
+    }
+
+    /// `name` is one of `image.png`, `video.mp4`, `metadata.json`, `frames`, `events`.
+    pub fn artifact(id: Uuid, name: &str) -> String {
+        format!("/v1/jobs/{id}/{name}")
+    }
+
+    pub fn frame(id: Uuid, step: u32) -> String {
+        format!("/v1/jobs/{id}/frames/{step}.png")
+    }
+}

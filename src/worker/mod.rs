@@ -1,1 +1,564 @@
-//! worker
+//! Workers: each claims jobs from the queue and runs `render` on its own OS thread,
+//! pinned to one device, turning progress into persisted events.
+//!
+//! The async side (claim, heartbeat, events) never blocks on tensors; the render thread
+//! never touches the database. They talk over channels.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::models::catalogue::ModelCache;
+use crate::queue::{links, EventKind, Finish, Job, JobStore, Metrics, Progress, QueueError, Scope};
+use crate::render::{
+    CancelToken, ImageRef, JobSpec, ModelSet, ModelsSpec, ProgressEvent, RenderJob, RenderOutcome,
+};
+use crate::storage::ArtifactStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("device {device:?}: {reason}")]
+    Device { device: String, reason: String },
+    #[error("cannot start a render thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// `cpu` or `cuda:N`. A build without the `cuda` feature refuses `cuda:N` up front
+/// rather than failing on the first job.
+pub fn parse_device(name: &str) -> Result<Device, WorkerError> {
+    let err = |reason: String| WorkerError::Device {
+        device: name.to_owned(),
+        reason,
+    };
+    match name.trim() {
+        "cpu" => Ok(Device::Cpu),
+        other => {
+            let index = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| err("expected \"cpu\" or \"cuda:N\", e.g. \"cuda:0\"".into()))?;
+            if !candle_core::utils::cuda_is_available() {
+                return Err(err(
+                    "this vqclip was built without CUDA; rebuild with `--features cuda` (see scripts/build-cuda.sh) or use device = \"cpu\"".into(),
+                ));
+            }
+            Device::new_cuda(index).map_err(|e| err(e.to_string()))
+        }
+    }
+}
+
+/// The model cache the workers read: `models.cache_dir`, else the environment's.
+pub fn model_cache(config: &Config) -> ModelCache {
+    let from_env = ModelCache::from_env();
+    match config.models.cache_dir.as_str() {
+        "" => from_env,
+        dir => {
+            let offline = from_env.is_offline();
+            ModelCache::new(dir).with_offline(offline)
+        }
+    }
+}
+
+/// What each worker needs besides its device.
+#[derive(Clone)]
+pub struct WorkerContext {
+    pub store: Arc<dyn JobStore>,
+    pub artifacts: ArtifactStore,
+    pub metrics: Arc<Metrics>,
+    pub models: ModelCache,
+    pub lease: Duration,
+    pub heartbeat: Duration,
+    pub poll: Duration,
+}
+
+impl WorkerContext {
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        artifacts: ArtifactStore,
+        metrics: Arc<Metrics>,
+        config: &Config,
+    ) -> WorkerContext {
+        let w = &config.workers;
+        WorkerContext {
+            store,
+            artifacts,
+            metrics,
+            models: model_cache(config),
+            lease: Duration::from_secs(w.lease_seconds),
+            heartbeat: Duration::from_secs(w.heartbeat_seconds),
+            poll: Duration::from_millis(w.poll_interval_ms.max(10)),
+        }
+    }
+}
+
+/// The running workers and the lease rescuer.
+pub struct WorkerPool {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl WorkerPool {
+    /// Starts one worker per device. Devices are checked before anything starts.
+    pub fn start(
+        ctx: WorkerContext,
+        devices: &[String],
+        shutdown: CancellationToken,
+    ) -> Result<WorkerPool, WorkerError> {
+        let parsed = devices
+            .iter()
+            .map(|d| parse_device(d).map(|dev| (d.trim().to_owned(), dev)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut tasks = vec![spawn_rescuer(ctx.clone(), shutdown.clone())];
+        for (i, (name, device)) in parsed.into_iter().enumerate() {
+            let id = format!("{}-{}-{i}", hostname_hint(), Uuid::now_v7().simple());
+            let render = RenderThread::spawn(&id, device, ctx.models.clone())?;
+            let worker = Worker {
+                id,
+                device: name,
+                ctx: ctx.clone(),
+                render,
+                shutdown: shutdown.clone(),
+            };
+            tasks.push(tokio::spawn(worker.run()));
+        }
+        Ok(WorkerPool { tasks })
+    }
+
+    /// Waits until every worker has handed back its job and stopped (after shutdown).
+    pub async fn join(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+fn hostname_hint() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().chars().take(24).collect())
+        .unwrap_or_else(|_| "worker".into())
+}
+
+/// Hands jobs of dead workers back to the queue. Any process with workers runs one.
+fn spawn_rescuer(ctx: WorkerContext, shutdown: CancellationToken) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(ctx.heartbeat);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match ctx.store.rescue_expired().await {
+                Ok(rescued) => {
+                    for r in rescued {
+                        tracing::warn!(job = %r.job_id, state = %r.state, attempts = r.attempts, "lease expired; job rescued");
+                    }
+                }
+                Err(e) => tracing::warn!("rescuing expired leases: {e}"),
+            }
+        }
+    })
+}
+
+type RenderReply = Result<RenderOutcome, String>;
+
+struct RenderRequest {
+    job: RenderJob,
+    progress: mpsc::UnboundedSender<ProgressEvent>,
+    cancel: CancelToken,
+    reply: oneshot::Sender<RenderReply>,
+}
+
+/// The OS thread that owns a worker's models and runs its renders.
+struct RenderThread {
+    requests: std::sync::mpsc::Sender<RenderRequest>,
+}
+
+impl RenderThread {
+    fn spawn(id: &str, device: Device, cache: ModelCache) -> Result<RenderThread, WorkerError> {
+        let (tx, rx) = std::sync::mpsc::channel::<RenderRequest>();
+        std::thread::Builder::new()
+            .name(format!("render-{id}"))
+            .spawn(move || render_loop(device, cache, rx))
+            .map_err(WorkerError::Thread)?;
+        Ok(RenderThread { requests: tx })
+    }
+}
+
+fn render_loop(
+    device: Device,
+    cache: ModelCache,
+    requests: std::sync::mpsc::Receiver<RenderRequest>,
+) {
+    // Models stay loaded while consecutive jobs name the same ones.
+    let mut loaded: Option<(ModelsSpec, ModelSet)> = None;
+    while let Ok(req) = requests.recv() {
+        let RenderRequest {
+            job,
+            progress,
+            cancel,
+            reply,
+        } = req;
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> RenderReply {
+            if loaded.as_ref().map(|(spec, _)| spec) != Some(&job.spec.models) {
+                loaded = None;
+                let set = ModelSet::load(&job.spec.models, &cache, &device)
+                    .map_err(|e| format!("loading models: {e}"))?;
+                loaded = Some((job.spec.models.clone(), set));
+            }
+            let Some((_, models)) = loaded.as_ref() else {
+                return Err("models are not loaded".into());
+            };
+            let mut sink = progress;
+            crate::render::render(&job, models, &mut sink, &cancel).map_err(|e| e.to_string())
+        }));
+        let result = result.unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            loaded = None;
+            Err(format!("the render crashed: {what}"))
+        });
+        let _ = reply.send(result);
+    }
+}
+
+struct Worker {
+    id: String,
+    device: String,
+    ctx: WorkerContext,
+    render: RenderThread,
+    shutdown: CancellationToken,
+}
+
+/// How a run ended, from the queue's point of view.
+enum RunEnd {
+    Finished(Finish),
+    /// Graceful shutdown: back to the queue, to resume from the checkpoint.
+    Interrupted {
+        checkpoint: Option<String>,
+        step: u32,
+    },
+    /// Another worker owns the job now; touch nothing.
+    LeaseLost,
+}
+
+impl Worker {
+    async fn run(self) {
+        tracing::info!(worker = %self.id, device = %self.device, "worker started");
+        let queued = self.ctx.store.job_queued();
+        while !self.shutdown.is_cancelled() {
+            if let Err(e) = self
+                .ctx
+                .store
+                .worker_heartbeat(&self.id, &self.device, None)
+                .await
+            {
+                tracing::warn!(worker = %self.id, "heartbeat: {e}");
+            }
+            // Registered before the claim so that a job queued in between still wakes us.
+            let notified = queued.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self
+                .ctx
+                .store
+                .claim(&self.id, &self.device, self.ctx.lease)
+                .await
+            {
+                Ok(Some(job)) => self.run_job(job).await,
+                Ok(None) => {
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = tokio::time::sleep(self.ctx.poll) => {}
+                        _ = self.shutdown.cancelled() => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(worker = %self.id, "claiming: {e}");
+                    tokio::time::sleep(self.ctx.poll).await;
+                }
+            }
+        }
+        let _ = self.ctx.store.worker_gone(&self.id).await;
+        tracing::info!(worker = %self.id, "worker stopped");
+    }
+
+    async fn run_job(&self, job: Job) {
+        let started = Instant::now();
+        tracing::info!(worker = %self.id, job = %job.id, attempt = job.attempts, "job started");
+        let end = match self.prepare(&job).await {
+            Ok(render_job) => self.render(&job, render_job).await,
+            Err(error) => RunEnd::Finished(Finish::Failed { error }),
+        };
+        let store = &self.ctx.store;
+        let outcome = match end {
+            RunEnd::Finished(finish) => {
+                let state = match &finish {
+                    Finish::Succeeded { .. } => "succeeded",
+                    Finish::Failed { .. } => "failed",
+                    Finish::Canceled { .. } => "canceled",
+                };
+                self.ctx
+                    .metrics
+                    .job_finished(state, started.elapsed().as_secs_f64());
+                store.finish(job.id, &self.id, finish).await.map(|_| state)
+            }
+            RunEnd::Interrupted { checkpoint, step } => {
+                let saved = match &checkpoint {
+                    Some(c) => store.set_checkpoint(job.id, &self.id, c, step).await,
+                    None => Ok(()),
+                };
+                match saved {
+                    Ok(()) => store.release(job.id, &self.id).await.map(|_| "requeued"),
+                    Err(e) => Err(e),
+                }
+            }
+            RunEnd::LeaseLost => Ok("abandoned (lease lost)"),
+        };
+        match outcome {
+            Ok(state) => tracing::info!(worker = %self.id, job = %job.id, "job {state}"),
+            Err(e) => {
+                tracing::warn!(worker = %self.id, job = %job.id, "recording the end of the job: {e}")
+            }
+        }
+    }
+
+    /// Everything the render needs: the spec, its images, where to write, where to resume.
+    async fn prepare(&self, job: &Job) -> Result<RenderJob, String> {
+        let spec: JobSpec = serde_json::from_value(job.spec.clone())
+            .map_err(|e| format!("the stored job spec cannot be read by this version: {e}"))?;
+        let out_dir = self
+            .ctx
+            .artifacts
+            .create_job_dir(job.id)
+            .map_err(|e| e.to_string())?;
+        let mut inputs = HashMap::new();
+        let refs = spec
+            .image_prompts
+            .iter()
+            .map(|p| p.image.clone())
+            .chain(spec.init_image.clone());
+        for reference in refs {
+            if let Ok(ImageRef::Upload(id)) = ImageRef::parse(&reference) {
+                let upload = self
+                    .ctx
+                    .store
+                    .get_upload(id, &Scope::unrestricted())
+                    .await
+                    .map_err(|e| format!("{reference}: {e}"))?;
+                let bytes = self
+                    .ctx
+                    .artifacts
+                    .read_upload(&upload.file_name)
+                    .map_err(|e| format!("{reference}: {e}"))?;
+                inputs.insert(reference, bytes);
+            }
+        }
+        let resume = job
+            .checkpoint
+            .as_ref()
+            .map(|c| out_dir.join(c))
+            .filter(|p| p.is_file());
+        let seed = job.seed.or(spec.seed).unwrap_or_else(rand::random);
+        Ok(RenderJob {
+            spec,
+            seed,
+            out_dir,
+            resume,
+            inputs,
+        })
+    }
+
+    async fn render(&self, job: &Job, render_job: RenderJob) -> RunEnd {
+        let out_dir = render_job.out_dir.clone();
+        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let cancel = CancelToken::new();
+        if job.cancel_requested {
+            cancel.cancel();
+        }
+        let request = RenderRequest {
+            job: render_job,
+            progress: progress_tx,
+            cancel: cancel.clone(),
+            reply: reply_tx,
+        };
+        if self.render.requests.send(request).is_err() {
+            return RunEnd::Finished(Finish::Failed {
+                error: "the worker's render thread has stopped".into(),
+            });
+        }
+        let mut lease_lost = false;
+        let mut interrupted = false;
+        let mut last_elapsed = 0.0;
+        let mut heartbeat = tokio::time::interval(self.ctx.heartbeat);
+        heartbeat.tick().await;
+        // The render thread drops its progress sender when the render returns.
+        loop {
+            tokio::select! {
+                event = progress_rx.recv() => match event {
+                    Some(event) => {
+                        if let Err(e) = self.record(job, &out_dir, event, &cancel, &mut last_elapsed).await {
+                            lease_lost |= self.lease_error(job, e, &cancel);
+                        }
+                    }
+                    None => break,
+                },
+                _ = heartbeat.tick() => {
+                    let _ = self.ctx.store.worker_heartbeat(&self.id, &self.device, Some(job.id)).await;
+                    match self.ctx.store.renew(job.id, &self.id, self.ctx.lease).await {
+                        Ok(lease) if lease.cancel_requested => cancel.cancel(),
+                        Ok(_) => {}
+                        Err(e) => lease_lost |= self.lease_error(job, e, &cancel),
+                    }
+                }
+                _ = self.shutdown.cancelled(), if !interrupted => {
+                    interrupted = true;
+                    cancel.interrupt();
+                }
+            }
+        }
+        let result = reply_rx
+            .await
+            .unwrap_or_else(|_| Err("the render thread stopped mid-job".into()));
+        if lease_lost {
+            return RunEnd::LeaseLost;
+        }
+        match result {
+            Ok(RenderOutcome::Completed(artifacts)) => {
+                let link = |name| links::artifact(job.id, name);
+                RunEnd::Finished(Finish::Succeeded {
+                    data: json!({
+                        "state": "succeeded",
+                        "image": link("image.png"),
+                        "metadata": link("metadata.json"),
+                        "frames": link("frames"),
+                        "frame_count": artifacts.frames.len(),
+                        "video": artifacts.video.as_ref().map(|_| link("video.mp4")),
+                    }),
+                })
+            }
+            Ok(RenderOutcome::Canceled { step }) => RunEnd::Finished(Finish::Canceled { step }),
+            Ok(RenderOutcome::Interrupted { checkpoint, step }) => RunEnd::Interrupted {
+                checkpoint: relative(&out_dir, &checkpoint),
+                step,
+            },
+            Err(error) => RunEnd::Finished(Finish::Failed { error }),
+        }
+    }
+
+    /// A lease error means another worker owns the job: stop rendering it.
+    fn lease_error(&self, job: &Job, e: QueueError, cancel: &CancelToken) -> bool {
+        match e {
+            QueueError::LeaseLost { .. } => {
+                tracing::warn!(worker = %self.id, job = %job.id, "lease lost; stopping the render");
+                cancel.cancel();
+                true
+            }
+            e => {
+                tracing::warn!(worker = %self.id, job = %job.id, "recording progress: {e}");
+                false
+            }
+        }
+    }
+
+    async fn record(
+        &self,
+        job: &Job,
+        out_dir: &Path,
+        event: ProgressEvent,
+        cancel: &CancelToken,
+        last_elapsed: &mut f64,
+    ) -> Result<(), QueueError> {
+        let store = &self.ctx.store;
+        match event {
+            ProgressEvent::Step {
+                step,
+                total,
+                loss,
+                losses,
+                elapsed_s,
+                eta_s,
+            } => {
+                if elapsed_s > *last_elapsed {
+                    self.ctx
+                        .metrics
+                        .step_duration
+                        .observe(elapsed_s - *last_elapsed);
+                }
+                *last_elapsed = elapsed_s;
+                let finite = |x: f32| x.is_finite().then_some(x as f64);
+                let progress = Progress {
+                    step,
+                    total,
+                    loss: finite(loss),
+                    eta_seconds: eta_s.is_finite().then_some(eta_s),
+                };
+                let data = json!({
+                    "step": step,
+                    "total": total,
+                    "loss": progress.loss,
+                    "losses": losses.iter().map(|l| finite(*l)).collect::<Vec<_>>(),
+                    "elapsed_seconds": elapsed_s,
+                    "eta_seconds": progress.eta_seconds,
+                });
+                if store
+                    .progress(job.id, &self.id, progress, data)
+                    .await?
+                    .cancel_requested
+                {
+                    cancel.cancel();
+                }
+            }
+            ProgressEvent::Frame { step, .. } => {
+                let url = links::frame(job.id, step);
+                store
+                    .append_event(
+                        job.id,
+                        EventKind::Frame,
+                        json!({ "step": step, "url": url }),
+                    )
+                    .await?;
+            }
+            ProgressEvent::Checkpoint { path, step } => {
+                if let Some(rel) = relative(out_dir, &path) {
+                    store.set_checkpoint(job.id, &self.id, &rel, step).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checkpoints are stored relative to the job directory, so the artifact root can move.
+fn relative(out_dir: &Path, path: &Path) -> Option<String> {
+    let rel = path.strip_prefix(out_dir).unwrap_or(path);
+    rel.to_str().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_are_checked_up_front() {
+        assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
+        let err = parse_device("gpu0").unwrap_err().to_string();
+        assert!(err.contains("cuda:N"), "{err}");
+        if !candle_core::utils::cuda_is_available() {
+            let err = parse_device("cuda:0").unwrap_err().to_string();
+            assert!(err.contains("without CUDA"), "{err}");
+        }
+    }
+}

@@ -18,6 +18,8 @@ pub struct ServedFile {
     pub linked_sha256: Option<String>,
     /// Drop the connection after this many bytes on the first full (non-Range) GET.
     pub cut_first_response_at: Option<usize>,
+    /// Answer with a 302 to this absolute URL instead of serving bytes.
+    pub redirect_to: Option<String>,
 }
 
 impl ServedFile {
@@ -34,7 +36,7 @@ impl ServedFile {
         Self {
             bytes,
             linked_sha256: Some(sha),
-            cut_first_response_at: None,
+            ..Self::default()
         }
     }
 }
@@ -150,6 +152,13 @@ fn serve(state: &Mutex<State>, uri: &Uri, headers: &HeaderMap) -> Response {
     let Some(file) = st.files.get(&path).cloned() else {
         return status(StatusCode::NOT_FOUND);
     };
+    if let Some(to) = &file.redirect_to {
+        return Response::builder()
+            .status(StatusCode::FOUND)
+            .header(header::LOCATION, to)
+            .body(Body::empty())
+            .unwrap();
+    }
     if let Some(sha) = &file.linked_sha256 {
         return Response::builder()
             .status(StatusCode::FOUND)

@@ -1,0 +1,136 @@
+//! The one error type of the API: every failure leaves as `application/problem+json`
+//! (RFC 9457) with a stable `type`, a human `title` and a `detail` that says what to fix.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+use crate::queue::QueueError;
+use crate::storage::StorageError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// Short slug; the problem `type` is `urn:vqclip:problem:<slug>`.
+    pub kind: &'static str,
+    pub detail: String,
+    /// Extension members, e.g. the spec field that broke a rule.
+    pub extra: Map<String, Value>,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            kind,
+            detail: detail.into(),
+            extra: Map::new(),
+            retry_after: None,
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> ApiError {
+        self.extra.insert(key.to_owned(), value.into());
+        self
+    }
+
+    pub fn bad_request(kind: &'static str, detail: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, kind, detail)
+    }
+
+    pub fn unprocessable(kind: &'static str, detail: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, kind, detail)
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::NOT_FOUND, "not-found", detail)
+    }
+
+    /// Internal failures are logged in full and answered without internals.
+    pub fn internal(context: &str, err: impl std::fmt::Display) -> ApiError {
+        tracing::error!("{context}: {err}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{context} failed on the server; the error is in the server log"),
+        )
+    }
+
+    pub fn unavailable(detail: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+    }
+
+    fn title(&self) -> &'static str {
+        self.status.canonical_reason().unwrap_or("Error")
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status.as_u16(), self.kind, self.detail)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({
+            "type": format!("urn:vqclip:problem:{}", self.kind),
+            "title": self.title(),
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        if let Value::Object(map) = &mut body {
+            map.extend(self.extra);
+        }
+        let mut response = (self.status, body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(err: QueueError) -> ApiError {
+        match err {
+            QueueError::NotFound(id) => {
+                ApiError::not_found(format!("no job or upload with id {id}"))
+            }
+            e @ QueueError::QueueFull { .. } => {
+                let mut problem =
+                    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue-full", e.to_string());
+                // The handler knows the configured wait; this is the fallback.
+                problem.retry_after = Some(5);
+                problem
+            }
+            e @ QueueError::IdempotencyMismatch { .. } => {
+                ApiError::unprocessable("idempotency-key-reused", e.to_string())
+            }
+            QueueError::Conflict { id, state, detail } => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("job {id} is {state}; {detail}"),
+            )
+            .with("state", state.as_str()),
+            e => ApiError::internal("the job store", e),
+        }
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(err: StorageError) -> ApiError {
+        match err {
+            e @ StorageError::InvalidName(_) => {
+                ApiError::bad_request("invalid-artifact-name", e.to_string())
+            }
+            e @ StorageError::Missing(_) => ApiError::not_found(e.to_string()),
+            e => ApiError::internal("the artifact store", e),
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! `/v1/jobs`: submit, read, list, cancel, delete.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::extract::{job_id, parse_json, require_json, Body, Caller};
+use super::uploads::{validate_image, ImageLimits};
+use super::{ApiError, AppState};
+use crate::config::Config;
+use crate::models::ClipTokenizer;
+use crate::queue::{
+    links, CancelOutcome, Job, JobState, ListQuery, NewJob, QueueError, Scope, Submitted,
+};
+use crate::render::{ImageRef, JobSpec, Limits};
+use std::sync::OnceLock;
+
+/// The JSON shape of a job. `spec` is left out of list pages to keep them small.
+pub(super) fn job_view(job: &Job, position: Option<u64>, with_spec: bool) -> Value {
+    let mut link_map = json!({
+        "self": links::job(job.id),
+        "events": links::artifact(job.id, "events"),
+        "frames": links::artifact(job.id, "frames"),
+    });
+    if job.state == JobState::Succeeded {
+        for (name, path) in [
+            ("image", "image.png"),
+            ("video", "video.mp4"),
+            ("metadata", "metadata.json"),
+        ] {
+            link_map[name] = json!(links::artifact(job.id, path));
+        }
+    }
+    let mut view = json!({
+        "id": job.id,
+        "state": job.state,
+        "position": position,
+        "priority": job.priority,
+        "progress": {
+            "step": job.progress.step,
+            "total": job.progress.total,
+            "loss": job.progress.loss,
+            "eta_seconds": job.progress.eta_seconds,
+        },
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "cancel_requested": job.cancel_requested,
+        "device": job.device,
+        "seed": job.seed,
+        "keep": job.keep,
+        "error": job.error,
+        "warnings": job.warnings,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "links": link_map,
+    });
+    if with_spec {
+        view["spec"] = job.spec.clone();
+    }
+    view
+}
+
+pub(super) fn limits(config: &Config) -> Limits {
+    let l = &config.limits;
+    Limits {
+        max_pixels: l.max_pixels,
+        max_side: l.max_side,
+        max_steps: l.max_steps,
+        max_cutn: l.max_cutn,
+        max_prompts: l.max_prompts as usize,
+        ..Limits::default()
+    }
+}
+
+/// Fills what the job left to the deployment (models, checkpoint interval), then
+/// deserializes and validates it.
+fn spec_from_json(raw: &Value, config: &Config) -> Result<JobSpec, ApiError> {
+    let Value::Object(fields) = raw else {
+        return Err(ApiError::unprocessable(
+            "invalid-spec",
+            "the job spec must be a JSON object, e.g. {\"prompts\": \"a red apple\"}",
+        ));
+    };
+    let mut fields = fields.clone();
+    let models = fields
+        .entry("models")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(m) = models {
+        m.entry("vqgan")
+            .or_insert_with(|| json!(config.models.vqgan));
+        m.entry("clip").or_insert_with(|| json!(config.models.clip));
+    }
+    fields
+        .entry("checkpoint_every")
+        .or_insert_with(|| json!(config.workers.checkpoint_every));
+    let mut spec: JobSpec = serde_json::from_value(Value::Object(fields))
+        .map_err(|e| ApiError::unprocessable("invalid-spec", format!("job spec: {e}")))?;
+    spec.validate(&limits(config)).map_err(|e| {
+        ApiError::unprocessable("invalid-spec", e.to_string())
+            .with("field", e.field.clone())
+            .with("rule", e.rule.clone())
+    })?;
+    check_prompt_lengths(&spec)?;
+    // Drawn here so that every attempt, and a resume, renders the same image.
+    // Below 2^32 so that JavaScript clients read it exactly.
+    spec.seed
+        .get_or_insert_with(|| rand::random::<u32>().into());
+    Ok(spec)
+}
+
+/// CLIP reads 77 tokens. A longer prompt is rejected rather than truncated: a silently
+/// shortened prompt renders something the client did not ask for.
+fn check_prompt_lengths(spec: &JobSpec) -> Result<(), ApiError> {
+    static TOKENIZER: OnceLock<Result<ClipTokenizer, String>> = OnceLock::new();
+    let tokenizer = TOKENIZER
+        .get_or_init(|| ClipTokenizer::bundled().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| ApiError::internal("loading the CLIP tokenizer", e))?;
+    let prompts = spec.prompt_set().map_err(|e| {
+        ApiError::unprocessable("invalid-spec", e.to_string())
+            .with("field", e.field.clone())
+            .with("rule", e.rule.clone())
+    })?;
+    for (i, phrase) in prompts.phrases.iter().enumerate() {
+        for prompt in phrase {
+            let tokens = tokenizer
+                .encode(&prompt.text)
+                .map_err(|e| ApiError::internal("tokenizing a prompt", e))?;
+            if tokens.truncated {
+                return Err(ApiError::unprocessable(
+                    "invalid-spec",
+                    format!(
+                        "prompts: phrase {i}, {:?}, is longer than CLIP's 77 tokens (start and end tokens included); shorten it or split it with `|`",
+                        prompt.text.chars().take(60).collect::<String>()
+                    ),
+                )
+                .with("field", "prompts")
+                .with("rule", "at most 77 CLIP tokens"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every image a spec names must exist (uploads) or be a valid image (inline).
+async fn check_images(st: &AppState, scope: &Scope, spec: &JobSpec) -> Result<(), ApiError> {
+    let refs = spec
+        .image_prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("image_prompts[{i}].image"), p.image.as_str()))
+        .chain(
+            spec.init_image
+                .as_deref()
+                .map(|s| ("init_image".to_owned(), s)),
+        );
+    for (field, reference) in refs {
+        let bad = |detail: String| {
+            ApiError::unprocessable("invalid-spec", format!("{field}: {detail}"))
+                .with("field", field.clone())
+        };
+        match ImageRef::parse(reference).map_err(bad)? {
+            ImageRef::Upload(id) => match st.store.get_upload(id, scope).await {
+                Ok(_) => {}
+                Err(QueueError::NotFound(_)) => {
+                    return Err(bad(format!(
+                        "no upload with id {id}; upload the image with POST /v1/uploads first"
+                    )))
+                }
+                Err(e) => return Err(e.into()),
+            },
+            ImageRef::Inline { bytes, .. } => {
+                let limits = ImageLimits::from(&st.config.limits);
+                tokio::task::spawn_blocking(move || validate_image(&bytes, &limits))
+                    .await
+                    .map_err(|e| ApiError::internal("checking an inline image", e))?
+                    .map_err(|e| bad(e.to_string()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if !key.is_empty() && key.len() <= 255 => Ok(Some(key.to_owned())),
+        _ => Err(ApiError::bad_request(
+            "invalid-idempotency-key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters, e.g. a UUID",
+        )),
+    }
+}
+
+pub(super) async fn submit(
+    State(st): State<AppState>,
+    Caller(scope): Caller,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
+    require_json(&headers)?;
+    let raw = parse_json(&body)?;
+    let key = idempotency_key(&headers)?;
+    let spec = spec_from_json(&raw, &st.config)?;
+    check_images(&st, &scope, &spec).await?;
+    let new = NewJob {
+        spec: serde_json::to_value(&spec).map_err(|e| ApiError::internal("storing the spec", e))?,
+        priority: spec.priority,
+        keep: spec.keep,
+        total_steps: spec.steps,
+        owner_key_id: scope.owner_key_id.clone(),
+        idempotency_key: key,
+        request_hash: hex::encode(Sha256::digest(raw.to_string().as_bytes())),
+        max_attempts: st.config.workers.max_attempts,
+        warnings: vec![],
+        seed: spec.seed,
+    };
+    let submitted = st
+        .store
+        .submit(new, st.config.limits.max_queued_jobs.into())
+        .await
+        .map_err(|e| {
+            let mut problem = ApiError::from(e);
+            if problem.retry_after.is_some() {
+                problem.retry_after = Some(st.config.server.retry_after_seconds);
+            }
+            problem
+        })?;
+    let status = match submitted {
+        Submitted::Created(_) => StatusCode::CREATED,
+        Submitted::Existing(_) => StatusCode::OK,
+    };
+    let job = submitted.job();
+    let position = st.store.position(job).await?;
+    let location = links::job(job.id);
+    Ok((
+        status,
+        [(header::LOCATION, location)],
+        Json(job_view(job, position, true)),
+    )
+        .into_response())
+}
+
+pub(super) async fn get_job(
+    State(st): State<AppState>,
+    Caller(scope): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = st.store.get(job_id(&id)?, &scope).await?;
+    let position = st.store.position(&job).await?;
+    Ok(Json(job_view(&job, position, true)))
+}
+
+fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
+    let mut q = ListQuery {
+        limit: 20,
+        ..Default::default()
+    };
+    for (key, value) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "state" => {
+                q.state = Some(JobState::parse(&value).ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid-query",
+                        format!("state {value:?} is not one of queued, running, succeeded, failed, canceled"),
+                    )
+                })?)
+            }
+            "cursor" => {
+                q.before = Some(value.parse().map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid-query",
+                        "cursor must be a next_cursor value from an earlier page",
+                    )
+                })?)
+            }
+            "limit" => {
+                q.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=100).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request("invalid-query", "limit must be between 1 and 100")
+                    })?
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "invalid-query",
+                    format!("unknown query parameter {other:?}; use state, cursor or limit"),
+                ))
+            }
+        }
+    }
+    Ok(q)
+}
+
+pub(super) async fn list(
+    State(st): State<AppState>,
+    Caller(scope): Caller,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let query = list_query(raw.as_deref())?;
+    let page = st.store.list(&query, &scope).await?;
+    let mut jobs = Vec::with_capacity(page.jobs.len());
+    for job in &page.jobs {
+        jobs.push(job_view(job, st.store.position(job).await?, false));
+    }
+    Ok(Json(json!({
+        "jobs": jobs,
+        "next_cursor": page.next_cursor.map(|c| c.to_string()),
+    })))
+}
+
+/// Queued: canceled at once. Running: the worker stops within one step (the answer
+/// shows `cancel_requested`). Canceled already: 200 again. Succeeded or failed: 409.
+pub(super) async fn cancel(
+    State(st): State<AppState>,
+    Caller(scope): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = match st.store.cancel(job_id(&id)?, &scope).await? {
+        CancelOutcome::Canceled(j)
+        | CancelOutcome::Requested(j)
+        | CancelOutcome::AlreadyCanceled(j) => j,
+    };
+    Ok(Json(job_view(&job, None, false)))
+}
+
+pub(super) async fn delete_job(
+    State(st): State<AppState>,
+    Caller(scope): Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let job = st.store.delete(job_id(&id)?, &scope).await?;
+    if let Err(e) = st.artifacts.remove_job(job.id) {
+        // The job is gone; leftover files are logged for the operator rather than
+        // turning a completed delete into an error.
+        tracing::error!(job = %job.id, "removing artifacts: {e}");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,299 @@
+//! `POST /v1/uploads`: images for init images and image prompts.
+
+use std::io::Cursor;
+
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::extract::{media_type, parse_json, Body, Caller};
+use super::{ApiError, AppState};
+use crate::config::LimitsConfig;
+use crate::queue::Upload;
+
+/// Bounds on a decoded image, so that a small file cannot demand gigabytes.
+#[derive(Debug, Clone)]
+pub struct ImageLimits {
+    pub max_pixels: u64,
+    pub max_alloc: u64,
+}
+
+impl From<&LimitsConfig> for ImageLimits {
+    fn from(l: &LimitsConfig) -> Self {
+        ImageLimits {
+            max_pixels: l.max_upload_pixels,
+            // RGBA8 of the largest allowed image, with room for the decoder's buffers.
+            max_alloc: l.max_upload_pixels.saturating_mul(8),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageCheck {
+    pub format: image::ImageFormat,
+    pub width: u32,
+    pub height: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageRejection {
+    #[error("not an image vqclip can read; send PNG, JPEG or WebP")]
+    UnknownFormat,
+    #[error("the image is {width}x{height}, more than the {max} pixels allowed (limits.max_upload_pixels)")]
+    TooLarge { width: u32, height: u32, max: u64 },
+    #[error("the image cannot be decoded: {0}")]
+    Corrupt(String),
+}
+
+/// Reads the header for the size, refuses oversized images before decoding (the
+/// decompression-bomb guard), then decodes fully under allocation limits.
+pub fn validate_image(bytes: &[u8], limits: &ImageLimits) -> Result<ImageCheck, ImageRejection> {
+    let reader = || {
+        image::ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| ImageRejection::Corrupt(e.to_string()))
+    };
+    let format = reader()?.format().ok_or(ImageRejection::UnknownFormat)?;
+    if !matches!(
+        format,
+        image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP
+    ) {
+        return Err(ImageRejection::UnknownFormat);
+    }
+    let (width, height) = reader()?
+        .into_dimensions()
+        .map_err(|e| ImageRejection::Corrupt(e.to_string()))?;
+    if width as u64 * height as u64 > limits.max_pixels {
+        return Err(ImageRejection::TooLarge {
+            width,
+            height,
+            max: limits.max_pixels,
+        });
+    }
+    let mut decoder = reader()?;
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(width);
+    l.max_image_height = Some(height);
+    l.max_alloc = Some(limits.max_alloc);
+    decoder.limits(l);
+    decoder
+        .decode()
+        .map_err(|e| ImageRejection::Corrupt(e.to_string()))?;
+    Ok(ImageCheck {
+        format,
+        width,
+        height,
+    })
+}
+
+/// The image bytes of an upload request: multipart (the first file field), a raw
+/// image body, or JSON `{"image": "<base64 or data: URL>"}`.
+async fn image_bytes(request: Request, st: &AppState) -> Result<Vec<u8>, ApiError> {
+    let headers: HeaderMap = request.headers().clone();
+    match media_type(&headers).as_deref() {
+        Some("multipart/form-data") => {
+            let mut form = Multipart::from_request(request, st)
+                .await
+                .map_err(|e| ApiError::bad_request("invalid-multipart", e.body_text()))?;
+            loop {
+                let field = form.next_field().await.map_err(multipart_error)?;
+                let Some(field) = field else {
+                    return Err(ApiError::bad_request(
+                        "invalid-multipart",
+                        "the form has no file field; send the image as a field named `file`",
+                    ));
+                };
+                if field.file_name().is_some() || field.name() == Some("file") {
+                    return Ok(field.bytes().await.map_err(multipart_error)?.to_vec());
+                }
+            }
+        }
+        Some("application/json") => {
+            let Body(body) = Body::from_request(request, st).await?;
+            let value = parse_json(&body)?;
+            let text = value
+                .get("image")
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| {
+                    ApiError::unprocessable(
+                        "invalid-upload",
+                        "a JSON upload is {\"image\": \"<base64>\"} or {\"image\": \"data:image/png;base64,...\"}",
+                    )
+                })?;
+            let data = text
+                .strip_prefix("data:")
+                .and_then(|rest| rest.split_once(','))
+                .map_or(text, |(_, d)| d);
+            base64::engine::general_purpose::STANDARD
+                .decode(data.trim())
+                .map_err(|e| ApiError::unprocessable("invalid-upload", format!("image: invalid base64: {e}")))
+        }
+        Some(t) if t.starts_with("image/") || t == "application/octet-stream" => {
+            let Body(body) = Body::from_request(request, st).await?;
+            Ok(body.to_vec())
+        }
+        other => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            format!(
+                "send the image as multipart/form-data, a raw image/* body or JSON; got Content-Type {}",
+                other.unwrap_or("none")
+            ),
+        )),
+    }
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "the upload is larger than server.max_upload_bytes",
+        )
+    } else {
+        ApiError::bad_request("invalid-multipart", e.body_text())
+    }
+}
+
+pub(super) async fn upload(
+    State(st): State<AppState>,
+    Caller(scope): Caller,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let bytes = image_bytes(request, &st).await?;
+    if bytes.is_empty() {
+        return Err(ApiError::unprocessable(
+            "invalid-upload",
+            "the upload is empty",
+        ));
+    }
+    let limits = crate::api::ImageLimits::from(&st.config.limits);
+    let (bytes, check) = tokio::task::spawn_blocking(move || {
+        let check = validate_image(&bytes, &limits);
+        (bytes, check)
+    })
+    .await
+    .map_err(|e| ApiError::internal("checking an upload", e))?;
+    let check = check.map_err(|e| match e {
+        ImageRejection::TooLarge { .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "image-too-large",
+            e.to_string(),
+        ),
+        ImageRejection::UnknownFormat => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-an-image",
+            e.to_string(),
+        ),
+        ImageRejection::Corrupt(_) => ApiError::unprocessable("not-an-image", e.to_string()),
+    })?;
+    let id = Uuid::now_v7();
+    let extension = check
+        .format
+        .extensions_str()
+        .first()
+        .copied()
+        .unwrap_or("img");
+    let artifacts = st.artifacts.clone();
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let size = bytes.len() as u64;
+    let file_name =
+        tokio::task::spawn_blocking(move || artifacts.put_upload(id, extension, &bytes))
+            .await
+            .map_err(|e| ApiError::internal("storing an upload", e))??;
+    let upload = Upload {
+        id,
+        owner_key_id: scope.owner_key_id.clone(),
+        file_name,
+        content_type: check.format.to_mime_type().to_owned(),
+        width: check.width,
+        height: check.height,
+        bytes: size,
+        sha256,
+        created_at: chrono::Utc::now(),
+    };
+    st.store.insert_upload(upload.clone()).await?;
+    let body = json!({
+        "id": upload.id,
+        "ref": format!("upload:{}", upload.id),
+        "content_type": upload.content_type,
+        "width": upload.width,
+        "height": upload.height,
+        "bytes": upload.bytes,
+        "sha256": upload.sha256,
+        "created_at": upload.created_at,
+    });
+    Ok((
+        StatusCode::CREATED,
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(body),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_pixel(width, height, image::Rgb([10, 20, 30]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    /// A valid PNG header claiming a huge size, with a tiny body.
+    pub(crate) fn bomb_header(width: u32, height: u32) -> Vec<u8> {
+        let mut bytes = png(1, 1);
+        // IHDR data starts at byte 16: width, height (big endian); fix its CRC.
+        bytes[16..20].copy_from_slice(&width.to_be_bytes());
+        bytes[20..24].copy_from_slice(&height.to_be_bytes());
+        let crc = crc32(&bytes[12..29]);
+        bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+        bytes
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in data {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn accepts_images_and_refuses_the_rest() {
+        let limits = ImageLimits {
+            max_pixels: 1 << 20,
+            max_alloc: 1 << 24,
+        };
+        let ok = validate_image(&png(32, 16), &limits).unwrap();
+        assert_eq!((ok.width, ok.height), (32, 16));
+        assert!(matches!(
+            validate_image(b"hello, not an image", &limits),
+            Err(ImageRejection::UnknownFormat)
+        ));
+        assert!(matches!(
+            validate_image(&bomb_header(100_000, 100_000), &limits),
+            Err(ImageRejection::TooLarge { .. })
+        ));
+        let mut truncated = png(32, 32);
+        truncated.truncate(truncated.len() - 20);
+        assert!(matches!(
+            validate_image(&truncated, &limits),
+            Err(ImageRejection::Corrupt(_))
+        ));
+    }
+}

@@ -1,0 +1,306 @@
+//! End to end on a real server with real renders of the tiny models: the happy path,
+//! artifacts, ordering, cancel and SSE resume.
+
+mod service_support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use service_support::*;
+
+const LONG: Duration = Duration::from_secs(120);
+
+async fn events_of(
+    s: &TestServer,
+    id: &str,
+    last_event_id: Option<i64>,
+    max: usize,
+) -> Vec<SseEvent> {
+    let mut req = s.client.get(s.url(&format!("/v1/jobs/{id}/events")));
+    if let Some(last) = last_event_id {
+        req = req.header("last-event-id", last.to_string());
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::timeout(LONG, read_events(r, max))
+        .await
+        .expect("the event stream ends after the terminal event")
+}
+
+#[tokio::test]
+async fn happy_path_submit_follow_sse_fetch_artifacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let mut spec = tiny_spec("a wooden banana temple", 6);
+    spec["width"] = json!(48);
+    spec["height"] = json!(32);
+    let job = s.submit(&spec).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+
+    let events = events_of(&s, &id, None, 1000).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"state"));
+    assert_eq!(events[0].data["state"], "queued");
+    assert_eq!(events[1].data["state"], "running");
+    assert_eq!(kinds.last(), Some(&"completed"), "{kinds:?}");
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|e| e.event == "progress")
+        .map(|e| e.data["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>());
+    let frames: Vec<&SseEvent> = events.iter().filter(|e| e.event == "frame").collect();
+    assert!(!frames.is_empty(), "{kinds:?}");
+
+    let done = s.job(&id).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["progress"]["step"], 6);
+    assert_eq!(done["attempts"], 1);
+    assert_eq!(done["device"], "cpu");
+
+    let r = s
+        .client
+        .get(s.url(done["links"]["image"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/png");
+    let png = image::load_from_memory(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!((png.width(), png.height()), (48, 32));
+
+    let meta: Value = s
+        .client
+        .get(s.url(done["links"]["metadata"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(meta["seed"], 7, "{meta}");
+
+    let listed: Value = s
+        .client
+        .get(s.url(&format!("/v1/jobs/{id}/frames")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = listed["frames"].as_array().unwrap().clone();
+    assert_eq!(listed.len(), frames.len());
+    for f in &frames {
+        let url = f.data["url"].as_str().unwrap();
+        let r = s.client.get(s.url(url)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+        assert_eq!(r.headers()["content-type"], "image/png");
+        let img = image::load_from_memory(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!((img.width(), img.height()), (48, 32));
+    }
+
+    // The video: content type, ETag, ranges.
+    let video_url = s.url(done["links"]["video"].as_str().unwrap());
+    let r = s.client.get(&video_url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "video/mp4");
+    assert_eq!(r.headers()["accept-ranges"], "bytes");
+    let etag = r.headers()["etag"].to_str().unwrap().to_owned();
+    let full = r.bytes().await.unwrap();
+    assert!(full.len() > 16);
+    let r = s
+        .client
+        .get(&video_url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    let r = s
+        .client
+        .get(&video_url)
+        .header("range", "bytes=4-11")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes 4-11/{}", full.len()).as_str()
+    );
+    assert_eq!(r.bytes().await.unwrap(), full[4..12]);
+    let r = s
+        .client
+        .get(&video_url)
+        .header("range", "bytes=-5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), full[full.len() - 5..]);
+    let r = s
+        .client
+        .get(&video_url)
+        .header("range", format!("bytes={}-", full.len() + 10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes */{}", full.len()).as_str()
+    );
+
+    let metrics = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("vqclip_step_duration_seconds_count 6"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vqclip_job_duration_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vqclip_jobs{state=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    let ready = s.client.get(s.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    // Deleting removes the job and its files.
+    let r = s
+        .client
+        .delete(s.url(&format!("/v1/jobs/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(!dir.path().join("artifacts/jobs").join(&id).exists());
+    assert_eq!(s.client.get(&video_url).send().await.unwrap().status(), 404);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn sse_resume_has_no_gaps_and_no_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let job = s.submit(&tiny_spec("resume me", 8)).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let mut seen = events_of(&s, &id, None, 4).await;
+    assert_eq!(seen.len(), 4);
+    // Reconnect twice more from where we stopped, the last time to the end.
+    let more = events_of(&s, &id, Some(seen.last().unwrap().id), 3).await;
+    seen.extend(more);
+    let rest = events_of(&s, &id, Some(seen.last().unwrap().id), 1000).await;
+    seen.extend(rest);
+    let full = events_of(&s, &id, None, 1000).await;
+    assert_eq!(seen, full);
+    assert_eq!(full.last().unwrap().event, "completed");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn two_workers_serve_by_priority_then_fifo() {
+    let dir = tempfile::tempdir().unwrap();
+    // Queue everything before any worker runs, then start two workers on the same database.
+    let s = TestServer::start(test_config(dir.path(), 0)).await;
+    let mut ids = vec![];
+    for (i, priority) in [0, 5, 0, 9, 5, 0].into_iter().enumerate() {
+        let mut spec = tiny_spec(&format!("job {i}"), 3);
+        spec["priority"] = json!(priority);
+        ids.push((
+            priority,
+            s.submit(&spec).await["id"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let mut expected: Vec<(i32, usize)> =
+        ids.iter().enumerate().map(|(i, (p, _))| (*p, i)).collect();
+    expected.sort_by_key(|(p, i)| (-p, *i));
+    for (position, (_, i)) in expected.iter().enumerate() {
+        assert_eq!(s.job(&ids[*i].1).await["position"], position as u64 + 1);
+    }
+    s.stop().await;
+
+    let s = TestServer::start(test_config(dir.path(), 2)).await;
+    for (_, id) in &ids {
+        assert_eq!(s.wait_terminal(id, LONG).await["state"], "succeeded");
+    }
+    // The claim order is the order of the jobs' "running" events (one global sequence).
+    let mut started = vec![];
+    for (i, (_, id)) in ids.iter().enumerate() {
+        let events = events_of(&s, id, None, 1000).await;
+        let running = events
+            .iter()
+            .find(|e| e.data["state"] == "running")
+            .unwrap();
+        started.push((running.id, i));
+    }
+    started.sort();
+    let order: Vec<usize> = started.iter().map(|(_, i)| *i).collect();
+    let want: Vec<usize> = expected.iter().map(|(_, i)| *i).collect();
+    assert_eq!(order, want);
+    let devices: std::collections::HashSet<String> = s
+        .store
+        .live_workers(Duration::from_secs(10))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(devices.len(), 2);
+    s.stop().await;
+}
+
+use vqclip::queue::JobStore;
+
+#[tokio::test]
+async fn cancel_a_queued_and_a_running_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let running = s.submit(&tiny_spec("long", 2000)).await;
+    let queued = s.submit(&tiny_spec("waiting", 4)).await;
+    let running_id = running["id"].as_str().unwrap();
+    let queued_id = queued["id"].as_str().unwrap();
+    let cancel = |id: &str| {
+        s.client
+            .post(s.url(&format!("/v1/jobs/{id}/cancel")))
+            .send()
+    };
+
+    let r = cancel(queued_id).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["state"], "canceled");
+
+    // Wait until the long job is rendering, then cancel it.
+    let deadline = tokio::time::Instant::now() + LONG;
+    while s.job(running_id).await["progress"]["step"]
+        .as_u64()
+        .unwrap()
+        < 2
+    {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = cancel(running_id).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let asked: Value = r.json().await.unwrap();
+    assert!(asked["cancel_requested"].as_bool().unwrap(), "{asked}");
+    let done = s.wait_terminal(running_id, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "canceled");
+    assert!(done["progress"]["step"].as_u64().unwrap() < 2000);
+    let events = events_of(&s, running_id, None, 10_000).await;
+    assert_eq!(events.last().unwrap().event, "canceled");
+    // The canceled one never ran.
+    assert_eq!(s.job(queued_id).await["attempts"], 0);
+    s.stop().await;
+}

@@ -1,0 +1,254 @@
+//! Restarts and crashes: queued jobs survive a restart, a graceful shutdown hands the
+//! running job back with a checkpoint, and a SIGKILLed server's job is rescued after
+//! its lease expires and completes from its last checkpoint.
+
+mod service_support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use service_support::*;
+use vqclip::queue::{JobStore, Scope};
+
+const LONG: Duration = Duration::from_secs(120);
+
+async fn wait_step(s: &TestServer, id: &str, at_least: u64) {
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let job = s.job(id).await;
+        if job["progress"]["step"].as_u64().unwrap_or(0) >= at_least {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn all_events(client: &reqwest::Client, base: &str, id: &str) -> Vec<SseEvent> {
+    let r = client
+        .get(format!("{base}/v1/jobs/{id}/events"))
+        .send()
+        .await
+        .unwrap();
+    tokio::time::timeout(LONG, read_events(r, 100_000))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn queued_jobs_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path(), 0)).await;
+    let mut ids = vec![];
+    for i in 0..3 {
+        ids.push(
+            s.submit(&tiny_spec(&format!("survivor {i}"), 3)).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    s.stop().await;
+    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    for id in &ids {
+        assert_eq!(s.wait_terminal(id, LONG).await["state"], "succeeded");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_checkpoints_requeues_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let mut spec = tiny_spec("interrupted", 24);
+    spec["checkpoint_every"] = json!(4);
+    let id = s.submit(&spec).await["id"].as_str().unwrap().to_owned();
+    wait_step(&s, &id, 6).await;
+    let store = s.store.clone();
+    s.stop().await;
+
+    let uuid = id.parse().unwrap();
+    let store2 = vqclip::queue::SqliteStore::connect(
+        &test_config(dir.path(), 0).database.url,
+        Duration::from_secs(5),
+        2,
+    )
+    .await
+    .unwrap();
+    drop(store);
+    let job = store2.get(uuid, &Scope::unrestricted()).await.unwrap();
+    assert_eq!(job.state, vqclip::queue::JobState::Queued);
+    assert_eq!(job.attempts, 0, "a graceful hand-back spends no attempt");
+    let stopped_at = job.checkpoint_step;
+    assert_eq!(
+        stopped_at, job.progress.step,
+        "the hand-back checkpoints the last step"
+    );
+    assert!((6..24).contains(&stopped_at), "{stopped_at}");
+    let checkpoint = job.checkpoint.clone().expect("a checkpoint was recorded");
+    assert!(dir
+        .path()
+        .join("artifacts/jobs")
+        .join(&id)
+        .join(&checkpoint)
+        .is_file());
+    store2.pool().close().await;
+
+    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let done = s.wait_terminal(&id, LONG).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 1);
+    let events = all_events(&s.client, &s.base, &id).await;
+    let running: Vec<&SseEvent> = events
+        .iter()
+        .filter(|e| e.data["state"] == "running")
+        .collect();
+    assert_eq!(running.len(), 2);
+    assert_eq!(running[1].data["resumed_from"], stopped_at);
+    // After the resume, progress continues from the checkpoint instead of step 1.
+    let after: Vec<u64> = events
+        .iter()
+        .filter(|e| e.id > running[1].id && e.event == "progress")
+        .map(|e| e.data["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(after.first().copied(), Some(stopped_at as u64 + 1));
+    assert_eq!(after.last().copied(), Some(24));
+    s.stop().await;
+}
+
+struct ServerProcess {
+    child: Child,
+    base: String,
+}
+
+fn spawn_server(config: &std::path::Path) -> ServerProcess {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vqclip"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("VQCLIP_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("vqclip listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    ServerProcess { child, base }
+}
+
+#[tokio::test]
+async fn a_sigkilled_servers_job_is_rescued_and_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("vqclip.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+bind = "127.0.0.1:0"
+[database]
+url = "sqlite://{dir}/vqclip.db"
+[storage]
+artifact_dir = "{dir}/artifacts"
+[workers]
+count = 1
+lease_seconds = 2
+heartbeat_seconds = 1
+poll_interval_ms = 100
+[models]
+vqgan = "{vqgan}"
+clip = ["{clip}"]
+"#,
+            dir = dir.path().display(),
+            vqgan = fixture("vqgan-tiny").display(),
+            clip = fixture("clip-tiny").display(),
+        ),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let mut first = spawn_server(&config);
+    let mut spec = tiny_spec("crash test", 24);
+    spec["checkpoint_every"] = json!(4);
+    let job: Value = client
+        .post(format!("{}/v1/jobs", first.base))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let j: Value = client
+            .get(format!("{}/v1/jobs/{id}", first.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if j["progress"]["step"].as_u64().unwrap_or(0) >= 9 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{j}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SIGKILL: no shutdown code runs; the job is left "running" with a lease.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+
+    let mut second = spawn_server(&config);
+    let deadline = tokio::time::Instant::now() + LONG;
+    let done = loop {
+        let j: Value = client
+            .get(format!("{}/v1/jobs/{id}", second.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if j["state"] == "succeeded" || j["state"] == "failed" {
+            break j;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 2);
+    let events = all_events(&client, &second.base, &id).await;
+    let requeued = events
+        .iter()
+        .find(|e| e.data["state"] == "queued" && e.data["reason"] == "worker lost; requeued")
+        .expect("a rescue event");
+    let resumed = events
+        .iter()
+        .find(|e| e.id > requeued.id && e.data["state"] == "running")
+        .unwrap();
+    let from = resumed.data["resumed_from"]
+        .as_u64()
+        .expect("resumed from a checkpoint");
+    // Checkpoints every 4 steps and at least 9 steps done: it resumed from step 8 or later.
+    assert!(from >= 8 && from % 4 == 0, "{from}");
+    let r = client
+        .get(format!("{}/v1/jobs/{id}/image.png", second.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // SIGTERM: a graceful stop exits cleanly.
+    unsafe {
+        libc::kill(second.child.id() as i32, libc::SIGTERM);
+    }
+    let status = second.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}

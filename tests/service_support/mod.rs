@@ -1,0 +1,221 @@
+//! A real vqclip server on an ephemeral 127.0.0.1 port, with a temporary directory and
+//! the tiny random-weight models in tests/fixtures. Shared by the api_/queue_/service_ tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use vqclip::api::{self, AppState};
+use vqclip::config::{Config, Overrides};
+use vqclip::queue::{JobStore, Metrics, SqliteStore};
+use vqclip::storage::ArtifactStore;
+use vqclip::worker::{WorkerContext, WorkerPool};
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The defaults, pointed at `dir`, with short leases and heartbeats so tests are quick.
+pub fn test_config(dir: &Path, workers: usize) -> Config {
+    let mut c = Config::load_from(None, std::iter::empty(), &Overrides::default()).unwrap();
+    c.server.bind = "127.0.0.1:0".parse().unwrap();
+    c.server.sse_keep_alive_seconds = 1;
+    c.server.retry_after_seconds = 3;
+    c.database.url = format!("sqlite://{}/vqclip.db", dir.display());
+    c.storage.artifact_dir = dir.join("artifacts");
+    c.workers.count = workers;
+    c.workers.devices = vec![];
+    c.workers.lease_seconds = 3;
+    c.workers.heartbeat_seconds = 1;
+    c.workers.poll_interval_ms = 100;
+    c.models.vqgan = fixture("vqgan-tiny").display().to_string();
+    c.models.clip = vec![fixture("clip-tiny").display().to_string()];
+    c
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub store: Arc<SqliteStore>,
+    pub config: Config,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    pool: Option<WorkerPool>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> TestServer {
+        let store = Arc::new(
+            SqliteStore::connect(&config.database.url, Duration::from_secs(5), 8)
+                .await
+                .unwrap(),
+        );
+        let artifacts = ArtifactStore::open(&config.storage.artifact_dir).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let shutdown = CancellationToken::new();
+        let devices = config.workers.worker_devices();
+        let pool = if devices.is_empty() {
+            None
+        } else {
+            let ctx =
+                WorkerContext::new(store.clone(), artifacts.clone(), metrics.clone(), &config);
+            Some(WorkerPool::start(ctx, &devices, shutdown.clone()).unwrap())
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let state = AppState {
+            store: store.clone() as Arc<dyn JobStore>,
+            artifacts,
+            config: Arc::new(config.clone()),
+            metrics,
+            shutdown: shutdown.clone(),
+        };
+        let server = tokio::spawn(api::serve(listener, state));
+        TestServer {
+            base,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            store,
+            config,
+            shutdown,
+            server,
+            pool,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Graceful stop: the HTTP server ends, running jobs checkpoint and requeue.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.server.await;
+        if let Some(pool) = self.pool {
+            pool.join().await;
+        }
+        self.store.pool().close().await;
+    }
+
+    pub async fn submit(&self, spec: &Value) -> Value {
+        let r = self
+            .client
+            .post(self.url("/v1/jobs"))
+            .json(spec)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(status, 201, "{body}");
+        body
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        self.client
+            .get(self.url(&format!("/v1/jobs/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Polls until the job is in a terminal state.
+    pub async fn wait_terminal(&self, id: &str, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let job = self.job(id).await;
+            let state = job["state"].as_str().unwrap_or("").to_owned();
+            if ["succeeded", "failed", "canceled"].contains(&state.as_str()) {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} still {state} after {timeout:?}: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn wait_state(&self, id: &str, want: &str, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let job = self.job(id).await;
+            if job["state"] == want {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} never became {want}: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A job small enough to render in well under a second on the tiny models.
+pub fn tiny_spec(prompt: &str, steps: u32) -> Value {
+    json!({
+        "prompts": prompt,
+        "width": 32,
+        "height": 32,
+        "steps": steps,
+        "cutn": 2,
+        "save_every": 2,
+        "seed": 7,
+    })
+}
+
+/// One parsed SSE event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: i64,
+    pub event: String,
+    pub data: Value,
+}
+
+/// Reads SSE events until the stream ends or `max` events arrived.
+pub async fn read_events(response: reqwest::Response, max: usize) -> Vec<SseEvent> {
+    use futures::StreamExt;
+    let mut stream = response.bytes_stream();
+    let mut buf = String::new();
+    let mut events = vec![];
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut ev = SseEvent {
+                id: -1,
+                event: String::new(),
+                data: Value::Null,
+            };
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    ev.id = v.trim().parse().unwrap();
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    ev.event = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim());
+                }
+            }
+            if ev.id >= 0 {
+                ev.data = serde_json::from_str(&data).unwrap();
+                events.push(ev);
+                if events.len() >= max {
+                    return events;
+                }
+            }
+        }
+    }
+    events
+}
