@@ -159,6 +159,15 @@ fn checkpoint_and_resume_equal_an_uninterrupted_run() {
         panic!("expected an interruption, got {outcome:?}");
     };
     assert_eq!(step, 3);
+    // A checkpoint refuses a job with other render parameters.
+    let mut other = job(spec(&s.replace("a castle", "a cottage")), part.path());
+    other.resume = Some(checkpoint.clone());
+    let err = render(&other, models(), &mut NoProgress, &CancelToken::new()).unwrap_err();
+    assert!(
+        err.to_string().contains("different render parameters"),
+        "{err}"
+    );
+
     let mut resumed = job(spec(s), part.path());
     resumed.resume = Some(checkpoint);
     let outcome = render(&resumed, models(), &mut NoProgress, &CancelToken::new()).unwrap();

@@ -466,6 +466,7 @@ impl<'m> RenderSession<'m> {
         Checkpoint {
             step: self.step,
             seed: self.seed,
+            spec_sha256: super::checkpoint::spec_fingerprint(&self.spec),
             width: self.width as u32,
             height: self.height as u32,
             z: self.z.as_tensor().clone(),
