@@ -6,20 +6,32 @@
 //! input-only backward passes) replaces the body of one of these, dispatching on
 //! `x.device()`, and no model file changes.
 //!
-//! The bodies here are the reference: plain candle ops whose autograd is known to work. That is
-//! why LayerNorm and softmax are built from primitives: `candle_nn::ops::layer_norm` and
+//! The plain bodies here are the reference: candle ops whose autograd is known to work. That
+//! is why LayerNorm and softmax are built from primitives: `candle_nn::ops::layer_norm` and
 //! `candle_nn::ops::softmax_last_dim` have no backward and silently drop the gradient. Tests
 //! below check every gradient the render loop relies on against finite differences.
+//!
+//! Conv2d, GroupNorm (+ SiLU) and the nearest upsample also have an input-gradient-only path
+//! ([`super::ops`]) for frozen weights, which is what the render loop's backward through the
+//! VQGAN decoder spends its time in. [`layer_ops`] decides, in this one place, which path runs;
+//! a layer whose weights carry a gradient (a `Var`) always takes the autograd path, so weight
+//! gradients are never dropped silently.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-/// Norms and softmax accumulate in f32 even when weights are half precision.
-fn upcast(x: &Tensor) -> Result<Tensor> {
-    match x.dtype() {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32),
-        _ => Ok(x.clone()),
-    }
+use super::ops::{
+    attach_input_grad, conv2d_input_grad, group_norm_input_grad, upcast,
+    upsample_nearest2x_input_grad, FlippedKernel, GroupNormParams,
+};
+pub use super::ops::{
+    input_grad_layers_attached, layer_ops, with_layer_ops, LayerOps, LAYER_OPS_ENV,
+};
+
+/// Whether `x`'s layer should take the input-gradient-only path: only when something upstream
+/// of `x` wants a gradient and none of the layer's `weights` does.
+fn input_grad_only(x: &Tensor, weights: &[&Tensor]) -> bool {
+    layer_ops() == LayerOps::InputGradOnly && x.track_op() && weights.iter().all(|w| !w.track_op())
 }
 
 /// 2-D convolution (PyTorch `nn.Conv2d` weights: `weight` (out, in, k, k), optional `bias`).
@@ -29,6 +41,7 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    flipped: FlippedKernel,
 }
 
 impl Conv2d {
@@ -38,6 +51,7 @@ impl Conv2d {
             bias,
             stride,
             padding,
+            flipped: FlippedKernel::default(),
         }
     }
 
@@ -72,13 +86,30 @@ impl Conv2d {
     }
 }
 
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Conv2d {
+    fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
         }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut weights = vec![&self.weight];
+        weights.extend(&self.bias);
+        // Stride 2 (the encoder's downsampling, off the render loop) keeps candle's backward.
+        let flippable = self.stride == 1 && self.padding < self.weight.dim(2)?;
+        if !(flippable && input_grad_only(x, &weights)) {
+            return self.forward_plain(x);
+        }
+        let y = self.forward_plain(&x.detach())?;
+        let (weight, flipped, padding) = (self.weight.clone(), self.flipped.clone(), self.padding);
+        attach_input_grad("conv2d-input-grad", x, y, move |_x, grad_y| {
+            conv2d_input_grad(grad_y, &weight, &flipped, padding)
+        })
     }
 }
 
@@ -93,14 +124,22 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get(channels, "weight")?;
+        let bias = vb.get(channels, "bias")?;
+        Self::new(weight, bias, num_groups, eps)
+    }
+
+    /// A GroupNorm from its affine parameters (`weight`, `bias`: one per channel).
+    pub fn new(weight: Tensor, bias: Tensor, num_groups: usize, eps: f64) -> Result<Self> {
+        let channels = weight.dim(0)?;
         if num_groups == 0 || !channels.is_multiple_of(num_groups) {
             candle_core::bail!(
                 "GroupNorm: {channels} channels do not split into {num_groups} groups"
             )
         }
         Ok(Self {
-            weight: vb.get(channels, "weight")?,
-            bias: vb.get(channels, "bias")?,
+            weight,
+            bias,
             num_groups,
             eps,
         })
@@ -109,12 +148,39 @@ impl GroupNorm {
     /// GroupNorm followed by SiLU (`x * sigmoid(x)`): the pair every taming ResNet block and
     /// output head uses, and so the unit a fused GPU kernel replaces.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward(x)?.silu()
+        self.forward_with(x, true)
     }
-}
 
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_with(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let plain = |x: &Tensor| {
+            let y = self.forward_plain(x)?;
+            if silu {
+                y.silu()
+            } else {
+                Ok(y)
+            }
+        };
+        if !input_grad_only(x, &[&self.weight, &self.bias]) {
+            return plain(x);
+        }
+        let y = plain(&x.detach())?;
+        let params = GroupNormParams {
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            num_groups: self.num_groups,
+            eps: self.eps,
+        };
+        let name = if silu {
+            "group-norm-silu-input-grad"
+        } else {
+            "group-norm-input-grad"
+        };
+        attach_input_grad(name, x, y, move |x, grad_y| {
+            group_norm_input_grad(x, grad_y, &params, silu)
+        })
+    }
+
+    fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let dtype = x.dtype();
         let grouped = upcast(x)?.reshape((b, self.num_groups, (c / self.num_groups) * h * w))?;
@@ -129,10 +195,22 @@ impl Module for GroupNorm {
     }
 }
 
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, false)
+    }
+}
+
 /// Nearest-neighbour upsampling by exactly 2 in both spatial dims (`F.interpolate(scale_factor=2)`).
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let (_b, _c, h, w) = x.dims4()?;
-    x.upsample_nearest2d(2 * h, 2 * w)
+    if !input_grad_only(x, &[]) {
+        return x.upsample_nearest2d(2 * h, 2 * w);
+    }
+    let y = x.detach().upsample_nearest2d(2 * h, 2 * w)?;
+    attach_input_grad("upsample-nearest2x-input-grad", x, y, |_x, grad_y| {
+        upsample_nearest2x_input_grad(grad_y)
+    })
 }
 
 /// `torch.nn.Linear`: `weight` (out, in), optional `bias`, applied to the last dim.
@@ -267,7 +345,7 @@ pub fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// Central differences of `f` at `x` along `dir`, against autograd's directional derivative.
     fn check_directional_gradient(
@@ -335,12 +413,12 @@ mod tests {
     fn group_norm_silu_upsample_and_activations_pass_gradient() -> Result<()> {
         let dev = Device::Cpu;
         let c = 4;
-        let gn = GroupNorm {
-            weight: Tensor::randn(1.0, 0.3, c, &dev)?.to_dtype(DType::F64)?,
-            bias: Tensor::randn(0.0, 0.3, c, &dev)?.to_dtype(DType::F64)?,
-            num_groups: 2,
-            eps: 1e-6,
-        };
+        let gn = GroupNorm::new(
+            Tensor::randn(1.0, 0.3, c, &dev)?.to_dtype(DType::F64)?,
+            Tensor::randn(0.0, 0.3, c, &dev)?.to_dtype(DType::F64)?,
+            2,
+            1e-6,
+        )?;
         let x =
             Var::from_tensor(&Tensor::randn(0.0, 1.0, (2, c, 3, 3), &dev)?.to_dtype(DType::F64)?)?;
         let readout = Tensor::rand(-1.0, 1.0, (2, c, 6, 6), &dev)?.to_dtype(DType::F64)?;
@@ -368,12 +446,12 @@ mod tests {
         let x = Tensor::arange(0f32, 16.0, &dev)?
             .reshape((1, 4, 2, 2))?
             .sqr()?;
-        let gn = GroupNorm {
-            weight: Tensor::ones(4, DType::F32, &dev)?,
-            bias: Tensor::zeros(4, DType::F32, &dev)?,
-            num_groups: 2,
-            eps: 0.0,
-        };
+        let gn = GroupNorm::new(
+            Tensor::ones(4, DType::F32, &dev)?,
+            Tensor::zeros(4, DType::F32, &dev)?,
+            2,
+            0.0,
+        )?;
         let y = gn.forward(&x)?.reshape((2, 8))?;
         let mean = y.mean(1)?.to_vec1::<f32>()?;
         let var = y.sqr()?.mean(1)?.to_vec1::<f32>()?;
