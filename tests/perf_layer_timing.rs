@@ -1,0 +1,197 @@
+//! Per-layer forward and backward timings of the VQGAN decoder's layers at the real
+//! f16_16384 shapes, autograd against the input-gradient-only ops, and the whole decoder.
+//! Measurements, not checks of speed (the machine may be loaded), so they are ignored by
+//! default:
+//!
+//! ```text
+//! cargo test --test perf_layer_timing -- --ignored --nocapture --test-threads 1
+//! ```
+//!
+//! `VQCLIP_TIMING_SIZE` sets the decoded image side (default 128).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use vqclip::models::layers::{
+    attention, upsample_nearest2x, with_layer_ops, Conv2d, GroupNorm, LayerOps,
+};
+use vqclip::models::{Vqgan, VqganConfig};
+
+const PATHS: [LayerOps; 2] = [LayerOps::Autograd, LayerOps::InputGradOnly];
+
+fn image_side() -> usize {
+    std::env::var("VQCLIP_TIMING_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(128)
+}
+
+fn randn(shape: &[usize], std: f32) -> Tensor {
+    Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap()
+}
+
+fn median(mut secs: Vec<f64>) -> f64 {
+    secs.sort_by(f64::total_cmp);
+    secs[secs.len() / 2]
+}
+
+/// Median forward and backward (to the input only) seconds of `sum(layer(x) * readout)`
+/// under `ops`,
+/// each ended by a device sync, and the input gradient, so that the two paths' results are
+/// compared as they are timed.
+fn time_layer(
+    ops: LayerOps,
+    x: &Tensor,
+    readout: &Tensor,
+    reps: usize,
+    layer: &dyn Fn(&Tensor) -> Result<Tensor>,
+) -> (f64, f64, Tensor) {
+    with_layer_ops(ops, || {
+        let dev = x.device();
+        let v = Var::from_tensor(x).unwrap();
+        let (mut fwd, mut bwd, mut grad) = (vec![], vec![], None);
+        for _ in 0..reps {
+            let start = Instant::now();
+            let loss = (layer(v.as_tensor()).unwrap() * readout)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            dev.synchronize().unwrap();
+            fwd.push(start.elapsed().as_secs_f64());
+            let start = Instant::now();
+            let grads = loss.backward().unwrap();
+            dev.synchronize().unwrap();
+            bwd.push(start.elapsed().as_secs_f64());
+            grad = grads.get(v.as_tensor()).cloned();
+        }
+        (median(fwd), median(bwd), grad.expect("no input gradient"))
+    })
+}
+
+fn report(what: &str, x: &Tensor, reps: usize, layer: &dyn Fn(&Tensor) -> Result<Tensor>) {
+    // A random readout: a plain sum would give GroupNorm a zero input gradient.
+    let shape = layer(x).unwrap().shape().clone();
+    let readout = Tensor::randn(0f32, 1.0, shape, x.device()).unwrap();
+    let mut grads = vec![];
+    for ops in PATHS {
+        let (fwd, bwd, grad) = time_layer(ops, x, &readout, reps, layer);
+        println!(
+            "| {what:<32} | {:<14} | {:>9.1} | {:>9.1} |",
+            format!("{ops:?}"),
+            fwd * 1e3,
+            bwd * 1e3
+        );
+        grads.push(grad);
+    }
+    let diff = (&grads[0] - &grads[1])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = grads[0]
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff <= 1e-4 * scale.max(1e-12),
+        "{what}: the two paths' input gradients differ by {diff} (scale {scale})"
+    );
+}
+
+fn header() {
+    println!("| layer (f32, batch 1)             | path           |    fwd ms |    bwd ms |");
+    println!("|---|---|---|---|");
+}
+
+#[test]
+#[ignore = "measurement: run with --ignored --nocapture"]
+fn decoder_layers_at_real_shapes() {
+    let side = image_side();
+    let reps = 3;
+    header();
+    // (channels, spatial side) of the f16 decoder's levels for a `side`² image.
+    let levels = [
+        (512, side / 16),
+        (512, side / 8),
+        (256, side / 4),
+        (256, side / 2),
+        (128, side),
+    ];
+    for (c, s) in levels {
+        let x = randn(&[1, c, s, s], 1.0);
+        let conv = Conv2d::new(randn(&[c, c, 3, 3], 0.02), Some(randn(&[c], 0.02)), 1, 1);
+        report(&format!("conv3x3 {c}ch {s}²"), &x, reps, &|t| {
+            conv.forward(t)
+        });
+        let gn = GroupNorm::new(
+            Tensor::ones(c, DType::F32, &Device::Cpu).unwrap(),
+            randn(&[c], 0.02),
+            32,
+            1e-6,
+        )
+        .unwrap();
+        report(&format!("GroupNorm+SiLU {c}ch {s}²"), &x, reps, &|t| {
+            gn.forward_silu(t)
+        });
+        if s < side {
+            report(&format!("upsample2x {c}ch {s}²"), &x, reps, &|t| {
+                upsample_nearest2x(t)
+            });
+        }
+    }
+    // The decoder's attention: 1x1 projections then softmax(q kᵀ) v over the latent's pixels.
+    let (c, s) = (512, side / 16);
+    let x = randn(&[1, c, s, s], 1.0);
+    let proj = Conv2d::new(randn(&[c, c, 1, 1], 0.02), Some(randn(&[c], 0.02)), 1, 0);
+    report(&format!("conv1x1 {c}ch {s}²"), &x, reps, &|t| {
+        proj.forward(t)
+    });
+    report(&format!("attention {c}ch {s}²"), &x, reps, &|t| {
+        let tokens = t.flatten_from(2)?.transpose(1, 2)?;
+        attention(&tokens, &tokens, &tokens, (c as f64).powf(-0.5), None)
+    });
+}
+
+/// Weights drawn from N(0, 0.02²), norm scales at one: plain tensors, so frozen.
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let t = if name.contains("norm") && name.ends_with("weight") {
+            Tensor::ones(s, DType::F32, dev)?
+        } else {
+            Tensor::randn(0f32, 0.02, s, dev)?
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[test]
+#[ignore = "measurement: run with --ignored --nocapture"]
+fn whole_decoder_forward_and_backward() {
+    let side = image_side();
+    let yaml = "model:\n  params:\n    embed_dim: 256\n    n_embed: 16384\n    ddconfig:\n      double_z: false\n      z_channels: 256\n      resolution: 256\n      in_channels: 3\n      out_ch: 3\n      ch: 128\n      ch_mult: [1, 1, 2, 2, 4]\n      num_res_blocks: 2\n      attn_resolutions: [16]\n      dropout: 0.0\n";
+    let cfg = VqganConfig::from_yaml_str(yaml).unwrap();
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
+    let vq = Vqgan::new(vb, &cfg).unwrap();
+    let z = randn(&[1, 256, side / 16, side / 16], 1.0);
+    println!("f16_16384 decoder, random weights, {side}² image");
+    header();
+    report(&format!("decoder {side}²"), &z, 1, &|t| vq.decode(t));
+}
