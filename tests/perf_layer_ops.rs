@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use vqclip::models::layers::{
     input_grad_layers_attached, upsample_nearest2x, with_layer_ops, Conv2d, GroupNorm, LayerOps,
+    Linear,
 };
 use vqclip::models::Vqgan;
 
@@ -141,6 +142,39 @@ fn strided_conv_keeps_autograd_and_its_gradient() {
     let x = randn(&[1, 3, 9, 9], DType::F64);
     let c = conv(4, 3, 3, 2, 0, DType::F64);
     assert_paths_agree("conv stride 2", &x, &|t| c.forward(t), 1e-12, false);
+}
+
+#[test]
+fn patchify_conv_input_grad_matches_autograd() {
+    // Stride equal to the kernel, no padding: CLIP's patch embedding. 11 and 14 leave rows and
+    // columns past the last whole patch, whose gradient is zero. (candle's own backward sizes
+    // both dims from the height's remainder, so the reference fails when the two differ.)
+    for (h, w) in [(12, 9), (11, 14)] {
+        let x = randn(&[2, 3, h, w], DType::F64);
+        let c = Conv2d::new(randn(&[5, 3, 3, 3], DType::F64), None, 3, 0);
+        assert_paths_agree(
+            &format!("patchify conv on {h}x{w}"),
+            &x,
+            &|t| c.forward(t),
+            1e-12,
+            true,
+        );
+    }
+}
+
+#[test]
+fn linear_input_grad_matches_autograd() {
+    let x = randn(&[2, 7, 6], DType::F64);
+    let with_bias = Linear::new(randn(&[4, 6], DType::F64), Some(randn(&[4], DType::F64)));
+    assert_paths_agree("linear", &x, &|t| with_bias.forward(t), 1e-12, true);
+    let no_bias = Linear::new(randn(&[3, 6], DType::F64), None);
+    assert_paths_agree(
+        "linear without bias",
+        &x,
+        &|t| no_bias.forward(t),
+        1e-12,
+        true,
+    );
 }
 
 #[test]

@@ -15,9 +15,9 @@ use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use vqclip::models::layers::{
-    attention, upsample_nearest2x, with_layer_ops, Conv2d, GroupNorm, LayerOps,
+    attention, upsample_nearest2x, with_layer_ops, Conv2d, GroupNorm, LayerNorm, LayerOps, Linear,
 };
-use vqclip::models::{Vqgan, VqganConfig};
+use vqclip::models::{Clip, ClipConfig, Vqgan, VqganConfig};
 
 const PATHS: [LayerOps; 2] = [LayerOps::Autograd, LayerOps::InputGradOnly];
 
@@ -194,4 +194,42 @@ fn whole_decoder_forward_and_backward() {
     println!("f16_16384 decoder, random weights, {side}² image");
     header();
     report(&format!("decoder {side}²"), &z, 1, &|t| vq.decode(t));
+}
+
+#[test]
+#[ignore = "measurement: run with --ignored --nocapture"]
+fn clip_image_encoder_forward_and_backward() {
+    let json = include_str!("../src/models/data/configs/clip-vit-base-patch32.json");
+    let cfg = ClipConfig::from_json_str(json).unwrap();
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
+    let clip = Clip::new(vb, &cfg).unwrap();
+    let s = clip.image_size();
+    let cutn = 8;
+    let pixels = randn(&[cutn, 3, s, s], 1.0);
+    println!("ViT-B/32 image encoder, random weights, {cutn} cutouts of {s}²");
+    header();
+    report(&format!("CLIP image {cutn}x{s}²"), &pixels, 1, &|t| {
+        clip.encode_image(t)
+    });
+    let tokens = cutn * 50;
+    let x = randn(&[tokens, 768], 1.0);
+    let fc1 = Linear::new(randn(&[3072, 768], 0.02), Some(randn(&[3072], 0.02)));
+    report(&format!("Linear 768->3072 {tokens} tokens"), &x, 3, &|t| {
+        fc1.forward(t)
+    });
+    let ln = LayerNorm::new(
+        Tensor::ones(768, DType::F32, &Device::Cpu).unwrap(),
+        randn(&[768], 0.02),
+        1e-5,
+    );
+    report(&format!("LayerNorm 768 {tokens} tokens"), &x, 3, &|t| {
+        ln.forward(t)
+    });
+    let patch = Conv2d::new(randn(&[768, 3, 32, 32], 0.02), None, 32, 0);
+    report(
+        &format!("patch conv 32/32 {cutn}x{s}²"),
+        &pixels,
+        3,
+        &|t| patch.forward(t),
+    );
 }

@@ -11,7 +11,7 @@
 //! `candle_nn::ops::softmax_last_dim` have no backward and silently drop the gradient. Tests
 //! below check every gradient the render loop relies on against finite differences.
 //!
-//! Conv2d, GroupNorm (+ SiLU) and the nearest upsample also have an input-gradient-only path
+//! Conv2d, Linear, GroupNorm (+ SiLU) and the nearest upsample also have an input-gradient-only path
 //! ([`super::ops`]) for frozen weights, which is what the render loop's backward through the
 //! VQGAN decoder spends its time in. [`layer_ops`] decides, in this one place, which path runs;
 //! a layer whose weights carry a gradient (a `Var`) always takes the autograd path, so weight
@@ -21,8 +21,9 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::ops::{
-    attach_input_grad, conv2d_input_grad, group_norm_input_grad, upcast,
-    upsample_nearest2x_input_grad, FlippedKernel, GroupNormParams,
+    attach_input_grad, conv2d_input_grad, group_norm_input_grad, linear_input_grad,
+    patchify_conv2d_input_grad, upcast, upsample_nearest2x_input_grad, FlippedKernel,
+    GroupNormParams,
 };
 pub use super::ops::{
     input_grad_layers_attached, layer_ops, with_layer_ops, LayerOps, LAYER_OPS_ENV,
@@ -100,16 +101,25 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut weights = vec![&self.weight];
         weights.extend(&self.bias);
-        // Stride 2 (the encoder's downsampling, off the render loop) keeps candle's backward.
-        let flippable = self.stride == 1 && self.padding < self.weight.dim(2)?;
-        if !(flippable && input_grad_only(x, &weights)) {
+        let kernel = self.weight.dim(2)?;
+        let flippable = self.stride == 1 && self.padding < kernel;
+        let patchify = self.stride == kernel && self.padding == 0;
+        // Other strides (the encoder's downsampling, off the render loop) keep candle's backward.
+        if !((flippable || patchify) && input_grad_only(x, &weights)) {
             return self.forward_plain(x);
         }
         let y = self.forward_plain(&x.detach())?;
-        let (weight, flipped, padding) = (self.weight.clone(), self.flipped.clone(), self.padding);
-        attach_input_grad("conv2d-input-grad", x, y, move |_x, grad_y| {
-            conv2d_input_grad(grad_y, &weight, &flipped, padding)
-        })
+        let weight = self.weight.clone();
+        if flippable {
+            let (flipped, padding) = (self.flipped.clone(), self.padding);
+            attach_input_grad("conv2d-input-grad", x, y, move |_x, grad_y| {
+                conv2d_input_grad(grad_y, &weight, &flipped, padding)
+            })
+        } else {
+            attach_input_grad("patchify-conv2d-input-grad", x, y, move |x, grad_y| {
+                patchify_conv2d_input_grad(grad_y, &weight, x.dims())
+            })
+        }
     }
 }
 
@@ -221,6 +231,10 @@ pub struct Linear {
 }
 
 impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(Self {
             weight: vb.get((out_dim, in_dim), "weight")?,
@@ -238,6 +252,21 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut weights = vec![&self.weight];
+        weights.extend(&self.bias);
+        if !input_grad_only(x, &weights) {
+            return self.forward_plain(x);
+        }
+        let y = self.forward_plain(&x.detach())?;
+        let weight = self.weight.clone();
+        attach_input_grad("linear-input-grad", x, y, move |x, grad_y| {
+            linear_input_grad(grad_y, &weight, x.dims())
+        })
+    }
+}
+
+impl Linear {
+    fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);

@@ -244,6 +244,48 @@ pub fn conv2d_input_grad(
     grad_y.conv2d(&flipped.get(weight)?, kh - 1 - padding, 1, 1, 1)
 }
 
+/// `d loss / d x` of a conv whose stride equals its kernel and which has no padding (CLIP's
+/// patch embedding): the patches do not overlap, so the gradient of each patch is one matmul
+/// with the weight, laid back out in place. Rows and columns past the last whole patch never
+/// reach the output and get zero.
+pub fn patchify_conv2d_input_grad(
+    grad_y: &Tensor,
+    weight: &Tensor,
+    input_dims: &[usize],
+) -> Result<Tensor> {
+    let (c_out, c_in, k, _) = weight.dims4()?;
+    let (b, _, hp, wp) = grad_y.dims4()?;
+    let [_, _, h, w] = input_dims else {
+        candle_core::bail!("patchify conv input gradient needs a 4-d input, got {input_dims:?}")
+    };
+    let w_t = weight.detach().reshape((c_out, c_in * k * k))?.t()?;
+    let patches = w_t
+        .broadcast_left(b)?
+        .matmul(&grad_y.reshape((b, c_out, hp * wp))?)?;
+    let grad = patches
+        .reshape((b, c_in, k, k, hp, wp))?
+        .permute((0, 1, 4, 2, 5, 3))?
+        .reshape((b, c_in, hp * k, wp * k))?;
+    let grad = match h.checked_sub(hp * k) {
+        Some(extra) if extra > 0 => grad.pad_with_zeros(2, 0, extra)?,
+        _ => grad,
+    };
+    match w.checked_sub(wp * k) {
+        Some(extra) if extra > 0 => grad.pad_with_zeros(3, 0, extra),
+        _ => Ok(grad),
+    }
+}
+
+/// `d loss / d x` of `y = x Wᵀ + b` over the last dim, for `x` of shape `input_dims`.
+pub fn linear_input_grad(grad_y: &Tensor, weight: &Tensor, input_dims: &[usize]) -> Result<Tensor> {
+    let out_dim = weight.dim(0)?;
+    let rows = grad_y.elem_count() / out_dim.max(1);
+    grad_y
+        .reshape((rows, out_dim))?
+        .matmul(&weight.detach())?
+        .reshape(input_dims)
+}
+
 /// Norms accumulate in f32 even when weights are half precision.
 pub(crate) fn upcast(x: &Tensor) -> Result<Tensor> {
     match x.dtype() {
