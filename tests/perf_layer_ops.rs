@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use vqclip::models::layers::{
-    input_grad_layers_attached, upsample_nearest2x, with_layer_ops, Conv2d, GroupNorm, LayerOps,
-    Linear,
+    input_grad_layers_attached, upsample_nearest2x, with_layer_ops, Activation, Conv2d, GroupNorm,
+    LayerNorm, LayerOps, Linear,
 };
 use vqclip::models::Vqgan;
 
@@ -203,6 +203,23 @@ fn group_norm_and_silu_input_grad_match_autograd() {
             tol,
             true,
         );
+    }
+}
+
+#[test]
+fn layer_norm_and_quick_gelu_input_grad_match_autograd() {
+    for dtype in [DType::F64, DType::F32] {
+        let tol = if dtype == DType::F64 { 1e-11 } else { 1e-5 };
+        let x = randn(&[2, 5, 12], dtype).affine(2.0, -0.3).unwrap();
+        let ln = LayerNorm::new(
+            randn(&[12], dtype).affine(0.5, 1.0).unwrap(),
+            randn(&[12], dtype),
+            1e-5,
+        );
+        let what = format!("LayerNorm {dtype:?}");
+        assert_paths_agree(&what, &x, &|t| ln.forward(t), tol, true);
+        let what = format!("QuickGELU {dtype:?}");
+        assert_paths_agree(&what, &x, &|t| Activation::QuickGelu.forward(t), tol, true);
     }
 }
 

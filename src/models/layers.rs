@@ -11,7 +11,8 @@
 //! `candle_nn::ops::softmax_last_dim` have no backward and silently drop the gradient. Tests
 //! below check every gradient the render loop relies on against finite differences.
 //!
-//! Conv2d, Linear, GroupNorm (+ SiLU) and the nearest upsample also have an input-gradient-only path
+//! Conv2d, Linear, GroupNorm (+ SiLU), LayerNorm, QuickGELU and the nearest upsample also have
+//! an input-gradient-only path
 //! ([`super::ops`]) for frozen weights, which is what the render loop's backward through the
 //! VQGAN decoder spends its time in. [`layer_ops`] decides, in this one place, which path runs;
 //! a layer whose weights carry a gradient (a `Var`) always takes the autograd path, so weight
@@ -21,9 +22,9 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::ops::{
-    attach_input_grad, conv2d_input_grad, group_norm_input_grad, linear_input_grad,
-    patchify_conv2d_input_grad, upcast, upsample_nearest2x_input_grad, FlippedKernel,
-    GroupNormParams,
+    attach_input_grad, conv2d_input_grad, group_norm_input_grad, layer_norm_input_grad,
+    linear_input_grad, patchify_conv2d_input_grad, quick_gelu_input_grad, upcast,
+    upsample_nearest2x_input_grad, FlippedKernel, GroupNormParams, QUICK_GELU_SLOPE,
 };
 pub use super::ops::{
     input_grad_layers_attached, layer_ops, with_layer_ops, LayerOps, LAYER_OPS_ENV,
@@ -303,6 +304,19 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !input_grad_only(x, &[&self.weight, &self.bias]) {
+            return self.forward_plain(x);
+        }
+        let y = self.forward_plain(&x.detach())?;
+        let (weight, eps) = (self.weight.clone(), self.eps);
+        attach_input_grad("layer-norm-input-grad", x, y, move |x, grad_y| {
+            layer_norm_input_grad(x, grad_y, &weight, eps)
+        })
+    }
+}
+
+impl LayerNorm {
+    fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x = upcast(x)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -347,7 +361,11 @@ pub enum Activation {
 impl Module for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::QuickGelu => x.mul(&sigmoid(&(x * 1.702)?)?),
+            Self::QuickGelu if input_grad_only(x, &[]) => {
+                let plain = x.detach().mul(&sigmoid(&(x.detach() * QUICK_GELU_SLOPE)?)?)?;
+                attach_input_grad("quick-gelu-input-grad", x, plain, quick_gelu_input_grad)
+            }
+            Self::QuickGelu => x.mul(&sigmoid(&(x * QUICK_GELU_SLOPE)?)?),
             Self::Gelu => x.gelu_erf(),
             Self::GeluNew => x.gelu(),
         }

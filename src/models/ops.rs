@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, DType, Layout, MetalStorage, Result, Shape, Tensor,
+    CpuStorage, CudaStorage, CustomOp2, DType, Layout, MetalStorage, Result, Shape, Tensor, D,
 };
 
 /// How the layer seam builds its graph.
@@ -346,6 +346,43 @@ pub fn group_norm_input_grad(
         .sub(&normed.broadcast_mul(&mean_grad_normed)?)?
         .broadcast_mul(&rstd)?;
     grad_x.reshape((b, c, h, w))?.to_dtype(x.dtype())
+}
+
+/// `d loss / d x` of `y = LayerNorm(x)` over the last dim, weight `weight`: the GroupNorm
+/// formula of [`group_norm_input_grad`] with one group per row.
+pub fn layer_norm_input_grad(
+    x: &Tensor,
+    grad_y: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let x32 = upcast(&x.detach())?;
+    let mean = x32.mean_keepdim(D::Minus1)?;
+    let centred = x32.broadcast_sub(&mean)?;
+    let rstd = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let normed = centred.broadcast_mul(&rstd)?;
+    let grad_normed = upcast(grad_y)?.broadcast_mul(&upcast(&weight.detach())?)?;
+    let mean_grad = grad_normed.mean_keepdim(D::Minus1)?;
+    let mean_grad_normed = (&grad_normed * &normed)?.mean_keepdim(D::Minus1)?;
+    grad_normed
+        .broadcast_sub(&mean_grad)?
+        .sub(&normed.broadcast_mul(&mean_grad_normed)?)?
+        .broadcast_mul(&rstd)?
+        .to_dtype(x.dtype())
+}
+
+/// The slope in `x * sigmoid(QUICK_GELU_SLOPE * x)`, OpenAI CLIP's activation.
+pub const QUICK_GELU_SLOPE: f64 = 1.702;
+
+/// `d loss / d x` of `y = x * sigmoid(k x)`, `k` = [`QUICK_GELU_SLOPE`]:
+/// `dy/dx = s + k x s (1 - s)` with `s = sigmoid(k x)`.
+pub fn quick_gelu_input_grad(x: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
+    let x = x.detach();
+    let s = candle_nn::ops::sigmoid(&(&x * QUICK_GELU_SLOPE)?)?;
+    let slope = ((&x * QUICK_GELU_SLOPE)?.mul(&(1.0 - &s)?)?.mul(&s)? + &s)?;
+    grad_y.mul(&slope)
 }
 
 /// `d loss / d x` of a nearest 2x upsample: each input pixel's gradient is the sum over the
