@@ -9,7 +9,7 @@
 //!
 //! Each op here runs its forward with the ordinary candle ops on a detached input, so no
 //! autograd graph is recorded, then joins the result to the input through one
-//! [`InputGradient`] node whose backward returns the input gradient only, written as plain
+//! `InputGradient` node whose backward returns the input gradient only, written as plain
 //! forward ops (a conv with the flipped kernel, reshapes and sums), which are candle's fast
 //! paths on every device.
 //!
@@ -17,11 +17,12 @@
 //! available so that tests can compare the two.
 
 use std::cell::Cell;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, DType, Layout, MetalStorage, Result, Shape, Tensor, D,
+    CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Storage,
+    Tensor, D,
 };
 
 /// How the layer seam builds its graph.
@@ -94,18 +95,30 @@ pub fn with_layer_ops<R>(ops: LayerOps, f: impl FnOnce() -> R) -> R {
 
 type InputGradFn = dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
 
-/// The graph node joining a layer's input to its output computed off the graph.
+/// The graph node joining a layer's input `x` to its output `y`, computed off the graph.
 ///
-/// Its arguments are the input `x` and the detached output `y`; its forward copies `y` (a
-/// custom op must return fresh storage, and candle offers no other way to attach a backward
-/// to an existing tensor), and its backward calls `grad_x(x, grad_y)` and gives `y` nothing.
+/// A custom op must return fresh storage and candle offers no other way to attach a backward
+/// to an existing tensor, so the forward copies `y`. The op holds `y` only until then: once
+/// copied it is dropped, so the graph keeps one output per layer, as an ordinary op would.
+/// The backward calls `grad_x(x, grad_y)`.
 struct InputGradient {
     name: &'static str,
+    output: Mutex<Option<Tensor>>,
     grad_x: Box<InputGradFn>,
 }
 
 impl InputGradient {
-    fn check_layout(&self, layout: &Layout) -> Result<()> {
+    /// Runs `copy` on the output's storage, which the forward then no longer needs.
+    fn copy_output<S>(&self, copy: impl FnOnce(&Storage, &Layout) -> Result<S>) -> Result<S> {
+        let output = self
+            .output
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{}: poisoned lock", self.name)))?
+            .take();
+        let Some(y) = output else {
+            candle_core::bail!("{}: the forward ran twice (internal error)", self.name)
+        };
+        let (storage, layout) = y.storage_and_layout();
         // Each backend's `try_clone` copies the whole buffer, so `y` must start it.
         if !layout.is_contiguous() || layout.start_offset() != 0 {
             candle_core::bail!(
@@ -113,56 +126,45 @@ impl InputGradient {
                 self.name
             )
         }
-        Ok(())
+        copy(&storage, layout)
+    }
+
+    fn device_mismatch<S>(&self) -> Result<S> {
+        candle_core::bail!(
+            "{}: the layer's input and output are on different devices (internal error)",
+            self.name
+        )
     }
 }
 
-impl CustomOp2 for InputGradient {
+impl CustomOp1 for InputGradient {
     fn name(&self) -> &'static str {
         self.name
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        y_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.check_layout(y_layout)?;
-        Ok((y.try_clone(y_layout)?, y_layout.shape().clone()))
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.copy_output(|storage, layout| match storage {
+            Storage::Cpu(y) => Ok((y.try_clone(layout)?, layout.shape().clone())),
+            _ => self.device_mismatch(),
+        })
     }
 
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        y: &CudaStorage,
-        y_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.check_layout(y_layout)?;
-        Ok((y.try_clone(y_layout)?, y_layout.shape().clone()))
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.copy_output(|storage, layout| match storage {
+            Storage::Cuda(y) => Ok((y.try_clone(layout)?, layout.shape().clone())),
+            _ => self.device_mismatch(),
+        })
     }
 
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        y: &MetalStorage,
-        y_layout: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.check_layout(y_layout)?;
-        Ok((y.try_clone(y_layout)?, y_layout.shape().clone()))
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        self.copy_output(|storage, layout| match storage {
+            Storage::Metal(y) => Ok((y.try_clone(layout)?, layout.shape().clone())),
+            _ => self.device_mismatch(),
+        })
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad_y: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((self.grad_x)(x, grad_y)?), None))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.grad_x)(x, grad_y)?))
     }
 }
 
@@ -185,13 +187,11 @@ pub fn attach_input_grad(
         y.copy()?
     };
     ATTACHED.with(|n| n.set(n.get() + 1));
-    x.apply_op2(
-        &y,
-        InputGradient {
-            name,
-            grad_x: Box::new(grad_x),
-        },
-    )
+    x.apply_op1(InputGradient {
+        name,
+        output: Mutex::new(Some(y)),
+        grad_x: Box::new(grad_x),
+    })
 }
 
 /// The kernel of a stride-1 conv's input gradient: `w` (out, in, k, k) flipped in both
