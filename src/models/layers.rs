@@ -2,20 +2,21 @@
 //!
 //! CLIP and the VQGAN are written only in terms of [`Conv2d`], [`GroupNorm`] (with its fused
 //! `+ SiLU` variant), [`upsample_nearest2x`], [`Linear`], [`LayerNorm`], [`Activation`],
-//! [`softmax_last_dim`] and [`attention`]. A faster backend (the planned CUDA custom ops with
-//! input-only backward passes) replaces the body of one of these, dispatching on
-//! `x.device()`, and no model file changes.
+//! [`softmax_last_dim`] and [`attention`]. A faster backend (CUDA kernels, say) replaces the
+//! body of one of these, dispatching on `x.device()`, and no model file changes.
 //!
 //! The plain bodies here are the reference: candle ops whose autograd is known to work. That
 //! is why LayerNorm and softmax are built from primitives: `candle_nn::ops::layer_norm` and
 //! `candle_nn::ops::softmax_last_dim` have no backward and silently drop the gradient. Tests
 //! below check every gradient the render loop relies on against finite differences.
 //!
-//! Conv2d, Linear, GroupNorm (+ SiLU), LayerNorm, QuickGELU and the nearest upsample also have
-//! an input-gradient-only path
-//! ([`super::ops`]) for frozen weights, which is what the render loop's backward through the
-//! VQGAN decoder spends its time in. [`layer_ops`] decides, in this one place, which path runs;
-//! a layer whose weights carry a gradient (a `Var`) always takes the autograd path, so weight
+//! Conv2d (stride 1, or stride equal to the kernel), Linear, GroupNorm (+ SiLU), LayerNorm,
+//! QuickGELU and the nearest upsample also have an input-gradient-only path ([`super::ops`])
+//! for frozen weights: the render loop differentiates only to the latent, and candle's
+//! autograd spends most of the backward on weight gradients nobody reads and on a slow
+//! `conv_transpose2d`. [`layer_ops`] decides, in this one place, which path runs (default
+//! input-grad-only; `VQCLIP_LAYER_OPS=autograd` or [`with_layer_ops`] selects the reference).
+//! A layer whose weights carry a gradient (a `Var`) always takes the autograd path, so weight
 //! gradients are never dropped silently.
 
 use candle_core::{Module, Result, Tensor, D};
@@ -362,7 +363,9 @@ impl Module for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::QuickGelu if input_grad_only(x, &[]) => {
-                let plain = x.detach().mul(&sigmoid(&(x.detach() * QUICK_GELU_SLOPE)?)?)?;
+                let plain = x
+                    .detach()
+                    .mul(&sigmoid(&(x.detach() * QUICK_GELU_SLOPE)?)?)?;
                 attach_input_grad("quick-gelu-input-grad", x, plain, quick_gelu_input_grad)
             }
             Self::QuickGelu => x.mul(&sigmoid(&(x * QUICK_GELU_SLOPE)?)?),
