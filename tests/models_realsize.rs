@@ -11,34 +11,12 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use vqclip::models::{Clip, ClipConfig, Vqgan, VqganConfig};
-
-const F16_16384_YAML: &str = "model:
-  target: taming.models.vqgan.VQModel
-  params:
-    embed_dim: 256
-    n_embed: 16384
-    ddconfig:
-      double_z: false
-      z_channels: 256
-      resolution: 256
-      in_channels: 3
-      out_ch: 3
-      ch: 128
-      ch_mult: [1, 1, 2, 2, 4]
-      num_res_blocks: 2
-      attn_resolutions: [16]
-      dropout: 0.0
-";
+use vqclip::models::architectures;
+use vqclip::models::{Clip, ClipConfig, Vqgan};
 
 /// Peak resident set size of this process so far, in MiB.
 fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    architectures::peak_rss_bytes().map_or(f64::NAN, |b| b as f64 / (1u64 << 20) as f64)
 }
 
 /// Random weights for whatever `build` asks for, as plain tensors: a VarMap records the names
@@ -108,7 +86,7 @@ fn vit_b32_builds_and_encodes() {
 #[ignore = "real-size model: slow on CPU"]
 fn f16_16384_builds_and_decodes_256() {
     let dev = Device::Cpu;
-    let cfg = VqganConfig::from_yaml_str(F16_16384_YAML).unwrap();
+    let cfg = architectures::vqgan_config("vqgan_imagenet_f16_16384").unwrap();
     let (weights, count) = random_weights(|vb| {
         Vqgan::new(vb, &cfg).unwrap();
     });
