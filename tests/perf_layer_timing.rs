@@ -11,13 +11,11 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use vqclip::models::layers::{
     attention, upsample_nearest2x, with_layer_ops, Conv2d, GroupNorm, LayerNorm, LayerOps, Linear,
 };
-use vqclip::models::{Clip, ClipConfig, Vqgan, VqganConfig};
+use vqclip::models::{architectures, Clip, Vqgan};
 
 const PATHS: [LayerOps; 2] = [LayerOps::Autograd, LayerOps::InputGradOnly];
 
@@ -160,36 +158,16 @@ fn decoder_layers_at_real_shapes() {
     });
 }
 
-/// Weights drawn from N(0, 0.02²), norm scales at one: plain tensors, so frozen.
-struct RandomWeights;
-
-impl SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let t = if name.contains("norm") && name.ends_with("weight") {
-            Tensor::ones(s, DType::F32, dev)?
-        } else {
-            Tensor::randn(0f32, 0.02, s, dev)?
-        };
-        t.to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-        candle_core::bail!("random weights need a shape for {name}")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
 #[test]
 #[ignore = "measurement: run with --ignored --nocapture"]
 fn whole_decoder_forward_and_backward() {
     let side = image_side();
-    let yaml = "model:\n  params:\n    embed_dim: 256\n    n_embed: 16384\n    ddconfig:\n      double_z: false\n      z_channels: 256\n      resolution: 256\n      in_channels: 3\n      out_ch: 3\n      ch: 128\n      ch_mult: [1, 1, 2, 2, 4]\n      num_res_blocks: 2\n      attn_resolutions: [16]\n      dropout: 0.0\n";
-    let cfg = VqganConfig::from_yaml_str(yaml).unwrap();
-    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
-    let vq = Vqgan::new(vb, &cfg).unwrap();
+    let cfg = architectures::vqgan_config("vqgan_imagenet_f16_16384").unwrap();
+    let vq = Vqgan::new(
+        architectures::random_weights(DType::F32, &Device::Cpu),
+        &cfg,
+    )
+    .unwrap();
     let z = randn(&[1, 256, side / 16, side / 16], 1.0);
     println!("f16_16384 decoder, random weights, {side}² image");
     header();
@@ -199,10 +177,12 @@ fn whole_decoder_forward_and_backward() {
 #[test]
 #[ignore = "measurement: run with --ignored --nocapture"]
 fn clip_image_encoder_forward_and_backward() {
-    let json = include_str!("../src/models/data/configs/clip-vit-base-patch32.json");
-    let cfg = ClipConfig::from_json_str(json).unwrap();
-    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
-    let clip = Clip::new(vb, &cfg).unwrap();
+    let cfg = architectures::clip_config("ViT-B/32").unwrap();
+    let clip = Clip::new(
+        architectures::random_weights(DType::F32, &Device::Cpu),
+        &cfg,
+    )
+    .unwrap();
     let s = clip.image_size();
     let cutn = 8;
     let pixels = randn(&[cutn, 3, s, s], 1.0);
