@@ -2,24 +2,39 @@
 //!
 //! CLIP and the VQGAN are written only in terms of [`Conv2d`], [`GroupNorm`] (with its fused
 //! `+ SiLU` variant), [`upsample_nearest2x`], [`Linear`], [`LayerNorm`], [`Activation`],
-//! [`softmax_last_dim`] and [`attention`]. A faster backend (the planned CUDA custom ops with
-//! input-only backward passes) replaces the body of one of these, dispatching on
-//! `x.device()`, and no model file changes.
+//! [`softmax_last_dim`] and [`attention`]. A faster backend (CUDA kernels, say) replaces the
+//! body of one of these, dispatching on `x.device()`, and no model file changes.
 //!
-//! The bodies here are the reference: plain candle ops whose autograd is known to work. That is
-//! why LayerNorm and softmax are built from primitives: `candle_nn::ops::layer_norm` and
+//! The plain bodies here are the reference: candle ops whose autograd is known to work. That
+//! is why LayerNorm and softmax are built from primitives: `candle_nn::ops::layer_norm` and
 //! `candle_nn::ops::softmax_last_dim` have no backward and silently drop the gradient. Tests
 //! below check every gradient the render loop relies on against finite differences.
+//!
+//! Conv2d (stride 1, or stride equal to the kernel), Linear, GroupNorm (+ SiLU), LayerNorm,
+//! QuickGELU and the nearest upsample also have an input-gradient-only path ([`super::ops`])
+//! for frozen weights: the render loop differentiates only to the latent, and candle's
+//! autograd spends most of the backward on weight gradients nobody reads and on a slow
+//! `conv_transpose2d`. [`layer_ops`] decides, in this one place, which path runs (default
+//! input-grad-only; `VQCLIP_LAYER_OPS=autograd` or [`with_layer_ops`] selects the reference).
+//! A layer whose weights carry a gradient (a `Var`) always takes the autograd path, so weight
+//! gradients are never dropped silently.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-/// Norms and softmax accumulate in f32 even when weights are half precision.
-fn upcast(x: &Tensor) -> Result<Tensor> {
-    match x.dtype() {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32),
-        _ => Ok(x.clone()),
-    }
+use super::ops::{
+    attach_input_grad, conv2d_input_grad, group_norm_input_grad, layer_norm_input_grad,
+    linear_input_grad, patchify_conv2d_input_grad, quick_gelu_input_grad, upcast,
+    upsample_nearest2x_input_grad, FlippedKernel, GroupNormParams, QUICK_GELU_SLOPE,
+};
+pub use super::ops::{
+    input_grad_layers_attached, layer_ops, with_layer_ops, LayerOps, LAYER_OPS_ENV,
+};
+
+/// Whether `x`'s layer should take the input-gradient-only path: only when something upstream
+/// of `x` wants a gradient and none of the layer's `weights` does.
+fn input_grad_only(x: &Tensor, weights: &[&Tensor]) -> bool {
+    layer_ops() == LayerOps::InputGradOnly && x.track_op() && weights.iter().all(|w| !w.track_op())
 }
 
 /// 2-D convolution (PyTorch `nn.Conv2d` weights: `weight` (out, in, k, k), optional `bias`).
@@ -29,6 +44,7 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    flipped: FlippedKernel,
 }
 
 impl Conv2d {
@@ -38,6 +54,7 @@ impl Conv2d {
             bias,
             stride,
             padding,
+            flipped: FlippedKernel::default(),
         }
     }
 
@@ -72,12 +89,38 @@ impl Conv2d {
     }
 }
 
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Conv2d {
+    fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
+        }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut weights = vec![&self.weight];
+        weights.extend(&self.bias);
+        let kernel = self.weight.dim(2)?;
+        let flippable = self.stride == 1 && self.padding < kernel;
+        let patchify = self.stride == kernel && self.padding == 0;
+        // Other strides (the encoder's downsampling, off the render loop) keep candle's backward.
+        if !((flippable || patchify) && input_grad_only(x, &weights)) {
+            return self.forward_plain(x);
+        }
+        let y = self.forward_plain(&x.detach())?;
+        let weight = self.weight.clone();
+        if flippable {
+            let (flipped, padding) = (self.flipped.clone(), self.padding);
+            attach_input_grad("conv2d-input-grad", x, y, move |_x, grad_y| {
+                conv2d_input_grad(grad_y, &weight, &flipped, padding)
+            })
+        } else {
+            attach_input_grad("patchify-conv2d-input-grad", x, y, move |x, grad_y| {
+                patchify_conv2d_input_grad(grad_y, &weight, x.dims())
+            })
         }
     }
 }
@@ -93,14 +136,22 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get(channels, "weight")?;
+        let bias = vb.get(channels, "bias")?;
+        Self::new(weight, bias, num_groups, eps)
+    }
+
+    /// A GroupNorm from its affine parameters (`weight`, `bias`: one per channel).
+    pub fn new(weight: Tensor, bias: Tensor, num_groups: usize, eps: f64) -> Result<Self> {
+        let channels = weight.dim(0)?;
         if num_groups == 0 || !channels.is_multiple_of(num_groups) {
             candle_core::bail!(
                 "GroupNorm: {channels} channels do not split into {num_groups} groups"
             )
         }
         Ok(Self {
-            weight: vb.get(channels, "weight")?,
-            bias: vb.get(channels, "bias")?,
+            weight,
+            bias,
             num_groups,
             eps,
         })
@@ -109,12 +160,39 @@ impl GroupNorm {
     /// GroupNorm followed by SiLU (`x * sigmoid(x)`): the pair every taming ResNet block and
     /// output head uses, and so the unit a fused GPU kernel replaces.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward(x)?.silu()
+        self.forward_with(x, true)
     }
-}
 
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_with(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let plain = |x: &Tensor| {
+            let y = self.forward_plain(x)?;
+            if silu {
+                y.silu()
+            } else {
+                Ok(y)
+            }
+        };
+        if !input_grad_only(x, &[&self.weight, &self.bias]) {
+            return plain(x);
+        }
+        let y = plain(&x.detach())?;
+        let params = GroupNormParams {
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            num_groups: self.num_groups,
+            eps: self.eps,
+        };
+        let name = if silu {
+            "group-norm-silu-input-grad"
+        } else {
+            "group-norm-input-grad"
+        };
+        attach_input_grad(name, x, y, move |x, grad_y| {
+            group_norm_input_grad(x, grad_y, &params, silu)
+        })
+    }
+
+    fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let dtype = x.dtype();
         let grouped = upcast(x)?.reshape((b, self.num_groups, (c / self.num_groups) * h * w))?;
@@ -129,10 +207,22 @@ impl Module for GroupNorm {
     }
 }
 
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, false)
+    }
+}
+
 /// Nearest-neighbour upsampling by exactly 2 in both spatial dims (`F.interpolate(scale_factor=2)`).
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let (_b, _c, h, w) = x.dims4()?;
-    x.upsample_nearest2d(2 * h, 2 * w)
+    if !input_grad_only(x, &[]) {
+        return x.upsample_nearest2d(2 * h, 2 * w);
+    }
+    let y = x.detach().upsample_nearest2d(2 * h, 2 * w)?;
+    attach_input_grad("upsample-nearest2x-input-grad", x, y, |_x, grad_y| {
+        upsample_nearest2x_input_grad(grad_y)
+    })
 }
 
 /// `torch.nn.Linear`: `weight` (out, in), optional `bias`, applied to the last dim.
@@ -143,6 +233,10 @@ pub struct Linear {
 }
 
 impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(Self {
             weight: vb.get((out_dim, in_dim), "weight")?,
@@ -160,6 +254,21 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut weights = vec![&self.weight];
+        weights.extend(&self.bias);
+        if !input_grad_only(x, &weights) {
+            return self.forward_plain(x);
+        }
+        let y = self.forward_plain(&x.detach())?;
+        let weight = self.weight.clone();
+        attach_input_grad("linear-input-grad", x, y, move |x, grad_y| {
+            linear_input_grad(grad_y, &weight, x.dims())
+        })
+    }
+}
+
+impl Linear {
+    fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / in_dim.max(1);
@@ -196,6 +305,19 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !input_grad_only(x, &[&self.weight, &self.bias]) {
+            return self.forward_plain(x);
+        }
+        let y = self.forward_plain(&x.detach())?;
+        let (weight, eps) = (self.weight.clone(), self.eps);
+        attach_input_grad("layer-norm-input-grad", x, y, move |x, grad_y| {
+            layer_norm_input_grad(x, grad_y, &weight, eps)
+        })
+    }
+}
+
+impl LayerNorm {
+    fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x = upcast(x)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -240,7 +362,13 @@ pub enum Activation {
 impl Module for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::QuickGelu => x.mul(&sigmoid(&(x * 1.702)?)?),
+            Self::QuickGelu if input_grad_only(x, &[]) => {
+                let plain = x
+                    .detach()
+                    .mul(&sigmoid(&(x.detach() * QUICK_GELU_SLOPE)?)?)?;
+                attach_input_grad("quick-gelu-input-grad", x, plain, quick_gelu_input_grad)
+            }
+            Self::QuickGelu => x.mul(&sigmoid(&(x * QUICK_GELU_SLOPE)?)?),
             Self::Gelu => x.gelu_erf(),
             Self::GeluNew => x.gelu(),
         }
@@ -267,7 +395,7 @@ pub fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// Central differences of `f` at `x` along `dir`, against autograd's directional derivative.
     fn check_directional_gradient(
@@ -335,12 +463,12 @@ mod tests {
     fn group_norm_silu_upsample_and_activations_pass_gradient() -> Result<()> {
         let dev = Device::Cpu;
         let c = 4;
-        let gn = GroupNorm {
-            weight: Tensor::randn(1.0, 0.3, c, &dev)?.to_dtype(DType::F64)?,
-            bias: Tensor::randn(0.0, 0.3, c, &dev)?.to_dtype(DType::F64)?,
-            num_groups: 2,
-            eps: 1e-6,
-        };
+        let gn = GroupNorm::new(
+            Tensor::randn(1.0, 0.3, c, &dev)?.to_dtype(DType::F64)?,
+            Tensor::randn(0.0, 0.3, c, &dev)?.to_dtype(DType::F64)?,
+            2,
+            1e-6,
+        )?;
         let x =
             Var::from_tensor(&Tensor::randn(0.0, 1.0, (2, c, 3, 3), &dev)?.to_dtype(DType::F64)?)?;
         let readout = Tensor::rand(-1.0, 1.0, (2, c, 6, 6), &dev)?.to_dtype(DType::F64)?;
@@ -368,12 +496,12 @@ mod tests {
         let x = Tensor::arange(0f32, 16.0, &dev)?
             .reshape((1, 4, 2, 2))?
             .sqr()?;
-        let gn = GroupNorm {
-            weight: Tensor::ones(4, DType::F32, &dev)?,
-            bias: Tensor::zeros(4, DType::F32, &dev)?,
-            num_groups: 2,
-            eps: 0.0,
-        };
+        let gn = GroupNorm::new(
+            Tensor::ones(4, DType::F32, &dev)?,
+            Tensor::zeros(4, DType::F32, &dev)?,
+            2,
+            0.0,
+        )?;
         let y = gn.forward(&x)?.reshape((2, 8))?;
         let mean = y.mean(1)?.to_vec1::<f32>()?;
         let var = y.sqr()?.mean(1)?.to_vec1::<f32>()?;

@@ -11,6 +11,7 @@ pub mod clip;
 pub mod download;
 pub mod error;
 pub mod layers;
+pub mod ops;
 pub mod preprocess;
 pub mod tokenizer;
 pub mod vqgan;
