@@ -120,8 +120,10 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
     let cancel = CancelToken::new();
     let bar = ProgressBar::new(u64::from(job.spec.steps));
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let token = cancel.clone();
     let progress_bar = bar.clone();
@@ -134,7 +136,9 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
                 progress_bar.set_position(u64::from(step));
                 progress_bar.set_message(format!("loss {loss:.4}"));
             }
-            ProgressEvent::Frame { path, .. } => progress_bar.println(format!("frame {}", path.display())),
+            ProgressEvent::Frame { path, .. } => {
+                progress_bar.println(format!("frame {}", path.display()))
+            }
             ProgressEvent::Checkpoint { .. } => {}
         }
     };
@@ -143,7 +147,11 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
     match outcome {
         RenderOutcome::Completed(art) => {
             println!("image    {}", art.image.display());
-            println!("frames   {} ({} files)", args.out.join("frames").display(), art.frames.len());
+            println!(
+                "frames   {} ({} files)",
+                args.out.join("frames").display(),
+                art.frames.len()
+            );
             match &art.video {
                 Some(v) => println!("video    {}", v.display()),
                 None => println!("video    (none: disabled or fewer than two frames)"),
@@ -151,7 +159,10 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
             println!("metadata {}", art.metadata.display());
         }
         RenderOutcome::Interrupted { step, checkpoint } => {
-            println!("interrupted after step {step}; checkpoint {}", checkpoint.display());
+            println!(
+                "interrupted after step {step}; checkpoint {}",
+                checkpoint.display()
+            );
             println!(
                 "resume with the same flags plus --seed {} --resume {}",
                 job.seed,
@@ -171,7 +182,9 @@ fn parse_device(name: &str) -> anyhow::Result<Device> {
             let Some(index) = other.strip_prefix("cuda:") else {
                 bail!("unknown device {other:?}: use cpu, cuda:N or auto");
             };
-            let index: usize = index.parse().with_context(|| format!("bad CUDA index in {other:?}"))?;
+            let index: usize = index
+                .parse()
+                .with_context(|| format!("bad CUDA index in {other:?}"))?;
             Device::new_cuda(index).with_context(|| {
                 format!("{other} is unavailable (is this build made with `--features cuda`?)")
             })
@@ -199,8 +212,10 @@ fn parse_enum<T: serde::de::DeserializeOwned>(what: &str, value: &str) -> anyhow
 fn build_spec(args: &RenderArgs) -> anyhow::Result<JobSpec> {
     let mut spec = match &args.spec {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{} is not a valid job spec", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a valid job spec", path.display()))?
         }
         None => JobSpec::default(),
     };
@@ -220,7 +235,17 @@ fn build_spec(args: &RenderArgs) -> anyhow::Result<JobSpec> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = args.$field { spec.$field = v; } )* };
     }
-    set!(init_weight, width, height, steps, lr, cutn, cut_pow, save_every, checkpoint_every);
+    set!(
+        init_weight,
+        width,
+        height,
+        steps,
+        lr,
+        cutn,
+        cut_pow,
+        save_every,
+        checkpoint_every
+    );
     if args.seed.is_some() {
         spec.seed = args.seed;
     }

@@ -1,0 +1,382 @@
+//! Cross-job batching: several jobs of one size and one model set take their steps
+//! together, as one batched forward and backward pass.
+//!
+//! Each job keeps its own z, optimiser, RNG, prompts and settings; only the tensors
+//! travel together. Nothing in the loss couples two jobs (the decoder's GroupNorm and
+//! attention, the quantiser and CLIP all work per sample), so the gradient a job's z
+//! receives from the summed loss is the gradient of its own loss, and a job ends where
+//! it would have ended alone, up to float rounding in batch-sized kernels.
+//!
+//! [`step_batch`] is the one implementation of a step: [`RenderSession::step`] is a
+//! batch of one. [`render_batch`] is the one driver: [`super::render`] is a batch of one.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+
+use super::checkpoint::Checkpoint;
+use super::engine::{unit, History, RenderSession, StepStats};
+use super::job::{Artifacts, RenderError, RenderJob, RenderOutcome};
+use super::models::ModelSet;
+use super::output;
+use super::progress::{CancelToken, ProgressEvent, ProgressSink};
+
+/// Why `sessions` cannot share a step, if they cannot: they must use the very same
+/// loaded models and latents of one shape (the same size in tokens).
+pub fn check_batchable(sessions: &[&mut RenderSession<'_>]) -> Result<(), RenderError> {
+    let Some((first, rest)) = sessions.split_first() else {
+        return Err(RenderError::Incompatible(
+            "a batch needs at least one job".into(),
+        ));
+    };
+    for (i, other) in rest.iter().enumerate() {
+        let i = i + 1;
+        if !std::ptr::eq(first.models(), other.models()) {
+            return Err(RenderError::Incompatible(format!(
+                "job {i} uses another model set than job 0; only jobs rendered with the same loaded VQGAN and CLIPs can be batched"
+            )));
+        }
+        if first.z().dims() != other.z().dims() {
+            return Err(RenderError::Incompatible(format!(
+                "job {i} renders {}x{} (latent {:?}) but job 0 renders {}x{} (latent {:?}); only jobs of one size can be batched",
+                other.spec().width,
+                other.spec().height,
+                other.z().dims(),
+                first.spec().width,
+                first.spec().height,
+                first.z().dims(),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One optimisation step for every session, as one batch: the zs are concatenated,
+/// quantised and decoded together; each job cuts and augments its own image with its
+/// own RNG; each CLIP sees every job's cutouts in one batch; each job's loss is its
+/// solo step's loss; the losses are summed for one backward; then each job's own
+/// optimiser updates and clamps its z. Returns each job's statistics, in order.
+pub fn step_batch(sessions: &mut [&mut RenderSession<'_>]) -> Result<Vec<StepStats>, RenderError> {
+    check_batchable(sessions)?;
+    for session in sessions.iter_mut() {
+        session.begin_step()?;
+    }
+    let models = sessions[0].models();
+    let zs: Vec<&Tensor> = sessions.iter().map(|s| s.z_var().as_tensor()).collect();
+    let images = sessions[0].synth(&Tensor::cat(&zs, 0)?)?;
+
+    // Per job, per CLIP: the unit embeddings of its cutouts.
+    let mut embeds: Vec<Vec<Tensor>> = vec![Vec::with_capacity(models.clips.len()); sessions.len()];
+    for (k, clip) in models.clips.iter().enumerate() {
+        // Jobs may differ in cutn and cut method; their cutouts simply stack.
+        let mut counts = Vec::with_capacity(sessions.len());
+        let mut cutouts = Vec::with_capacity(sessions.len());
+        for (j, session) in sessions.iter_mut().enumerate() {
+            let batch = session.cut(k, &images.narrow(0, j, 1)?)?;
+            counts.push(batch.dim(0)?);
+            cutouts.push(batch);
+        }
+        let all = unit(
+            &clip
+                .encode_image(&clip.normalize_pixels(&Tensor::cat(&cutouts, 0)?)?)?
+                .to_dtype(DType::F32)?,
+        )?;
+        let mut offset = 0;
+        for (j, n) in counts.into_iter().enumerate() {
+            embeds[j].push(all.narrow(0, offset, n)?);
+            offset += n;
+        }
+    }
+
+    let mut totals = Vec::with_capacity(sessions.len());
+    let mut losses = Vec::with_capacity(sessions.len());
+    for (session, embeds) in sessions.iter().zip(&embeds) {
+        let terms = session.loss_terms(embeds)?;
+        losses.push(
+            terms
+                .iter()
+                .map(|t| t.to_scalar::<f32>())
+                .collect::<candle_core::Result<Vec<f32>>>()?,
+        );
+        totals.push(Tensor::stack(&terms, 0)?.sum_all()?);
+    }
+    // No job's loss depends on another's z, so each z's gradient from the sum is the
+    // gradient of its own loss.
+    let grads = Tensor::stack(&totals, 0)?.sum_all()?.backward()?;
+    sessions
+        .iter_mut()
+        .zip(losses)
+        .map(|(session, losses)| session.finish_step(&grads, losses))
+        .collect()
+}
+
+/// One job of a batched render: what it is, where its progress goes, what stops it.
+pub struct BatchJob<'a> {
+    pub job: &'a RenderJob,
+    pub progress: &'a mut dyn ProgressSink,
+    pub cancel: &'a CancelToken,
+}
+
+/// One job's run inside [`render_batch`]: its session and its bookkeeping.
+struct Run<'a, 'm> {
+    job: &'a RenderJob,
+    progress: &'a mut dyn ProgressSink,
+    cancel: &'a CancelToken,
+    session: RenderSession<'m>,
+    history: History,
+    frames_dir: PathBuf,
+    checkpoint_path: PathBuf,
+    started: Instant,
+}
+
+/// Runs jobs that share one model set to the end, stepping those still running
+/// together. Each job keeps everything it would have alone: its progress events,
+/// frames, checkpoints, cancellation (a canceled job leaves the batch; the others go
+/// on) and outputs under its own `out_dir`. Returns each job's outcome, in order.
+///
+/// Jobs of different sizes cannot share a step; give them to separate calls.
+pub fn render_batch(
+    jobs: Vec<BatchJob<'_>>,
+    models: &ModelSet,
+) -> Vec<Result<RenderOutcome, RenderError>> {
+    let mut outcomes: Vec<Option<Result<RenderOutcome, RenderError>>> = Vec::new();
+    let mut runs: Vec<Option<Run<'_, '_>>> = Vec::new();
+    for entry in jobs {
+        match Run::start(entry, models) {
+            Ok(run) => {
+                runs.push(Some(run));
+                outcomes.push(None);
+            }
+            Err(e) => {
+                runs.push(None);
+                outcomes.push(Some(Err(e)));
+            }
+        }
+    }
+    // Jobs of a size other than the first's are refused before any step is taken.
+    let shape = runs
+        .iter()
+        .flatten()
+        .next()
+        .map(|r| r.session.z().dims().to_vec());
+    for (run, outcome) in runs.iter_mut().zip(outcomes.iter_mut()) {
+        if let (Some(r), Some(shape)) = (run.as_ref(), shape.as_ref()) {
+            if r.session.z().dims() != shape.as_slice() {
+                *outcome = Some(Err(RenderError::Incompatible(format!(
+                    "{}x{} differs from the batch's size; render it in a batch of its own",
+                    r.job.spec.width, r.job.spec.height
+                ))));
+                *run = None;
+            }
+        }
+    }
+
+    loop {
+        for (run, outcome) in runs.iter_mut().zip(outcomes.iter_mut()) {
+            if let Some(r) = run.as_mut() {
+                if let Some(end) = r.end_before_step() {
+                    *outcome = Some(end);
+                    *run = None;
+                }
+            }
+        }
+        let mut active: Vec<(usize, &mut Run)> = runs
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_mut().map(|r| (i, r)))
+            .collect();
+        if active.is_empty() {
+            break;
+        }
+        let t0 = Instant::now();
+        let stepped = {
+            let mut sessions: Vec<&mut RenderSession> =
+                active.iter_mut().map(|(_, r)| &mut r.session).collect();
+            step_batch(&mut sessions)
+        };
+        let dt = t0.elapsed().as_secs_f64();
+        let mut ended = Vec::new();
+        match stepped {
+            Ok(stats) => {
+                for ((i, run), stats) in active.iter_mut().zip(stats) {
+                    if let Err(e) = run.after_step(stats, dt) {
+                        ended.push((*i, Err(e)));
+                    }
+                }
+            }
+            Err(e) if active.len() == 1 => ended.push((active[0].0, Err(e))),
+            Err(e) => {
+                let reason = e.to_string();
+                ended.extend(
+                    active
+                        .iter()
+                        .map(|(i, _)| (*i, Err(RenderError::SharedStep(reason.clone())))),
+                );
+            }
+        }
+        for (i, end) in ended {
+            outcomes[i] = Some(end);
+            runs[i] = None;
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| {
+                Err(RenderError::Model(
+                    "the job ended without an outcome".into(),
+                ))
+            })
+        })
+        .collect()
+}
+
+impl<'a, 'm> Run<'a, 'm> {
+    fn start(entry: BatchJob<'a>, models: &'m ModelSet) -> Result<Self, RenderError> {
+        let BatchJob {
+            job,
+            progress,
+            cancel,
+        } = entry;
+        job.spec.validate(&super::spec::Limits {
+            max_pixels: u64::MAX,
+            max_side: u32::MAX,
+            max_steps: u32::MAX,
+            max_cutn: u32::MAX,
+            max_prompts: usize::MAX,
+            max_prompt_tokens: 77,
+        })?;
+        let frames_dir = job.out_dir.join("frames");
+        std::fs::create_dir_all(&frames_dir).map_err(|e| RenderError::io(&frames_dir, e))?;
+        let started = Instant::now();
+        let session = RenderSession::new(job, models)?;
+        let history = match &job.resume {
+            Some(path) => Checkpoint::read_history(path)?,
+            None => History::default(),
+        };
+        let mut run = Run {
+            job,
+            progress,
+            cancel,
+            session,
+            history,
+            checkpoint_path: job.out_dir.join("checkpoint.safetensors"),
+            frames_dir,
+            started,
+        };
+        if run.session.step_count() == 0 && job.spec.save_every > 0 {
+            run.write_frame()?;
+        }
+        Ok(run)
+    }
+
+    /// The job's end if it ends before its next step: finished, canceled or interrupted.
+    fn end_before_step(&mut self) -> Option<Result<RenderOutcome, RenderError>> {
+        if self.session.step_count() >= self.job.spec.steps {
+            return Some(self.complete());
+        }
+        if self.cancel.is_canceled() {
+            return Some(Ok(RenderOutcome::Canceled {
+                step: self.session.step_count(),
+            }));
+        }
+        if self.cancel.is_interrupted() {
+            return Some(
+                self.session
+                    .checkpoint()
+                    .write(&self.checkpoint_path, &self.history)
+                    .map(|()| RenderOutcome::Interrupted {
+                        step: self.session.step_count(),
+                        checkpoint: self.checkpoint_path.clone(),
+                    }),
+            );
+        }
+        None
+    }
+
+    /// Records a step: history, progress, and the frame and checkpoint when due.
+    fn after_step(&mut self, stats: StepStats, dt: f64) -> Result<(), RenderError> {
+        let total = self.job.spec.steps;
+        self.history.losses.push(stats.losses.clone());
+        self.history.step_seconds.push(dt);
+        let done_here = self.history.step_seconds.len().max(1) as f64;
+        let mean = self.history.step_seconds.iter().sum::<f64>() / done_here;
+        self.progress.event(ProgressEvent::Step {
+            step: stats.step,
+            total,
+            loss: stats.loss,
+            losses: stats.losses,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            eta_s: mean * f64::from(total.saturating_sub(stats.step)),
+        });
+        let save_every = self.job.spec.save_every;
+        if save_every > 0 && stats.step.is_multiple_of(save_every) {
+            self.write_frame()?;
+        }
+        let every = self.job.spec.checkpoint_every;
+        if every > 0 && stats.step.is_multiple_of(every) && stats.step < total {
+            self.session
+                .checkpoint()
+                .write(&self.checkpoint_path, &self.history)?;
+            self.progress.event(ProgressEvent::Checkpoint {
+                step: stats.step,
+                path: self.checkpoint_path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn write_frame(&mut self) -> Result<PathBuf, RenderError> {
+        write_frame(&self.session, &self.frames_dir, self.progress)
+    }
+
+    /// The final outputs: image, video, metadata; the checkpoint is no longer needed.
+    fn complete(&mut self) -> Result<RenderOutcome, RenderError> {
+        let (job, models, out) = (self.job, self.session.models(), &self.job.out_dir);
+        let final_image = output::tensor_to_image(&self.session.image()?)?;
+        let image_path = out.join("image.png");
+        output::write_png(
+            &image_path,
+            &final_image,
+            &output::png_text(job, &models.identities),
+        )?;
+        let frames = output::list_frames(&self.frames_dir)?;
+        let video = if job.spec.video.enabled && frames.len() >= 2 {
+            let path = out.join("video.mp4");
+            output::write_mp4(&path, &frames, job.spec.video.fps)?;
+            Some(path)
+        } else {
+            None
+        };
+        let similarities = self.session.similarities()?;
+        let metadata = out.join("metadata.json");
+        output::write_metadata(&metadata, job, models, &self.history, &similarities)?;
+        let checkpoint = &self.checkpoint_path;
+        if checkpoint.exists() {
+            std::fs::remove_file(checkpoint).map_err(|e| RenderError::io(checkpoint, e))?;
+        }
+        Ok(RenderOutcome::Completed(Artifacts {
+            image: image_path,
+            frames,
+            video,
+            metadata,
+        }))
+    }
+}
+
+fn write_frame(
+    session: &RenderSession,
+    dir: &Path,
+    progress: &mut dyn ProgressSink,
+) -> Result<PathBuf, RenderError> {
+    let step = session.step_count();
+    let path = dir.join(format!("{step:05}.png"));
+    let img = output::tensor_to_image(&session.image()?)?;
+    output::write_png(&path, &img, &[])?;
+    progress.event(ProgressEvent::Frame {
+        step,
+        path: path.clone(),
+    });
+    Ok(path)
+}
