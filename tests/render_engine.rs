@@ -159,6 +159,15 @@ fn checkpoint_and_resume_equal_an_uninterrupted_run() {
         panic!("expected an interruption, got {outcome:?}");
     };
     assert_eq!(step, 3);
+    // A checkpoint refuses a job with other render parameters.
+    let mut other = job(spec(&s.replace("a castle", "a cottage")), part.path());
+    other.resume = Some(checkpoint.clone());
+    let err = render(&other, models(), &mut NoProgress, &CancelToken::new()).unwrap_err();
+    assert!(
+        err.to_string().contains("different render parameters"),
+        "{err}"
+    );
+
     let mut resumed = job(spec(s), part.path());
     resumed.resume = Some(checkpoint);
     let outcome = render(&resumed, models(), &mut NoProgress, &CancelToken::new()).unwrap();
@@ -278,4 +287,58 @@ fn full_render_writes_png_frames_video_and_metadata() {
     assert!(text
         .iter()
         .any(|(k, v)| *k == "software" && v.starts_with("vqclip ")));
+}
+
+#[test]
+fn story_phrases_change_every_n_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(r#"{"prompts": "a forest ^ a city:-1", "change_prompt_every": 2, "steps": 4}"#);
+    let job = job(s, dir.path());
+    let mut session = RenderSession::new(&job, models()).unwrap();
+    let losses: Vec<f32> = (0..4).map(|_| session.step().unwrap().loss).collect();
+    // The second phrase repels, so its spherical-distance loss is negative.
+    assert!(losses[0] > 0.0 && losses[1] > 0.0, "{losses:?}");
+    assert!(losses[2] < 0.0 && losses[3] < 0.0, "{losses:?}");
+}
+
+#[test]
+fn every_optimizer_cut_method_and_init_runs() {
+    let init = image::RgbImage::from_fn(16, 16, |x, y| {
+        image::Rgb([(x * 16) as u8, (y * 16) as u8, 90])
+    });
+    let init = png_data_url(&init);
+    let cases = [
+        r#"{"optimizer": "adamw"}"#.to_owned(),
+        r#"{"optimizer": "adagrad"}"#.to_owned(),
+        r#"{"optimizer": "adamax"}"#.to_owned(),
+        r#"{"optimizer": "rmsprop"}"#.to_owned(),
+        r#"{"optimizer": "radam"}"#.to_owned(),
+        r#"{"cut_method": "original", "cut_pow": 2.0}"#.to_owned(),
+        r#"{"augments": ["Ji", "Sh", "Gn", "Pe", "Ro", "Af", "Et", "Ts", "Cr", "Er", "Re"]}"#
+            .to_owned(),
+        r#"{"init_noise": "pixels"}"#.to_owned(),
+        r#"{"init_noise": "gradient", "init_weight": 0.5}"#.to_owned(),
+        format!(
+            r#"{{"init_image": "{init}", "init_weight": 1.0, "init_regulariser": "mse_init"}}"#
+        ),
+        r#"{"zoom": {"every": 1, "scale": 1.1, "shift_x": 2}}"#.to_owned(),
+    ];
+    for case in cases {
+        let mut value: serde_json::Value = serde_json::from_str(&case).unwrap();
+        value["prompts"] = "a lighthouse".into();
+        value["steps"] = 2.into();
+        let s = spec(&value.to_string());
+        let regulariser = s.init_weight > 0.0;
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(s, dir.path());
+        let mut session = RenderSession::new(&job, models()).unwrap();
+        let z0 = session.z().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for _ in 0..2 {
+            let stats = session.step().unwrap();
+            assert!(stats.loss.is_finite(), "{case}: {stats:?}");
+            assert_eq!(stats.losses.len(), 1 + usize::from(regulariser), "{case}");
+        }
+        let z1 = session.z().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_ne!(z0, z1, "{case}: z did not move");
+    }
 }

@@ -16,6 +16,13 @@ use vqclip::render::{
 
 #[derive(clap::Args)]
 pub struct RenderArgs {
+    /// Boxed: the flags are many, and `Command`'s variants should stay small.
+    #[command(flatten)]
+    flags: Box<RenderFlags>,
+}
+
+#[derive(clap::Args)]
+struct RenderFlags {
     /// A job spec (the JSON body of POST /v1/jobs); flags below override its fields.
     #[arg(long, conflicts_with = "prompt")]
     spec: Option<PathBuf>,
@@ -89,6 +96,7 @@ extern "C" fn on_sigint(_: libc::c_int) {
 }
 
 pub fn run(args: RenderArgs) -> anyhow::Result<()> {
+    let args = *args.flags;
     let spec = build_spec(&args)?;
     spec.validate(&Limits {
         max_pixels: u64::MAX,
@@ -209,7 +217,7 @@ fn parse_enum<T: serde::de::DeserializeOwned>(what: &str, value: &str) -> anyhow
         .with_context(|| format!("unknown {what} {value:?}"))
 }
 
-fn build_spec(args: &RenderArgs) -> anyhow::Result<JobSpec> {
+fn build_spec(args: &RenderFlags) -> anyhow::Result<JobSpec> {
     let mut spec = match &args.spec {
         Some(path) => {
             let text = std::fs::read_to_string(path)

@@ -11,6 +11,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use super::engine::History;
 use super::job::{RenderError, RenderJob};
 use super::optim::OptimizerState;
+use super::spec::JobSpec;
 
 /// Bumped when the layout changes; older files are refused with a clear error.
 const FORMAT: &str = "vqclip-checkpoint-1";
@@ -20,6 +21,8 @@ const FORMAT: &str = "vqclip-checkpoint-1";
 pub struct Checkpoint {
     pub step: u32,
     pub seed: u64,
+    /// Identifies the render parameters; see [`spec_fingerprint`].
+    pub spec_sha256: String,
     pub width: u32,
     pub height: u32,
     pub z: Tensor,
@@ -67,6 +70,7 @@ impl Checkpoint {
         meta.insert("format".to_owned(), FORMAT.to_owned());
         meta.insert("step".to_owned(), self.step.to_string());
         meta.insert("seed".to_owned(), self.seed.to_string());
+        meta.insert("spec_sha256".to_owned(), self.spec_sha256.clone());
         meta.insert("width".to_owned(), self.width.to_string());
         meta.insert("height".to_owned(), self.height.to_string());
         meta.insert("optimizer_step".to_owned(), self.optimizer.step.to_string());
@@ -117,6 +121,7 @@ impl Checkpoint {
         Ok(Self {
             step: num("step")? as u32,
             seed: num("seed")?,
+            spec_sha256: get("spec_sha256")?.clone(),
             width: num("width")? as u32,
             height: num("height")? as u32,
             z: tensor("z")?,
@@ -150,6 +155,12 @@ impl Checkpoint {
                 ),
             ));
         }
+        if self.spec_sha256 != spec_fingerprint(&job.spec) {
+            return Err(ckpt_err(
+                path,
+                "was written for different render parameters (prompts, size, models, ...)",
+            ));
+        }
         let (w, h) = (self.width, self.height);
         if self.step > job.spec.steps {
             return Err(ckpt_err(
@@ -176,6 +187,21 @@ impl Checkpoint {
         }
         Ok(())
     }
+}
+
+/// sha256 of the spec's render parameters: everything but the step count (a job may
+/// be resumed with more steps), the seed (checked on its own, since the resolved seed
+/// may live outside the spec) and the service's job-level fields.
+pub fn spec_fingerprint(spec: &JobSpec) -> String {
+    use sha2::{Digest, Sha256};
+    let mut render_part = spec.clone();
+    render_part.steps = 0;
+    render_part.seed = None;
+    render_part.priority = 0;
+    render_part.keep = false;
+    render_part.webhook = None;
+    let json = serde_json::to_vec(&render_part).unwrap_or_default();
+    hex::encode(Sha256::digest(json))
 }
 
 fn parse<'a>(

@@ -492,6 +492,7 @@ impl<'m> RenderSession<'m> {
         Checkpoint {
             step: self.step,
             seed: self.seed,
+            spec_sha256: super::checkpoint::spec_fingerprint(&self.spec),
             width: self.width as u32,
             height: self.height as u32,
             z: self.z.as_tensor().clone(),
@@ -595,4 +596,78 @@ pub fn render(
     super::batch::render_batch(vec![entry], models)
         .pop()
         .unwrap_or_else(|| Err(RenderError::Model("the render returned no outcome".into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::gradcheck::check_gradient;
+
+    fn embeds(n: usize, d: usize, phase: f32) -> Tensor {
+        let v: Vec<f32> = (0..n * d)
+            .map(|i| ((i as f32) * 0.37 + phase).sin())
+            .collect();
+        Tensor::from_vec(v, (n, d), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn prompt_loss_is_generate_py_spherical_distance() {
+        let a = unit(&embeds(3, 5, 0.0)).unwrap();
+        let b = unit(&embeds(2, 5, 1.0)).unwrap();
+        let target = |weight: f32, stop: Option<f32>| Target {
+            embed: b.clone(),
+            weight,
+            stop,
+        };
+        // Direct formula: mean over (cutout, target) pairs of 2·asin(|a−b|/2)².
+        let (av, bv): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (a.to_vec2().unwrap(), b.to_vec2().unwrap());
+        let mut sum = 0.0f64;
+        for x in &av {
+            for y in &bv {
+                let d: f64 = x
+                    .iter()
+                    .zip(y)
+                    .map(|(p, q)| f64::from(p - q).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                sum += 2.0 * (d / 2.0).asin().powi(2);
+            }
+        }
+        let expected = sum / 6.0;
+        let got = prompt_loss(&a, &target(0.5, None))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            (f64::from(got) - 0.5 * expected).abs() < 1e-5,
+            "{got} vs {}",
+            0.5 * expected
+        );
+        let neg = prompt_loss(&a, &target(-2.0, None))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((f64::from(neg) + 2.0 * expected).abs() < 1e-5);
+
+        let raw = embeds(3, 5, 0.0);
+        let target64 = |weight: f32| Target {
+            embed: b.to_dtype(DType::F64).unwrap(),
+            weight,
+            stop: None,
+        };
+        check_gradient(&raw, |e| prompt_loss(&unit(e)?, &target64(0.7)), 1e-4);
+        check_gradient(&raw, |e| prompt_loss(&unit(e)?, &target64(-1.3)), 1e-4);
+        // A stop above every distance cuts the whole gradient.
+        let e = Var::from_tensor(&raw).unwrap();
+        let loss = prompt_loss(&unit(e.as_tensor()).unwrap(), &target(1.0, Some(10.0))).unwrap();
+        let g = loss.backward().unwrap();
+        let g = g
+            .get(e.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert_eq!(g.to_scalar::<f32>().unwrap(), 0.0);
+    }
 }

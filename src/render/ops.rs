@@ -34,8 +34,10 @@ impl CustomOp1 for GradHook {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        // Callers pass a fresh contiguous copy, so cloning the buffer is the identity.
-        debug_assert!(layout.is_contiguous() && layout.start_offset() == 0);
+        // `with_hook` passes a fresh compact buffer, so cloning it is the identity.
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("grad hook needs a compact input");
+        }
         Ok((storage.try_clone(layout)?, layout.shape().clone()))
     }
 
@@ -45,6 +47,9 @@ impl CustomOp1 for GradHook {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("grad hook needs a compact input");
+        }
         Ok((storage.try_clone(layout)?, layout.shape().clone()))
     }
 
@@ -72,7 +77,9 @@ impl CustomOp1 for GradHook {
 
 /// `(hook(x) − x̄) + value`: the forward value of `value`, the gradient of the hook.
 fn with_hook(x: &Tensor, value: &Tensor, rule: HookRule) -> candle_core::Result<Tensor> {
-    let hooked = x.copy()?.apply_op1(GradHook(rule))?;
+    // `affine` always writes a fresh compact buffer (offset 0), which is what lets the
+    // hook's forward be a plain buffer clone on every backend; `copy` keeps offsets.
+    let hooked = x.affine(1.0, 0.0)?.apply_op1(GradHook(rule))?;
     (hooked - x.detach())? + value.detach()
 }
 
@@ -176,6 +183,19 @@ mod tests {
         let grads = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let g: Vec<f32> = grads.get(x.as_tensor()).unwrap().to_vec1().unwrap();
         assert_eq!(g, vec![-1.0, 2.0, 3.0, 0.0, 0.0, 6.0]);
+    }
+
+    #[test]
+    fn hooks_accept_views_with_offsets_and_strides() {
+        let x = Tensor::new(&[[-1.0f32, 0.25], [0.5, 2.0], [0.75, -0.5]], &Device::Cpu).unwrap();
+        let view = x.narrow(0, 1, 2).unwrap().t().unwrap();
+        let y = clamp_with_grad(&view, 0.0, 1.0).unwrap();
+        assert_eq!(
+            y.to_vec2::<f32>().unwrap(),
+            vec![vec![0.5, 0.75], vec![1.0, 0.0]]
+        );
+        let a = asin(&view.affine(0.4, 0.0).unwrap()).unwrap();
+        assert!((a.to_vec2::<f32>().unwrap()[0][1] - 0.3f32.asin()).abs() < 1e-6);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::engine::History;
 use super::job::{RenderError, RenderJob};
 use super::models::{ModelIdentities, ModelSet};
+use super::spec::{ImageRef, JobSpec};
 
 fn encode_err(what: &'static str, reason: impl ToString) -> RenderError {
     RenderError::Encode {
@@ -93,6 +94,29 @@ pub fn zoom_and_shift(img: &RgbImage, scale: f32, shift_x: i32, shift_y: i32) ->
     })
 }
 
+/// The spec as recorded in outputs: inline `data:` images are replaced by their
+/// media type, size and sha256, so a PNG's text chunk does not carry a second image.
+pub fn record_spec(spec: &JobSpec) -> JobSpec {
+    use sha2::{Digest, Sha256};
+    let shorten = |reference: &mut String| {
+        if let Ok(ImageRef::Inline { media_type, bytes }) = ImageRef::parse(reference) {
+            *reference = format!(
+                "inline:{media_type};bytes={};sha256={}",
+                bytes.len(),
+                hex::encode(Sha256::digest(&bytes))
+            );
+        }
+    };
+    let mut spec = spec.clone();
+    for prompt in &mut spec.image_prompts {
+        shorten(&mut prompt.image);
+    }
+    if let Some(init) = &mut spec.init_image {
+        shorten(init);
+    }
+    spec
+}
+
 /// The text chunks of the final PNG.
 pub fn png_text(job: &RenderJob, identities: &ModelIdentities) -> Vec<(String, String)> {
     let prompts = match &job.spec.prompts {
@@ -104,7 +128,7 @@ pub fn png_text(job: &RenderJob, identities: &ModelIdentities) -> Vec<(String, S
         ("seed".into(), job.seed.to_string()),
         (
             "parameters".into(),
-            serde_json::to_string(&job.spec).unwrap_or_default(),
+            serde_json::to_string(&record_spec(&job.spec)).unwrap_or_default(),
         ),
         (
             "software".into(),
@@ -285,7 +309,7 @@ fn split_annex_b(data: &[u8]) -> Vec<&[u8]> {
 #[derive(Serialize)]
 struct Metadata<'a> {
     vqclip_version: &'static str,
-    spec: &'a super::spec::JobSpec,
+    spec: JobSpec,
     seed: u64,
     width: u32,
     height: u32,
@@ -308,7 +332,7 @@ pub fn write_metadata(
 ) -> Result<(), RenderError> {
     let meta = Metadata {
         vqclip_version: env!("CARGO_PKG_VERSION"),
-        spec: &job.spec,
+        spec: record_spec(&job.spec),
         seed: job.seed,
         width: job.spec.width,
         height: job.spec.height,
@@ -383,6 +407,20 @@ mod tests {
         assert_eq!(info.uncompressed_latin1_text[0].keyword, "prompts");
         assert_eq!(info.uncompressed_latin1_text[0].text, "a cat");
         assert_eq!(info.utf8_text[0].get_text().unwrap(), "ünï 猫");
+    }
+
+    #[test]
+    fn recorded_spec_drops_inline_image_bytes() {
+        let spec: JobSpec = serde_json::from_str(
+            r#"{"image_prompts": [{"image": "data:image/png;base64,iVBORw0KGgo="}],
+                "init_image": "upload:0f8fad5b-d9cb-469f-a165-70867728950e"}"#,
+        )
+        .unwrap();
+        let rec = record_spec(&spec);
+        assert!(rec.image_prompts[0]
+            .image
+            .starts_with("inline:image/png;bytes=8;sha256="));
+        assert_eq!(rec.init_image, spec.init_image);
     }
 
     #[test]
