@@ -195,6 +195,16 @@ impl Config {
         Ok(config)
     }
 
+    /// The `[auth]` section, typed by `src/auth`.
+    pub fn auth_settings(&self) -> Result<crate::auth::AuthConfig, ConfigError> {
+        crate::auth::AuthConfig::from_table(&self.auth).map_err(ConfigError::Invalid)
+    }
+
+    /// The `[webhooks]` section, typed by `src/webhooks`.
+    pub fn webhook_settings(&self) -> Result<crate::webhooks::WebhookConfig, ConfigError> {
+        crate::webhooks::WebhookConfig::from_table(&self.webhooks).map_err(ConfigError::Invalid)
+    }
+
     /// The compiled-in defaults alone.
     pub fn defaults() -> Config {
         Self::load_from(None, std::iter::empty(), &Overrides::default())
@@ -219,6 +229,8 @@ impl Config {
                 "models.clip must name at least one CLIP model".into(),
             ));
         }
+        self.auth_settings()?;
+        self.webhook_settings()?;
         if self.database.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "database.max_connections must be at least 1".into(),

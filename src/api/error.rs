@@ -109,6 +109,15 @@ impl From<QueueError> for ApiError {
                 problem.retry_after = Some(5);
                 problem
             }
+            e @ QueueError::KeyQueueFull { .. } => {
+                let mut problem = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "key-queue-full",
+                    e.to_string(),
+                );
+                problem.retry_after = Some(5);
+                problem
+            }
             e @ QueueError::IdempotencyMismatch { .. } => {
                 ApiError::unprocessable("idempotency-key-reused", e.to_string())
             }

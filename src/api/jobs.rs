@@ -185,6 +185,23 @@ async fn check_images(st: &AppState, scope: &Scope, spec: &JobSpec) -> Result<()
     Ok(())
 }
 
+/// A webhook needs a signing secret on the server and a public target (SSRF).
+async fn check_webhook(st: &AppState, spec: &JobSpec) -> Result<(), ApiError> {
+    let Some(hook) = &spec.webhook else {
+        return Ok(());
+    };
+    let hook: crate::webhooks::WebhookSpec = serde_json::to_value(hook)
+        .and_then(serde_json::from_value)
+        .map_err(|e| ApiError::internal("reading the webhook spec", e))?;
+    st.webhooks.validate(&hook).await.map_err(|e| {
+        let field = match e {
+            crate::webhooks::WebhookError::NoSecret => "webhook",
+            _ => "webhook.url",
+        };
+        ApiError::unprocessable("invalid-webhook", e.to_string()).with("field", field)
+    })
+}
+
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
@@ -209,6 +226,7 @@ pub(super) async fn submit(
     let key = idempotency_key(&headers)?;
     let spec = spec_from_json(&raw, &st.config)?;
     check_images(&st, &scope, &spec).await?;
+    check_webhook(&st, &spec).await?;
     let new = NewJob {
         spec: serde_json::to_value(&spec).map_err(|e| ApiError::internal("storing the spec", e))?,
         priority: spec.priority,

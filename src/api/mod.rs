@@ -5,12 +5,14 @@
 //! OpenAPI test compares with `openapi.yaml`, so the two cannot drift apart.
 
 mod artifacts;
+mod auth;
 mod error;
 mod events;
 mod extract;
 mod jobs;
 mod ops;
 mod uploads;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,9 +25,11 @@ use axum::routing::{delete, get, post, MethodRouter};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::queue::{JobStore, Metrics};
 use crate::storage::ArtifactStore;
+use crate::webhooks::WebhookEngine;
 
 pub use error::ApiError;
 pub use extract::Caller;
@@ -38,6 +42,10 @@ pub struct AppState {
     pub artifacts: ArtifactStore,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
+    /// API keys and per-key rate limits; with no key created, everyone is let in.
+    pub auth: Arc<Authenticator>,
+    /// Checks job webhooks at submission and keeps their delivery history.
+    pub webhooks: Arc<WebhookEngine>,
     /// Cancelled on SIGINT/SIGTERM; open SSE streams end so that shutdown is not held up.
     pub shutdown: CancellationToken,
 }
@@ -67,6 +75,11 @@ pub fn route_table(config: &Config) -> Vec<RouteEntry> {
         entry(Method::DELETE, "/v1/jobs/{id}", delete(jobs::delete_job)),
         entry(Method::POST, "/v1/jobs/{id}/cancel", post(jobs::cancel)),
         entry(Method::GET, "/v1/jobs/{id}/events", get(events::stream)),
+        entry(
+            Method::GET,
+            "/v1/jobs/{id}/webhooks",
+            get(webhooks::history),
+        ),
         entry(
             Method::GET,
             "/v1/jobs/{id}/image.png",
@@ -108,8 +121,9 @@ pub fn routes() -> Vec<(String, String)> {
         .collect()
 }
 
-/// The whole application. An auth layer (`src/auth`) goes between the routes and the
-/// metrics layer, inserting the caller's [`crate::queue::Scope`] as a request extension.
+/// The whole application. The auth layer sits between the routes and the metrics
+/// layer, inserting the caller's [`crate::queue::Scope`] as a request extension; CORS
+/// is outside it, so browser preflights need no key.
 pub fn router(state: AppState) -> Router {
     let mut router = Router::new();
     for r in route_table(&state.config) {
@@ -119,6 +133,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.server.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             track_requests,

@@ -6,9 +6,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use vqclip::api::{self, AppState};
+use vqclip::auth::Authenticator;
 use vqclip::config::{Config, Overrides};
-use vqclip::queue::{JobStore, Metrics, SqliteStore};
+use vqclip::queue::retention::spawn_pruner;
+use vqclip::queue::{JobStore, KeyBounds, Metrics, SqliteStore};
 use vqclip::storage::ArtifactStore;
+use vqclip::webhooks::WebhookEngine;
 use vqclip::worker::{WorkerContext, WorkerPool};
 
 #[derive(clap::Args)]
@@ -79,6 +82,12 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
     )
     .await
     .with_context(|| format!("opening the database {}", db.url))?;
+    // Claims (here and in `vqclip worker`) honour the per-key running bound.
+    let auth = config.auth_settings()?;
+    let store = store.with_key_bounds(KeyBounds {
+        max_queued: auth.max_queued_per_key,
+        max_running: auth.max_running_per_key,
+    });
     Ok(Arc::new(store))
 }
 
@@ -160,20 +169,60 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             config.database.url,
             config.storage.artifact_dir.display()
         );
+        let auth = Arc::new(Authenticator::new(
+            store.pool().clone(),
+            config.auth_settings()?,
+        ));
+        let webhooks = WebhookEngine::new(store.pool().clone(), config.webhook_settings()?)?;
+        let sender = webhooks.spawn(shutdown.clone());
+        wake_on_events(&store, &webhooks, shutdown.clone());
+        let pruner = spawn_pruner(
+            store.clone() as Arc<dyn JobStore>,
+            artifacts.clone(),
+            std::time::Duration::from_secs(config.retention.max_age_hours * 3600),
+            std::time::Duration::from_secs(config.retention.prune_interval_seconds),
+            shutdown.clone(),
+        );
         let state = AppState {
             store: store.clone() as Arc<dyn JobStore>,
             artifacts,
             config: Arc::new(config),
             metrics,
+            auth,
+            webhooks,
             shutdown: shutdown.clone(),
         };
         api::serve(listener, state).await?;
         shutdown.cancel();
         pool.join().await;
+        // The sender finishes its current batch; what is left stays pending in the
+        // database for the next start.
+        let _ = sender.await;
+        if let Some(p) = pruner {
+            let _ = p.await;
+        }
         store.pool().close().await;
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Events committed in this process wake the webhook sender at once; those from
+/// `vqclip worker` processes are picked up by its polling.
+fn wake_on_events(store: &SqliteStore, webhooks: &Arc<WebhookEngine>, shutdown: CancellationToken) {
+    let mut notices = store.subscribe();
+    let webhooks = webhooks.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                notice = notices.recv() => match notice {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => webhooks.wake(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+            }
+        }
+    });
 }
 
 pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {

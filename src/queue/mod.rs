@@ -12,6 +12,7 @@
 //! ```
 
 pub mod metrics;
+pub mod retention;
 mod sqlite;
 
 use chrono::{DateTime, Utc};
@@ -21,7 +22,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 pub use metrics::Metrics;
-pub use sqlite::SqliteStore;
+pub use sqlite::{KeyBounds, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -31,6 +32,8 @@ pub enum QueueError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("the queue is full ({queued} jobs queued, limit {limit}); retry later")]
     QueueFull { queued: u64, limit: u64 },
+    #[error("this API key already has {queued} queued jobs, its limit of {limit}; wait for some to start or cancel some")]
+    KeyQueueFull { queued: u64, limit: u64 },
     #[error("Idempotency-Key {key:?} was already used with a different request body; use a new key for a new job")]
     IdempotencyMismatch { key: String },
     #[error("no job with id {0}")]
@@ -337,6 +340,10 @@ pub trait JobStore: Send + Sync + 'static {
     fn cancel<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, CancelOutcome>;
     /// Removes a terminal job and its events; the caller removes its artifacts.
     fn delete<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, Job>;
+    /// Retention: removes the terminal jobs (and their events) that finished
+    /// before `cutoff`, except those with `keep`; returns their ids so the
+    /// caller can remove their artifacts.
+    fn prune_finished_before(&self, cutoff: DateTime<Utc>) -> QueueFuture<'_, Vec<Uuid>>;
 
     /// Atomically takes the next queued job (priority, then first in first out).
     fn claim<'a>(

@@ -22,11 +22,26 @@ const JOB_COLUMNS: &str = "seq, id, state, priority, spec, owner_key_id, idempot
     updated_at";
 
 /// The claim: one atomic statement picks and takes the best queued job.
-/// Order: higher priority first, then first in, first out.
+/// Owners (API keys; '' for jobs without one) take turns: the owner with the
+/// fewest running jobs first, then the one whose turn came least recently
+/// (`job_owner_turns`, kept by a trigger, migration 0004); within an owner,
+/// higher priority first, then first in, first out. An owner at its running
+/// bound (`api_keys.max_running`, else ?5; 0 is none) is skipped.
 const CLAIM_SQL: &str = "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
     lease_owner = ?1, lease_expires_at = ?2, device = ?3, \
     started_at = COALESCE(started_at, ?4), updated_at = ?4 \
-    WHERE seq = (SELECT seq FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq ASC LIMIT 1) \
+    WHERE seq = ( \
+        WITH running AS ( \
+            SELECT COALESCE(owner_key_id, '') AS owner, COUNT(*) AS n \
+            FROM jobs WHERE state = 'running' GROUP BY 1) \
+        SELECT q.seq FROM jobs q \
+        LEFT JOIN running r ON r.owner = COALESCE(q.owner_key_id, '') \
+        LEFT JOIN job_owner_turns t ON t.owner = COALESCE(q.owner_key_id, '') \
+        LEFT JOIN api_keys k ON k.id = q.owner_key_id \
+        WHERE q.state = 'queued' \
+          AND (COALESCE(k.max_running, ?5) = 0 OR COALESCE(r.n, 0) < COALESCE(k.max_running, ?5)) \
+        ORDER BY COALESCE(r.n, 0), COALESCE(t.turn, 0), q.priority DESC, q.seq \
+        LIMIT 1) \
     AND state = 'queued' \
     RETURNING ";
 
@@ -41,6 +56,15 @@ pub struct SqliteStore {
     pool: SqlitePool,
     events: broadcast::Sender<EventNotice>,
     queued: Arc<Notify>,
+    key_bounds: KeyBounds,
+}
+
+/// Per-API-key bounds on queued and running jobs, for keys that do not set
+/// their own (`api_keys.max_queued`, `api_keys.max_running`). 0 is no bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyBounds {
+    pub max_queued: u32,
+    pub max_running: u32,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -88,7 +112,14 @@ impl SqliteStore {
             pool,
             events,
             queued: Arc::new(Notify::new()),
+            key_bounds: KeyBounds::default(),
         }
+    }
+
+    /// Sets the default per-key bounds (from `[auth]`).
+    pub fn with_key_bounds(mut self, bounds: KeyBounds) -> SqliteStore {
+        self.key_bounds = bounds;
+        self
     }
 
     /// For the rooms that keep their own tables in the same database (auth, webhooks).
@@ -159,6 +190,24 @@ impl SqliteStore {
                 queued: queued as u64,
                 limit: max_queued,
             });
+        }
+        if let Some(owner) = &new.owner_key_id {
+            // Checked in the same transaction as the insert, so concurrent
+            // submissions of one key cannot overshoot its bound.
+            let (owned, limit): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner_key_id = ?1), \
+                        COALESCE((SELECT max_queued FROM api_keys WHERE id = ?1), ?2)",
+            )
+            .bind(owner)
+            .bind(self.key_bounds.max_queued as i64)
+            .fetch_one(&mut *tx)
+            .await?;
+            if limit > 0 && owned >= limit {
+                return Err(QueueError::KeyQueueFull {
+                    queued: owned as u64,
+                    limit: limit as u64,
+                });
+            }
         }
         let id = Uuid::now_v7();
         let now = now_ms();
@@ -240,7 +289,10 @@ impl SqliteStore {
 
     async fn position_impl(&self, job: &Job) -> QueueResult<Option<u64>> {
         let ahead: Option<i64> = sqlx::query_scalar(
+            // Among the owner's own jobs: owners take turns, and another key's
+            // backlog is none of this caller's business.
             "SELECT (SELECT COUNT(*) FROM jobs WHERE state = 'queued' \
+               AND owner_key_id IS j.owner_key_id \
                AND (priority > j.priority OR (priority = j.priority AND seq < j.seq))) \
              FROM jobs j WHERE j.id = ? AND j.state = 'queued'",
         )
@@ -331,6 +383,21 @@ impl SqliteStore {
         Ok(job)
     }
 
+    async fn prune_impl(&self, cutoff: DateTime<Utc>) -> QueueResult<Vec<Uuid>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'canceled') \
+             AND keep = 0 AND finished_at IS NOT NULL AND finished_at < ? RETURNING id",
+        )
+        .bind(cutoff.timestamp_millis())
+        .fetch_all(&self.pool)
+        .await?;
+        ids.iter()
+            .map(|id| {
+                Uuid::parse_str(id).map_err(|e| QueueError::Corrupt(format!("job id {id}: {e}")))
+            })
+            .collect()
+    }
+
     async fn claim_impl(
         &self,
         worker_id: &str,
@@ -344,6 +411,7 @@ impl SqliteStore {
             .bind(now + lease.as_millis() as i64)
             .bind(device)
             .bind(now)
+            .bind(self.key_bounds.max_running as i64)
             .fetch_optional(&mut *tx)
             .await?;
         let Some(row) = row else {
@@ -798,6 +866,9 @@ impl JobStore for SqliteStore {
     }
     fn delete<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, Job> {
         Box::pin(self.delete_impl(id, scope))
+    }
+    fn prune_finished_before(&self, cutoff: DateTime<Utc>) -> QueueFuture<'_, Vec<Uuid>> {
+        Box::pin(self.prune_impl(cutoff))
     }
     fn claim<'a>(
         &'a self,

@@ -68,11 +68,22 @@ impl TestServer {
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
+        let auth = Arc::new(vqclip::auth::Authenticator::new(
+            store.pool().clone(),
+            config.auth_settings().unwrap(),
+        ));
+        let webhooks = vqclip::webhooks::WebhookEngine::new(
+            store.pool().clone(),
+            config.webhook_settings().unwrap(),
+        )
+        .unwrap();
         let state = AppState {
             store: store.clone() as Arc<dyn JobStore>,
             artifacts,
             config: Arc::new(config.clone()),
             metrics,
+            auth,
+            webhooks,
             shutdown: shutdown.clone(),
         };
         let server = tokio::spawn(api::serve(listener, state));
