@@ -91,6 +91,7 @@ pub struct WorkersConfig {
     pub max_attempts: u32,
     pub poll_interval_ms: u64,
     pub checkpoint_every: u32,
+    pub batch_size: usize,
 }
 
 impl WorkersConfig {
@@ -218,6 +219,11 @@ impl Config {
                 "workers.heartbeat_seconds ({}) must be at least 1 and below workers.lease_seconds ({})",
                 w.heartbeat_seconds, w.lease_seconds
             )));
+        }
+        if w.batch_size == 0 {
+            return Err(ConfigError::Invalid(
+                "workers.batch_size must be at least 1 (1: no packing)".into(),
+            ));
         }
         if w.max_attempts == 0 {
             return Err(ConfigError::Invalid(

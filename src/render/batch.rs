@@ -140,17 +140,35 @@ pub fn render_batch(
     jobs: Vec<BatchJob<'_>>,
     models: &ModelSet,
 ) -> Vec<Result<RenderOutcome, RenderError>> {
-    let mut outcomes: Vec<Option<Result<RenderOutcome, RenderError>>> = Vec::new();
-    let mut runs: Vec<Option<Run<'_, '_>>> = Vec::new();
-    for entry in jobs {
+    let mut outcomes: Vec<Option<Result<RenderOutcome, RenderError>>> =
+        jobs.iter().map(|_| None).collect();
+    render_batch_each(jobs, models, &mut |i, outcome| outcomes[i] = Some(outcome));
+    outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| {
+                Err(RenderError::Model(
+                    "the job ended without an outcome".into(),
+                ))
+            })
+        })
+        .collect()
+}
+
+/// As [`render_batch`], handing each job's outcome to `on_end(index, outcome)` the
+/// moment that job ends, while the others may still be rendering.
+pub fn render_batch_each(
+    jobs: Vec<BatchJob<'_>>,
+    models: &ModelSet,
+    on_end: &mut dyn FnMut(usize, Result<RenderOutcome, RenderError>),
+) {
+    let mut runs: Vec<Option<Run<'_, '_>>> = Vec::with_capacity(jobs.len());
+    for (i, entry) in jobs.into_iter().enumerate() {
         match Run::start(entry, models) {
-            Ok(run) => {
-                runs.push(Some(run));
-                outcomes.push(None);
-            }
+            Ok(run) => runs.push(Some(run)),
             Err(e) => {
                 runs.push(None);
-                outcomes.push(Some(Err(e)));
+                on_end(i, Err(e));
             }
         }
     }
@@ -160,25 +178,26 @@ pub fn render_batch(
         .flatten()
         .next()
         .map(|r| r.session.z().dims().to_vec());
-    for (run, outcome) in runs.iter_mut().zip(outcomes.iter_mut()) {
+    for (i, run) in runs.iter_mut().enumerate() {
         if let (Some(r), Some(shape)) = (run.as_ref(), shape.as_ref()) {
             if r.session.z().dims() != shape.as_slice() {
-                *outcome = Some(Err(RenderError::Incompatible(format!(
-                    "{}x{} differs from the batch's size; render it in a batch of its own",
-                    r.job.spec.width, r.job.spec.height
-                ))));
+                on_end(
+                    i,
+                    Err(RenderError::Incompatible(format!(
+                        "{}x{} differs from the batch's size; render it in a batch of its own",
+                        r.job.spec.width, r.job.spec.height
+                    ))),
+                );
                 *run = None;
             }
         }
     }
 
     loop {
-        for (run, outcome) in runs.iter_mut().zip(outcomes.iter_mut()) {
-            if let Some(r) = run.as_mut() {
-                if let Some(end) = r.end_before_step() {
-                    *outcome = Some(end);
-                    *run = None;
-                }
+        for (i, run) in runs.iter_mut().enumerate() {
+            if let Some(end) = run.as_mut().and_then(Run::end_before_step) {
+                *run = None;
+                on_end(i, end);
             }
         }
         let mut active: Vec<(usize, &mut Run)> = runs
@@ -187,7 +206,7 @@ pub fn render_batch(
             .filter_map(|(i, r)| r.as_mut().map(|r| (i, r)))
             .collect();
         if active.is_empty() {
-            break;
+            return;
         }
         let t0 = Instant::now();
         let stepped = {
@@ -216,20 +235,10 @@ pub fn render_batch(
             }
         }
         for (i, end) in ended {
-            outcomes[i] = Some(end);
             runs[i] = None;
+            on_end(i, end);
         }
     }
-    outcomes
-        .into_iter()
-        .map(|o| {
-            o.unwrap_or_else(|| {
-                Err(RenderError::Model(
-                    "the job ended without an outcome".into(),
-                ))
-            })
-        })
-        .collect()
 }
 
 impl<'a, 'm> Run<'a, 'm> {

@@ -21,7 +21,8 @@ use crate::config::Config;
 use crate::models::catalogue::ModelCache;
 use crate::queue::{links, EventKind, Finish, Job, JobStore, Metrics, Progress, QueueError, Scope};
 use crate::render::{
-    CancelToken, ImageRef, JobSpec, ModelSet, ModelsSpec, ProgressEvent, RenderJob, RenderOutcome,
+    render_batch_each, BatchJob, CancelToken, ImageRef, JobSpec, ModelSet, ModelsSpec,
+    ProgressEvent, RenderJob, RenderOutcome,
 };
 use crate::storage::ArtifactStore;
 
@@ -79,6 +80,8 @@ pub struct WorkerContext {
     pub lease: Duration,
     pub heartbeat: Duration,
     pub poll: Duration,
+    /// Jobs rendered together as one batch (`workers.batch_size`); 1 is no packing.
+    pub batch_size: usize,
 }
 
 impl WorkerContext {
@@ -97,6 +100,7 @@ impl WorkerContext {
             lease: Duration::from_secs(w.lease_seconds),
             heartbeat: Duration::from_secs(w.heartbeat_seconds),
             poll: Duration::from_millis(w.poll_interval_ms.max(10)),
+            batch_size: w.batch_size.max(1),
         }
     }
 }
@@ -170,21 +174,23 @@ fn spawn_rescuer(ctx: WorkerContext, shutdown: CancellationToken) -> JoinHandle<
 
 type RenderReply = Result<RenderOutcome, String>;
 
+/// One job for the render thread. A worker sends a batch of them at once.
 struct RenderRequest {
     job: RenderJob,
     progress: mpsc::UnboundedSender<ProgressEvent>,
     cancel: CancelToken,
+    /// Answered the moment this job ends, while the rest of its batch may go on.
     reply: oneshot::Sender<RenderReply>,
 }
 
 /// The OS thread that owns a worker's models and runs its renders.
 struct RenderThread {
-    requests: std::sync::mpsc::Sender<RenderRequest>,
+    requests: std::sync::mpsc::Sender<Vec<RenderRequest>>,
 }
 
 impl RenderThread {
     fn spawn(id: &str, device: Device, cache: ModelCache) -> Result<RenderThread, WorkerError> {
-        let (tx, rx) = std::sync::mpsc::channel::<RenderRequest>();
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<RenderRequest>>();
         std::thread::Builder::new()
             .name(format!("render-{id}"))
             .spawn(move || render_loop(device, cache, rx))
@@ -196,40 +202,97 @@ impl RenderThread {
 fn render_loop(
     device: Device,
     cache: ModelCache,
-    requests: std::sync::mpsc::Receiver<RenderRequest>,
+    requests: std::sync::mpsc::Receiver<Vec<RenderRequest>>,
 ) {
     // Models stay loaded while consecutive jobs name the same ones.
     let mut loaded: Option<(ModelsSpec, ModelSet)> = None;
-    while let Ok(req) = requests.recv() {
-        let RenderRequest {
-            job,
-            progress,
-            cancel,
-            reply,
-        } = req;
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> RenderReply {
-            if loaded.as_ref().map(|(spec, _)| spec) != Some(&job.spec.models) {
-                loaded = None;
-                let set = ModelSet::load(&job.spec.models, &cache, &device)
-                    .map_err(|e| format!("loading models: {e}"))?;
-                loaded = Some((job.spec.models.clone(), set));
+    while let Ok(batch) = requests.recv() {
+        for group in batchable_groups(batch) {
+            render_group(group, &mut loaded, &device, &cache);
+        }
+    }
+}
+
+/// The claim packs only jobs of one size and one model set; should anything else
+/// arrive together, it renders in a batch of its own rather than failing.
+fn batchable_groups(mut batch: Vec<RenderRequest>) -> Vec<Vec<RenderRequest>> {
+    let key = |r: &RenderRequest| {
+        let s = &r.job.spec;
+        (s.models.clone(), s.width, s.height)
+    };
+    let mut groups = Vec::new();
+    while let Some(first) = batch.first().map(key) {
+        let (same, rest) = batch.into_iter().partition(|r| key(r) == first);
+        groups.push(same);
+        batch = rest;
+    }
+    groups
+}
+
+fn render_group(
+    group: Vec<RenderRequest>,
+    loaded: &mut Option<(ModelsSpec, ModelSet)>,
+    device: &Device,
+    cache: &ModelCache,
+) {
+    let mut jobs = Vec::with_capacity(group.len());
+    let mut sinks = Vec::with_capacity(group.len());
+    let mut cancels = Vec::with_capacity(group.len());
+    let mut replies = Vec::with_capacity(group.len());
+    for r in group {
+        jobs.push(r.job);
+        sinks.push(r.progress);
+        cancels.push(r.cancel);
+        replies.push(Some(r.reply));
+    }
+    let Some(models_spec) = jobs.first().map(|j| j.spec.models.clone()) else {
+        return;
+    };
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
+        if loaded.as_ref().map(|(spec, _)| spec) != Some(&models_spec) {
+            *loaded = None;
+            let set = ModelSet::load(&models_spec, cache, device)
+                .map_err(|e| format!("loading models: {e}"))?;
+            *loaded = Some((models_spec.clone(), set));
+        }
+        let Some((_, models)) = loaded.as_ref() else {
+            return Err("models are not loaded".into());
+        };
+        let entries = jobs
+            .iter()
+            .zip(sinks.iter_mut())
+            .zip(&cancels)
+            .map(|((job, sink), cancel)| BatchJob {
+                job,
+                progress: sink,
+                cancel,
+            })
+            .collect();
+        render_batch_each(entries, models, &mut |i, outcome| {
+            if let Some(reply) = replies[i].take() {
+                let _ = reply.send(outcome.map_err(|e| e.to_string()));
             }
-            let Some((_, models)) = loaded.as_ref() else {
-                return Err("models are not loaded".into());
-            };
-            let mut sink = progress;
-            crate::render::render(&job, models, &mut sink, &cancel).map_err(|e| e.to_string())
-        }));
-        let result = result.unwrap_or_else(|panic| {
+        });
+        Ok(())
+    }));
+    let failure = match result {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(panic) => {
             let what = panic
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            loaded = None;
-            Err(format!("the render crashed: {what}"))
-        });
-        let _ = reply.send(result);
+            *loaded = None;
+            Some(format!("the render crashed: {what}"))
+        }
+    };
+    // Jobs the render did not answer (models failed to load, a panic) fail alike.
+    for reply in replies.into_iter().flatten() {
+        let _ = reply.send(Err(failure
+            .clone()
+            .unwrap_or_else(|| "the render ended without an outcome".into())));
     }
 }
 
@@ -276,7 +339,10 @@ impl Worker {
                 .claim(&self.id, &self.device, self.ctx.lease)
                 .await
             {
-                Ok(Some(job)) => self.run_job(job).await,
+                Ok(Some(job)) => {
+                    let batch = self.pack(job).await;
+                    self.run_batch(batch).await
+                }
                 Ok(None) => {
                     tokio::select! {
                         _ = &mut notified => {}
@@ -294,13 +360,73 @@ impl Worker {
         tracing::info!(worker = %self.id, "worker stopped");
     }
 
-    async fn run_job(&self, job: Job) {
+    /// The claimed job plus up to `batch_size - 1` queued jobs that can share its
+    /// steps: same width, height and models, each taken by its own atomic claim.
+    async fn pack(&self, leader: Job) -> Vec<Job> {
+        let mut batch = vec![leader];
+        while batch.len() < self.ctx.batch_size {
+            let claim = self.ctx.store.claim_alongside(
+                &self.id,
+                &self.device,
+                self.ctx.lease,
+                batch[0].id,
+                &BATCH_KEY,
+            );
+            match claim.await {
+                Ok(Some(job)) => batch.push(job),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(worker = %self.id, "claiming a job to batch: {e}");
+                    break;
+                }
+            }
+        }
+        batch
+    }
+
+    /// Renders the jobs as one batch on the render thread and follows each to its
+    /// end: every job keeps its own lease, events, cancellation and outcome.
+    async fn run_batch(&self, jobs: Vec<Job>) {
         let started = Instant::now();
-        tracing::info!(worker = %self.id, job = %job.id, attempt = job.attempts, "job started");
-        let end = match self.prepare(&job).await {
-            Ok(render_job) => self.render(&job, render_job).await,
-            Err(error) => RunEnd::Finished(Finish::Failed { error }),
-        };
+        let mut requests = Vec::with_capacity(jobs.len());
+        let mut followed = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            tracing::info!(worker = %self.id, job = %job.id, attempt = job.attempts, "job started");
+            match self.prepare(&job).await {
+                Ok(render_job) => {
+                    let (request, pending) = Pending::new(render_job, job.cancel_requested);
+                    requests.push(request);
+                    followed.push((job, pending));
+                }
+                Err(error) => {
+                    self.conclude(&job, started, RunEnd::Finished(Finish::Failed { error }))
+                        .await
+                }
+            }
+        }
+        if followed.is_empty() {
+            return;
+        }
+        if followed.len() > 1 {
+            tracing::info!(worker = %self.id, jobs = followed.len(), "rendering a batch");
+        }
+        if self.render.requests.send(requests).is_err() {
+            for (job, _) in &followed {
+                let error = "the worker's render thread has stopped".to_string();
+                self.conclude(job, started, RunEnd::Finished(Finish::Failed { error }))
+                    .await;
+            }
+            return;
+        }
+        futures::future::join_all(followed.into_iter().map(|(job, pending)| async move {
+            let end = self.follow(&job, pending).await;
+            self.conclude(&job, started, end).await;
+        }))
+        .await;
+    }
+
+    /// Records how a job's run ended.
+    async fn conclude(&self, job: &Job, started: Instant, end: RunEnd) {
         let store = &self.ctx.store;
         let outcome = match end {
             RunEnd::Finished(finish) => {
@@ -380,41 +506,41 @@ impl Worker {
         })
     }
 
-    async fn render(&self, job: &Job, render_job: RenderJob) -> RunEnd {
-        let out_dir = render_job.out_dir.clone();
-        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let cancel = CancelToken::new();
-        if job.cancel_requested {
-            cancel.cancel();
-        }
-        let request = RenderRequest {
-            job: render_job,
-            progress: progress_tx,
-            cancel: cancel.clone(),
-            reply: reply_tx,
-        };
-        if self.render.requests.send(request).is_err() {
-            return RunEnd::Finished(Finish::Failed {
-                error: "the worker's render thread has stopped".into(),
-            });
-        }
+    /// Follows one job of a batch until the render thread answers for it: records its
+    /// progress, renews its lease, passes on cancellation and shutdown.
+    async fn follow(&self, job: &Job, pending: Pending) -> RunEnd {
+        let Pending {
+            out_dir,
+            mut progress,
+            mut reply,
+            cancel,
+        } = pending;
         let mut lease_lost = false;
         let mut interrupted = false;
+        let mut progress_open = true;
         let mut last_elapsed = 0.0;
         let mut heartbeat = tokio::time::interval(self.ctx.heartbeat);
         heartbeat.tick().await;
-        // The render thread drops its progress sender when the render returns.
-        loop {
+        let result = loop {
             tokio::select! {
-                event = progress_rx.recv() => match event {
+                biased;
+                event = progress.recv(), if progress_open => match event {
                     Some(event) => {
                         if let Err(e) = self.record(job, &out_dir, event, &cancel, &mut last_elapsed).await {
                             lease_lost |= self.lease_error(job, e, &cancel);
                         }
                     }
-                    None => break,
+                    None => progress_open = false,
                 },
+                answer = &mut reply => {
+                    // The render thread sends a job's events before its answer.
+                    while let Ok(event) = progress.try_recv() {
+                        if let Err(e) = self.record(job, &out_dir, event, &cancel, &mut last_elapsed).await {
+                            lease_lost |= self.lease_error(job, e, &cancel);
+                        }
+                    }
+                    break answer.unwrap_or_else(|_| Err("the render thread stopped mid-job".into()));
+                }
                 _ = heartbeat.tick() => {
                     let _ = self.ctx.store.worker_heartbeat(&self.id, &self.device, Some(job.id)).await;
                     match self.ctx.store.renew(job.id, &self.id, self.ctx.lease).await {
@@ -428,10 +554,7 @@ impl Worker {
                     cancel.interrupt();
                 }
             }
-        }
-        let result = reply_rx
-            .await
-            .unwrap_or_else(|_| Err("the render thread stopped mid-job".into()));
+        };
         if lease_lost {
             return RunEnd::LeaseLost;
         }
@@ -538,6 +661,42 @@ impl Worker {
             }
         }
         Ok(())
+    }
+}
+
+/// The spec fields jobs must share to render as one batch: the latent's shape and the
+/// loaded models.
+const BATCH_KEY: [&str; 3] = ["$.width", "$.height", "$.models"];
+
+/// The worker's side of one job handed to the render thread.
+struct Pending {
+    out_dir: std::path::PathBuf,
+    progress: mpsc::UnboundedReceiver<ProgressEvent>,
+    reply: oneshot::Receiver<RenderReply>,
+    cancel: CancelToken,
+}
+
+impl Pending {
+    fn new(job: RenderJob, cancel_requested: bool) -> (RenderRequest, Pending) {
+        let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let cancel = CancelToken::new();
+        if cancel_requested {
+            cancel.cancel();
+        }
+        let pending = Pending {
+            out_dir: job.out_dir.clone(),
+            progress: progress_rx,
+            reply: reply_rx,
+            cancel: cancel.clone(),
+        };
+        let request = RenderRequest {
+            job,
+            progress: progress_tx,
+            cancel,
+            reply: reply_tx,
+        };
+        (request, pending)
     }
 }
 
