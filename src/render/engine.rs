@@ -1,6 +1,7 @@
 //! The optimisation loop. A [`RenderSession`] holds one job's state (z, optimiser,
 //! RNG, prompts) and takes one step at a time; [`render`] drives a session to the end,
-//! writing frames, checkpoints and the final outputs.
+//! writing frames, checkpoints and the final outputs. Both are batches of one of
+//! `batch.rs`'s batched step and driver.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};

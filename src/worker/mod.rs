@@ -3,6 +3,9 @@
 //!
 //! The async side (claim, heartbeat, events) never blocks on tensors; the render thread
 //! never touches the database. They talk over channels.
+//!
+//! With `workers.batch_size` above 1 a worker packs queued jobs of the same size and
+//! models into one batch that the render thread steps together (`render::batch`).
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
