@@ -451,6 +451,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+        let err = Config::load_from(
+            None,
+            env(&[("VQCLIP_WORKERS_BATCH_SIZE", "0")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("workers.batch_size"), "{err}");
+    }
+
+    #[test]
+    fn batch_packing_is_off_by_default_and_set_by_env() {
+        assert_eq!(Config::defaults().workers.batch_size, 1);
+        let c = Config::load_from(
+            None,
+            env(&[("VQCLIP_WORKERS_BATCH_SIZE", "4")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.workers.batch_size, 4);
     }
 
     #[test]

@@ -723,4 +723,41 @@ mod tests {
             assert!(err.contains("without CUDA"), "{err}");
         }
     }
+
+    fn request(width: u32, clip: &str) -> RenderRequest {
+        let spec: JobSpec = serde_json::from_value(json!({
+            "prompts": "x", "width": width, "height": 32,
+            "models": { "vqgan": "v", "clip": [clip] }
+        }))
+        .unwrap();
+        let (request, _pending) = Pending::new(RenderJob::new(spec, "/nonexistent"), false);
+        request
+    }
+
+    #[test]
+    fn only_jobs_of_one_size_and_models_render_as_one_batch() {
+        let batch = vec![
+            request(32, "a"),
+            request(48, "a"),
+            request(32, "b"),
+            request(32, "a"),
+        ];
+        let groups: Vec<Vec<(u32, String)>> = batchable_groups(batch)
+            .into_iter()
+            .map(|g| {
+                g.iter()
+                    .map(|r| (r.job.spec.width, r.job.spec.models.clip[0].clone()))
+                    .collect()
+            })
+            .collect();
+        let key = |w: u32, c: &str| (w, c.to_owned());
+        assert_eq!(
+            groups,
+            vec![
+                vec![key(32, "a"), key(32, "a")],
+                vec![key(48, "a")],
+                vec![key(32, "b")]
+            ]
+        );
+    }
 }
