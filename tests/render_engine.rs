@@ -342,3 +342,30 @@ fn every_optimizer_cut_method_and_init_runs() {
         assert_ne!(z0, z1, "{case}: z did not move");
     }
 }
+
+#[test]
+fn uploads_resolve_through_job_inputs() {
+    let id = "0f8fad5b-d9cb-469f-a165-70867728950e";
+    let img = image::RgbImage::from_fn(20, 12, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 7]));
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let s = spec(&format!(
+        r#"{{"image_prompts": [{{"image": "upload:{id}", "weight": 2}}], "init_image": "{id}", "steps": 1}}"#
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = job(s.clone(), dir.path());
+    let err = RenderSession::new(&j, models())
+        .err()
+        .expect("missing upload");
+    assert!(err.to_string().contains("not provided"), "{err}");
+    j.inputs.insert(format!("upload:{id}"), png.clone());
+    j.inputs.insert(id.to_owned(), png);
+    let mut session = RenderSession::new(&j, models()).unwrap();
+    assert!(session.step().unwrap().loss.is_finite());
+
+    j.inputs.insert(id.to_owned(), b"not an image".to_vec());
+    let err = RenderSession::new(&j, models()).err().expect("bad image");
+    assert!(err.to_string().contains("not a readable image"), "{err}");
+}

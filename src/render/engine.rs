@@ -537,7 +537,8 @@ fn prompt_loss(embeds: &Tensor, target: &Target) -> candle_core::Result<Tensor> 
     let diff = embeds
         .unsqueeze(1)?
         .broadcast_sub(&target.embed.unsqueeze(0)?)?;
-    let dist = diff.sqr()?.sum(2)?.sqrt()?;
+    // The epsilon keeps the gradient finite (not NaN) where a cutout matches its target.
+    let dist = (diff.sqr()?.sum(2)? + 1e-12)?.sqrt()?;
     let dists = (asin(&(dist * 0.5)?)?.sqr()? * 2.0)?;
     let sign = if target.weight < 0.0 { -1.0 } else { 1.0 };
     let dists = (dists * sign)?;

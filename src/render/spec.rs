@@ -55,10 +55,12 @@ pub struct JobSpec {
     pub optimizer: OptimizerKind,
     #[serde(default = "default_cutn")]
     pub cutn: u32,
+    /// Skews `original`'s crop sizes toward small (>1) or large (<1); `latest` has no crops.
     #[serde(default = "default_cut_pow")]
     pub cut_pow: f32,
     #[serde(default)]
     pub cut_method: CutMethod,
+    /// Applied to `latest` cutouts, as in generate.py; `original` uses none.
     #[serde(default = "default_augments")]
     pub augments: Vec<Augment>,
     /// A frame is written every `save_every` steps; 0 writes only the final image.
