@@ -89,25 +89,25 @@ pub fn step_batch(sessions: &mut [&mut RenderSession<'_>]) -> Result<Vec<StepSta
         }
     }
 
-    let mut totals = Vec::with_capacity(sessions.len());
-    let mut losses = Vec::with_capacity(sessions.len());
+    // Per job, its loss terms as one vector; the job's loss is their sum.
+    let mut terms = Vec::with_capacity(sessions.len());
     for (session, embeds) in sessions.iter().zip(&embeds) {
-        let terms = session.loss_terms(embeds)?;
-        losses.push(
-            terms
-                .iter()
-                .map(|t| t.to_scalar::<f32>())
-                .collect::<candle_core::Result<Vec<f32>>>()?,
-        );
-        totals.push(Tensor::stack(&terms, 0)?.sum_all()?);
+        terms.push(Tensor::stack(&session.loss_terms(embeds)?, 0)?);
     }
+    let totals = terms
+        .iter()
+        .map(|t| t.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
     // No job's loss depends on another's z, so each z's gradient from the sum is the
     // gradient of its own loss.
     let grads = Tensor::stack(&totals, 0)?.sum_all()?.backward()?;
+    // One read-back for every job's losses, after the backward pass is queued.
+    let counts: Vec<usize> = terms.iter().map(|t| t.elem_count()).collect();
+    let mut values = Tensor::cat(&terms, 0)?.to_vec1::<f32>()?.into_iter();
     sessions
         .iter_mut()
-        .zip(losses)
-        .map(|(session, losses)| session.finish_step(&grads, losses))
+        .zip(counts)
+        .map(|(session, n)| session.finish_step(&grads, values.by_ref().take(n).collect()))
         .collect()
 }
 
