@@ -334,3 +334,85 @@ fn jobs_of_another_size_or_other_models_are_refused() {
     assert!(matches!(outcomes[0], Ok(RenderOutcome::Completed(_))));
     assert!(matches!(outcomes[1], Err(RenderError::Incompatible(_))));
 }
+
+/// Runs `jobs` as one batch with silent sinks and their own tokens.
+fn render_together(jobs: &[RenderJob], cancels: &[CancelToken]) -> Vec<RenderOutcome> {
+    let mut sinks: Vec<NoProgress> = jobs.iter().map(|_| NoProgress).collect();
+    let entries = jobs
+        .iter()
+        .zip(sinks.iter_mut())
+        .zip(cancels)
+        .map(|((job, progress), cancel)| BatchJob {
+            job,
+            progress,
+            cancel,
+        })
+        .collect();
+    render_batch(entries, models())
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[test]
+fn an_interrupted_batch_resumes_from_each_jobs_checkpoint() {
+    let mut specs = three_specs();
+    specs.truncate(2);
+    for s in &mut specs {
+        s.steps = 5;
+    }
+    let solo_dir = tempfile::tempdir().unwrap();
+    let solo = jobs(&specs, solo_dir.path());
+    for job in &solo {
+        render(job, models(), &mut NoProgress, &CancelToken::new()).unwrap();
+    }
+
+    // A graceful shutdown interrupts every job of the batch between two steps.
+    let dir = tempfile::tempdir().unwrap();
+    let batch = jobs(&specs, dir.path());
+    let shutdown = CancelToken::new();
+    let mut sinks: Vec<Box<dyn FnMut(ProgressEvent) + Send>> = (0..2)
+        .map(|_| {
+            let shutdown = shutdown.clone();
+            Box::new(move |ev: ProgressEvent| {
+                if matches!(ev, ProgressEvent::Step { step: 2, .. }) {
+                    shutdown.interrupt();
+                }
+            }) as Box<dyn FnMut(ProgressEvent) + Send>
+        })
+        .collect();
+    let entries = batch
+        .iter()
+        .zip(sinks.iter_mut())
+        .map(|(job, progress)| BatchJob {
+            job,
+            progress,
+            cancel: &shutdown,
+        })
+        .collect();
+    let mut resumed = batch.clone();
+    for (job, outcome) in resumed.iter_mut().zip(render_batch(entries, models())) {
+        let RenderOutcome::Interrupted { step, checkpoint } = outcome.unwrap() else {
+            panic!("expected an interruption");
+        };
+        assert_eq!(step, 2);
+        assert!(checkpoint.starts_with(&job.out_dir));
+        job.resume = Some(checkpoint);
+    }
+    let cancels = [CancelToken::new(), CancelToken::new()];
+    for (j, outcome) in render_together(&resumed, &cancels).iter().enumerate() {
+        assert!(
+            matches!(outcome, RenderOutcome::Completed(_)),
+            "{outcome:?}"
+        );
+        let (a, b) = (
+            pixels(&resumed[j].out_dir.join("image.png")),
+            pixels(&solo[j].out_dir.join("image.png")),
+        );
+        let worst = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+        assert!(
+            worst <= 1,
+            "job {j}: resumed batch and solo PNGs differ by {worst} levels"
+        );
+    }
+}
