@@ -13,13 +13,15 @@
 //! by far more: see `a_job_stepped_with_another_seed_differs`, which checks that the
 //! tolerance does separate different runs.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::Device;
 use vqclip::render::{
-    render, render_batch, step_batch, BatchJob, CancelToken, JobSpec, ModelSet, NoProgress,
-    ProgressEvent, RenderError, RenderJob, RenderOutcome, RenderSession,
+    render, render_batch, render_batch_hosted, step_batch, BatchHost, BatchJob, CancelToken,
+    JobSpec, ModelSet, NoProgress, ProgressEvent, RenderError, RenderJob, RenderOutcome,
+    RenderSession,
 };
 
 /// Agreement of z and losses between a batched and a solo run (see the module doc).
@@ -215,11 +217,7 @@ fn batched_render_writes_what_solo_renders_write_and_a_canceled_job_leaves() {
             .iter()
             .zip(sinks.iter_mut())
             .zip(&cancels)
-            .map(|((job, sink), cancel)| BatchJob {
-                job,
-                progress: sink,
-                cancel,
-            })
+            .map(|((job, sink), cancel)| BatchJob::new(Cow::Borrowed(job), sink, cancel.clone()))
             .collect();
         render_batch(entries, models())
     };
@@ -315,19 +313,10 @@ fn jobs_of_another_size_or_other_models_are_refused() {
     let mut wide_quick = wide.clone();
     wide_quick.spec.steps = 1;
     let (t1, t2) = (CancelToken::new(), CancelToken::new());
-    let (mut s1, mut s2) = (NoProgress, NoProgress);
     let outcomes = render_batch(
         vec![
-            BatchJob {
-                job: &quick,
-                progress: &mut s1,
-                cancel: &t1,
-            },
-            BatchJob {
-                job: &wide_quick,
-                progress: &mut s2,
-                cancel: &t2,
-            },
+            BatchJob::new(Cow::Borrowed(&quick), NoProgress, t1),
+            BatchJob::new(Cow::Borrowed(&wide_quick), NoProgress, t2),
         ],
         models(),
     );
@@ -337,16 +326,10 @@ fn jobs_of_another_size_or_other_models_are_refused() {
 
 /// Runs `jobs` as one batch with silent sinks and their own tokens.
 fn render_together(jobs: &[RenderJob], cancels: &[CancelToken]) -> Vec<RenderOutcome> {
-    let mut sinks: Vec<NoProgress> = jobs.iter().map(|_| NoProgress).collect();
     let entries = jobs
         .iter()
-        .zip(sinks.iter_mut())
         .zip(cancels)
-        .map(|((job, progress), cancel)| BatchJob {
-            job,
-            progress,
-            cancel,
-        })
+        .map(|(job, cancel)| BatchJob::new(Cow::Borrowed(job), NoProgress, cancel.clone()))
         .collect();
     render_batch(entries, models())
         .into_iter()
@@ -384,11 +367,7 @@ fn an_interrupted_batch_resumes_from_each_jobs_checkpoint() {
     let entries = batch
         .iter()
         .zip(sinks.iter_mut())
-        .map(|(job, progress)| BatchJob {
-            job,
-            progress,
-            cancel: &shutdown,
-        })
+        .map(|(job, progress)| BatchJob::new(Cow::Borrowed(job), progress, shutdown.clone()))
         .collect();
     let mut resumed = batch.clone();
     for (job, outcome) in resumed.iter_mut().zip(render_batch(entries, models())) {
@@ -414,5 +393,80 @@ fn an_interrupted_batch_resumes_from_each_jobs_checkpoint() {
             worst <= 1,
             "job {j}: resumed batch and solo PNGs differ by {worst} levels"
         );
+    }
+}
+
+/// Lets `joining` in before the batch's `at`-th step; records every outcome.
+struct Refill<'a> {
+    joining: Vec<BatchJob<'a>>,
+    at: usize,
+    calls: usize,
+    outcomes: Vec<(usize, Result<RenderOutcome, RenderError>)>,
+}
+
+impl<'a> BatchHost<'a> for Refill<'a> {
+    fn admit(&mut self) -> Vec<BatchJob<'a>> {
+        self.calls += 1;
+        if self.calls == self.at {
+            std::mem::take(&mut self.joining)
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn ended(&mut self, index: usize, outcome: Result<RenderOutcome, RenderError>) {
+        self.outcomes.push((index, outcome));
+    }
+}
+
+#[test]
+fn a_job_joining_a_running_batch_renders_as_it_would_alone() {
+    let mut specs = three_specs();
+    specs[0].steps = 6;
+    specs[1].steps = 2;
+    specs[2].steps = 4;
+    let mut wide = specs[2].clone();
+    wide.width = 32;
+    let solo_dir = tempfile::tempdir().unwrap();
+    let solo = jobs(&specs, solo_dir.path());
+    for job in [&solo[0], &solo[2]] {
+        render(job, models(), &mut NoProgress, &CancelToken::new()).unwrap();
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let batch = jobs(&specs, dir.path());
+    let wide = RenderJob::new(wide, dir.path().join("wide"));
+    let entry =
+        |job: &RenderJob| BatchJob::new(Cow::Owned(job.clone()), NoProgress, CancelToken::new());
+    // The third job and one of another size come in once the second has ended.
+    let mut host = Refill {
+        joining: vec![entry(&batch[2]), entry(&wide)],
+        at: 4,
+        calls: 0,
+        outcomes: Vec::new(),
+    };
+    render_batch_hosted(
+        vec![entry(&batch[0]), entry(&batch[1])],
+        models(),
+        &mut host,
+    );
+
+    let order: Vec<usize> = host.outcomes.iter().map(|(i, _)| *i).collect();
+    // The second ends first; the odd size is refused on arrival; then the others.
+    assert_eq!(order, [1, 3, 0, 2]);
+    let outcome = |i: usize| &host.outcomes.iter().find(|(j, _)| *j == i).unwrap().1;
+    assert!(
+        matches!(outcome(3), Err(RenderError::Incompatible(_))),
+        "{:?}",
+        outcome(3)
+    );
+    for (index, j) in [(0, 0), (2, 2)] {
+        assert!(matches!(outcome(index), Ok(RenderOutcome::Completed(_))));
+        let (a, b) = (
+            pixels(&batch[j].out_dir.join("image.png")),
+            pixels(&solo[j].out_dir.join("image.png")),
+        );
+        let worst = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+        assert!(worst <= 1, "job {j}: PNG pixels differ by {worst} levels");
     }
 }

@@ -159,3 +159,21 @@ async fn one_worker_renders_compatible_jobs_together_as_they_would_render_alone(
     }
     assert_ne!(alone[0].pixels, alone[1].pixels);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_takes_the_place_of_one_that_ended() {
+    let long = tiny_spec("a red cube", 20);
+    let mut short = tiny_spec("fog", 2);
+    short["seed"] = json!(8);
+    let mut next = tiny_spec("moss", 2);
+    next["seed"] = json!(9);
+    let done = run(&[long, short, next], 2, None).await;
+
+    let states: Vec<_> = done.iter().map(|f| f.job.state.as_str()).collect();
+    assert_eq!(states, ["succeeded", "succeeded", "succeeded"]);
+    // The batch held two: the third job waited for the second, then joined the first.
+    assert!(done[1].job.finished_at.unwrap() <= done[2].job.started_at.unwrap());
+    assert!(overlap(done[0].span(), done[2].span()));
+    assert_eq!(done[2].steps, [1, 2]);
+    assert!(!done[2].pixels.is_empty());
+}

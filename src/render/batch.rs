@@ -10,6 +10,7 @@
 //! [`step_batch`] is the one implementation of a step: [`RenderSession::step`] is a
 //! batch of one. [`render_batch`] is the one driver: [`super::render`] is a batch of one.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -113,16 +114,56 @@ pub fn step_batch(sessions: &mut [&mut RenderSession<'_>]) -> Result<Vec<StepSta
 
 /// One job of a batched render: what it is, where its progress goes, what stops it.
 pub struct BatchJob<'a> {
-    pub job: &'a RenderJob,
-    pub progress: &'a mut dyn ProgressSink,
-    pub cancel: &'a CancelToken,
+    pub job: Cow<'a, RenderJob>,
+    pub progress: Box<dyn ProgressSink + 'a>,
+    /// Clones share their flags, so the caller keeps one to stop the job.
+    pub cancel: CancelToken,
+}
+
+impl<'a> BatchJob<'a> {
+    pub fn new(
+        job: Cow<'a, RenderJob>,
+        progress: impl ProgressSink + 'a,
+        cancel: CancelToken,
+    ) -> Self {
+        Self {
+            job,
+            progress: Box::new(progress),
+            cancel,
+        }
+    }
+}
+
+/// The side of a batched render that lives outside it: it may add jobs between
+/// steps (a worker refilling its batch as jobs end) and hears each job's end.
+pub trait BatchHost<'a> {
+    /// Jobs to add to the batch before its next step. Ones of another size than the
+    /// batch's are refused with [`RenderError::Incompatible`].
+    fn admit(&mut self) -> Vec<BatchJob<'a>>;
+    /// A job ended; `index` counts the jobs given first, then those admitted, in order.
+    fn ended(&mut self, index: usize, outcome: Result<RenderOutcome, RenderError>);
+}
+
+/// Collects outcomes; admits nothing.
+struct Outcomes(Vec<Option<Result<RenderOutcome, RenderError>>>);
+
+impl BatchHost<'_> for Outcomes {
+    fn admit(&mut self) -> Vec<BatchJob<'static>> {
+        Vec::new()
+    }
+
+    fn ended(&mut self, index: usize, outcome: Result<RenderOutcome, RenderError>) {
+        if let Some(slot) = self.0.get_mut(index) {
+            *slot = Some(outcome);
+        }
+    }
 }
 
 /// One job's run inside [`render_batch`]: its session and its bookkeeping.
 struct Run<'a, 'm> {
-    job: &'a RenderJob,
-    progress: &'a mut dyn ProgressSink,
-    cancel: &'a CancelToken,
+    job: Cow<'a, RenderJob>,
+    progress: Box<dyn ProgressSink + 'a>,
+    cancel: CancelToken,
     session: RenderSession<'m>,
     history: History,
     frames_dir: PathBuf,
@@ -135,15 +176,16 @@ struct Run<'a, 'm> {
 /// frames, checkpoints, cancellation (a canceled job leaves the batch; the others go
 /// on) and outputs under its own `out_dir`. Returns each job's outcome, in order.
 ///
-/// Jobs of different sizes cannot share a step; give them to separate calls.
+/// Jobs of another size than the first's are refused with
+/// [`RenderError::Incompatible`]; give them to a separate call.
 pub fn render_batch(
     jobs: Vec<BatchJob<'_>>,
     models: &ModelSet,
 ) -> Vec<Result<RenderOutcome, RenderError>> {
-    let mut outcomes: Vec<Option<Result<RenderOutcome, RenderError>>> =
-        jobs.iter().map(|_| None).collect();
-    render_batch_each(jobs, models, &mut |i, outcome| outcomes[i] = Some(outcome));
+    let mut outcomes = Outcomes(jobs.iter().map(|_| None).collect());
+    render_batch_hosted(jobs, models, &mut outcomes);
     outcomes
+        .0
         .into_iter()
         .map(|o| {
             o.unwrap_or_else(|| {
@@ -155,49 +197,51 @@ pub fn render_batch(
         .collect()
 }
 
-/// As [`render_batch`], handing each job's outcome to `on_end(index, outcome)` the
-/// moment that job ends, while the others may still be rendering.
-pub fn render_batch_each(
-    jobs: Vec<BatchJob<'_>>,
-    models: &ModelSet,
-    on_end: &mut dyn FnMut(usize, Result<RenderOutcome, RenderError>),
+/// As [`render_batch`], with a host that may add jobs between steps and hears each
+/// job's outcome the moment that job ends, while the others may still be rendering.
+pub fn render_batch_hosted<'a, 'm>(
+    jobs: Vec<BatchJob<'a>>,
+    models: &'m ModelSet,
+    host: &mut dyn BatchHost<'a>,
 ) {
-    let mut runs: Vec<Option<Run<'_, '_>>> = Vec::with_capacity(jobs.len());
-    for (i, entry) in jobs.into_iter().enumerate() {
-        match Run::start(entry, models) {
-            Ok(run) => runs.push(Some(run)),
-            Err(e) => {
-                runs.push(None);
-                on_end(i, Err(e));
-            }
-        }
-    }
-    // Jobs of a size other than the first's are refused before any step is taken.
-    let shape = runs
-        .iter()
-        .flatten()
-        .next()
-        .map(|r| r.session.z().dims().to_vec());
-    for (i, run) in runs.iter_mut().enumerate() {
-        if let (Some(r), Some(shape)) = (run.as_ref(), shape.as_ref()) {
-            if r.session.z().dims() != shape.as_slice() {
-                on_end(
-                    i,
-                    Err(RenderError::Incompatible(format!(
+    let mut runs: Vec<Option<Run<'a, 'm>>> = Vec::with_capacity(jobs.len());
+    let mut shape: Option<Vec<usize>> = None;
+    let mut admit = |jobs: Vec<BatchJob<'a>>,
+                     runs: &mut Vec<Option<Run<'a, 'm>>>,
+                     host: &mut dyn BatchHost<'a>| {
+        for entry in jobs {
+            let index = runs.len();
+            let run = Run::start(entry, models).and_then(|r| {
+                let dims = r.session.z().dims().to_vec();
+                match &shape {
+                    Some(s) if *s != dims => Err(RenderError::Incompatible(format!(
                         "{}x{} differs from the batch's size; render it in a batch of its own",
                         r.job.spec.width, r.job.spec.height
                     ))),
-                );
-                *run = None;
+                    _ => {
+                        shape = Some(dims);
+                        Ok(r)
+                    }
+                }
+            });
+            match run {
+                Ok(run) => runs.push(Some(run)),
+                Err(e) => {
+                    runs.push(None);
+                    host.ended(index, Err(e));
+                }
             }
         }
-    }
+    };
+    admit(jobs, &mut runs, host);
 
     loop {
+        let joining = host.admit();
+        admit(joining, &mut runs, host);
         for (i, run) in runs.iter_mut().enumerate() {
             if let Some(end) = run.as_mut().and_then(Run::end_before_step) {
                 *run = None;
-                on_end(i, end);
+                host.ended(i, end);
             }
         }
         let mut active: Vec<(usize, &mut Run)> = runs
@@ -236,7 +280,7 @@ pub fn render_batch_each(
         }
         for (i, end) in ended {
             runs[i] = None;
-            on_end(i, end);
+            host.ended(i, end);
         }
     }
 }
@@ -259,22 +303,23 @@ impl<'a, 'm> Run<'a, 'm> {
         let frames_dir = job.out_dir.join("frames");
         std::fs::create_dir_all(&frames_dir).map_err(|e| RenderError::io(&frames_dir, e))?;
         let started = Instant::now();
-        let session = RenderSession::new(job, models)?;
+        let session = RenderSession::new(&job, models)?;
         let history = match &job.resume {
             Some(path) => Checkpoint::read_history(path)?,
             None => History::default(),
         };
+        let checkpoint_path = job.out_dir.join("checkpoint.safetensors");
         let mut run = Run {
             job,
             progress,
             cancel,
             session,
             history,
-            checkpoint_path: job.out_dir.join("checkpoint.safetensors"),
+            checkpoint_path,
             frames_dir,
             started,
         };
-        if run.session.step_count() == 0 && job.spec.save_every > 0 {
+        if run.session.step_count() == 0 && run.job.spec.save_every > 0 {
             run.write_frame()?;
         }
         Ok(run)
@@ -337,12 +382,12 @@ impl<'a, 'm> Run<'a, 'm> {
     }
 
     fn write_frame(&mut self) -> Result<PathBuf, RenderError> {
-        write_frame(&self.session, &self.frames_dir, self.progress)
+        write_frame(&self.session, &self.frames_dir, self.progress.as_mut())
     }
 
     /// The final outputs: image, video, metadata; the checkpoint is no longer needed.
     fn complete(&mut self) -> Result<RenderOutcome, RenderError> {
-        let (job, models, out) = (self.job, self.session.models(), &self.job.out_dir);
+        let (job, models, out) = (&*self.job, self.session.models(), &self.job.out_dir);
         let final_image = output::tensor_to_image(&self.session.image()?)?;
         let image_path = out.join("image.png");
         output::write_png(

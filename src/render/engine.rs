@@ -590,11 +590,18 @@ pub fn render(
     progress: &mut dyn ProgressSink,
     cancel: &CancelToken,
 ) -> Result<RenderOutcome, RenderError> {
-    let entry = super::batch::BatchJob {
-        job,
-        progress,
-        cancel,
-    };
+    /// Lends the caller's sink to the batch for the length of the render.
+    struct Lent<'a>(&'a mut dyn ProgressSink);
+    impl ProgressSink for Lent<'_> {
+        fn event(&mut self, ev: super::progress::ProgressEvent) {
+            self.0.event(ev)
+        }
+    }
+    let entry = super::batch::BatchJob::new(
+        std::borrow::Cow::Borrowed(job),
+        Lent(progress),
+        cancel.clone(),
+    );
     super::batch::render_batch(vec![entry], models)
         .pop()
         .unwrap_or_else(|| Err(RenderError::Model("the render returned no outcome".into())))

@@ -20,7 +20,9 @@ pub mod progress;
 pub mod prompts;
 pub mod spec;
 
-pub use batch::{check_batchable, render_batch, render_batch_each, step_batch, BatchJob};
+pub use batch::{
+    check_batchable, render_batch, render_batch_hosted, step_batch, BatchHost, BatchJob,
+};
 pub use engine::{render, RenderSession, StepStats};
 pub use job::{Artifacts, RenderError, RenderJob, RenderOutcome};
 pub use models::{ModelIdentities, ModelIdentity, ModelSet};

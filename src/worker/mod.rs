@@ -5,15 +5,18 @@
 //! never touches the database. They talk over channels.
 //!
 //! With `workers.batch_size` above 1 a worker packs queued jobs of the same size and
-//! models into one batch that the render thread steps together (`render::batch`).
+//! models into one batch that the render thread steps together (`render::batch`), and
+//! refills the batch as its jobs end.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -24,8 +27,8 @@ use crate::config::Config;
 use crate::models::catalogue::ModelCache;
 use crate::queue::{links, EventKind, Finish, Job, JobStore, Metrics, Progress, QueueError, Scope};
 use crate::render::{
-    render_batch_each, BatchJob, CancelToken, ImageRef, JobSpec, ModelSet, ModelsSpec,
-    ProgressEvent, RenderJob, RenderOutcome,
+    render_batch_hosted, BatchHost, BatchJob, CancelToken, ImageRef, JobSpec, ModelSet, ModelsSpec,
+    ProgressEvent, RenderError, RenderJob, RenderOutcome,
 };
 use crate::storage::ArtifactStore;
 
@@ -209,27 +212,86 @@ fn render_loop(
 ) {
     // Models stay loaded while consecutive jobs name the same ones.
     let mut loaded: Option<(ModelsSpec, ModelSet)> = None;
-    while let Ok(batch) = requests.recv() {
+    let mut deferred: VecDeque<Vec<RenderRequest>> = VecDeque::new();
+    loop {
+        let batch = match deferred.pop_front() {
+            Some(batch) => batch,
+            None => match requests.recv() {
+                Ok(batch) => batch,
+                Err(_) => return,
+            },
+        };
         for group in batchable_groups(batch) {
-            render_group(group, &mut loaded, &device, &cache);
+            render_group(
+                group,
+                &mut loaded,
+                &device,
+                &cache,
+                &requests,
+                &mut deferred,
+            );
         }
     }
+}
+
+/// What jobs must share to render as one batch (the claim's `BATCH_KEY`).
+type BatchKey = (ModelsSpec, u32, u32);
+
+fn batch_key(r: &RenderRequest) -> BatchKey {
+    let s = &r.job.spec;
+    (s.models.clone(), s.width, s.height)
 }
 
 /// The claim packs only jobs of one size and one model set; should anything else
 /// arrive together, it renders in a batch of its own rather than failing.
 fn batchable_groups(mut batch: Vec<RenderRequest>) -> Vec<Vec<RenderRequest>> {
-    let key = |r: &RenderRequest| {
-        let s = &r.job.spec;
-        (s.models.clone(), s.width, s.height)
-    };
     let mut groups = Vec::new();
-    while let Some(first) = batch.first().map(key) {
-        let (same, rest) = batch.into_iter().partition(|r| key(r) == first);
+    while let Some(first) = batch.first().map(batch_key) {
+        let (same, rest) = batch.into_iter().partition(|r| batch_key(r) == first);
         groups.push(same);
         batch = rest;
     }
     groups
+}
+
+/// The render thread's side of a running batch: answers each job the moment it
+/// ends, and lets in the jobs the worker claims to take the place of ended ones.
+struct BatchOnThread<'r> {
+    key: BatchKey,
+    replies: Vec<Option<oneshot::Sender<RenderReply>>>,
+    requests: &'r std::sync::mpsc::Receiver<Vec<RenderRequest>>,
+    /// Requests for another batch, rendered after this one.
+    deferred: &'r mut VecDeque<Vec<RenderRequest>>,
+}
+
+impl BatchOnThread<'_> {
+    fn join(&mut self, request: RenderRequest) -> BatchJob<'static> {
+        self.replies.push(Some(request.reply));
+        BatchJob::new(Cow::Owned(request.job), request.progress, request.cancel)
+    }
+}
+
+impl BatchHost<'static> for BatchOnThread<'_> {
+    fn admit(&mut self) -> Vec<BatchJob<'static>> {
+        let mut joining = Vec::new();
+        while let Ok(batch) = self.requests.try_recv() {
+            let (same, other): (Vec<_>, Vec<_>) =
+                batch.into_iter().partition(|r| batch_key(r) == self.key);
+            if !other.is_empty() {
+                self.deferred.push_back(other);
+            }
+            for request in same {
+                joining.push(self.join(request));
+            }
+        }
+        joining
+    }
+
+    fn ended(&mut self, index: usize, outcome: Result<RenderOutcome, RenderError>) {
+        if let Some(reply) = self.replies.get_mut(index).and_then(Option::take) {
+            let _ = reply.send(outcome.map_err(|e| e.to_string()));
+        }
+    }
 }
 
 fn render_group(
@@ -237,20 +299,20 @@ fn render_group(
     loaded: &mut Option<(ModelsSpec, ModelSet)>,
     device: &Device,
     cache: &ModelCache,
+    requests: &std::sync::mpsc::Receiver<Vec<RenderRequest>>,
+    deferred: &mut VecDeque<Vec<RenderRequest>>,
 ) {
-    let mut jobs = Vec::with_capacity(group.len());
-    let mut sinks = Vec::with_capacity(group.len());
-    let mut cancels = Vec::with_capacity(group.len());
-    let mut replies = Vec::with_capacity(group.len());
-    for r in group {
-        jobs.push(r.job);
-        sinks.push(r.progress);
-        cancels.push(r.cancel);
-        replies.push(Some(r.reply));
-    }
-    let Some(models_spec) = jobs.first().map(|j| j.spec.models.clone()) else {
+    let Some(key) = group.first().map(batch_key) else {
         return;
     };
+    let mut host = BatchOnThread {
+        key: key.clone(),
+        replies: Vec::with_capacity(group.len()),
+        requests,
+        deferred,
+    };
+    let jobs: Vec<BatchJob<'static>> = group.into_iter().map(|r| host.join(r)).collect();
+    let models_spec = key.0;
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
         if loaded.as_ref().map(|(spec, _)| spec) != Some(&models_spec) {
             *loaded = None;
@@ -261,26 +323,12 @@ fn render_group(
         let Some((_, models)) = loaded.as_ref() else {
             return Err("models are not loaded".into());
         };
-        let entries = jobs
-            .iter()
-            .zip(sinks.iter_mut())
-            .zip(&cancels)
-            .map(|((job, sink), cancel)| BatchJob {
-                job,
-                progress: sink,
-                cancel,
-            })
-            .collect();
-        render_batch_each(entries, models, &mut |i, outcome| {
-            if let Some(reply) = replies[i].take() {
-                let _ = reply.send(outcome.map_err(|e| e.to_string()));
-            }
-        });
+        render_batch_hosted(jobs, models, &mut host);
         Ok(())
     }));
     let failure = match result {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e),
+        Ok(Ok(())) => "the render ended without an outcome".to_string(),
+        Ok(Err(e)) => e,
         Err(panic) => {
             let what = panic
                 .downcast_ref::<String>()
@@ -288,14 +336,12 @@ fn render_group(
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
             *loaded = None;
-            Some(format!("the render crashed: {what}"))
+            format!("the render crashed: {what}")
         }
     };
     // Jobs the render did not answer (models failed to load, a panic) fail alike.
-    for reply in replies.into_iter().flatten() {
-        let _ = reply.send(Err(failure
-            .clone()
-            .unwrap_or_else(|| "the render ended without an outcome".into())));
+    for reply in host.replies.into_iter().flatten() {
+        let _ = reply.send(Err(failure.clone()));
     }
 }
 
@@ -388,23 +434,18 @@ impl Worker {
     }
 
     /// Renders the jobs as one batch on the render thread and follows each to its
-    /// end: every job keeps its own lease, events, cancellation and outcome.
+    /// end: every job keeps its own lease, events, cancellation and outcome. When a
+    /// job ends while others go on, a compatible queued job takes its place.
     async fn run_batch(&self, jobs: Vec<Job>) {
-        let started = Instant::now();
+        let Some(leader) = jobs.first().map(|j| j.id) else {
+            return;
+        };
         let mut requests = Vec::with_capacity(jobs.len());
         let mut followed = Vec::with_capacity(jobs.len());
         for job in jobs {
-            tracing::info!(worker = %self.id, job = %job.id, attempt = job.attempts, "job started");
-            match self.prepare(&job).await {
-                Ok(render_job) => {
-                    let (request, pending) = Pending::new(render_job, job.cancel_requested);
-                    requests.push(request);
-                    followed.push((job, pending));
-                }
-                Err(error) => {
-                    self.conclude(&job, started, RunEnd::Finished(Finish::Failed { error }))
-                        .await
-                }
+            if let Some((request, pending)) = self.start_job(&job).await {
+                requests.push(request);
+                followed.push((job, pending));
             }
         }
         if followed.is_empty() {
@@ -413,19 +454,79 @@ impl Worker {
         if followed.len() > 1 {
             tracing::info!(worker = %self.id, jobs = followed.len(), "rendering a batch");
         }
+        let mut running = FuturesUnordered::new();
         if self.render.requests.send(requests).is_err() {
             for (job, _) in &followed {
-                let error = "the worker's render thread has stopped".to_string();
-                self.conclude(job, started, RunEnd::Finished(Finish::Failed { error }))
-                    .await;
+                self.render_thread_gone(job).await;
             }
             return;
         }
-        futures::future::join_all(followed.into_iter().map(|(job, pending)| async move {
-            let end = self.follow(&job, pending).await;
-            self.conclude(&job, started, end).await;
-        }))
+        for (job, pending) in followed {
+            running.push(self.see_through(job, pending));
+        }
+        while running.next().await.is_some() {
+            let refill = !running.is_empty()
+                && running.len() < self.ctx.batch_size
+                && !self.shutdown.is_cancelled();
+            if !refill {
+                continue;
+            }
+            let claim = self.ctx.store.claim_alongside(
+                &self.id,
+                &self.device,
+                self.ctx.lease,
+                leader,
+                &BATCH_KEY,
+            );
+            let job = match claim.await {
+                Ok(Some(job)) => job,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(worker = %self.id, "claiming a job to batch: {e}");
+                    continue;
+                }
+            };
+            let Some((request, pending)) = self.start_job(&job).await else {
+                continue;
+            };
+            tracing::info!(worker = %self.id, job = %job.id, "job joins the running batch");
+            // Should the batch have ended meanwhile, the render thread starts a new one.
+            if self.render.requests.send(vec![request]).is_err() {
+                self.render_thread_gone(&job).await;
+                continue;
+            }
+            running.push(self.see_through(job, pending));
+        }
+    }
+
+    /// A claimed job's render request, or `None` when it failed before rendering.
+    async fn start_job(&self, job: &Job) -> Option<(RenderRequest, Pending)> {
+        tracing::info!(worker = %self.id, job = %job.id, attempt = job.attempts, "job started");
+        match self.prepare(job).await {
+            Ok(render_job) => Some(Pending::new(render_job, job.cancel_requested)),
+            Err(error) => {
+                let end = RunEnd::Finished(Finish::Failed { error });
+                self.conclude(job, Instant::now(), end).await;
+                None
+            }
+        }
+    }
+
+    async fn render_thread_gone(&self, job: &Job) {
+        let error = "the worker's render thread has stopped".to_string();
+        self.conclude(
+            job,
+            Instant::now(),
+            RunEnd::Finished(Finish::Failed { error }),
+        )
         .await;
+    }
+
+    /// Follows one job to its end and records it.
+    async fn see_through(&self, job: Job, pending: Pending) {
+        let started = Instant::now();
+        let end = self.follow(&job, pending).await;
+        self.conclude(&job, started, end).await;
     }
 
     /// Records how a job's run ended.
