@@ -37,10 +37,11 @@ CREATE TABLE webhook_attempts (
     PRIMARY KEY (delivery_id, attempt)
 );
 
--- How far the webhook bridge has read job_events. One row, created by the
--- bridge on its first start at the then-newest event, so that enabling
--- webhooks does not replay history.
+-- How far the webhook sender has read job_events. One row, starting at the
+-- newest event when this migration runs, so that adding webhooks to an
+-- existing database does not replay its history.
 CREATE TABLE webhook_cursor (
     id            INTEGER PRIMARY KEY CHECK (id = 1),
     last_event_id INTEGER NOT NULL
 );
+INSERT INTO webhook_cursor (id, last_event_id) SELECT 1, COALESCE(MAX(id), 0) FROM job_events;

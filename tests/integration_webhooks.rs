@@ -556,8 +556,6 @@ async fn job_events_become_deliveries_once() {
     let pool = open_pool(dir.path()).await;
     let store = SqliteStore::from_pool(pool.clone());
     let engine = WebhookEngine::new(pool.clone(), config()).unwrap();
-    // The first pass places the cursor; earlier history is not replayed.
-    engine.pump_events().await.unwrap();
     let stop = CancellationToken::new();
     let sender = engine.spawn(stop.clone());
 

@@ -6,64 +6,47 @@
 //! cargo test --test models_realsize -- --ignored --nocapture --test-threads 1 f16_16384
 //! ```
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use vqclip::models::{Clip, ClipConfig, Vqgan, VqganConfig};
-
-const F16_16384_YAML: &str = "model:
-  target: taming.models.vqgan.VQModel
-  params:
-    embed_dim: 256
-    n_embed: 16384
-    ddconfig:
-      double_z: false
-      z_channels: 256
-      resolution: 256
-      in_channels: 3
-      out_ch: 3
-      ch: 128
-      ch_mult: [1, 1, 2, 2, 4]
-      num_res_blocks: 2
-      attn_resolutions: [16]
-      dropout: 0.0
-";
+use vqclip::models::architectures;
+use vqclip::models::{Clip, ClipConfig, Vqgan};
 
 /// Peak resident set size of this process so far, in MiB.
 fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    architectures::peak_rss_bytes().map_or(f64::NAN, |b| b as f64 / (1u64 << 20) as f64)
 }
 
-/// Fills every variable with small random values, so timings do not run on zeros.
-fn randomise(varmap: &VarMap) {
-    for var in varmap.all_vars() {
-        let t = Tensor::randn(0f32, 0.02, var.shape(), var.device()).unwrap();
-        var.set(&t).unwrap();
-    }
-}
-
-fn parameter_count(varmap: &VarMap) -> usize {
-    varmap.all_vars().iter().map(|v| v.elem_count()).sum()
+/// Random weights for whatever `build` asks for, as plain tensors: a VarMap records the names
+/// and shapes, then the values are detached so that, as with weights loaded from a file,
+/// autograd tracks only the inputs.
+fn random_weights(build: impl Fn(VarBuilder)) -> (HashMap<String, Tensor>, usize) {
+    let varmap = VarMap::new();
+    build(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu));
+    let data = varmap.data().lock().unwrap();
+    let count = data.values().map(|v| v.elem_count()).sum();
+    let weights = data
+        .iter()
+        .map(|(name, var)| {
+            let t = Tensor::randn(0f32, 0.02, var.shape(), var.device()).unwrap();
+            (name.clone(), t)
+        })
+        .collect();
+    (weights, count)
 }
 
 #[test]
 #[ignore = "real-size model: slow on CPU"]
 fn vit_b32_builds_and_encodes() {
     let dev = Device::Cpu;
-    let varmap = VarMap::new();
     let cfg = ClipConfig::vit_base_patch32();
-    let clip = Clip::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg).unwrap();
-    randomise(&varmap);
-    println!(
-        "ViT-B/32: {:.1} M parameters",
-        parameter_count(&varmap) as f64 / 1e6
-    );
+    let (weights, count) = random_weights(|vb| {
+        Clip::new(vb, &cfg).unwrap();
+    });
+    let clip = Clip::new(VarBuilder::from_tensors(weights, DType::F32, &dev), &cfg).unwrap();
+    println!("ViT-B/32: {:.1} M parameters", count as f64 / 1e6);
 
     let ids = Tensor::new(
         clip.tokenizer().encode("a photo of a cat").unwrap().ids,
@@ -103,23 +86,32 @@ fn vit_b32_builds_and_encodes() {
 #[ignore = "real-size model: slow on CPU"]
 fn f16_16384_builds_and_decodes_256() {
     let dev = Device::Cpu;
-    let varmap = VarMap::new();
-    let cfg = VqganConfig::from_yaml_str(F16_16384_YAML).unwrap();
-    let vq = Vqgan::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg).unwrap();
-    randomise(&varmap);
-    println!(
-        "f16_16384: {:.1} M parameters",
-        parameter_count(&varmap) as f64 / 1e6
-    );
+    let cfg = architectures::vqgan_config("vqgan_imagenet_f16_16384").unwrap();
+    let (weights, count) = random_weights(|vb| {
+        Vqgan::new(vb, &cfg).unwrap();
+    });
+    let vq = Vqgan::new(VarBuilder::from_tensors(weights, DType::F32, &dev), &cfg).unwrap();
+    println!("f16_16384: {:.1} M parameters", count as f64 / 1e6);
     println!("peak RSS after build: {:.0} MiB", peak_rss_mib());
 
-    let z = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 256, 16, 16), &dev).unwrap()).unwrap();
+    let z0 = Tensor::randn(0f32, 1.0, (1, 256, 16, 16), &dev).unwrap();
     let t = Instant::now();
-    let img = vq.decode(z.as_tensor()).unwrap();
+    let img = vq.decode(&z0).unwrap();
     let decode_s = t.elapsed().as_secs_f64();
     assert_eq!(img.dims(), &[1, 3, 256, 256]);
+    drop(img);
     println!(
-        "decode 16x16 -> 256^2: {decode_s:.2} s; peak RSS {:.0} MiB",
+        "decode 16x16 -> 256^2 (no graph): {decode_s:.2} s; peak RSS {:.0} MiB",
+        peak_rss_mib()
+    );
+
+    // The render loop's shape: decode from a variable, keeping the graph for backward.
+    let z = Var::from_tensor(&z0).unwrap();
+    let t = Instant::now();
+    let img = vq.decode(z.as_tensor()).unwrap();
+    println!(
+        "decode from a Var: {:.2} s; peak RSS {:.0} MiB",
+        t.elapsed().as_secs_f64(),
         peak_rss_mib()
     );
 

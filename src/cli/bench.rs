@@ -6,13 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use candle_core::{DType, Device};
 use serde::Serialize;
 
+use vqclip::models::architectures;
 use vqclip::models::catalogue::{self, ModelCache};
-use vqclip::models::{Clip, ClipConfig, Vqgan, VqganConfig};
+use vqclip::models::{Clip, Vqgan};
 use vqclip::render::{
     step_batch, JobSpec, ModelIdentities, ModelIdentity, ModelSet, RenderJob, RenderSession,
 };
@@ -228,8 +227,8 @@ fn load_models(clip: &str, vqgan: &str, device: &Device) -> Result<ModelSet> {
             clip.to_string(),
         )
     } else {
-        let cfg = clip_architecture(clip)?;
-        let vb = random_weights(device);
+        let cfg = architectures::clip_config(clip)?;
+        let vb = architectures::random_weights(DType::F32, device);
         (Clip::new(vb, &cfg)?, format!("{clip} (random weights)"))
     };
     let (vqgan_model, vqgan_id) = if Path::new(vqgan).exists() {
@@ -239,9 +238,9 @@ fn load_models(clip: &str, vqgan: &str, device: &Device) -> Result<ModelSet> {
             vqgan.to_string(),
         )
     } else {
-        let cfg = vqgan_architecture(vqgan)?;
+        let cfg = architectures::vqgan_config(vqgan)?;
         (
-            Vqgan::new(random_weights(device), &cfg)?,
+            Vqgan::new(architectures::random_weights(DType::F32, device), &cfg)?,
             format!("{vqgan} (random weights)"),
         )
     };
@@ -259,75 +258,6 @@ fn load_models(clip: &str, vqgan: &str, device: &Device) -> Result<ModelSet> {
             clip: vec![identity(clip_id)],
         },
     ))
-}
-
-fn clip_architecture(name: &str) -> Result<ClipConfig> {
-    let json = match name {
-        "ViT-B/32" => include_str!("../models/data/configs/clip-vit-base-patch32.json"),
-        "ViT-B/16" => include_str!("../models/data/configs/clip-vit-base-patch16.json"),
-        "ViT-L/14" => include_str!("../models/data/configs/clip-vit-large-patch14.json"),
-        "ViT-L/14@336px" => include_str!("../models/data/configs/clip-vit-large-patch14-336.json"),
-        other => bail!(
-            "unknown CLIP architecture {other:?}: use ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px or a model directory"
-        ),
-    };
-    ClipConfig::from_json_str(json).map_err(anyhow::Error::msg)
-}
-
-fn vqgan_architecture(name: &str) -> Result<VqganConfig> {
-    // The imagenet and wikiart f16 models share one architecture; only the codebook size differs.
-    let n_embed = match name {
-        "vqgan_imagenet_f16_16384" | "wikiart_16384" => 16384,
-        "vqgan_imagenet_f16_1024" => 1024,
-        other => bail!(
-            "unknown VQGAN architecture {other:?}: use vqgan_imagenet_f16_16384, vqgan_imagenet_f16_1024, wikiart_16384 or a checkpoint path"
-        ),
-    };
-    let yaml = format!(
-        "model:\n  params:\n    embed_dim: 256\n    n_embed: {n_embed}\n    ddconfig:\n      double_z: false\n      z_channels: 256\n      resolution: 256\n      in_channels: 3\n      out_ch: 3\n      ch: 128\n      ch_mult: [1, 1, 2, 2, 4]\n      num_res_blocks: 2\n      attn_resolutions: [16]\n      dropout: 0.0\n"
-    );
-    VqganConfig::from_yaml_str(&yaml).map_err(anyhow::Error::msg)
-}
-
-/// Weights drawn from N(0, 0.02²), like a freshly initialised transformer, with norm
-/// scales at one so activations keep a sensible range through deep stacks.
-struct RandomWeights;
-
-impl SimpleBackend for RandomWeights {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let leaf = name.rsplit('.').next().unwrap_or(name);
-        let is_norm = name.contains("norm") || name.contains("layrnorm");
-        let t = if is_norm && leaf == "weight" {
-            Tensor::ones(s, DType::F32, dev)?
-        } else {
-            Tensor::randn(0f32, 0.02, s, dev)?
-        };
-        t.to_dtype(dtype)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        _dtype: DType,
-        _dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random weights need a shape for {name}")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
-    }
-}
-
-fn random_weights(device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone())
 }
 
 fn tempdir() -> Result<PathBuf> {
@@ -358,15 +288,8 @@ fn peak_memory(device: &Device) -> (Option<u64>, &'static str) {
                 .map(|(free, total)| (total - free) as u64);
             (used, "device memory in use")
         }
-        _ => (vm_hwm(), "process peak RSS (VmHWM)"),
+        _ => (architectures::peak_rss_bytes(), "process peak RSS (VmHWM)"),
     }
-}
-
-fn vm_hwm() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 fn print_table(r: &BenchReport) {

@@ -5,6 +5,7 @@
 //! The model graphs are built only from the ops in [`layers`], the seam where a GPU backend
 //! swaps in its own kernels.
 
+pub mod architectures;
 pub mod catalogue;
 pub mod clip;
 pub mod download;

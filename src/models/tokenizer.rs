@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
@@ -33,10 +34,11 @@ pub struct Tokenized {
 }
 
 /// A byte-level BPE tokenizer with CLIP's cleaning, split pattern and special tokens.
+/// Cloning is cheap: the tables are shared.
 #[derive(Debug, Clone)]
 pub struct ClipTokenizer {
-    vocab: HashMap<String, u32>,
-    merge_ranks: HashMap<(String, String), u32>,
+    vocab: Arc<HashMap<String, u32>>,
+    merge_ranks: Arc<HashMap<(String, String), u32>>,
     byte_chars: [char; 256],
     pattern: Regex,
     start_id: u32,
@@ -63,8 +65,16 @@ fn byte_chars() -> [char; 256] {
 }
 
 impl ClipTokenizer {
-    /// The OpenAI vocabulary shipped inside the binary.
+    /// The OpenAI vocabulary shipped inside the binary, parsed once per process.
     pub fn bundled() -> Result<Self, ModelError> {
+        static BUNDLED: OnceLock<Result<ClipTokenizer, String>> = OnceLock::new();
+        BUNDLED
+            .get_or_init(|| Self::parse_bundled().map_err(|e| e.to_string()))
+            .clone()
+            .map_err(ModelError::Tokenizer)
+    }
+
+    fn parse_bundled() -> Result<Self, ModelError> {
         let mut text = String::new();
         flate2::read::GzDecoder::new(BUNDLED_BPE)
             .read_to_string(&mut text)
@@ -139,8 +149,8 @@ impl ClipTokenizer {
         )
         .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(Self {
-            vocab,
-            merge_ranks,
+            vocab: Arc::new(vocab),
+            merge_ranks: Arc::new(merge_ranks),
             byte_chars: byte_chars(),
             pattern,
             start_id,
@@ -370,6 +380,46 @@ mod tests {
         // 75 body tokens fit exactly.
         let exact = tok.encode(&"cat ".repeat(75)).unwrap();
         assert!(!exact.truncated);
+    }
+
+    /// A vocabulary of the letters c, a, t (plain and word-final), the merges "c a" and
+    /// "ca t</w>", and the two markers.
+    fn tiny_vocab() -> (serde_json::Value, Vec<(&'static str, &'static str)>) {
+        let vocab = serde_json::json!({
+            "a": 0, "c": 1, "t": 2, "a</w>": 3, "c</w>": 4, "t</w>": 5,
+            "ca": 6, "cat</w>": 7, "<|startoftext|>": 8, "<|endoftext|>": 9
+        });
+        (vocab, vec![("c", "a"), ("ca", "t</w>")])
+    }
+
+    #[test]
+    fn reads_tokenizer_json_with_either_merge_format_and_vocab_files() {
+        let (vocab, merges) = tiny_vocab();
+        let dir = tempfile::tempdir().unwrap();
+        let as_strings: Vec<String> = merges.iter().map(|(a, b)| format!("{a} {b}")).collect();
+        let as_pairs: Vec<[&str; 2]> = merges.iter().map(|(a, b)| [*a, *b]).collect();
+        let expect = [8, 7, 0, 5, 9, 9];
+        for merges_json in [serde_json::json!(as_strings), serde_json::json!(as_pairs)] {
+            let json = serde_json::json!({"model": {"type": "BPE", "vocab": vocab, "merges": merges_json}});
+            std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+            let tok = ClipTokenizer::from_dir(dir.path()).unwrap();
+            assert_eq!(&tok.encode("CAT at").unwrap().ids[..6], &expect);
+        }
+        std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+        std::fs::write(dir.path().join("vocab.json"), vocab.to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("merges.txt"),
+            format!("#version: 0.2\n{}\n", as_strings.join("\n")),
+        )
+        .unwrap();
+        let tok = ClipTokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(&tok.encode("CAT at").unwrap().ids[..6], &expect);
+        // Without any tokenizer files, the bundled vocabulary.
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(
+            ClipTokenizer::from_dir(empty.path()).unwrap().vocab_size(),
+            49408
+        );
     }
 
     #[test]

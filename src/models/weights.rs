@@ -89,7 +89,15 @@ fn read_pickle(
     // A Lightning checkpoint nests the weights under `state_dict`; a plain state dict does not.
     let pth = match PthTensors::new(path, Some("state_dict")) {
         Ok(p) if !p.tensor_infos().is_empty() => p,
-        _ => PthTensors::new(path, None).map_err(|e| ModelError::weights(path, e))?,
+        _ => PthTensors::new(path, None).map_err(|e| {
+            ModelError::weights(
+                path,
+                format!(
+                    "{e}. Only torch's zip format (PyTorch >= 1.6) is readable; re-save a legacy \
+                     file with torch.save, or convert it to .safetensors"
+                ),
+            )
+        })?,
     };
     let mut names: Vec<&String> = pth.tensor_infos().keys().filter(|n| keep(n)).collect();
     names.sort();
@@ -111,4 +119,27 @@ pub(crate) fn build_error(path: &Path, err: candle_core::Error) -> ModelError {
         path,
         format!("{err}. The file does not match its config: check that config and weights come from the same model."),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_pickle_says_which_format_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join("old.bin");
+        // A legacy torch file starts with a raw pickle, not a zip header.
+        std::fs::write(&legacy, b"\x80\x02\x8a\x0alegacy").unwrap();
+        let err = read_state_dict(&legacy, &|_| true).unwrap_err().to_string();
+        assert!(
+            err.contains("old.bin") && err.contains("zip format"),
+            "{err}"
+        );
+
+        let odd = dir.path().join("weights.npz");
+        std::fs::write(&odd, b"").unwrap();
+        let err = read_state_dict(&odd, &|_| true).unwrap_err().to_string();
+        assert!(err.contains("unknown weights format"), "{err}");
+    }
 }

@@ -20,14 +20,6 @@ impl WebhookEngine {
     /// Returns how many events were read.
     pub async fn pump_events(&self) -> Result<usize, WebhookError> {
         let pool = self.store.pool();
-        // First start: begin at the newest event, so that turning webhooks on
-        // for an existing database does not replay its history.
-        sqlx::query(
-            "INSERT OR IGNORE INTO webhook_cursor (id, last_event_id)
-             SELECT 1, COALESCE(MAX(id), 0) FROM job_events",
-        )
-        .execute(pool)
-        .await?;
         let mut total = 0;
         loop {
             let cursor: i64 =

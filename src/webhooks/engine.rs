@@ -139,8 +139,23 @@ impl WebhookEngine {
                 .await?;
             let n = claimed.len();
             total += n;
-            let results: Vec<Result<(), sqlx::Error>> = futures::stream::iter(claimed)
-                .map(|c| self.attempt(c))
+            // One job's deliveries go out one after another, in event order, so
+            // a receiver sees `running` before `completed`; different jobs'
+            // deliveries go out side by side.
+            let mut by_job: Vec<Vec<Claimed>> = Vec::new();
+            for c in claimed {
+                match by_job.iter_mut().find(|g| g[0].job_id == c.job_id) {
+                    Some(group) => group.push(c),
+                    None => by_job.push(vec![c]),
+                }
+            }
+            let results: Vec<Result<(), sqlx::Error>> = futures::stream::iter(by_job)
+                .map(|group| async move {
+                    for c in group {
+                        self.attempt(c).await?;
+                    }
+                    Ok(())
+                })
                 .buffer_unordered(batch)
                 .collect()
                 .await;

@@ -60,6 +60,7 @@ pub struct Attempt {
 #[derive(Debug)]
 pub(crate) struct Claimed {
     pub id: String,
+    pub job_id: String,
     pub url: String,
     pub payload: String,
     /// Attempts made before this one.
@@ -142,10 +143,10 @@ impl DeliveryStore {
                 SET next_attempt_at = ?, updated_at = ?
               WHERE id IN (SELECT id FROM webhook_deliveries
                             WHERE status = 'pending' AND next_attempt_at <= ?
-                            ORDER BY next_attempt_at, created_at
+                            ORDER BY next_attempt_at, created_at, rowid
                             LIMIT ?)
                 AND status = 'pending'
-          RETURNING id, url, payload, attempts",
+          RETURNING id, job_id, url, payload, attempts, created_at, rowid AS seq",
         )
         .bind(lease_until_ms)
         .bind(now_ms)
@@ -153,15 +154,26 @@ impl DeliveryStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
+        // RETURNING has no order; the sender wants each job's events in the
+        // order they happened.
+        let mut claimed: Vec<(i64, i64, Claimed)> = rows
             .into_iter()
-            .map(|r| Claimed {
-                id: r.get("id"),
-                url: r.get("url"),
-                payload: r.get("payload"),
-                attempts: r.get::<i64, _>("attempts") as u32,
+            .map(|r| {
+                (
+                    r.get("created_at"),
+                    r.get("seq"),
+                    Claimed {
+                        id: r.get("id"),
+                        job_id: r.get("job_id"),
+                        url: r.get("url"),
+                        payload: r.get("payload"),
+                        attempts: r.get::<i64, _>("attempts") as u32,
+                    },
+                )
             })
-            .collect())
+            .collect();
+        claimed.sort_by_key(|(at, seq, _)| (*at, *seq));
+        Ok(claimed.into_iter().map(|(_, _, c)| c).collect())
     }
 
     /// Records one attempt and moves the delivery to its next state in one
