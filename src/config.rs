@@ -91,6 +91,7 @@ pub struct WorkersConfig {
     pub max_attempts: u32,
     pub poll_interval_ms: u64,
     pub checkpoint_every: u32,
+    pub batch_size: usize,
 }
 
 impl WorkersConfig {
@@ -218,6 +219,11 @@ impl Config {
                 "workers.heartbeat_seconds ({}) must be at least 1 and below workers.lease_seconds ({})",
                 w.heartbeat_seconds, w.lease_seconds
             )));
+        }
+        if w.batch_size == 0 {
+            return Err(ConfigError::Invalid(
+                "workers.batch_size must be at least 1 (1: no packing)".into(),
+            ));
         }
         if w.max_attempts == 0 {
             return Err(ConfigError::Invalid(
@@ -445,6 +451,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+        let err = Config::load_from(
+            None,
+            env(&[("VQCLIP_WORKERS_BATCH_SIZE", "0")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("workers.batch_size"), "{err}");
+    }
+
+    #[test]
+    fn batch_packing_is_off_by_default_and_set_by_env() {
+        assert_eq!(Config::defaults().workers.batch_size, 1);
+        let c = Config::load_from(
+            None,
+            env(&[("VQCLIP_WORKERS_BATCH_SIZE", "4")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.workers.batch_size, 4);
     }
 
     #[test]

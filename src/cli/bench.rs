@@ -12,7 +12,9 @@ use serde::Serialize;
 use vqclip::models::architectures;
 use vqclip::models::catalogue::{self, ModelCache};
 use vqclip::models::{Clip, Vqgan};
-use vqclip::render::{JobSpec, ModelIdentities, ModelIdentity, ModelSet, RenderJob, RenderSession};
+use vqclip::render::{
+    step_batch, JobSpec, ModelIdentities, ModelIdentity, ModelSet, RenderJob, RenderSession,
+};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -27,9 +29,13 @@ pub struct BenchArgs {
     /// Untimed steps first: the first use of each kernel module costs seconds on a GPU.
     #[arg(long, default_value_t = 5)]
     warmup: u32,
-    /// Jobs stepped together; reported as job-steps/s.
+    /// Jobs stepped together, as one batched forward and backward; reported as
+    /// job-steps/s.
     #[arg(long, default_value_t = 1)]
     batch: u32,
+    /// Step the --batch jobs one after another instead of as one batch, to compare.
+    #[arg(long)]
+    no_batch: bool,
     /// f32, or tf32 (CUDA matmuls in reduced precision). bf16 is not implemented yet.
     #[arg(long, default_value = "f32")]
     precision: Precision,
@@ -69,6 +75,8 @@ struct BenchReport {
     size: u32,
     cutn: u32,
     batch: u32,
+    /// Whether the jobs stepped as one batch (false: one after another).
+    batched: bool,
     precision: Precision,
     augments: String,
     cut_method: String,
@@ -86,6 +94,9 @@ struct BenchReport {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
     let device = catalogue::parse_device(&args.device)?;
     set_precision(args.precision, &device)?;
     let models = load_models(&args.clip, &args.vqgan, &device)?;
@@ -100,9 +111,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .map(|job| RenderSession::new(job, &models))
         .collect::<Result<Vec<_>, _>>()?;
 
+    let batched = !args.no_batch;
     let mut step_all = || -> Result<()> {
-        for session in sessions.iter_mut() {
-            session.step()?;
+        if batched {
+            let mut batch: Vec<&mut RenderSession> = sessions.iter_mut().collect();
+            step_batch(&mut batch)?;
+        } else {
+            for session in sessions.iter_mut() {
+                session.step()?;
+            }
         }
         // A step is finished only once the device is idle again.
         device.synchronize()?;
@@ -131,6 +148,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         size: args.size,
         cutn: args.cutn,
         batch: args.batch,
+        batched,
         precision: args.precision,
         augments: args.augments.clone(),
         cut_method: args.cut_method.clone(),
@@ -276,9 +294,14 @@ fn peak_memory(device: &Device) -> (Option<u64>, &'static str) {
 
 fn print_table(r: &BenchReport) {
     println!("vqclip bench  {} on {}", r.version, r.device);
+    let batch = if r.batched {
+        format!("{} (batched)", r.batch)
+    } else {
+        format!("{} (one after another)", r.batch)
+    };
     println!(
         "  models      {} + {}\n  size        {}x{}   cutn {}   batch {}   precision {:?}   augments {}   cutouts {}",
-        r.vqgan, r.clip, r.size, r.size, r.cutn, r.batch, r.precision, r.augments, r.cut_method
+        r.vqgan, r.clip, r.size, r.size, r.cutn, batch, r.precision, r.augments, r.cut_method
     );
     println!("  steps       {} timed after {} warm-up", r.steps, r.warmup);
     println!(

@@ -352,6 +352,18 @@ pub trait JobStore: Send + Sync + 'static {
         device: &'a str,
         lease: Duration,
     ) -> QueueFuture<'a, Option<Job>>;
+    /// As [`JobStore::claim`] (same order, same per-key bounds), among only the queued
+    /// jobs whose spec agrees with job `leader`'s at every JSON path in `same`, e.g.
+    /// `["$.width", "$.height", "$.models"]`. A worker packing a batch takes each job
+    /// after the first this way: one atomic claim per job.
+    fn claim_alongside<'a>(
+        &'a self,
+        worker_id: &'a str,
+        device: &'a str,
+        lease: Duration,
+        leader: Uuid,
+        same: &'a [&'a str],
+    ) -> QueueFuture<'a, Option<Job>>;
     fn renew<'a>(
         &'a self,
         job: Uuid,

@@ -27,7 +27,10 @@ const JOB_COLUMNS: &str = "seq, id, state, priority, spec, owner_key_id, idempot
 /// (`job_owner_turns`, kept by a trigger, migration 0004); within an owner,
 /// higher priority first, then first in, first out. An owner at its running
 /// bound (`api_keys.max_running`, else ?5; 0 is none) is skipped.
-const CLAIM_SQL: &str = "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
+/// `filter` narrows the candidates further (batch packing, [`alongside_filter`]).
+fn claim_sql(filter: &str) -> String {
+    format!(
+        "UPDATE jobs SET state = 'running', attempts = attempts + 1, \
     lease_owner = ?1, lease_expires_at = ?2, device = ?3, \
     started_at = COALESCE(started_at, ?4), updated_at = ?4 \
     WHERE seq = ( \
@@ -38,12 +41,27 @@ const CLAIM_SQL: &str = "UPDATE jobs SET state = 'running', attempts = attempts 
         LEFT JOIN running r ON r.owner = COALESCE(q.owner_key_id, '') \
         LEFT JOIN job_owner_turns t ON t.owner = COALESCE(q.owner_key_id, '') \
         LEFT JOIN api_keys k ON k.id = q.owner_key_id \
-        WHERE q.state = 'queued' \
+        WHERE q.state = 'queued' {filter} \
           AND (COALESCE(k.max_running, ?5) = 0 OR COALESCE(r.n, 0) < COALESCE(k.max_running, ?5)) \
         ORDER BY COALESCE(r.n, 0), COALESCE(t.turn, 0), q.priority DESC, q.seq \
         LIMIT 1) \
     AND state = 'queued' \
-    RETURNING ";
+    RETURNING {JOB_COLUMNS}"
+    )
+}
+
+/// Candidates whose spec agrees with the leader's (id ?6) at each of `paths` JSON
+/// paths, bound from ?7 on. Both sides are stored specs, serialised alike.
+fn alongside_filter(paths: usize) -> String {
+    (0..paths)
+        .map(|i| {
+            let p = 7 + i;
+            format!(
+                "AND json_extract(q.spec, ?{p}) IS (SELECT json_extract(spec, ?{p}) FROM jobs WHERE id = ?6) "
+            )
+        })
+        .collect()
+}
 
 /// A worker row this old belongs to a dead process.
 const STALE_WORKER_MS: i64 = 3_600_000;
@@ -403,17 +421,27 @@ impl SqliteStore {
         worker_id: &str,
         device: &str,
         lease: Duration,
+        alongside: Option<(Uuid, &[&str])>,
     ) -> QueueResult<Option<Job>> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let now = now_ms();
-        let row = sqlx::query(&format!("{CLAIM_SQL}{JOB_COLUMNS}"))
+        let sql = match alongside {
+            Some((_, paths)) => claim_sql(&alongside_filter(paths.len())),
+            None => claim_sql(""),
+        };
+        let mut query = sqlx::query(&sql)
             .bind(worker_id)
             .bind(now + lease.as_millis() as i64)
             .bind(device)
             .bind(now)
-            .bind(self.key_bounds.max_running as i64)
-            .fetch_optional(&mut *tx)
-            .await?;
+            .bind(self.key_bounds.max_running as i64);
+        if let Some((leader, paths)) = alongside {
+            query = query.bind(leader.to_string());
+            for path in paths {
+                query = query.bind(*path);
+            }
+        }
+        let row = query.fetch_optional(&mut *tx).await?;
         let Some(row) = row else {
             return Ok(None);
         };
@@ -876,7 +904,17 @@ impl JobStore for SqliteStore {
         device: &'a str,
         lease: Duration,
     ) -> QueueFuture<'a, Option<Job>> {
-        Box::pin(self.claim_impl(worker_id, device, lease))
+        Box::pin(self.claim_impl(worker_id, device, lease, None))
+    }
+    fn claim_alongside<'a>(
+        &'a self,
+        worker_id: &'a str,
+        device: &'a str,
+        lease: Duration,
+        leader: Uuid,
+        same: &'a [&'a str],
+    ) -> QueueFuture<'a, Option<Job>> {
+        Box::pin(self.claim_impl(worker_id, device, lease, Some((leader, same))))
     }
     fn renew<'a>(
         &'a self,

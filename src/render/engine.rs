@@ -1,10 +1,9 @@
 //! The optimisation loop. A [`RenderSession`] holds one job's state (z, optimiser,
 //! RNG, prompts) and takes one step at a time; [`render`] drives a session to the end,
-//! writing frames, checkpoints and the final outputs.
+//! writing frames, checkpoints and the final outputs. Both are batches of one of
+//! `batch.rs`'s batched step and driver.
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
-
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -14,12 +13,12 @@ use serde::{Deserialize, Serialize};
 use super::augment::Augmentations;
 use super::checkpoint::Checkpoint;
 use super::cutouts::{add_cutout_noise, resample_crops, Crop, Cutouts};
-use super::job::{Artifacts, RenderError, RenderJob, RenderOutcome};
+use super::job::{RenderError, RenderJob, RenderOutcome};
 use super::models::ModelSet;
 use super::ops::{asin, clamp_with_grad, stop_below};
 use super::optim::Optimizer;
 use super::output;
-use super::progress::{CancelToken, ProgressEvent, ProgressSink};
+use super::progress::{CancelToken, ProgressSink};
 use super::prompts::PromptSet;
 use super::spec::{CutMethod, ImageRef, InitNoise, InitRegulariser, JobSpec};
 
@@ -320,8 +319,8 @@ impl<'m> RenderSession<'m> {
         Ok(self.synth(&self.z.as_tensor().detach())?.detach())
     }
 
-    /// quantize → decode → [0, 1] with ClampWithGrad.
-    fn synth(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+    /// quantize → decode → [0, 1] with ClampWithGrad, for one z or a batch of them.
+    pub(crate) fn synth(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let (z_q, _) = self.models.vqgan.quantize(z)?;
         let img = self.models.vqgan.decode(&z_q)?;
         clamp_with_grad(&img.affine(0.5, 0.5)?, 0.0, 1.0)
@@ -333,26 +332,49 @@ impl<'m> RenderSession<'m> {
     }
 
     /// One full optimisation step: zoom if due, forward, loss, backward, update, clamp.
+    /// It is the batched step with a batch of one, so a job steps the same way alone
+    /// or sharing a batch.
     pub fn step(&mut self) -> Result<StepStats, RenderError> {
+        let mut stats = super::batch::step_batch(&mut [self])?;
+        stats
+            .pop()
+            .ok_or_else(|| RenderError::Model("a step of one job returned no statistics".into()))
+    }
+
+    pub(crate) fn models(&self) -> &'m ModelSet {
+        self.models
+    }
+
+    /// The latent as a graph leaf, for the batched forward.
+    pub(crate) fn z_var(&self) -> &Var {
+        &self.z
+    }
+
+    /// What a step does before the forward pass: the zoom video's re-encode when due.
+    pub(crate) fn begin_step(&mut self) -> Result<(), RenderError> {
         if let Some(zoom) = self.spec.zoom.clone() {
             if self.step >= zoom.start && self.step.is_multiple_of(zoom.every) && self.step > 0 {
                 self.zoom(zoom.scale, zoom.shift_x, zoom.shift_y)?;
             }
         }
-        let z = self.z.as_tensor();
-        let image = self.synth(z)?;
+        Ok(())
+    }
+
+    /// This job's cutout batch for CLIP `k` from its image (1, 3, H, W). Draws on the
+    /// job's RNG, so calls must come in CLIP order within a step.
+    pub(crate) fn cut(&mut self, k: usize, image: &Tensor) -> candle_core::Result<Tensor> {
+        make_cutouts(&self.cutouts[k], &self.augmentations, image, &mut self.rng)
+    }
+
+    /// The step's loss terms from the unit embeddings of this job's cutouts, one tensor
+    /// per CLIP in ensemble order: per prompt summed over CLIPs, then the regulariser.
+    pub(crate) fn loss_terms(&self, embeds: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
         let phrase = self.phrase_index();
         let n_prompts = self.targets.first().map_or(0, |t| {
             t.phrases.get(phrase).map_or(0, Vec::len) + t.images.len() + t.noise.len()
         });
         let mut terms: Vec<Tensor> = Vec::with_capacity(n_prompts + 1);
-        for (k, clip) in self.models.clips.iter().enumerate() {
-            let batch = make_cutouts(&self.cutouts[k], &self.augmentations, &image, &mut self.rng)?;
-            let embeds = unit(
-                &clip
-                    .encode_image(&clip.normalize_pixels(&batch)?)?
-                    .to_dtype(DType::F32)?,
-            )?;
+        for (k, embeds) in embeds.iter().enumerate() {
             let targets = &self.targets[k];
             let all = targets
                 .phrases
@@ -362,7 +384,7 @@ impl<'m> RenderSession<'m> {
                 .chain(&targets.images)
                 .chain(&targets.noise);
             for (i, target) in all.enumerate() {
-                let loss = prompt_loss(&embeds, target)?;
+                let loss = prompt_loss(embeds, target)?;
                 if k == 0 {
                     terms.push(loss);
                 } else {
@@ -371,6 +393,7 @@ impl<'m> RenderSession<'m> {
             }
         }
         if self.spec.init_weight > 0.0 {
+            let z = self.z.as_tensor();
             let w = f64::from(self.spec.init_weight);
             let reg = match self.spec.init_regulariser {
                 InitRegulariser::MseInit => ((z - &self.z_orig)?.sqr()?.mean_all()? * (w / 2.0))?,
@@ -381,14 +404,18 @@ impl<'m> RenderSession<'m> {
             };
             terms.push(reg);
         }
-        let losses: Vec<f32> = terms
-            .iter()
-            .map(|t| t.to_scalar::<f32>())
-            .collect::<candle_core::Result<_>>()?;
-        let total = Tensor::stack(&terms, 0)?.sum_all()?;
-        let grads = total.backward()?;
+        Ok(terms)
+    }
+
+    /// What a step does after the backward pass: the optimiser's update of z from its
+    /// gradient, then the clamp to the codebook's range.
+    pub(crate) fn finish_step(
+        &mut self,
+        grads: &GradStore,
+        losses: Vec<f32>,
+    ) -> Result<StepStats, RenderError> {
         let grad = grads
-            .get(z)
+            .get(self.z.as_tensor())
             .ok_or_else(|| RenderError::Model("the loss does not depend on z".into()))?;
         self.optimizer.step(&self.z, grad)?;
         let clamped = self
@@ -495,7 +522,7 @@ fn make_cutouts(
 }
 
 /// Rows scaled to unit length (torch's F.normalize).
-fn unit(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn unit(x: &Tensor) -> candle_core::Result<Tensor> {
     let norm = x
         .sqr()?
         .sum_keepdim(1)?
@@ -556,123 +583,28 @@ pub struct History {
 
 /// Runs a job to the end (or until told to stop), writing everything under
 /// `job.out_dir`: `image.png`, `frames/NNNNN.png`, `video.mp4`, `metadata.json` and,
-/// every `checkpoint_every` steps, `checkpoint.safetensors`.
+/// every `checkpoint_every` steps, `checkpoint.safetensors`. A batch of one.
 pub fn render(
     job: &RenderJob,
     models: &ModelSet,
     progress: &mut dyn ProgressSink,
     cancel: &CancelToken,
 ) -> Result<RenderOutcome, RenderError> {
-    job.spec.validate(&super::spec::Limits {
-        max_pixels: u64::MAX,
-        max_side: u32::MAX,
-        max_steps: u32::MAX,
-        max_cutn: u32::MAX,
-        max_prompts: usize::MAX,
-        max_prompt_tokens: 77,
-    })?;
-    let out = &job.out_dir;
-    let frames_dir = out.join("frames");
-    std::fs::create_dir_all(&frames_dir).map_err(|e| RenderError::io(&frames_dir, e))?;
-    let started = Instant::now();
-    let mut session = RenderSession::new(job, models)?;
-    let total = job.spec.steps;
-    let mut history = match &job.resume {
-        Some(path) => Checkpoint::read_history(path)?,
-        None => History::default(),
-    };
-    let save_every = job.spec.save_every;
-    let checkpoint_path = out.join("checkpoint.safetensors");
-
-    if session.step_count() == 0 && save_every > 0 {
-        write_frame(&session, &frames_dir, progress)?;
-    }
-    while session.step_count() < total {
-        if cancel.is_canceled() {
-            return Ok(RenderOutcome::Canceled {
-                step: session.step_count(),
-            });
-        }
-        if cancel.is_interrupted() {
-            session.checkpoint().write(&checkpoint_path, &history)?;
-            return Ok(RenderOutcome::Interrupted {
-                step: session.step_count(),
-                checkpoint: checkpoint_path,
-            });
-        }
-        let t0 = Instant::now();
-        let stats = session.step()?;
-        let dt = t0.elapsed().as_secs_f64();
-        history.losses.push(stats.losses.clone());
-        history.step_seconds.push(dt);
-        let elapsed = started.elapsed().as_secs_f64();
-        let done_here = history.step_seconds.len().max(1) as f64;
-        let mean = history.step_seconds.iter().sum::<f64>() / done_here;
-        progress.event(ProgressEvent::Step {
-            step: stats.step,
-            total,
-            loss: stats.loss,
-            losses: stats.losses,
-            elapsed_s: elapsed,
-            eta_s: mean * f64::from(total - stats.step),
-        });
-        if save_every > 0 && stats.step.is_multiple_of(save_every) {
-            write_frame(&session, &frames_dir, progress)?;
-        }
-        let every = job.spec.checkpoint_every;
-        if every > 0 && stats.step.is_multiple_of(every) && stats.step < total {
-            session.checkpoint().write(&checkpoint_path, &history)?;
-            progress.event(ProgressEvent::Checkpoint {
-                step: stats.step,
-                path: checkpoint_path.clone(),
-            });
+    /// Lends the caller's sink to the batch for the length of the render.
+    struct Lent<'a>(&'a mut dyn ProgressSink);
+    impl ProgressSink for Lent<'_> {
+        fn event(&mut self, ev: super::progress::ProgressEvent) {
+            self.0.event(ev)
         }
     }
-
-    let final_image = output::tensor_to_image(&session.image()?)?;
-    let image_path = out.join("image.png");
-    output::write_png(
-        &image_path,
-        &final_image,
-        &output::png_text(job, &models.identities),
-    )?;
-    let frames = output::list_frames(&frames_dir)?;
-    let video = if job.spec.video.enabled && frames.len() >= 2 {
-        let path = out.join("video.mp4");
-        output::write_mp4(&path, &frames, job.spec.video.fps)?;
-        Some(path)
-    } else {
-        None
-    };
-    let similarities = session.similarities()?;
-    let metadata = out.join("metadata.json");
-    output::write_metadata(&metadata, job, models, &history, &similarities)?;
-    if checkpoint_path.exists() {
-        // A finished job has no use for its checkpoint.
-        std::fs::remove_file(&checkpoint_path).map_err(|e| RenderError::io(&checkpoint_path, e))?;
-    }
-    Ok(RenderOutcome::Completed(Artifacts {
-        image: image_path,
-        frames,
-        video,
-        metadata,
-    }))
-}
-
-fn write_frame(
-    session: &RenderSession,
-    dir: &Path,
-    progress: &mut dyn ProgressSink,
-) -> Result<PathBuf, RenderError> {
-    let step = session.step_count();
-    let path = dir.join(format!("{step:05}.png"));
-    let img = output::tensor_to_image(&session.image()?)?;
-    output::write_png(&path, &img, &[])?;
-    progress.event(ProgressEvent::Frame {
-        step,
-        path: path.clone(),
-    });
-    Ok(path)
+    let entry = super::batch::BatchJob::new(
+        std::borrow::Cow::Borrowed(job),
+        Lent(progress),
+        cancel.clone(),
+    );
+    super::batch::render_batch(vec![entry], models)
+        .pop()
+        .unwrap_or_else(|| Err(RenderError::Model("the render returned no outcome".into())))
 }
 
 #[cfg(test)]

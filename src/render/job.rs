@@ -82,6 +82,11 @@ pub enum RenderError {
     Encode { what: &'static str, reason: String },
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
+    #[error("these jobs cannot share a batched step: {0}")]
+    Incompatible(String),
+    /// A step this job took together with others failed; every job in it fails alike.
+    #[error("the batched step this job shared with others failed: {0}")]
+    SharedStep(String),
 }
 
 impl RenderError {

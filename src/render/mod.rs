@@ -5,6 +5,7 @@
 //! same code, reporting through a [`ProgressSink`] and stopping on a [`CancelToken`].
 
 pub mod augment;
+pub mod batch;
 pub mod checkpoint;
 pub mod cutouts;
 pub mod engine;
@@ -19,6 +20,9 @@ pub mod progress;
 pub mod prompts;
 pub mod spec;
 
+pub use batch::{
+    check_batchable, render_batch, render_batch_hosted, step_batch, BatchHost, BatchJob,
+};
 pub use engine::{render, RenderSession, StepStats};
 pub use job::{Artifacts, RenderError, RenderJob, RenderOutcome};
 pub use models::{ModelIdentities, ModelIdentity, ModelSet};

@@ -3,14 +3,20 @@
 //!
 //! The async side (claim, heartbeat, events) never blocks on tensors; the render thread
 //! never touches the database. They talk over channels.
+//!
+//! With `workers.batch_size` above 1 a worker packs queued jobs of the same size and
+//! models into one batch that the render thread steps together (`render::batch`), and
+//! refills the batch as its jobs end.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -21,7 +27,8 @@ use crate::config::Config;
 use crate::models::catalogue::ModelCache;
 use crate::queue::{links, EventKind, Finish, Job, JobStore, Metrics, Progress, QueueError, Scope};
 use crate::render::{
-    CancelToken, ImageRef, JobSpec, ModelSet, ModelsSpec, ProgressEvent, RenderJob, RenderOutcome,
+    render_batch_hosted, BatchHost, BatchJob, CancelToken, ImageRef, JobSpec, ModelSet, ModelsSpec,
+    ProgressEvent, RenderError, RenderJob, RenderOutcome,
 };
 use crate::storage::ArtifactStore;
 
@@ -79,6 +86,8 @@ pub struct WorkerContext {
     pub lease: Duration,
     pub heartbeat: Duration,
     pub poll: Duration,
+    /// Jobs rendered together as one batch (`workers.batch_size`); 1 is no packing.
+    pub batch_size: usize,
 }
 
 impl WorkerContext {
@@ -97,6 +106,7 @@ impl WorkerContext {
             lease: Duration::from_secs(w.lease_seconds),
             heartbeat: Duration::from_secs(w.heartbeat_seconds),
             poll: Duration::from_millis(w.poll_interval_ms.max(10)),
+            batch_size: w.batch_size.max(1),
         }
     }
 }
@@ -170,21 +180,23 @@ fn spawn_rescuer(ctx: WorkerContext, shutdown: CancellationToken) -> JoinHandle<
 
 type RenderReply = Result<RenderOutcome, String>;
 
+/// One job for the render thread. A worker sends a batch of them at once.
 struct RenderRequest {
     job: RenderJob,
     progress: mpsc::UnboundedSender<ProgressEvent>,
     cancel: CancelToken,
+    /// Answered the moment this job ends, while the rest of its batch may go on.
     reply: oneshot::Sender<RenderReply>,
 }
 
 /// The OS thread that owns a worker's models and runs its renders.
 struct RenderThread {
-    requests: std::sync::mpsc::Sender<RenderRequest>,
+    requests: std::sync::mpsc::Sender<Vec<RenderRequest>>,
 }
 
 impl RenderThread {
     fn spawn(id: &str, device: Device, cache: ModelCache) -> Result<RenderThread, WorkerError> {
-        let (tx, rx) = std::sync::mpsc::channel::<RenderRequest>();
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<RenderRequest>>();
         std::thread::Builder::new()
             .name(format!("render-{id}"))
             .spawn(move || render_loop(device, cache, rx))
@@ -196,40 +208,140 @@ impl RenderThread {
 fn render_loop(
     device: Device,
     cache: ModelCache,
-    requests: std::sync::mpsc::Receiver<RenderRequest>,
+    requests: std::sync::mpsc::Receiver<Vec<RenderRequest>>,
 ) {
     // Models stay loaded while consecutive jobs name the same ones.
     let mut loaded: Option<(ModelsSpec, ModelSet)> = None;
-    while let Ok(req) = requests.recv() {
-        let RenderRequest {
-            job,
-            progress,
-            cancel,
-            reply,
-        } = req;
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> RenderReply {
-            if loaded.as_ref().map(|(spec, _)| spec) != Some(&job.spec.models) {
-                loaded = None;
-                let set = ModelSet::load(&job.spec.models, &cache, &device)
-                    .map_err(|e| format!("loading models: {e}"))?;
-                loaded = Some((job.spec.models.clone(), set));
+    let mut deferred: VecDeque<Vec<RenderRequest>> = VecDeque::new();
+    loop {
+        let batch = match deferred.pop_front() {
+            Some(batch) => batch,
+            None => match requests.recv() {
+                Ok(batch) => batch,
+                Err(_) => return,
+            },
+        };
+        for group in batchable_groups(batch) {
+            render_group(
+                group,
+                &mut loaded,
+                &device,
+                &cache,
+                &requests,
+                &mut deferred,
+            );
+        }
+    }
+}
+
+/// What jobs must share to render as one batch (the claim's `BATCH_KEY`).
+type BatchKey = (ModelsSpec, u32, u32);
+
+fn batch_key(r: &RenderRequest) -> BatchKey {
+    let s = &r.job.spec;
+    (s.models.clone(), s.width, s.height)
+}
+
+/// The claim packs only jobs of one size and one model set; should anything else
+/// arrive together, it renders in a batch of its own rather than failing.
+fn batchable_groups(mut batch: Vec<RenderRequest>) -> Vec<Vec<RenderRequest>> {
+    let mut groups = Vec::new();
+    while let Some(first) = batch.first().map(batch_key) {
+        let (same, rest) = batch.into_iter().partition(|r| batch_key(r) == first);
+        groups.push(same);
+        batch = rest;
+    }
+    groups
+}
+
+/// The render thread's side of a running batch: answers each job the moment it
+/// ends, and lets in the jobs the worker claims to take the place of ended ones.
+struct BatchOnThread<'r> {
+    key: BatchKey,
+    replies: Vec<Option<oneshot::Sender<RenderReply>>>,
+    requests: &'r std::sync::mpsc::Receiver<Vec<RenderRequest>>,
+    /// Requests for another batch, rendered after this one.
+    deferred: &'r mut VecDeque<Vec<RenderRequest>>,
+}
+
+impl BatchOnThread<'_> {
+    fn join(&mut self, request: RenderRequest) -> BatchJob<'static> {
+        self.replies.push(Some(request.reply));
+        BatchJob::new(Cow::Owned(request.job), request.progress, request.cancel)
+    }
+}
+
+impl BatchHost<'static> for BatchOnThread<'_> {
+    fn admit(&mut self) -> Vec<BatchJob<'static>> {
+        let mut joining = Vec::new();
+        while let Ok(batch) = self.requests.try_recv() {
+            let (same, other): (Vec<_>, Vec<_>) =
+                batch.into_iter().partition(|r| batch_key(r) == self.key);
+            if !other.is_empty() {
+                self.deferred.push_back(other);
             }
-            let Some((_, models)) = loaded.as_ref() else {
-                return Err("models are not loaded".into());
-            };
-            let mut sink = progress;
-            crate::render::render(&job, models, &mut sink, &cancel).map_err(|e| e.to_string())
-        }));
-        let result = result.unwrap_or_else(|panic| {
+            for request in same {
+                joining.push(self.join(request));
+            }
+        }
+        joining
+    }
+
+    fn ended(&mut self, index: usize, outcome: Result<RenderOutcome, RenderError>) {
+        if let Some(reply) = self.replies.get_mut(index).and_then(Option::take) {
+            let _ = reply.send(outcome.map_err(|e| e.to_string()));
+        }
+    }
+}
+
+fn render_group(
+    group: Vec<RenderRequest>,
+    loaded: &mut Option<(ModelsSpec, ModelSet)>,
+    device: &Device,
+    cache: &ModelCache,
+    requests: &std::sync::mpsc::Receiver<Vec<RenderRequest>>,
+    deferred: &mut VecDeque<Vec<RenderRequest>>,
+) {
+    let Some(key) = group.first().map(batch_key) else {
+        return;
+    };
+    let mut host = BatchOnThread {
+        key: key.clone(),
+        replies: Vec::with_capacity(group.len()),
+        requests,
+        deferred,
+    };
+    let jobs: Vec<BatchJob<'static>> = group.into_iter().map(|r| host.join(r)).collect();
+    let models_spec = key.0;
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
+        if loaded.as_ref().map(|(spec, _)| spec) != Some(&models_spec) {
+            *loaded = None;
+            let set = ModelSet::load(&models_spec, cache, device)
+                .map_err(|e| format!("loading models: {e}"))?;
+            *loaded = Some((models_spec.clone(), set));
+        }
+        let Some((_, models)) = loaded.as_ref() else {
+            return Err("models are not loaded".into());
+        };
+        render_batch_hosted(jobs, models, &mut host);
+        Ok(())
+    }));
+    let failure = match result {
+        Ok(Ok(())) => "the render ended without an outcome".to_string(),
+        Ok(Err(e)) => e,
+        Err(panic) => {
             let what = panic
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            loaded = None;
-            Err(format!("the render crashed: {what}"))
-        });
-        let _ = reply.send(result);
+            *loaded = None;
+            format!("the render crashed: {what}")
+        }
+    };
+    // Jobs the render did not answer (models failed to load, a panic) fail alike.
+    for reply in host.replies.into_iter().flatten() {
+        let _ = reply.send(Err(failure.clone()));
     }
 }
 
@@ -276,7 +388,10 @@ impl Worker {
                 .claim(&self.id, &self.device, self.ctx.lease)
                 .await
             {
-                Ok(Some(job)) => self.run_job(job).await,
+                Ok(Some(job)) => {
+                    let batch = self.pack(job).await;
+                    self.run_batch(batch).await
+                }
                 Ok(None) => {
                     tokio::select! {
                         _ = &mut notified => {}
@@ -294,13 +409,128 @@ impl Worker {
         tracing::info!(worker = %self.id, "worker stopped");
     }
 
-    async fn run_job(&self, job: Job) {
-        let started = Instant::now();
-        tracing::info!(worker = %self.id, job = %job.id, attempt = job.attempts, "job started");
-        let end = match self.prepare(&job).await {
-            Ok(render_job) => self.render(&job, render_job).await,
-            Err(error) => RunEnd::Finished(Finish::Failed { error }),
+    /// The claimed job plus up to `batch_size - 1` queued jobs that can share its
+    /// steps: same width, height and models, each taken by its own atomic claim.
+    async fn pack(&self, leader: Job) -> Vec<Job> {
+        let mut batch = vec![leader];
+        while batch.len() < self.ctx.batch_size {
+            let claim = self.ctx.store.claim_alongside(
+                &self.id,
+                &self.device,
+                self.ctx.lease,
+                batch[0].id,
+                &BATCH_KEY,
+            );
+            match claim.await {
+                Ok(Some(job)) => batch.push(job),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(worker = %self.id, "claiming a job to batch: {e}");
+                    break;
+                }
+            }
+        }
+        batch
+    }
+
+    /// Renders the jobs as one batch on the render thread and follows each to its
+    /// end: every job keeps its own lease, events, cancellation and outcome. When a
+    /// job ends while others go on, a compatible queued job takes its place.
+    async fn run_batch(&self, jobs: Vec<Job>) {
+        let Some(leader) = jobs.first().map(|j| j.id) else {
+            return;
         };
+        let mut requests = Vec::with_capacity(jobs.len());
+        let mut followed = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if let Some((request, pending)) = self.start_job(&job).await {
+                requests.push(request);
+                followed.push((job, pending));
+            }
+        }
+        if followed.is_empty() {
+            return;
+        }
+        if followed.len() > 1 {
+            tracing::info!(worker = %self.id, jobs = followed.len(), "rendering a batch");
+        }
+        let mut running = FuturesUnordered::new();
+        if self.render.requests.send(requests).is_err() {
+            for (job, _) in &followed {
+                self.render_thread_gone(job).await;
+            }
+            return;
+        }
+        for (job, pending) in followed {
+            running.push(self.see_through(job, pending));
+        }
+        while running.next().await.is_some() {
+            let refill = !running.is_empty()
+                && running.len() < self.ctx.batch_size
+                && !self.shutdown.is_cancelled();
+            if !refill {
+                continue;
+            }
+            let claim = self.ctx.store.claim_alongside(
+                &self.id,
+                &self.device,
+                self.ctx.lease,
+                leader,
+                &BATCH_KEY,
+            );
+            let job = match claim.await {
+                Ok(Some(job)) => job,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(worker = %self.id, "claiming a job to batch: {e}");
+                    continue;
+                }
+            };
+            let Some((request, pending)) = self.start_job(&job).await else {
+                continue;
+            };
+            tracing::info!(worker = %self.id, job = %job.id, "job joins the running batch");
+            // Should the batch have ended meanwhile, the render thread starts a new one.
+            if self.render.requests.send(vec![request]).is_err() {
+                self.render_thread_gone(&job).await;
+                continue;
+            }
+            running.push(self.see_through(job, pending));
+        }
+    }
+
+    /// A claimed job's render request, or `None` when it failed before rendering.
+    async fn start_job(&self, job: &Job) -> Option<(RenderRequest, Pending)> {
+        tracing::info!(worker = %self.id, job = %job.id, attempt = job.attempts, "job started");
+        match self.prepare(job).await {
+            Ok(render_job) => Some(Pending::new(render_job, job.cancel_requested)),
+            Err(error) => {
+                let end = RunEnd::Finished(Finish::Failed { error });
+                self.conclude(job, Instant::now(), end).await;
+                None
+            }
+        }
+    }
+
+    async fn render_thread_gone(&self, job: &Job) {
+        let error = "the worker's render thread has stopped".to_string();
+        self.conclude(
+            job,
+            Instant::now(),
+            RunEnd::Finished(Finish::Failed { error }),
+        )
+        .await;
+    }
+
+    /// Follows one job to its end and records it.
+    async fn see_through(&self, job: Job, pending: Pending) {
+        let started = Instant::now();
+        let end = self.follow(&job, pending).await;
+        self.conclude(&job, started, end).await;
+    }
+
+    /// Records how a job's run ended.
+    async fn conclude(&self, job: &Job, started: Instant, end: RunEnd) {
         let store = &self.ctx.store;
         let outcome = match end {
             RunEnd::Finished(finish) => {
@@ -380,41 +610,41 @@ impl Worker {
         })
     }
 
-    async fn render(&self, job: &Job, render_job: RenderJob) -> RunEnd {
-        let out_dir = render_job.out_dir.clone();
-        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let cancel = CancelToken::new();
-        if job.cancel_requested {
-            cancel.cancel();
-        }
-        let request = RenderRequest {
-            job: render_job,
-            progress: progress_tx,
-            cancel: cancel.clone(),
-            reply: reply_tx,
-        };
-        if self.render.requests.send(request).is_err() {
-            return RunEnd::Finished(Finish::Failed {
-                error: "the worker's render thread has stopped".into(),
-            });
-        }
+    /// Follows one job of a batch until the render thread answers for it: records its
+    /// progress, renews its lease, passes on cancellation and shutdown.
+    async fn follow(&self, job: &Job, pending: Pending) -> RunEnd {
+        let Pending {
+            out_dir,
+            mut progress,
+            mut reply,
+            cancel,
+        } = pending;
         let mut lease_lost = false;
         let mut interrupted = false;
+        let mut progress_open = true;
         let mut last_elapsed = 0.0;
         let mut heartbeat = tokio::time::interval(self.ctx.heartbeat);
         heartbeat.tick().await;
-        // The render thread drops its progress sender when the render returns.
-        loop {
+        let result = loop {
             tokio::select! {
-                event = progress_rx.recv() => match event {
+                biased;
+                event = progress.recv(), if progress_open => match event {
                     Some(event) => {
                         if let Err(e) = self.record(job, &out_dir, event, &cancel, &mut last_elapsed).await {
                             lease_lost |= self.lease_error(job, e, &cancel);
                         }
                     }
-                    None => break,
+                    None => progress_open = false,
                 },
+                answer = &mut reply => {
+                    // The render thread sends a job's events before its answer.
+                    while let Ok(event) = progress.try_recv() {
+                        if let Err(e) = self.record(job, &out_dir, event, &cancel, &mut last_elapsed).await {
+                            lease_lost |= self.lease_error(job, e, &cancel);
+                        }
+                    }
+                    break answer.unwrap_or_else(|_| Err("the render thread stopped mid-job".into()));
+                }
                 _ = heartbeat.tick() => {
                     let _ = self.ctx.store.worker_heartbeat(&self.id, &self.device, Some(job.id)).await;
                     match self.ctx.store.renew(job.id, &self.id, self.ctx.lease).await {
@@ -428,10 +658,7 @@ impl Worker {
                     cancel.interrupt();
                 }
             }
-        }
-        let result = reply_rx
-            .await
-            .unwrap_or_else(|_| Err("the render thread stopped mid-job".into()));
+        };
         if lease_lost {
             return RunEnd::LeaseLost;
         }
@@ -541,6 +768,42 @@ impl Worker {
     }
 }
 
+/// The spec fields jobs must share to render as one batch: the latent's shape and the
+/// loaded models.
+const BATCH_KEY: [&str; 3] = ["$.width", "$.height", "$.models"];
+
+/// The worker's side of one job handed to the render thread.
+struct Pending {
+    out_dir: std::path::PathBuf,
+    progress: mpsc::UnboundedReceiver<ProgressEvent>,
+    reply: oneshot::Receiver<RenderReply>,
+    cancel: CancelToken,
+}
+
+impl Pending {
+    fn new(job: RenderJob, cancel_requested: bool) -> (RenderRequest, Pending) {
+        let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let cancel = CancelToken::new();
+        if cancel_requested {
+            cancel.cancel();
+        }
+        let pending = Pending {
+            out_dir: job.out_dir.clone(),
+            progress: progress_rx,
+            reply: reply_rx,
+            cancel: cancel.clone(),
+        };
+        let request = RenderRequest {
+            job,
+            progress: progress_tx,
+            cancel,
+            reply: reply_tx,
+        };
+        (request, pending)
+    }
+}
+
 /// Checkpoints are stored relative to the job directory, so the artifact root can move.
 fn relative(out_dir: &Path, path: &Path) -> Option<String> {
     let rel = path.strip_prefix(out_dir).unwrap_or(path);
@@ -560,5 +823,42 @@ mod tests {
             let err = parse_device("cuda:0").unwrap_err().to_string();
             assert!(err.contains("without CUDA"), "{err}");
         }
+    }
+
+    fn request(width: u32, clip: &str) -> RenderRequest {
+        let spec: JobSpec = serde_json::from_value(json!({
+            "prompts": "x", "width": width, "height": 32,
+            "models": { "vqgan": "v", "clip": [clip] }
+        }))
+        .unwrap();
+        let (request, _pending) = Pending::new(RenderJob::new(spec, "/nonexistent"), false);
+        request
+    }
+
+    #[test]
+    fn only_jobs_of_one_size_and_models_render_as_one_batch() {
+        let batch = vec![
+            request(32, "a"),
+            request(48, "a"),
+            request(32, "b"),
+            request(32, "a"),
+        ];
+        let groups: Vec<Vec<(u32, String)>> = batchable_groups(batch)
+            .into_iter()
+            .map(|g| {
+                g.iter()
+                    .map(|r| (r.job.spec.width, r.job.spec.models.clip[0].clone()))
+                    .collect()
+            })
+            .collect();
+        let key = |w: u32, c: &str| (w, c.to_owned());
+        assert_eq!(
+            groups,
+            vec![
+                vec![key(32, "a"), key(32, "a")],
+                vec![key(48, "a")],
+                vec![key(32, "b")]
+            ]
+        );
     }
 }

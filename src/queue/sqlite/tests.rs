@@ -383,3 +383,96 @@ async fn workers_are_listed_by_heartbeat_and_dead_ones_forgotten() {
         .unwrap()
         .is_empty());
 }
+
+async fn submit_spec(s: &SqliteStore, priority: i32, spec: serde_json::Value) -> Job {
+    let mut new = new_job(priority);
+    new.spec = spec;
+    match s.submit(new, 100).await.unwrap() {
+        Submitted::Created(j) => j,
+        Submitted::Existing(_) => panic!("no idempotency key was given"),
+    }
+}
+
+const BATCH_KEY: [&str; 3] = ["$.width", "$.height", "$.models"];
+
+#[tokio::test]
+async fn claims_alongside_take_only_jobs_agreeing_with_the_leader() {
+    let (_d, s) = store().await;
+    let models = |clip: &str| serde_json::json!({ "vqgan": "v", "clip": [clip] });
+    let spec = |w: u32, h: u32, clip: &str, prompt: &str| serde_json::json!({ "prompts": prompt, "width": w, "height": h, "models": models(clip) });
+    let leader = submit_spec(&s, 9, spec(64, 64, "a", "leader")).await;
+    let wide = submit_spec(&s, 8, spec(128, 64, "a", "wide")).await;
+    let other_models = submit_spec(&s, 8, spec(64, 64, "b", "other models")).await;
+    let low = submit_spec(&s, 0, spec(64, 64, "a", "low")).await;
+    let high = submit_spec(&s, 5, spec(64, 64, "a", "high")).await;
+
+    assert_eq!(
+        s.claim("w1", "cpu", LEASE).await.unwrap().unwrap().id,
+        leader.id
+    );
+    let mut taken = vec![];
+    while let Some(j) = s
+        .claim_alongside("w1", "cpu", LEASE, leader.id, &BATCH_KEY)
+        .await
+        .unwrap()
+    {
+        assert_eq!(
+            (j.state, j.lease_owner.as_deref()),
+            (JobState::Running, Some("w1"))
+        );
+        taken.push(j.id);
+    }
+    // Compatible jobs only, in the claim's own order (priority, then first in).
+    assert_eq!(taken, vec![high.id, low.id]);
+    for id in [wide.id, other_models.id] {
+        let j = s.get(id, &Scope::unrestricted()).await.unwrap();
+        assert_eq!(j.state, JobState::Queued);
+    }
+    // Each claim alongside is a claim: a `running` state event per job.
+    let events = s.events_after(high.id, 0, 10).await.unwrap();
+    assert!(events
+        .iter()
+        .any(|e| e.kind == EventKind::State && e.data["state"] == "running"));
+    // With no paths to agree on, any queued job goes along.
+    let any = s
+        .claim_alongside("w1", "cpu", LEASE, leader.id, &[])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(any.id, wide.id);
+}
+
+#[tokio::test]
+async fn concurrent_claims_alongside_take_each_job_once() {
+    let (_d, s) = store().await;
+    let spec = serde_json::json!({ "prompts": "x", "width": 32, "height": 32 });
+    let leader = submit_spec(&s, 0, spec.clone()).await;
+    for _ in 0..30 {
+        submit_spec(&s, 0, spec.clone()).await;
+    }
+    s.claim("w0", "cpu", LEASE).await.unwrap().unwrap();
+    let mut tasks = vec![];
+    for w in 0..6 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("w{w}");
+            let mut got = vec![];
+            while let Some(j) = s
+                .claim_alongside(&id, "cpu", LEASE, leader.id, &BATCH_KEY)
+                .await
+                .unwrap()
+            {
+                got.push(j.id);
+            }
+            got
+        }));
+    }
+    let mut all = vec![];
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!((n, all.len()), (30, 30));
+}

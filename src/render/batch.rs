@@ -1,0 +1,436 @@
+//! Cross-job batching: several jobs of one size and one model set take their steps
+//! together, as one batched forward and backward pass.
+//!
+//! Each job keeps its own z, optimiser, RNG, prompts and settings; only the tensors
+//! travel together. Nothing in the loss couples two jobs (the decoder's GroupNorm and
+//! attention, the quantiser and CLIP all work per sample), so the gradient a job's z
+//! receives from the summed loss is the gradient of its own loss, and a job ends where
+//! it would have ended alone, up to float rounding in batch-sized kernels.
+//!
+//! [`step_batch`] is the one implementation of a step: [`RenderSession::step`] is a
+//! batch of one. [`render_batch`] is the one driver: [`super::render`] is a batch of one.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+
+use super::checkpoint::Checkpoint;
+use super::engine::{unit, History, RenderSession, StepStats};
+use super::job::{Artifacts, RenderError, RenderJob, RenderOutcome};
+use super::models::ModelSet;
+use super::output;
+use super::progress::{CancelToken, ProgressEvent, ProgressSink};
+
+/// Why `sessions` cannot share a step, if they cannot: they must use the very same
+/// loaded models and latents of one shape (the same size in tokens).
+pub fn check_batchable(sessions: &[&mut RenderSession<'_>]) -> Result<(), RenderError> {
+    let Some((first, rest)) = sessions.split_first() else {
+        return Err(RenderError::Incompatible(
+            "a batch needs at least one job".into(),
+        ));
+    };
+    for (i, other) in rest.iter().enumerate() {
+        let i = i + 1;
+        if !std::ptr::eq(first.models(), other.models()) {
+            return Err(RenderError::Incompatible(format!(
+                "job {i} uses another model set than job 0; only jobs rendered with the same loaded VQGAN and CLIPs can be batched"
+            )));
+        }
+        if first.z().dims() != other.z().dims() {
+            return Err(RenderError::Incompatible(format!(
+                "job {i} renders {}x{} (latent {:?}) but job 0 renders {}x{} (latent {:?}); only jobs of one size can be batched",
+                other.spec().width,
+                other.spec().height,
+                other.z().dims(),
+                first.spec().width,
+                first.spec().height,
+                first.z().dims(),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One optimisation step for every session, as one batch: the zs are concatenated,
+/// quantised and decoded together; each job cuts and augments its own image with its
+/// own RNG; each CLIP sees every job's cutouts in one batch; each job's loss is its
+/// solo step's loss; the losses are summed for one backward; then each job's own
+/// optimiser updates and clamps its z. Returns each job's statistics, in order.
+pub fn step_batch(sessions: &mut [&mut RenderSession<'_>]) -> Result<Vec<StepStats>, RenderError> {
+    check_batchable(sessions)?;
+    for session in sessions.iter_mut() {
+        session.begin_step()?;
+    }
+    let models = sessions[0].models();
+    let zs: Vec<&Tensor> = sessions.iter().map(|s| s.z_var().as_tensor()).collect();
+    let images = sessions[0].synth(&Tensor::cat(&zs, 0)?)?;
+
+    // Per job, per CLIP: the unit embeddings of its cutouts.
+    let mut embeds: Vec<Vec<Tensor>> = vec![Vec::with_capacity(models.clips.len()); sessions.len()];
+    for (k, clip) in models.clips.iter().enumerate() {
+        // Jobs may differ in cutn and cut method; their cutouts simply stack.
+        let mut counts = Vec::with_capacity(sessions.len());
+        let mut cutouts = Vec::with_capacity(sessions.len());
+        for (j, session) in sessions.iter_mut().enumerate() {
+            let batch = session.cut(k, &images.narrow(0, j, 1)?)?;
+            counts.push(batch.dim(0)?);
+            cutouts.push(batch);
+        }
+        let all = unit(
+            &clip
+                .encode_image(&clip.normalize_pixels(&Tensor::cat(&cutouts, 0)?)?)?
+                .to_dtype(DType::F32)?,
+        )?;
+        let mut offset = 0;
+        for (j, n) in counts.into_iter().enumerate() {
+            embeds[j].push(all.narrow(0, offset, n)?);
+            offset += n;
+        }
+    }
+
+    // Per job, its loss terms as one vector; the job's loss is their sum.
+    let mut terms = Vec::with_capacity(sessions.len());
+    for (session, embeds) in sessions.iter().zip(&embeds) {
+        terms.push(Tensor::stack(&session.loss_terms(embeds)?, 0)?);
+    }
+    let totals = terms
+        .iter()
+        .map(|t| t.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    // No job's loss depends on another's z, so each z's gradient from the sum is the
+    // gradient of its own loss.
+    let grads = Tensor::stack(&totals, 0)?.sum_all()?.backward()?;
+    // One read-back for every job's losses, after the backward pass is queued.
+    let counts: Vec<usize> = terms.iter().map(|t| t.elem_count()).collect();
+    let mut values = Tensor::cat(&terms, 0)?.to_vec1::<f32>()?.into_iter();
+    sessions
+        .iter_mut()
+        .zip(counts)
+        .map(|(session, n)| session.finish_step(&grads, values.by_ref().take(n).collect()))
+        .collect()
+}
+
+/// One job of a batched render: what it is, where its progress goes, what stops it.
+pub struct BatchJob<'a> {
+    pub job: Cow<'a, RenderJob>,
+    pub progress: Box<dyn ProgressSink + 'a>,
+    /// Clones share their flags, so the caller keeps one to stop the job.
+    pub cancel: CancelToken,
+}
+
+impl<'a> BatchJob<'a> {
+    pub fn new(
+        job: Cow<'a, RenderJob>,
+        progress: impl ProgressSink + 'a,
+        cancel: CancelToken,
+    ) -> Self {
+        Self {
+            job,
+            progress: Box::new(progress),
+            cancel,
+        }
+    }
+}
+
+/// The side of a batched render that lives outside it: it may add jobs between
+/// steps (a worker refilling its batch as jobs end) and hears each job's end.
+pub trait BatchHost<'a> {
+    /// Jobs to add to the batch before its next step. Ones of another size than the
+    /// batch's are refused with [`RenderError::Incompatible`].
+    fn admit(&mut self) -> Vec<BatchJob<'a>>;
+    /// A job ended; `index` counts the jobs given first, then those admitted, in order.
+    fn ended(&mut self, index: usize, outcome: Result<RenderOutcome, RenderError>);
+}
+
+/// Collects outcomes; admits nothing.
+struct Outcomes(Vec<Option<Result<RenderOutcome, RenderError>>>);
+
+impl BatchHost<'_> for Outcomes {
+    fn admit(&mut self) -> Vec<BatchJob<'static>> {
+        Vec::new()
+    }
+
+    fn ended(&mut self, index: usize, outcome: Result<RenderOutcome, RenderError>) {
+        if let Some(slot) = self.0.get_mut(index) {
+            *slot = Some(outcome);
+        }
+    }
+}
+
+/// One job's run inside [`render_batch`]: its session and its bookkeeping.
+struct Run<'a, 'm> {
+    job: Cow<'a, RenderJob>,
+    progress: Box<dyn ProgressSink + 'a>,
+    cancel: CancelToken,
+    session: RenderSession<'m>,
+    history: History,
+    frames_dir: PathBuf,
+    checkpoint_path: PathBuf,
+    started: Instant,
+}
+
+/// Runs jobs that share one model set to the end, stepping those still running
+/// together. Each job keeps everything it would have alone: its progress events,
+/// frames, checkpoints, cancellation (a canceled job leaves the batch; the others go
+/// on) and outputs under its own `out_dir`. Returns each job's outcome, in order.
+///
+/// Jobs of another size than the first's are refused with
+/// [`RenderError::Incompatible`]; give them to a separate call.
+pub fn render_batch(
+    jobs: Vec<BatchJob<'_>>,
+    models: &ModelSet,
+) -> Vec<Result<RenderOutcome, RenderError>> {
+    let mut outcomes = Outcomes(jobs.iter().map(|_| None).collect());
+    render_batch_hosted(jobs, models, &mut outcomes);
+    outcomes
+        .0
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| {
+                Err(RenderError::Model(
+                    "the job ended without an outcome".into(),
+                ))
+            })
+        })
+        .collect()
+}
+
+/// As [`render_batch`], with a host that may add jobs between steps and hears each
+/// job's outcome the moment that job ends, while the others may still be rendering.
+pub fn render_batch_hosted<'a, 'm>(
+    jobs: Vec<BatchJob<'a>>,
+    models: &'m ModelSet,
+    host: &mut dyn BatchHost<'a>,
+) {
+    let mut runs: Vec<Option<Run<'a, 'm>>> = Vec::with_capacity(jobs.len());
+    let mut shape: Option<Vec<usize>> = None;
+    let mut admit = |jobs: Vec<BatchJob<'a>>,
+                     runs: &mut Vec<Option<Run<'a, 'm>>>,
+                     host: &mut dyn BatchHost<'a>| {
+        for entry in jobs {
+            let index = runs.len();
+            let run = Run::start(entry, models).and_then(|r| {
+                let dims = r.session.z().dims().to_vec();
+                match &shape {
+                    Some(s) if *s != dims => Err(RenderError::Incompatible(format!(
+                        "{}x{} differs from the batch's size; render it in a batch of its own",
+                        r.job.spec.width, r.job.spec.height
+                    ))),
+                    _ => {
+                        shape = Some(dims);
+                        Ok(r)
+                    }
+                }
+            });
+            match run {
+                Ok(run) => runs.push(Some(run)),
+                Err(e) => {
+                    runs.push(None);
+                    host.ended(index, Err(e));
+                }
+            }
+        }
+    };
+    admit(jobs, &mut runs, host);
+
+    loop {
+        let joining = host.admit();
+        admit(joining, &mut runs, host);
+        for (i, run) in runs.iter_mut().enumerate() {
+            if let Some(end) = run.as_mut().and_then(Run::end_before_step) {
+                *run = None;
+                host.ended(i, end);
+            }
+        }
+        let mut active: Vec<(usize, &mut Run)> = runs
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_mut().map(|r| (i, r)))
+            .collect();
+        if active.is_empty() {
+            return;
+        }
+        let t0 = Instant::now();
+        let stepped = {
+            let mut sessions: Vec<&mut RenderSession> =
+                active.iter_mut().map(|(_, r)| &mut r.session).collect();
+            step_batch(&mut sessions)
+        };
+        let dt = t0.elapsed().as_secs_f64();
+        let mut ended = Vec::new();
+        match stepped {
+            Ok(stats) => {
+                for ((i, run), stats) in active.iter_mut().zip(stats) {
+                    if let Err(e) = run.after_step(stats, dt) {
+                        ended.push((*i, Err(e)));
+                    }
+                }
+            }
+            Err(e) if active.len() == 1 => ended.push((active[0].0, Err(e))),
+            Err(e) => {
+                let reason = e.to_string();
+                ended.extend(
+                    active
+                        .iter()
+                        .map(|(i, _)| (*i, Err(RenderError::SharedStep(reason.clone())))),
+                );
+            }
+        }
+        for (i, end) in ended {
+            runs[i] = None;
+            host.ended(i, end);
+        }
+    }
+}
+
+impl<'a, 'm> Run<'a, 'm> {
+    fn start(entry: BatchJob<'a>, models: &'m ModelSet) -> Result<Self, RenderError> {
+        let BatchJob {
+            job,
+            progress,
+            cancel,
+        } = entry;
+        job.spec.validate(&super::spec::Limits {
+            max_pixels: u64::MAX,
+            max_side: u32::MAX,
+            max_steps: u32::MAX,
+            max_cutn: u32::MAX,
+            max_prompts: usize::MAX,
+            max_prompt_tokens: 77,
+        })?;
+        let frames_dir = job.out_dir.join("frames");
+        std::fs::create_dir_all(&frames_dir).map_err(|e| RenderError::io(&frames_dir, e))?;
+        let started = Instant::now();
+        let session = RenderSession::new(&job, models)?;
+        let history = match &job.resume {
+            Some(path) => Checkpoint::read_history(path)?,
+            None => History::default(),
+        };
+        let checkpoint_path = job.out_dir.join("checkpoint.safetensors");
+        let mut run = Run {
+            job,
+            progress,
+            cancel,
+            session,
+            history,
+            checkpoint_path,
+            frames_dir,
+            started,
+        };
+        if run.session.step_count() == 0 && run.job.spec.save_every > 0 {
+            run.write_frame()?;
+        }
+        Ok(run)
+    }
+
+    /// The job's end if it ends before its next step: finished, canceled or interrupted.
+    fn end_before_step(&mut self) -> Option<Result<RenderOutcome, RenderError>> {
+        if self.session.step_count() >= self.job.spec.steps {
+            return Some(self.complete());
+        }
+        if self.cancel.is_canceled() {
+            return Some(Ok(RenderOutcome::Canceled {
+                step: self.session.step_count(),
+            }));
+        }
+        if self.cancel.is_interrupted() {
+            return Some(
+                self.session
+                    .checkpoint()
+                    .write(&self.checkpoint_path, &self.history)
+                    .map(|()| RenderOutcome::Interrupted {
+                        step: self.session.step_count(),
+                        checkpoint: self.checkpoint_path.clone(),
+                    }),
+            );
+        }
+        None
+    }
+
+    /// Records a step: history, progress, and the frame and checkpoint when due.
+    fn after_step(&mut self, stats: StepStats, dt: f64) -> Result<(), RenderError> {
+        let total = self.job.spec.steps;
+        self.history.losses.push(stats.losses.clone());
+        self.history.step_seconds.push(dt);
+        let done_here = self.history.step_seconds.len().max(1) as f64;
+        let mean = self.history.step_seconds.iter().sum::<f64>() / done_here;
+        self.progress.event(ProgressEvent::Step {
+            step: stats.step,
+            total,
+            loss: stats.loss,
+            losses: stats.losses,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            eta_s: mean * f64::from(total.saturating_sub(stats.step)),
+        });
+        let save_every = self.job.spec.save_every;
+        if save_every > 0 && stats.step.is_multiple_of(save_every) {
+            self.write_frame()?;
+        }
+        let every = self.job.spec.checkpoint_every;
+        if every > 0 && stats.step.is_multiple_of(every) && stats.step < total {
+            self.session
+                .checkpoint()
+                .write(&self.checkpoint_path, &self.history)?;
+            self.progress.event(ProgressEvent::Checkpoint {
+                step: stats.step,
+                path: self.checkpoint_path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn write_frame(&mut self) -> Result<PathBuf, RenderError> {
+        write_frame(&self.session, &self.frames_dir, self.progress.as_mut())
+    }
+
+    /// The final outputs: image, video, metadata; the checkpoint is no longer needed.
+    fn complete(&mut self) -> Result<RenderOutcome, RenderError> {
+        let (job, models, out) = (&*self.job, self.session.models(), &self.job.out_dir);
+        let final_image = output::tensor_to_image(&self.session.image()?)?;
+        let image_path = out.join("image.png");
+        output::write_png(
+            &image_path,
+            &final_image,
+            &output::png_text(job, &models.identities),
+        )?;
+        let frames = output::list_frames(&self.frames_dir)?;
+        let video = if job.spec.video.enabled && frames.len() >= 2 {
+            let path = out.join("video.mp4");
+            output::write_mp4(&path, &frames, job.spec.video.fps)?;
+            Some(path)
+        } else {
+            None
+        };
+        let similarities = self.session.similarities()?;
+        let metadata = out.join("metadata.json");
+        output::write_metadata(&metadata, job, models, &self.history, &similarities)?;
+        let checkpoint = &self.checkpoint_path;
+        if checkpoint.exists() {
+            std::fs::remove_file(checkpoint).map_err(|e| RenderError::io(checkpoint, e))?;
+        }
+        Ok(RenderOutcome::Completed(Artifacts {
+            image: image_path,
+            frames,
+            video,
+            metadata,
+        }))
+    }
+}
+
+fn write_frame(
+    session: &RenderSession,
+    dir: &Path,
+    progress: &mut dyn ProgressSink,
+) -> Result<PathBuf, RenderError> {
+    let step = session.step_count();
+    let path = dir.join(format!("{step:05}.png"));
+    let img = output::tensor_to_image(&session.image()?)?;
+    output::write_png(&path, &img, &[])?;
+    progress.event(ProgressEvent::Frame {
+        step,
+        path: path.clone(),
+    });
+    Ok(path)
+}
