@@ -40,28 +40,13 @@ pub enum WorkerError {
     Thread(std::io::Error),
 }
 
-/// `cpu` or `cuda:N`. A build without the `cuda` feature refuses `cuda:N` up front
-/// rather than failing on the first job.
+/// `cpu`, `cuda:N` or `auto`, parsed as the CLI parses `--device`. A build without the
+/// `cuda` feature refuses `cuda:N` up front rather than failing on the first job.
 pub fn parse_device(name: &str) -> Result<Device, WorkerError> {
-    let err = |reason: String| WorkerError::Device {
+    crate::models::catalogue::parse_device(name).map_err(|e| WorkerError::Device {
         device: name.to_owned(),
-        reason,
-    };
-    match name.trim() {
-        "cpu" => Ok(Device::Cpu),
-        other => {
-            let index = other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| err("expected \"cpu\" or \"cuda:N\", e.g. \"cuda:0\"".into()))?;
-            if !candle_core::utils::cuda_is_available() {
-                return Err(err(
-                    "this vqclip was built without CUDA; rebuild with `--features cuda` (see scripts/build-cuda.sh) or use device = \"cpu\"".into(),
-                ));
-            }
-            Device::new_cuda(index).map_err(|e| err(e.to_string()))
-        }
-    }
+        reason: e.to_string(),
+    })
 }
 
 /// The model cache the workers read: `models.cache_dir`, else the environment's.
@@ -817,6 +802,9 @@ mod tests {
     #[test]
     fn devices_are_checked_up_front() {
         assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
+        if !candle_core::utils::cuda_is_available() {
+            assert!(matches!(parse_device("auto"), Ok(Device::Cpu)));
+        }
         let err = parse_device("gpu0").unwrap_err().to_string();
         assert!(err.contains("cuda:N"), "{err}");
         if !candle_core::utils::cuda_is_available() {
