@@ -228,7 +228,7 @@ pub(super) async fn submit(
     check_images(&st, &scope, &spec).await?;
     check_webhook(&st, &spec).await?;
     let new = NewJob {
-        spec: serde_json::to_value(&spec).map_err(|e| ApiError::internal("storing the spec", e))?,
+        spec: stored_spec(&spec)?,
         priority: spec.priority,
         keep: spec.keep,
         total_steps: spec.steps,
@@ -362,4 +362,12 @@ pub(super) async fn delete_job(
         tracing::error!(job = %job.id, "removing artifacts: {e}");
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The spec as stored and echoed back. Going through text keeps f32 fields as the user
+/// wrote them (`0.1`, not the f64 widening `0.10000000149011612`).
+fn stored_spec(spec: &JobSpec) -> Result<Value, ApiError> {
+    serde_json::to_string(spec)
+        .and_then(|text| serde_json::from_str(&text))
+        .map_err(|e| ApiError::internal("storing the spec", e))
 }
