@@ -99,8 +99,9 @@ impl std::fmt::Display for JobState {
     }
 }
 
-/// The kinds of event a client sees on `GET /v1/jobs/{id}/events`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The kinds of event a client sees on `GET /v1/jobs/{id}/events`; webhooks subscribe to
+/// the same names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventKind {
     State,
@@ -123,17 +124,17 @@ impl EventKind {
         }
     }
 
+    pub const ALL: [EventKind; 6] = [
+        EventKind::State,
+        EventKind::Progress,
+        EventKind::Frame,
+        EventKind::Completed,
+        EventKind::Failed,
+        EventKind::Canceled,
+    ];
+
     pub fn parse(s: &str) -> Option<EventKind> {
-        [
-            EventKind::State,
-            EventKind::Progress,
-            EventKind::Frame,
-            EventKind::Completed,
-            EventKind::Failed,
-            EventKind::Canceled,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == s)
+        EventKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
     /// The last event of a job's stream.

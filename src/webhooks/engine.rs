@@ -339,7 +339,7 @@ fn envelope(event: &OutgoingEvent) -> String {
     };
     let at = chrono::DateTime::from_timestamp_millis(event.at_ms).unwrap_or_default();
     serde_json::json!({
-        "type": format!("{EVENT_TYPE_PREFIX}{}", event.kind),
+        "type": format!("{EVENT_TYPE_PREFIX}{}", event.kind.as_str()),
         "timestamp": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         "data": data,
     })

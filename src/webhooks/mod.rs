@@ -20,64 +20,16 @@ pub use store::{Attempt, Delivery, DeliveryStatus};
 pub use target::{check_target, TargetError, TargetPolicy};
 
 use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// The job events a webhook can subscribe to; the names match the SSE events.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EventKind {
-    State,
-    Progress,
-    Frame,
-    Completed,
-    Failed,
-    Canceled,
-}
-
-impl EventKind {
-    pub const ALL: [EventKind; 6] = [
-        EventKind::State,
-        EventKind::Progress,
-        EventKind::Frame,
-        EventKind::Completed,
-        EventKind::Failed,
-        EventKind::Canceled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::State => "state",
-            EventKind::Progress => "progress",
-            EventKind::Frame => "frame",
-            EventKind::Completed => "completed",
-            EventKind::Failed => "failed",
-            EventKind::Canceled => "canceled",
-        }
-    }
-
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            EventKind::Completed | EventKind::Failed | EventKind::Canceled
-        )
-    }
-}
-
-impl fmt::Display for EventKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// The job events a webhook can subscribe to are the SSE events.
+pub use crate::queue::EventKind;
 
 impl FromStr for EventKind {
     type Err = WebhookError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        EventKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| WebhookError::UnknownEvent(s.to_owned()))
+        EventKind::parse(s).ok_or_else(|| WebhookError::UnknownEvent(s.to_owned()))
     }
 }
 
