@@ -5,53 +5,16 @@
 mod service_support;
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{json, Value};
-use service_support::{fixture, tiny_spec};
+use service_support::{tiny_spec, write_config_file, ServerProcess};
 use vqclip::webhooks::verify;
 
 const SECRET: &str = "whsec_c2VydmUtdGVzdC1zZWNyZXQtYnl0ZXM=";
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(config: &std::path::Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vqclip"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("VQCLIP_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("vqclip listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        Server { child, base }
-    }
-
-    /// SIGTERM, then wait for the graceful exit.
-    fn stop(mut self) {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        assert!(self.child.wait().unwrap().success());
-    }
-}
 
 type Received = Arc<Mutex<Vec<(HeaderMap, String)>>>;
 
@@ -92,39 +55,25 @@ async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
 async fn the_server_delivers_and_a_pending_retry_survives_its_restart() {
     let (hook, got) = receiver(&[500]).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("vqclip.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let config = write_config_file(
+        dir.path(),
+        &format!(
             r#"
-[server]
-bind = "127.0.0.1:0"
-[database]
-url = "sqlite://{dir}/vqclip.db"
-[storage]
-artifact_dir = "{dir}/artifacts"
 [workers]
 count = 1
 poll_interval_ms = 100
-[models]
-vqgan = "{vqgan}"
-clip = ["{clip}"]
 [webhooks]
 secret = "{SECRET}"
 allowed_networks = ["127.0.0.0/8"]
 # Long enough that the retry is still pending when the server stops.
 initial_backoff_ms = 3000
 poll_interval_ms = 100
-"#,
-            dir = dir.path().display(),
-            vqgan = fixture("vqgan-tiny").display(),
-            clip = fixture("clip-tiny").display(),
+"#
         ),
-    )
-    .unwrap();
+    );
     let client = reqwest::Client::new();
 
-    let first = Server::start(&config);
+    let first = ServerProcess::spawn(&config, "error");
     let mut spec = tiny_spec("delivered later", 2);
     spec["webhook"] = json!({ "url": hook });
     let job: Value = client
@@ -170,7 +119,7 @@ poll_interval_ms = 100
     );
     let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
 
-    let second = Server::start(&config);
+    let second = ServerProcess::spawn(&config, "error");
     let r = client.get(history_url(&second.base)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let done = poll("the retry after the restart", async || {

@@ -4,8 +4,7 @@
 
 mod service_support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -118,62 +117,15 @@ async fn graceful_shutdown_checkpoints_requeues_and_resumes() {
     s.stop().await;
 }
 
-struct ServerProcess {
-    child: Child,
-    base: String,
-}
-
-fn spawn_server(config: &std::path::Path) -> ServerProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vqclip"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("VQCLIP_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("vqclip listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
-    ServerProcess { child, base }
-}
-
 #[tokio::test]
 async fn a_sigkilled_servers_job_is_rescued_and_completes() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("vqclip.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[server]
-bind = "127.0.0.1:0"
-[database]
-url = "sqlite://{dir}/vqclip.db"
-[storage]
-artifact_dir = "{dir}/artifacts"
-[workers]
-count = 1
-lease_seconds = 2
-heartbeat_seconds = 1
-poll_interval_ms = 100
-[models]
-vqgan = "{vqgan}"
-clip = ["{clip}"]
-"#,
-            dir = dir.path().display(),
-            vqgan = fixture("vqgan-tiny").display(),
-            clip = fixture("clip-tiny").display(),
-        ),
-    )
-    .unwrap();
+    let config = write_config_file(
+        dir.path(),
+        "[workers]\ncount = 1\nlease_seconds = 2\nheartbeat_seconds = 1\npoll_interval_ms = 100\n",
+    );
     let client = reqwest::Client::new();
-    let mut first = spawn_server(&config);
+    let mut first = ServerProcess::spawn(&config, "warn");
     let mut spec = tiny_spec("crash test", 24);
     spec["checkpoint_every"] = json!(4);
     let job: Value = client
@@ -206,7 +158,7 @@ clip = ["{clip}"]
     first.child.kill().unwrap();
     first.child.wait().unwrap();
 
-    let mut second = spawn_server(&config);
+    let second = ServerProcess::spawn(&config, "warn");
     let deadline = tokio::time::Instant::now() + LONG;
     let done = loop {
         let j: Value = client
@@ -246,11 +198,7 @@ clip = ["{clip}"]
         .unwrap();
     assert_eq!(r.status(), 200);
     // SIGTERM: a graceful stop exits cleanly.
-    unsafe {
-        libc::kill(second.child.id() as i32, libc::SIGTERM);
-    }
-    let status = second.child.wait().unwrap();
-    assert!(status.success(), "{status}");
+    second.stop();
 }
 
 #[tokio::test]
@@ -280,22 +228,12 @@ async fn separate_worker_process_and_migrate_command() {
         );
     }
 
-    let config = dir.path().join("vqclip.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nbind = \"127.0.0.1:0\"\n[database]\nurl = \"{db}\"\n\
-             [storage]\nartifact_dir = \"{d}/artifacts\"\n\
-             [workers]\ncount = 0\nheartbeat_seconds = 1\npoll_interval_ms = 100\n\
-             [models]\nvqgan = \"{v}\"\nclip = [\"{c}\"]\n",
-            d = dir.path().display(),
-            v = fixture("vqgan-tiny").display(),
-            c = fixture("clip-tiny").display(),
-        ),
-    )
-    .unwrap();
+    let config = write_config_file(
+        dir.path(),
+        "[workers]\ncount = 0\nheartbeat_seconds = 1\npoll_interval_ms = 100\n",
+    );
     // The API alone is not ready: no worker anywhere.
-    let mut api = spawn_server(&config);
+    let mut api = ServerProcess::spawn(&config, "warn");
     let client = reqwest::Client::new();
     let ready = client
         .get(format!("{}/readyz", api.base))
@@ -329,10 +267,8 @@ async fn separate_worker_process_and_migrate_command() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 200);
-    unsafe {
-        libc::kill(worker.id() as i32, libc::SIGTERM);
-        libc::kill(api.child.id() as i32, libc::SIGTERM);
-    }
+    sigterm(&worker);
+    sigterm(&api.child);
     assert!(worker.wait().unwrap().success());
     assert!(api.child.wait().unwrap().success());
 }

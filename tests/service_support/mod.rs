@@ -2,7 +2,9 @@
 //! the tiny random-weight models in tests/fixtures. Shared by the api_/queue_/service_ tests.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -231,4 +233,70 @@ pub async fn read_events(response: reqwest::Response, max: usize) -> Vec<SseEven
         }
     }
     events
+}
+
+/// Writes `dir/vqclip.toml` for the real binary: loopback on an ephemeral port, the
+/// database and artifacts under `dir`, the tiny fixture models, then `sections`
+/// (whole TOML tables such as `[workers]`, which must not repeat the ones written here).
+pub fn write_config_file(dir: &Path, sections: &str) -> PathBuf {
+    let path = dir.join("vqclip.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{d}/vqclip.db\"\n\
+             [storage]\nartifact_dir = \"{d}/artifacts\"\n\
+             [models]\nvqgan = \"{v}\"\nclip = [\"{c}\"]\n{sections}",
+            d = dir.display(),
+            v = fixture("vqgan-tiny").display(),
+            c = fixture("clip-tiny").display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The real `vqclip serve` binary in its own process.
+pub struct ServerProcess {
+    pub child: Child,
+    pub base: String,
+}
+
+impl ServerProcess {
+    /// Starts `vqclip serve --config config` with `VQCLIP_LOG=log` and waits for the
+    /// "listening" line, whose address becomes `base`.
+    pub fn spawn(config: &Path, log: &str) -> ServerProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vqclip"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("VQCLIP_LOG", log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("vqclip listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        ServerProcess { child, base }
+    }
+
+    /// SIGTERM, then asserts the graceful exit succeeded.
+    pub fn stop(mut self) {
+        sigterm(&self.child);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{status}");
+    }
+}
+
+/// Asks a child process to shut down gracefully.
+pub fn sigterm(child: &Child) {
+    // SAFETY: kill(2) on the pid of a child this test spawned and has not yet reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
 }
