@@ -4,42 +4,14 @@
 
 mod service_support;
 
-use std::collections::VecDeque;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use serde_json::{json, Value};
-use service_support::{tiny_spec, write_config_file, ServerProcess};
-use vqclip::webhooks::verify;
+use service_support::{assert_signed, tiny_spec, write_config_file, Receiver, ServerProcess};
 
 const SECRET: &str = "whsec_c2VydmUtdGVzdC1zZWNyZXQtYnl0ZXM=";
-
-type Received = Arc<Mutex<Vec<(HeaderMap, String)>>>;
-
-/// A receiver on loopback answering `script` in order, then 200.
-async fn receiver(script: &[u16]) -> (String, Received) {
-    use axum::routing::post;
-    let got: Received = Arc::default();
-    let answers = Arc::new(Mutex::new(script.iter().copied().collect::<VecDeque<_>>()));
-    let sink = got.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        post(move |headers: HeaderMap, body: String| {
-            let (sink, answers) = (sink.clone(), answers.clone());
-            async move {
-                sink.lock().unwrap().push((headers, body));
-                let code = answers.lock().unwrap().pop_front().unwrap_or(200);
-                StatusCode::from_u16(code).unwrap()
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, got)
-}
 
 async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     for _ in 0..600 {
@@ -53,7 +25,7 @@ async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
 
 #[tokio::test]
 async fn the_server_delivers_and_a_pending_retry_survives_its_restart() {
-    let (hook, got) = receiver(&[500]).await;
+    let (hook, receiver) = Receiver::start(&[500]).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config_file(
         dir.path(),
@@ -145,23 +117,12 @@ poll_interval_ms = 100
     assert_eq!(codes, [&json!(500), &json!(200)]);
     second.stop();
 
-    let got = got.lock().unwrap();
+    let got = receiver.got();
     assert_eq!(got.len(), 2);
-    let now = chrono::Utc::now().timestamp();
-    for (h, body) in got.iter() {
-        let hv = |n: &str| h[n].to_str().unwrap().to_owned();
-        assert_eq!(hv("webhook-id"), done["id"].as_str().unwrap());
-        verify(
-            SECRET,
-            &hv("webhook-id"),
-            hv("webhook-timestamp").parse().unwrap(),
-            body.as_bytes(),
-            &hv("webhook-signature"),
-            now,
-            300,
-        )
-        .unwrap();
-        let v: Value = serde_json::from_str(body).unwrap();
+    for r in &got {
+        assert_eq!(r.id, done["id"].as_str().unwrap());
+        assert_signed(SECRET, r);
+        let v: Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["type"], "job.completed");
         assert_eq!(v["data"]["job_id"], id.as_str());
     }

@@ -2,10 +2,12 @@
 //! the tiny random-weight models in tests/fixtures. Shared by the api_/queue_/service_ tests.
 #![allow(dead_code)]
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -299,4 +301,77 @@ pub fn sigterm(child: &Child) {
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
+}
+
+/// One webhook request as a receiver saw it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub id: String,
+    pub timestamp: i64,
+    pub signature: String,
+    pub body: String,
+}
+
+/// A webhook target on 127.0.0.1 that records every request.
+#[derive(Clone, Default)]
+pub struct Receiver {
+    got: Arc<Mutex<Vec<Received>>>,
+    /// Status codes to answer with, in order; 200 once they run out.
+    script: Arc<Mutex<VecDeque<u16>>>,
+}
+
+impl Receiver {
+    /// Starts a receiver answering `script` in order, then 200; returns its hook URL.
+    pub async fn start(script: &[u16]) -> (String, Receiver) {
+        let r = Receiver::default();
+        r.script.lock().unwrap().extend(script);
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(r.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://127.0.0.1:{port}/hook"), r)
+    }
+
+    pub fn got(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+async fn receive(
+    axum::extract::State(r): axum::extract::State<Receiver>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> axum::http::StatusCode {
+    let h = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    r.got.lock().unwrap().push(Received {
+        id: h("webhook-id"),
+        timestamp: h("webhook-timestamp").parse().unwrap_or(0),
+        signature: h("webhook-signature"),
+        body,
+    });
+    let code = r.script.lock().unwrap().pop_front().unwrap_or(200);
+    axum::http::StatusCode::from_u16(code).unwrap()
+}
+
+/// Asserts the delivery carries a valid, current signature made with `secret`.
+pub fn assert_signed(secret: &str, r: &Received) {
+    let now = chrono::Utc::now().timestamp();
+    vqclip::webhooks::verify(
+        secret,
+        &r.id,
+        r.timestamp,
+        r.body.as_bytes(),
+        &r.signature,
+        now,
+        300,
+    )
+    .unwrap_or_else(|e| panic!("delivery {} failed verification: {e}", r.id));
 }
