@@ -20,28 +20,6 @@ async fn server() -> (tempfile::TempDir, TestServer) {
     (dir, s)
 }
 
-/// Asserts a problem+json answer with the given status, returning the problem.
-async fn problem(r: reqwest::Response, status: u16) -> Value {
-    let got = r.status().as_u16();
-    let ct = r
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let body = r.text().await.unwrap();
-    assert_eq!(got, status, "{body}");
-    assert_eq!(ct, "application/problem+json", "{body}");
-    let p: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(p["status"], status);
-    assert!(p["type"]
-        .as_str()
-        .unwrap()
-        .starts_with("urn:vqclip:problem:"));
-    assert!(!p["title"].as_str().unwrap().is_empty());
-    assert!(!p["detail"].as_str().unwrap().is_empty());
-    p
-}
-
 async fn post_json(s: &TestServer, spec: Value) -> reqwest::Response {
     s.client
         .post(s.url("/v1/jobs"))
@@ -571,15 +549,7 @@ async fn operations_endpoints() {
     let r = s.client.get(s.url("/readyz")).send().await.unwrap();
     problem(r, 503).await;
     s.submit(&tiny_spec("m", 4)).await;
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics().await;
     assert!(text.contains("vqclip_jobs{state=\"queued\"} 1"), "{text}");
     assert!(text.contains("vqclip_queue_depth 1"), "{text}");
     assert!(

@@ -8,7 +8,9 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use service_support::{assert_signed, test_config, tiny_spec, Receiver, TestServer};
+use service_support::{
+    assert_signed, problem_response, test_config, tiny_spec, Receiver, TestServer,
+};
 use tokio_util::sync::CancellationToken;
 use vqclip::auth::{KeyStore, LimitOverrides, NewKey};
 use vqclip::webhooks::WebhookEngine;
@@ -92,15 +94,7 @@ impl As<'_> {
 }
 
 async fn problem(r: reqwest::Response, status: StatusCode) -> (HeaderMap, Value) {
-    assert_eq!(r.status(), status, "{}", r.url());
-    let headers = r.headers().clone();
-    assert_eq!(
-        headers["content-type"],
-        "application/problem+json",
-        "{}",
-        r.url()
-    );
-    (headers, r.json().await.unwrap())
+    problem_response(r, status.as_u16()).await
 }
 
 fn fast_keys(mut c: vqclip::config::Config) -> vqclip::config::Config {

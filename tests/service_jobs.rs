@@ -153,15 +153,7 @@ async fn happy_path_submit_follow_sse_fetch_artifacts() {
         format!("bytes */{}", full.len()).as_str()
     );
 
-    let metrics = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("vqclip_step_duration_seconds_count 6"),
         "{metrics}"

@@ -375,3 +375,49 @@ pub fn assert_signed(secret: &str, r: &Received) {
     )
     .unwrap_or_else(|e| panic!("delivery {} failed verification: {e}", r.id));
 }
+
+/// Asserts a problem+json answer with `status`; returns its headers and the problem.
+pub async fn problem_response(
+    r: reqwest::Response,
+    status: u16,
+) -> (reqwest::header::HeaderMap, Value) {
+    let url = r.url().clone();
+    let got = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.text().await.unwrap();
+    assert_eq!(got, status, "{url}: {body}");
+    let ct = headers
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    assert_eq!(ct, "application/problem+json", "{url}: {body}");
+    (headers, serde_json::from_str(&body).unwrap())
+}
+
+/// Asserts a complete problem+json answer with `status` (its own status, a vqclip
+/// problem type, a title and a detail), returning the problem.
+pub async fn problem(r: reqwest::Response, status: u16) -> Value {
+    let (_, p) = problem_response(r, status).await;
+    assert_eq!(p["status"], status);
+    assert!(p["type"]
+        .as_str()
+        .unwrap()
+        .starts_with("urn:vqclip:problem:"));
+    assert!(!p["title"].as_str().unwrap().is_empty());
+    assert!(!p["detail"].as_str().unwrap().is_empty());
+    p
+}
+
+impl TestServer {
+    /// The `/metrics` exposition text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
