@@ -48,15 +48,7 @@ poll_interval_ms = 100
     let first = ServerProcess::spawn(&config, "error");
     let mut spec = tiny_spec("delivered later", 2);
     spec["webhook"] = json!({ "url": hook });
-    let job: Value = client
-        .post(format!("{}/v1/jobs", first.base))
-        .json(&spec)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job = first.submit(&spec).await;
     let id = job["id"].as_str().unwrap().to_owned();
     let history_url = |base: &str| format!("{base}/v1/jobs/{id}/webhooks");
     // The first attempt fails with a 500; the retry is scheduled seconds away.

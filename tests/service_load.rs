@@ -30,7 +30,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn submit_latency_throughput_and_idle_memory() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config_file(dir.path(), "[limits]\nmax_queued_jobs = 1000000\n");
-    let ServerProcess { mut child, base } = ServerProcess::spawn(&config, "warn");
+    let ServerProcess {
+        mut child,
+        api: Api { base, .. },
+    } = ServerProcess::spawn(&config, "warn");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = rss_kib(child.id());
 

@@ -7,34 +7,11 @@ mod service_support;
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use service_support::*;
 use vqclip::queue::{JobStore, Scope};
 
 const LONG: Duration = Duration::from_secs(120);
-
-async fn wait_step(s: &TestServer, id: &str, at_least: u64) {
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
-        let job = s.job(id).await;
-        if job["progress"]["step"].as_u64().unwrap_or(0) >= at_least {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{job}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn all_events(client: &reqwest::Client, base: &str, id: &str) -> Vec<SseEvent> {
-    let r = client
-        .get(format!("{base}/v1/jobs/{id}/events"))
-        .send()
-        .await
-        .unwrap();
-    tokio::time::timeout(LONG, read_events(r, 100_000))
-        .await
-        .unwrap()
-}
 
 #[tokio::test]
 async fn queued_jobs_survive_a_restart() {
@@ -64,7 +41,7 @@ async fn graceful_shutdown_checkpoints_requeues_and_resumes() {
     let mut spec = tiny_spec("interrupted", 24);
     spec["checkpoint_every"] = json!(4);
     let id = s.submit(&spec).await["id"].as_str().unwrap().to_owned();
-    wait_step(&s, &id, 6).await;
+    s.wait_step(&id, 6, LONG).await;
     let store = s.store.clone();
     s.stop().await;
 
@@ -99,7 +76,7 @@ async fn graceful_shutdown_checkpoints_requeues_and_resumes() {
     let done = s.wait_terminal(&id, LONG).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["attempts"], 1);
-    let events = all_events(&s.client, &s.base, &id).await;
+    let events = s.events(&id, None, 100_000).await;
     let running: Vec<&SseEvent> = events
         .iter()
         .filter(|e| e.data["state"] == "running")
@@ -128,56 +105,18 @@ async fn a_sigkilled_servers_job_is_rescued_and_completes() {
     let mut first = ServerProcess::spawn(&config, "warn");
     let mut spec = tiny_spec("crash test", 24);
     spec["checkpoint_every"] = json!(4);
-    let job: Value = client
-        .post(format!("{}/v1/jobs", first.base))
-        .json(&spec)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job = first.submit(&spec).await;
     let id = job["id"].as_str().unwrap().to_owned();
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
-        let j: Value = client
-            .get(format!("{}/v1/jobs/{id}", first.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if j["progress"]["step"].as_u64().unwrap_or(0) >= 9 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{j}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    first.wait_step(&id, 9, LONG).await;
     // SIGKILL: no shutdown code runs; the job is left "running" with a lease.
     first.child.kill().unwrap();
     first.child.wait().unwrap();
 
     let second = ServerProcess::spawn(&config, "warn");
-    let deadline = tokio::time::Instant::now() + LONG;
-    let done = loop {
-        let j: Value = client
-            .get(format!("{}/v1/jobs/{id}", second.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if j["state"] == "succeeded" || j["state"] == "failed" {
-            break j;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{j}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let done = second.wait_terminal(&id, LONG).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["attempts"], 2);
-    let events = all_events(&client, &second.base, &id).await;
+    let events = second.events(&id, None, 100_000).await;
     let requeued = events
         .iter()
         .find(|e| e.data["state"] == "queued" && e.data["reason"] == "worker lost; requeued")
@@ -241,15 +180,7 @@ async fn separate_worker_process_and_migrate_command() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 503);
-    let job: Value = client
-        .post(format!("{}/v1/jobs", api.base))
-        .json(&tiny_spec("in another process", 3))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job = api.submit(&tiny_spec("in another process", 3)).await;
     let id = job["id"].as_str().unwrap().to_owned();
     let mut worker = Command::new(bin)
         .args(["worker", "--config"])
@@ -259,7 +190,7 @@ async fn separate_worker_process_and_migrate_command() {
         .spawn()
         .unwrap();
     // Events written by the other process reach this SSE stream through the database.
-    let events = all_events(&client, &api.base, &id).await;
+    let events = api.events(&id, None, 100_000).await;
     assert_eq!(events.last().unwrap().event, "completed");
     let ready = client
         .get(format!("{}/readyz", api.base))

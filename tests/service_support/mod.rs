@@ -43,8 +43,7 @@ pub fn test_config(dir: &Path, workers: usize) -> Config {
 }
 
 pub struct TestServer {
-    pub base: String,
-    pub client: reqwest::Client,
+    pub api: Api,
     pub store: Arc<SqliteStore>,
     pub config: Config,
     shutdown: CancellationToken,
@@ -92,21 +91,19 @@ impl TestServer {
         };
         let server = tokio::spawn(api::serve(listener, state));
         TestServer {
-            base,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .unwrap(),
+            api: Api {
+                base,
+                client: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(60))
+                    .build()
+                    .unwrap(),
+            },
             store,
             config,
             shutdown,
             server,
             pool,
         }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
     }
 
     /// Graceful stop: the HTTP server ends, running jobs checkpoint and requeue.
@@ -117,6 +114,25 @@ impl TestServer {
             pool.join().await;
         }
         self.store.pool().close().await;
+    }
+}
+
+impl std::ops::Deref for TestServer {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+/// A client of one running server's HTTP API.
+pub struct Api {
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Api {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
     }
 
     pub async fn submit(&self, spec: &Value) -> Value {
@@ -174,6 +190,45 @@ impl TestServer {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Polls until the job has rendered at least `at_least` steps.
+    pub async fn wait_step(&self, id: &str, at_least: u64, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let job = self.job(id).await;
+            if job["progress"]["step"].as_u64().unwrap_or(0) >= at_least {
+                return job;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{job}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The job's SSE stream, resumed after `last_event_id` if given, until it ends
+    /// or `max` events arrived.
+    pub async fn events(&self, id: &str, last_event_id: Option<i64>, max: usize) -> Vec<SseEvent> {
+        let mut req = self.client.get(self.url(&format!("/v1/jobs/{id}/events")));
+        if let Some(last) = last_event_id {
+            req = req.header("last-event-id", last.to_string());
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        tokio::time::timeout(Duration::from_secs(120), read_events(r, max))
+            .await
+            .expect("the event stream ends after the terminal event")
+    }
+
+    /// The `/metrics` exposition text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 }
 
@@ -260,7 +315,14 @@ pub fn write_config_file(dir: &Path, sections: &str) -> PathBuf {
 /// The real `vqclip serve` binary in its own process.
 pub struct ServerProcess {
     pub child: Child,
-    pub base: String,
+    pub api: Api,
+}
+
+impl std::ops::Deref for ServerProcess {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 impl ServerProcess {
@@ -284,7 +346,13 @@ impl ServerProcess {
             .strip_prefix("vqclip listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_owned();
-        ServerProcess { child, base }
+        ServerProcess {
+            child,
+            api: Api {
+                base,
+                client: reqwest::Client::new(),
+            },
+        }
     }
 
     /// SIGTERM, then asserts the graceful exit succeeded.
@@ -406,18 +474,4 @@ pub async fn problem(r: reqwest::Response, status: u16) -> Value {
     assert!(!p["title"].as_str().unwrap().is_empty());
     assert!(!p["detail"].as_str().unwrap().is_empty());
     p
-}
-
-impl TestServer {
-    /// The `/metrics` exposition text.
-    pub async fn metrics(&self) -> String {
-        self.client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
 }
