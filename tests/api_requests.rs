@@ -252,7 +252,7 @@ async fn unknown_ids_routes_and_traversal_are_4xx_problems() {
         "/v1/nothing-here".to_owned(),
         "/v1/jobs/..%2F..%2Fetc%2Fpasswd/image.png".to_owned(),
     ] {
-        let r = s.client.get(s.url(&path)).send().await.unwrap();
+        let r = s.get(&path).await;
         problem(r, 404).await;
     }
     let r = s
@@ -281,12 +281,7 @@ async fn unknown_ids_routes_and_traversal_are_4xx_problems() {
         "1.png%00",
         "abc.png",
     ] {
-        let r = s
-            .client
-            .get(s.url(&format!("/v1/jobs/{id}/frames/{name}")))
-            .send()
-            .await
-            .unwrap();
+        let r = s.get(&format!("/v1/jobs/{id}/frames/{name}")).await;
         let p = problem(r, 400).await;
         assert_eq!(
             p["type"], "urn:vqclip:problem:invalid-artifact-name",
@@ -294,12 +289,7 @@ async fn unknown_ids_routes_and_traversal_are_4xx_problems() {
         );
     }
     // Artifacts of an unfinished job do not exist yet.
-    let r = s
-        .client
-        .get(s.url(&format!("/v1/jobs/{id}/image.png")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(&format!("/v1/jobs/{id}/image.png")).await;
     let p = problem(r, 404).await;
     assert_eq!(p["state"], "queued");
 
@@ -310,12 +300,7 @@ async fn unknown_ids_routes_and_traversal_are_4xx_problems() {
         "limit=1000",
         "colour=red",
     ] {
-        let r = s
-            .client
-            .get(s.url(&format!("/v1/jobs?{query}")))
-            .send()
-            .await
-            .unwrap();
+        let r = s.get(&format!("/v1/jobs?{query}")).await;
         problem(r, 400).await;
     }
     let r = s
@@ -423,15 +408,7 @@ async fn positions_listing_and_a_full_queue() {
     let canceled: Value = r.json().await.unwrap();
     assert_eq!(canceled["state"], "canceled");
     assert_eq!(s.job(&ids[3]).await["position"], 1);
-    let only: Value = s
-        .client
-        .get(s.url("/v1/jobs?state=canceled"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let only = s.get_json("/v1/jobs?state=canceled").await;
     assert_eq!(only["jobs"].as_array().unwrap().len(), 1);
     assert_eq!(only["jobs"][0]["id"], ids[1].as_str());
     s.stop().await;
@@ -457,15 +434,7 @@ async fn cancel_and_delete_follow_the_documented_rules() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["state"], "canceled");
     assert_eq!(delete(id.to_owned()).await.unwrap().status(), 204);
-    problem(
-        s.client
-            .get(s.url(&format!("/v1/jobs/{id}")))
-            .send()
-            .await
-            .unwrap(),
-        404,
-    )
-    .await;
+    problem(s.get(&format!("/v1/jobs/{id}")).await, 404).await;
 
     // A succeeded job cannot be canceled: 409.
     let done = s.submit(&tiny_spec("d", 4)).await;
@@ -508,12 +477,7 @@ async fn sse_of_a_canceled_job_replays_and_ends() {
         .send()
         .await
         .unwrap();
-    let r = s
-        .client
-        .get(s.url(&format!("/v1/jobs/{id}/events")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(&format!("/v1/jobs/{id}/events")).await;
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     let all = tokio::time::timeout(Duration::from_secs(10), read_events(r, 100))
         .await
@@ -543,10 +507,10 @@ async fn sse_of_a_canceled_job_replays_and_ends() {
 #[tokio::test]
 async fn operations_endpoints() {
     let (_d, s) = server().await;
-    let r = s.client.get(s.url("/healthz")).send().await.unwrap();
+    let r = s.get("/healthz").await;
     assert_eq!(r.status(), StatusCode::OK);
     // No worker anywhere: not ready.
-    let r = s.client.get(s.url("/readyz")).send().await.unwrap();
+    let r = s.get("/readyz").await;
     problem(r, 503).await;
     s.submit(&tiny_spec("m", 4)).await;
     let text = s.metrics().await;
@@ -562,15 +526,7 @@ async fn operations_endpoints() {
         text.contains("vqclip_step_duration_seconds_bucket"),
         "{text}"
     );
-    let spec = s
-        .client
-        .get(s.url("/openapi.yaml"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let spec = s.get_text("/openapi.yaml").await;
     assert!(spec.starts_with("openapi: 3."));
     s.stop().await;
 }
@@ -620,12 +576,7 @@ async fn sse_sends_keep_alives_while_nothing_happens() {
     let (_d, s) = server().await;
     let job = s.submit(&tiny_spec("waiting for a worker", 4)).await;
     let id = job["id"].as_str().unwrap();
-    let r = s
-        .client
-        .get(s.url(&format!("/v1/jobs/{id}/events")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(&format!("/v1/jobs/{id}/events")).await;
     let mut body = r.bytes_stream();
     let mut seen = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

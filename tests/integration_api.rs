@@ -424,14 +424,6 @@ async fn browsers_get_cors_answers_with_keys_on() {
         .unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
     // auth.metrics = "open": a scraper needs no key.
-    assert_eq!(
-        s.client
-            .get(s.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(s.get("/metrics").await.status(), StatusCode::OK);
     s.stop().await;
 }

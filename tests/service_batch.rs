@@ -83,15 +83,7 @@ async fn run(specs: &[Value], batch_size: usize, cancel_running: Option<usize>) 
         let uuid: Uuid = id.parse().unwrap();
         let job = s.store.get(uuid, &Scope::unrestricted()).await.unwrap();
         let pixels = if view["state"] == "succeeded" {
-            let bytes = s
-                .client
-                .get(s.url(view["links"]["image"].as_str().unwrap()))
-                .send()
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
+            let bytes = s.get_bytes(view["links"]["image"].as_str().unwrap()).await;
             image::load_from_memory(&bytes)
                 .unwrap()
                 .to_rgb8()

@@ -42,42 +42,23 @@ async fn happy_path_submit_follow_sse_fetch_artifacts() {
     assert_eq!(done["attempts"], 1);
     assert_eq!(done["device"], "cpu");
 
-    let r = s
-        .client
-        .get(s.url(done["links"]["image"].as_str().unwrap()))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(done["links"]["image"].as_str().unwrap()).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "image/png");
     let png = image::load_from_memory(&r.bytes().await.unwrap()).unwrap();
     assert_eq!((png.width(), png.height()), (48, 32));
 
-    let meta: Value = s
-        .client
-        .get(s.url(done["links"]["metadata"].as_str().unwrap()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let meta = s
+        .get_json(done["links"]["metadata"].as_str().unwrap())
+        .await;
     assert_eq!(meta["seed"], 7, "{meta}");
 
-    let listed: Value = s
-        .client
-        .get(s.url(&format!("/v1/jobs/{id}/frames")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = s.get_json(&format!("/v1/jobs/{id}/frames")).await;
     let listed = listed["frames"].as_array().unwrap().clone();
     assert_eq!(listed.len(), frames.len());
     for f in &frames {
         let url = f.data["url"].as_str().unwrap();
-        let r = s.client.get(s.url(url)).send().await.unwrap();
+        let r = s.get(url).await;
         assert_eq!(r.status(), 200, "{url}");
         assert_eq!(r.headers()["content-type"], "image/png");
         let img = image::load_from_memory(&r.bytes().await.unwrap()).unwrap();
@@ -149,7 +130,7 @@ async fn happy_path_submit_follow_sse_fetch_artifacts() {
         metrics.contains("vqclip_jobs{state=\"succeeded\"} 1"),
         "{metrics}"
     );
-    let ready = s.client.get(s.url("/readyz")).send().await.unwrap();
+    let ready = s.get("/readyz").await;
     assert_eq!(ready.status(), 200);
 
     // Deleting removes the job and its files.

@@ -101,7 +101,6 @@ async fn a_sigkilled_servers_job_is_rescued_and_completes() {
         dir.path(),
         "[workers]\ncount = 1\nlease_seconds = 2\nheartbeat_seconds = 1\npoll_interval_ms = 100\n",
     );
-    let client = reqwest::Client::new();
     let mut first = ServerProcess::spawn(&config, "warn");
     let mut spec = tiny_spec("crash test", 24);
     spec["checkpoint_every"] = json!(4);
@@ -130,11 +129,7 @@ async fn a_sigkilled_servers_job_is_rescued_and_completes() {
         .expect("resumed from a checkpoint");
     // Checkpoints every 4 steps and at least 9 steps done: it resumed from step 8 or later.
     assert!(from >= 8 && from % 4 == 0, "{from}");
-    let r = client
-        .get(format!("{}/v1/jobs/{id}/image.png", second.base))
-        .send()
-        .await
-        .unwrap();
+    let r = second.get(&format!("/v1/jobs/{id}/image.png")).await;
     assert_eq!(r.status(), 200);
     // SIGTERM: a graceful stop exits cleanly.
     second.stop();
@@ -173,12 +168,7 @@ async fn separate_worker_process_and_migrate_command() {
     );
     // The API alone is not ready: no worker anywhere.
     let mut api = ServerProcess::spawn(&config, "warn");
-    let client = reqwest::Client::new();
-    let ready = client
-        .get(format!("{}/readyz", api.base))
-        .send()
-        .await
-        .unwrap();
+    let ready = api.get("/readyz").await;
     assert_eq!(ready.status(), 503);
     let job = api.submit(&tiny_spec("in another process", 3)).await;
     let id = job["id"].as_str().unwrap().to_owned();
@@ -192,11 +182,7 @@ async fn separate_worker_process_and_migrate_command() {
     // Events written by the other process reach this SSE stream through the database.
     let events = api.events(&id, None, 100_000).await;
     assert_eq!(events.last().unwrap().event, "completed");
-    let ready = client
-        .get(format!("{}/readyz", api.base))
-        .send()
-        .await
-        .unwrap();
+    let ready = api.get("/readyz").await;
     assert_eq!(ready.status(), 200);
     sigterm(&worker);
     sigterm(&api.child);

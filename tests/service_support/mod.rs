@@ -150,14 +150,7 @@ impl Api {
     }
 
     pub async fn job(&self, id: &str) -> Value {
-        self.client
-            .get(self.url(&format!("/v1/jobs/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.get_json(&format!("/v1/jobs/{id}")).await
     }
 
     /// Polls until the job is in a terminal state.
@@ -221,14 +214,23 @@ impl Api {
 
     /// The `/metrics` exposition text.
     pub async fn metrics(&self) -> String {
-        self.client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.get_text("/metrics").await
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.get(path).await.json().await.unwrap()
+    }
+
+    pub async fn get_text(&self, path: &str) -> String {
+        self.get(path).await.text().await.unwrap()
+    }
+
+    pub async fn get_bytes(&self, path: &str) -> bytes::Bytes {
+        self.get(path).await.bytes().await.unwrap()
     }
 }
 
