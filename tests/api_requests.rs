@@ -255,19 +255,9 @@ async fn unknown_ids_routes_and_traversal_are_4xx_problems() {
         let r = s.get(&path).await;
         problem(r, 404).await;
     }
-    let r = s
-        .client
-        .post(s.url(&format!("/v1/jobs/{ghost}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post(&format!("/v1/jobs/{ghost}/cancel")).await;
     problem(r, 404).await;
-    let r = s
-        .client
-        .delete(s.url(&format!("/v1/jobs/{ghost}")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.delete(&format!("/v1/jobs/{ghost}")).await;
     problem(r, 404).await;
     let r = s.client.put(s.url("/v1/jobs")).send().await.unwrap();
     problem(r, 405).await;
@@ -398,12 +388,7 @@ async fn positions_listing_and_a_full_queue() {
     newest_first.reverse();
     assert_eq!(seen, newest_first);
 
-    let r = s
-        .client
-        .post(s.url(&format!("/v1/jobs/{}/cancel", ids[1])))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post(&format!("/v1/jobs/{}/cancel", ids[1])).await;
     assert_eq!(r.status(), 200);
     let canceled: Value = r.json().await.unwrap();
     assert_eq!(canceled["state"], "canceled");
@@ -456,12 +441,7 @@ async fn cancel_and_delete_follow_the_documented_rules() {
         )
         .await
         .unwrap();
-    let r = s
-        .client
-        .post(s.url(&format!("/v1/jobs/{done_id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post(&format!("/v1/jobs/{done_id}/cancel")).await;
     let p = problem(r, 409).await;
     assert_eq!(p["state"], "succeeded");
     s.stop().await;
@@ -472,11 +452,7 @@ async fn sse_of_a_canceled_job_replays_and_ends() {
     let (_d, s) = server().await;
     let job = s.submit(&tiny_spec("sse", 4)).await;
     let id = job["id"].as_str().unwrap();
-    s.client
-        .post(s.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    s.post(&format!("/v1/jobs/{id}/cancel")).await;
     let r = s.get(&format!("/v1/jobs/{id}/events")).await;
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     let all = tokio::time::timeout(Duration::from_secs(10), read_events(r, 100))

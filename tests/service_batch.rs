@@ -68,12 +68,7 @@ async fn run(specs: &[Value], batch_size: usize, cancel_running: Option<usize>) 
     let pool = WorkerPool::start(ctx, &["cpu".to_owned()], shutdown.clone()).unwrap();
     if let Some(i) = cancel_running {
         s.wait_state(&ids[i], "running", LONG).await;
-        let r = s
-            .client
-            .post(s.url(&format!("/v1/jobs/{}/cancel", ids[i])))
-            .send()
-            .await
-            .unwrap();
+        let r = s.post(&format!("/v1/jobs/{}/cancel", ids[i])).await;
         assert!(r.status().is_success(), "{}", r.status());
     }
 

@@ -8,8 +8,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use service_support::*;
 
-const LONG: Duration = Duration::from_secs(120);
-
 #[tokio::test]
 async fn happy_path_submit_follow_sse_fetch_artifacts() {
     let dir = tempfile::tempdir().unwrap();
@@ -134,12 +132,7 @@ async fn happy_path_submit_follow_sse_fetch_artifacts() {
     assert_eq!(ready.status(), 200);
 
     // Deleting removes the job and its files.
-    let r = s
-        .client
-        .delete(s.url(&format!("/v1/jobs/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.delete(&format!("/v1/jobs/{id}")).await;
     assert_eq!(r.status(), 204);
     assert!(!dir.path().join("artifacts/jobs").join(&id).exists());
     assert_eq!(s.client.get(&video_url).send().await.unwrap().status(), 404);

@@ -11,8 +11,6 @@ use serde_json::json;
 use service_support::*;
 use vqclip::queue::{JobStore, Scope};
 
-const LONG: Duration = Duration::from_secs(120);
-
 #[tokio::test]
 async fn queued_jobs_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();

@@ -18,6 +18,9 @@ use vqclip::queue::{JobStore, Metrics, SqliteStore};
 use vqclip::storage::ArtifactStore;
 use vqclip::worker::{WorkerContext, WorkerPool};
 
+/// How long a test waits for a tiny-model job to reach a state.
+pub const LONG: Duration = Duration::from_secs(120);
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -207,7 +210,7 @@ impl Api {
         }
         let r = req.send().await.unwrap();
         assert_eq!(r.status(), 200);
-        tokio::time::timeout(Duration::from_secs(120), read_events(r, max))
+        tokio::time::timeout(LONG, read_events(r, max))
             .await
             .expect("the event stream ends after the terminal event")
     }
@@ -219,6 +222,15 @@ impl Api {
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// POST without a body.
+    pub async fn post(&self, path: &str) -> reqwest::Response {
+        self.client.post(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client.delete(self.url(path)).send().await.unwrap()
     }
 
     pub async fn get_json(&self, path: &str) -> Value {
