@@ -512,36 +512,20 @@ async fn cors_headers_only_for_configured_origins() {
     let dir = tempfile::tempdir().unwrap();
     let plain = TestServer::start(test_config(dir.path(), 0)).await;
     let r = plain
-        .client
-        .get(plain.url("/healthz"))
-        .header("origin", "https://app.example")
-        .send()
-        .await
-        .unwrap();
+        .get_from_origin("/healthz", "https://app.example")
+        .await;
     assert!(r.headers().get("access-control-allow-origin").is_none());
     plain.stop().await;
 
     let mut config = test_config(dir.path(), 0);
     config.server.cors_allowed_origins = vec!["https://app.example".into()];
     let s = TestServer::start(config).await;
-    let r = s
-        .client
-        .get(s.url("/healthz"))
-        .header("origin", "https://app.example")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_from_origin("/healthz", "https://app.example").await;
     assert_eq!(
         r.headers()["access-control-allow-origin"],
         "https://app.example"
     );
-    let r = s
-        .client
-        .get(s.url("/healthz"))
-        .header("origin", "https://evil.example")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_from_origin("/healthz", "https://evil.example").await;
     assert!(r.headers().get("access-control-allow-origin").is_none());
     s.stop().await;
 }

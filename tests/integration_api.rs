@@ -402,13 +402,7 @@ async fn browsers_get_cors_answers_with_keys_on() {
         "https://app.example"
     );
     // A 401 still carries the CORS header, so the page can read why.
-    let r = s
-        .client
-        .get(s.url("/v1/jobs"))
-        .header("origin", "https://app.example")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_from_origin("/v1/jobs", "https://app.example").await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(
         r.headers()["access-control-allow-origin"],

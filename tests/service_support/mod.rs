@@ -224,6 +224,16 @@ impl Api {
         self.client.get(self.url(path)).send().await.unwrap()
     }
 
+    /// A GET as a browser page on `origin` sends it.
+    pub async fn get_from_origin(&self, path: &str, origin: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// POST without a body.
     pub async fn post(&self, path: &str) -> reqwest::Response {
         self.client.post(self.url(path)).send().await.unwrap()
