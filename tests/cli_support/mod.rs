@@ -1,15 +1,12 @@
 //! Running the built `vqclip` binary as a user would. Shared by the CLI tests.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+#[path = "../fixture_support/mod.rs"]
+mod fixture_support;
+#[allow(unused_imports)]
+pub use fixture_support::fixture;
 
-/// A file or folder in tests/fixtures.
-pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+use std::process::{Command, Output};
 
 /// Runs vqclip with an empty, offline model cache, so nothing can be downloaded.
 pub fn offline_vqclip(args: &[&str]) -> Output {

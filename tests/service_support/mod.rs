@@ -2,6 +2,11 @@
 //! the tiny random-weight models in tests/fixtures. Shared by the api_/queue_/service_ tests.
 #![allow(dead_code)]
 
+#[path = "../fixture_support/mod.rs"]
+mod fixture_support;
+#[allow(unused_imports)]
+pub use fixture_support::fixture;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -20,12 +25,6 @@ use vqclip::worker::{WorkerContext, WorkerPool};
 
 /// How long a test waits for a tiny-model job to reach a state.
 pub const LONG: Duration = Duration::from_secs(120);
-
-pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 /// The defaults, pointed at `dir`, with short leases and heartbeats so tests are quick.
 pub fn test_config(dir: &Path, workers: usize) -> Config {
