@@ -4,7 +4,7 @@
 
 mod service_support;
 
-use service_support::{assert_signed, Receiver};
+use service_support::{assert_signed, open_store, Receiver};
 use sqlx::SqlitePool;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,15 +18,8 @@ use vqclip::webhooks::{
 const SECRET: &str = "whsec_c2VjcmV0LWZvci10aGUtd2ViaG9vay10ZXN0cw==";
 
 /// The server's database: the job store's migrations include the webhook tables.
-async fn open_store(dir: &Path) -> SqliteStore {
-    let url = format!("sqlite://{}/vqclip.db", dir.display());
-    SqliteStore::connect(&url, Duration::from_secs(5), 4)
-        .await
-        .unwrap()
-}
-
 async fn open_pool(dir: &Path) -> SqlitePool {
-    open_store(dir).await.pool().clone()
+    open_store(dir, 4).await.pool().clone()
 }
 
 /// A queued job (deliveries belong to jobs), with `webhook` in its spec.

@@ -5,7 +5,6 @@
 mod service_support;
 
 use std::process::Command;
-use std::time::Duration;
 
 use serde_json::json;
 use service_support::*;
@@ -44,13 +43,7 @@ async fn graceful_shutdown_checkpoints_requeues_and_resumes() {
     s.stop().await;
 
     let uuid = id.parse().unwrap();
-    let store2 = vqclip::queue::SqliteStore::connect(
-        &test_config(dir.path(), 0).database.url,
-        Duration::from_secs(5),
-        2,
-    )
-    .await
-    .unwrap();
+    let store2 = open_store(dir.path(), 2).await;
     drop(store);
     let job = store2.get(uuid, &Scope::unrestricted()).await.unwrap();
     assert_eq!(job.state, vqclip::queue::JobState::Queued);
@@ -136,7 +129,7 @@ async fn a_sigkilled_servers_job_is_rescued_and_completes() {
 #[tokio::test]
 async fn separate_worker_process_and_migrate_command() {
     let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}/vqclip.db", dir.path().display());
+    let db = database_url(dir.path());
     let bin = env!("CARGO_BIN_EXE_vqclip");
     let migrated = Command::new(bin)
         .args(["migrate", "--database-url", &db])

@@ -26,13 +26,25 @@ use vqclip::worker::{WorkerContext, WorkerPool};
 /// How long a test waits for a tiny-model job to reach a state.
 pub const LONG: Duration = Duration::from_secs(120);
 
+/// The SQLite database a test keeps in `dir`.
+pub fn database_url(dir: &Path) -> String {
+    format!("sqlite://{}/vqclip.db", dir.display())
+}
+
+/// Opens (and migrates) the database in `dir`.
+pub async fn open_store(dir: &Path, max_connections: u32) -> SqliteStore {
+    SqliteStore::connect(&database_url(dir), Duration::from_secs(5), max_connections)
+        .await
+        .unwrap()
+}
+
 /// The defaults, pointed at `dir`, with short leases and heartbeats so tests are quick.
 pub fn test_config(dir: &Path, workers: usize) -> Config {
     let mut c = Config::load_from(None, std::iter::empty(), &Overrides::default()).unwrap();
     c.server.bind = "127.0.0.1:0".parse().unwrap();
     c.server.sse_keep_alive_seconds = 1;
     c.server.retry_after_seconds = 3;
-    c.database.url = format!("sqlite://{}/vqclip.db", dir.display());
+    c.database.url = database_url(dir);
     c.storage.artifact_dir = dir.join("artifacts");
     c.workers.count = workers;
     c.workers.devices = vec![];
@@ -323,9 +335,10 @@ pub fn write_config_file(dir: &Path, sections: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[server]\nbind = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{d}/vqclip.db\"\n\
+            "[server]\nbind = \"127.0.0.1:0\"\n[database]\nurl = \"{db}\"\n\
              [storage]\nartifact_dir = \"{d}/artifacts\"\n\
              [models]\nvqgan = \"{v}\"\nclip = [\"{c}\"]\n{sections}",
+            db = database_url(dir),
             d = dir.display(),
             v = fixture("vqgan-tiny").display(),
             c = fixture("clip-tiny").display(),
