@@ -20,28 +20,6 @@ async fn server() -> (tempfile::TempDir, TestServer) {
     (dir, s)
 }
 
-/// Asserts a problem+json answer with the given status, returning the problem.
-async fn problem(r: reqwest::Response, status: u16) -> Value {
-    let got = r.status().as_u16();
-    let ct = r
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let body = r.text().await.unwrap();
-    assert_eq!(got, status, "{body}");
-    assert_eq!(ct, "application/problem+json", "{body}");
-    let p: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(p["status"], status);
-    assert!(p["type"]
-        .as_str()
-        .unwrap()
-        .starts_with("urn:vqclip:problem:"));
-    assert!(!p["title"].as_str().unwrap().is_empty());
-    assert!(!p["detail"].as_str().unwrap().is_empty());
-    p
-}
-
 async fn post_json(s: &TestServer, spec: Value) -> reqwest::Response {
     s.client
         .post(s.url("/v1/jobs"))
@@ -274,22 +252,12 @@ async fn unknown_ids_routes_and_traversal_are_4xx_problems() {
         "/v1/nothing-here".to_owned(),
         "/v1/jobs/..%2F..%2Fetc%2Fpasswd/image.png".to_owned(),
     ] {
-        let r = s.client.get(s.url(&path)).send().await.unwrap();
+        let r = s.get(&path).await;
         problem(r, 404).await;
     }
-    let r = s
-        .client
-        .post(s.url(&format!("/v1/jobs/{ghost}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post(&format!("/v1/jobs/{ghost}/cancel")).await;
     problem(r, 404).await;
-    let r = s
-        .client
-        .delete(s.url(&format!("/v1/jobs/{ghost}")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.delete(&format!("/v1/jobs/{ghost}")).await;
     problem(r, 404).await;
     let r = s.client.put(s.url("/v1/jobs")).send().await.unwrap();
     problem(r, 405).await;
@@ -303,12 +271,7 @@ async fn unknown_ids_routes_and_traversal_are_4xx_problems() {
         "1.png%00",
         "abc.png",
     ] {
-        let r = s
-            .client
-            .get(s.url(&format!("/v1/jobs/{id}/frames/{name}")))
-            .send()
-            .await
-            .unwrap();
+        let r = s.get(&format!("/v1/jobs/{id}/frames/{name}")).await;
         let p = problem(r, 400).await;
         assert_eq!(
             p["type"], "urn:vqclip:problem:invalid-artifact-name",
@@ -316,12 +279,7 @@ async fn unknown_ids_routes_and_traversal_are_4xx_problems() {
         );
     }
     // Artifacts of an unfinished job do not exist yet.
-    let r = s
-        .client
-        .get(s.url(&format!("/v1/jobs/{id}/image.png")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(&format!("/v1/jobs/{id}/image.png")).await;
     let p = problem(r, 404).await;
     assert_eq!(p["state"], "queued");
 
@@ -332,12 +290,7 @@ async fn unknown_ids_routes_and_traversal_are_4xx_problems() {
         "limit=1000",
         "colour=red",
     ] {
-        let r = s
-            .client
-            .get(s.url(&format!("/v1/jobs?{query}")))
-            .send()
-            .await
-            .unwrap();
+        let r = s.get(&format!("/v1/jobs?{query}")).await;
         problem(r, 400).await;
     }
     let r = s
@@ -435,25 +388,12 @@ async fn positions_listing_and_a_full_queue() {
     newest_first.reverse();
     assert_eq!(seen, newest_first);
 
-    let r = s
-        .client
-        .post(s.url(&format!("/v1/jobs/{}/cancel", ids[1])))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post(&format!("/v1/jobs/{}/cancel", ids[1])).await;
     assert_eq!(r.status(), 200);
     let canceled: Value = r.json().await.unwrap();
     assert_eq!(canceled["state"], "canceled");
     assert_eq!(s.job(&ids[3]).await["position"], 1);
-    let only: Value = s
-        .client
-        .get(s.url("/v1/jobs?state=canceled"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let only = s.get_json("/v1/jobs?state=canceled").await;
     assert_eq!(only["jobs"].as_array().unwrap().len(), 1);
     assert_eq!(only["jobs"][0]["id"], ids[1].as_str());
     s.stop().await;
@@ -479,15 +419,7 @@ async fn cancel_and_delete_follow_the_documented_rules() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["state"], "canceled");
     assert_eq!(delete(id.to_owned()).await.unwrap().status(), 204);
-    problem(
-        s.client
-            .get(s.url(&format!("/v1/jobs/{id}")))
-            .send()
-            .await
-            .unwrap(),
-        404,
-    )
-    .await;
+    problem(s.get(&format!("/v1/jobs/{id}")).await, 404).await;
 
     // A succeeded job cannot be canceled: 409.
     let done = s.submit(&tiny_spec("d", 4)).await;
@@ -509,12 +441,7 @@ async fn cancel_and_delete_follow_the_documented_rules() {
         )
         .await
         .unwrap();
-    let r = s
-        .client
-        .post(s.url(&format!("/v1/jobs/{done_id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.post(&format!("/v1/jobs/{done_id}/cancel")).await;
     let p = problem(r, 409).await;
     assert_eq!(p["state"], "succeeded");
     s.stop().await;
@@ -525,17 +452,8 @@ async fn sse_of_a_canceled_job_replays_and_ends() {
     let (_d, s) = server().await;
     let job = s.submit(&tiny_spec("sse", 4)).await;
     let id = job["id"].as_str().unwrap();
-    s.client
-        .post(s.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
-    let r = s
-        .client
-        .get(s.url(&format!("/v1/jobs/{id}/events")))
-        .send()
-        .await
-        .unwrap();
+    s.post(&format!("/v1/jobs/{id}/cancel")).await;
+    let r = s.get(&format!("/v1/jobs/{id}/events")).await;
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     let all = tokio::time::timeout(Duration::from_secs(10), read_events(r, 100))
         .await
@@ -565,21 +483,13 @@ async fn sse_of_a_canceled_job_replays_and_ends() {
 #[tokio::test]
 async fn operations_endpoints() {
     let (_d, s) = server().await;
-    let r = s.client.get(s.url("/healthz")).send().await.unwrap();
+    let r = s.get("/healthz").await;
     assert_eq!(r.status(), StatusCode::OK);
     // No worker anywhere: not ready.
-    let r = s.client.get(s.url("/readyz")).send().await.unwrap();
+    let r = s.get("/readyz").await;
     problem(r, 503).await;
     s.submit(&tiny_spec("m", 4)).await;
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics().await;
     assert!(text.contains("vqclip_jobs{state=\"queued\"} 1"), "{text}");
     assert!(text.contains("vqclip_queue_depth 1"), "{text}");
     assert!(
@@ -592,15 +502,7 @@ async fn operations_endpoints() {
         text.contains("vqclip_step_duration_seconds_bucket"),
         "{text}"
     );
-    let spec = s
-        .client
-        .get(s.url("/openapi.yaml"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let spec = s.get_text("/openapi.yaml").await;
     assert!(spec.starts_with("openapi: 3."));
     s.stop().await;
 }
@@ -610,36 +512,20 @@ async fn cors_headers_only_for_configured_origins() {
     let dir = tempfile::tempdir().unwrap();
     let plain = TestServer::start(test_config(dir.path(), 0)).await;
     let r = plain
-        .client
-        .get(plain.url("/healthz"))
-        .header("origin", "https://app.example")
-        .send()
-        .await
-        .unwrap();
+        .get_from_origin("/healthz", "https://app.example")
+        .await;
     assert!(r.headers().get("access-control-allow-origin").is_none());
     plain.stop().await;
 
     let mut config = test_config(dir.path(), 0);
     config.server.cors_allowed_origins = vec!["https://app.example".into()];
     let s = TestServer::start(config).await;
-    let r = s
-        .client
-        .get(s.url("/healthz"))
-        .header("origin", "https://app.example")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_from_origin("/healthz", "https://app.example").await;
     assert_eq!(
         r.headers()["access-control-allow-origin"],
         "https://app.example"
     );
-    let r = s
-        .client
-        .get(s.url("/healthz"))
-        .header("origin", "https://evil.example")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_from_origin("/healthz", "https://evil.example").await;
     assert!(r.headers().get("access-control-allow-origin").is_none());
     s.stop().await;
 }
@@ -650,12 +536,7 @@ async fn sse_sends_keep_alives_while_nothing_happens() {
     let (_d, s) = server().await;
     let job = s.submit(&tiny_spec("waiting for a worker", 4)).await;
     let id = job["id"].as_str().unwrap();
-    let r = s
-        .client
-        .get(s.url(&format!("/v1/jobs/{id}/events")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(&format!("/v1/jobs/{id}/events")).await;
     let mut body = r.bytes_stream();
     let mut seen = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

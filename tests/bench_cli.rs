@@ -1,21 +1,19 @@
 //! `vqclip bench` through the built binary on the tiny fixtures: batched and one
 //! after another, reported as JSON.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod cli_support;
+
+use std::process::Output;
+
+use cli_support::{fixture, offline_vqclip};
 
 use serde_json::Value;
 
-fn fixture(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-        .display()
-        .to_string()
-}
-
 fn bench(extra: &[&str]) -> Output {
-    let (clip, vqgan) = (fixture("clip-tiny"), fixture("vqgan-tiny"));
+    let (clip, vqgan) = (
+        fixture("clip-tiny").display().to_string(),
+        fixture("vqgan-tiny").display().to_string(),
+    );
     let mut args = vec![
         "bench",
         "--clip",
@@ -37,13 +35,7 @@ fn bench(extra: &[&str]) -> Output {
         "--json",
     ];
     args.extend_from_slice(extra);
-    let cache = tempfile::tempdir().unwrap();
-    Command::new(env!("CARGO_BIN_EXE_vqclip"))
-        .args(&args)
-        .env("VQCLIP_MODEL_CACHE", cache.path())
-        .env("VQCLIP_OFFLINE", "1")
-        .output()
-        .unwrap()
+    offline_vqclip(&args)
 }
 
 fn report(extra: &[&str]) -> Value {

@@ -6,7 +6,7 @@ mod catalogue_support;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use catalogue_support::{content, ServedFile, TestServer};
+use catalogue_support::{content, TestServer, B32};
 
 fn vqclip(cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vqclip"));
@@ -29,16 +29,8 @@ fn text(bytes: &[u8]) -> String {
 #[test]
 fn pull_downloads_through_hf_endpoint_and_list_shows_it_cached() {
     let server = TestServer::start();
-    let b32 = "/openai/clip-vit-base-patch32/resolve/refs%2Fpr%2F15";
     let weights = content(50_000, 9);
-    server.put(
-        &format!("{b32}/config.json"),
-        ServedFile::plain(b"{}".to_vec()),
-    );
-    server.put(
-        &format!("{b32}/model.safetensors"),
-        ServedFile::lfs(weights.clone()),
-    );
+    server.put_model(B32, b"{}", "model.safetensors", weights.clone());
     let tmp = tempfile::tempdir().unwrap();
 
     let before = vqclip(tmp.path(), &["models", "list"], &[]);

@@ -3,22 +3,12 @@
 
 mod catalogue_support;
 
-use catalogue_support::{content, sha256_hex, ServedFile, TestServer};
+use catalogue_support::{content, sha256_hex, ServedFile, TestServer, B16, B32};
 use vqclip::models::catalogue::{self, CatalogueError, ModelCache, ModelKind};
 use vqclip::models::download::{self, DownloadError, RemoteFile};
 
-const B32: &str = "/openai/clip-vit-base-patch32/resolve/refs%2Fpr%2F15";
-const B16: &str = "/openai/clip-vit-base-patch16/resolve/main";
-
 fn serve_b32(server: &TestServer, weights: &[u8]) {
-    server.put(
-        &format!("{B32}/config.json"),
-        ServedFile::plain(b"{\"cfg\":1}".to_vec()),
-    );
-    server.put(
-        &format!("{B32}/model.safetensors"),
-        ServedFile::lfs(weights.to_vec()),
-    );
+    server.put_model(B32, b"{\"cfg\":1}", "model.safetensors", weights.to_vec());
     server.put(
         &format!("{B32}/tokenizer.json"),
         ServedFile::plain(b"{\"tok\":1}".to_vec()),
@@ -73,14 +63,7 @@ fn hub_model_is_downloaded_once_then_served_from_the_cache() {
 fn pytorch_weights_are_the_fallback_when_safetensors_is_absent() {
     let server = TestServer::start();
     let bin = content(10_000, 2);
-    server.put(
-        &format!("{B16}/config.json"),
-        ServedFile::plain(b"{}".to_vec()),
-    );
-    server.put(
-        &format!("{B16}/pytorch_model.bin"),
-        ServedFile::lfs(bin.clone()),
-    );
+    server.put_model(B16, b"{}", "pytorch_model.bin", bin.clone());
     let tmp = tempfile::tempdir().unwrap();
     let cache = ModelCache::new(tmp.path()).with_hub_endpoint(&server.base);
 

@@ -2,38 +2,16 @@
 //! tiny models that transformers and taming wrote (`tests/fixtures/make_fixtures.py`),
 //! checked against their reference outputs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod cli_support;
 
+use std::path::{Path, PathBuf};
+
+use cli_support::{fixture, offline_vqclip, succeeded};
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn reference() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("reference.json")).unwrap();
+    let text = std::fs::read_to_string(fixture("reference.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-/// Runs vqclip with an empty, offline model cache, so nothing can be downloaded.
-fn vqclip(args: &[&str]) -> Output {
-    let cache = tempfile::tempdir().unwrap();
-    Command::new(env!("CARGO_BIN_EXE_vqclip"))
-        .args(args)
-        .env("VQCLIP_MODEL_CACHE", cache.path())
-        .env("VQCLIP_OFFLINE", "1")
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "vqclip failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
 }
 
 fn matrix(v: &Value) -> Vec<Vec<f64>> {
@@ -72,7 +50,7 @@ fn path_str(p: &Path) -> &str {
 #[test]
 fn embed_json_matches_the_reference() {
     let r = &reference()["embed_cli"];
-    let clip = fixtures().join(r["clip"].as_str().unwrap());
+    let clip = fixture(r["clip"].as_str().unwrap());
     let mut args = vec![
         "embed",
         "--json",
@@ -91,7 +69,7 @@ fn embed_json_matches_the_reference() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| fixtures().join(i.as_str().unwrap()))
+        .map(|i| fixture(i.as_str().unwrap()))
         .collect();
     for t in &texts {
         args.extend(["--text", t]);
@@ -99,7 +77,7 @@ fn embed_json_matches_the_reference() {
     for i in &images {
         args.extend(["--image", path_str(i)]);
     }
-    let out: Value = serde_json::from_str(&ok(&vqclip(&args))).unwrap();
+    let out: Value = serde_json::from_str(&succeeded(&offline_vqclip(&args))).unwrap();
     let text = matrix(&out["text"]);
     let image = matrix(&out["image"]);
     let text_err = max_relative_error(&text, &matrix(&r["text"]));
@@ -115,8 +93,8 @@ fn embed_json_matches_the_reference() {
 #[test]
 fn score_prints_the_reference_cosines_as_a_table() {
     let r = &reference()["embed_cli"];
-    let clip = fixtures().join(r["clip"].as_str().unwrap());
-    let image = fixtures().join(r["images"][0].as_str().unwrap());
+    let clip = fixture(r["clip"].as_str().unwrap());
+    let image = fixture(r["images"][0].as_str().unwrap());
     let texts: Vec<&str> = r["texts"]
         .as_array()
         .unwrap()
@@ -132,7 +110,7 @@ fn score_prints_the_reference_cosines_as_a_table() {
         "cpu",
     ];
     args.extend(&texts);
-    let stdout = ok(&vqclip(&args));
+    let stdout = succeeded(&offline_vqclip(&args));
     let expected = matrix(&r["score"]);
     for (prompt, cosine) in texts.iter().zip(&expected[0]) {
         let line = stdout
@@ -150,12 +128,12 @@ fn score_prints_the_reference_cosines_as_a_table() {
 #[test]
 fn reconstruct_json_gives_the_reference_indices_and_image() {
     let r = &reference()["reconstruct_cli"];
-    let vqgan = fixtures().join(r["vqgan"].as_str().unwrap());
-    let input = fixtures().join(r["image"].as_str().unwrap());
+    let vqgan = fixture(r["vqgan"].as_str().unwrap());
+    let input = fixture(r["image"].as_str().unwrap());
     let tmp = tempfile::tempdir().unwrap();
     let output = tmp.path().join("out.png");
     for model in [vqgan.clone(), vqgan.join("last.ckpt")] {
-        let out = ok(&vqclip(&[
+        let out = succeeded(&offline_vqclip(&[
             "reconstruct",
             path_str(&input),
             path_str(&output),
@@ -175,15 +153,13 @@ fn reconstruct_json_gives_the_reference_indices_and_image() {
     }
 
     // The PNG is the reference decode, rounded to 8 bits.
-    let decoded = candle_core::safetensors::load(
-        fixtures().join("reference.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap()["vqgan_decoded"]
-        .get(0)
-        .unwrap()
-        .to_vec3::<f32>()
-        .unwrap();
+    let decoded =
+        candle_core::safetensors::load(fixture("reference.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()["vqgan_decoded"]
+            .get(0)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
     let png = image::open(&output).unwrap().to_rgb8();
     assert_eq!((png.width(), png.height()), (32, 32));
     for (x, y, px) in png.enumerate_pixels() {
@@ -200,11 +176,11 @@ fn reconstruct_json_gives_the_reference_indices_and_image() {
 
 #[test]
 fn reconstruct_resizes_to_a_multiple_of_the_downsampling_factor_and_says_so() {
-    let vqgan = fixtures().join("vqgan-tiny");
-    let input = fixtures().join("preprocess/landscape.png"); // 97x61, f = 4
+    let vqgan = fixture("vqgan-tiny");
+    let input = fixture("preprocess/landscape.png"); // 97x61, f = 4
     let tmp = tempfile::tempdir().unwrap();
     let output = tmp.path().join("out.png");
-    let out = vqclip(&[
+    let out = offline_vqclip(&[
         "reconstruct",
         path_str(&input),
         path_str(&output),
@@ -213,7 +189,7 @@ fn reconstruct_resizes_to_a_multiple_of_the_downsampling_factor_and_says_so() {
         "--device",
         "cpu",
     ]);
-    let stdout = ok(&out);
+    let stdout = succeeded(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("resized 97x61 to 96x60"), "{stderr}");
     assert!(stdout.contains("24x15 grid"), "{stdout}");
@@ -227,8 +203,8 @@ fn tokenize_json_matches_the_reference_and_reports_truncation() {
     let mut saw_truncated = false;
     for case in cases.as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let out = vqclip(&["tokenize", "--json", text]);
-        let ids: Value = serde_json::from_str(&ok(&out)).unwrap();
+        let out = offline_vqclip(&["tokenize", "--json", text]);
+        let ids: Value = serde_json::from_str(&succeeded(&out)).unwrap();
         assert_eq!(ids, case["ids"], "{text:?}");
         let truncated = case["truncated"].as_bool().unwrap();
         let noted = String::from_utf8_lossy(&out.stderr).contains("truncated");
@@ -237,7 +213,7 @@ fn tokenize_json_matches_the_reference_and_reports_truncation() {
     }
     assert!(saw_truncated, "the reference has no over-long prompt");
 
-    let plain = ok(&vqclip(&["tokenize", "a photo of a cat"]));
+    let plain = succeeded(&offline_vqclip(&["tokenize", "a photo of a cat"]));
     assert!(
         plain.contains("49406 320 1125 539 320 2368 49407"),
         "{plain}"
@@ -246,8 +222,8 @@ fn tokenize_json_matches_the_reference_and_reports_truncation() {
 
 #[test]
 fn errors_say_what_to_do() {
-    let clip = fixtures().join("clip-tiny");
-    let out = vqclip(&[
+    let clip = fixture("clip-tiny");
+    let out = offline_vqclip(&[
         "embed",
         "--text",
         "x",
@@ -263,7 +239,7 @@ fn errors_say_what_to_do() {
         "{stderr}"
     );
 
-    let out = vqclip(&["embed", "--text", "x", "--device", "cpu"]);
+    let out = offline_vqclip(&["embed", "--text", "x", "--device", "cpu"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("offline mode is on"), "{stderr}");
@@ -272,7 +248,7 @@ fn errors_say_what_to_do() {
         "{stderr}"
     );
 
-    let out = vqclip(&[
+    let out = offline_vqclip(&[
         "embed", "--text", "x", "--clip", "ViT-Q/99", "--device", "cpu",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -281,6 +257,6 @@ fn errors_say_what_to_do() {
         "{stderr}"
     );
 
-    let out = vqclip(&["embed", "--clip", path_str(&clip)]);
+    let out = offline_vqclip(&["embed", "--clip", path_str(&clip)]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--text"));
 }

@@ -8,10 +8,12 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use service_support::{test_config, tiny_spec, TestServer};
+use service_support::{
+    assert_signed, problem_response, test_config, tiny_spec, Receiver, TestServer,
+};
 use tokio_util::sync::CancellationToken;
 use vqclip::auth::{KeyStore, LimitOverrides, NewKey};
-use vqclip::webhooks::{verify, WebhookEngine};
+use vqclip::webhooks::WebhookEngine;
 
 const SECRET: &str = "whsec_aW50ZWdyYXRpb24tdGVzdC1zZWNyZXQ=";
 
@@ -92,15 +94,7 @@ impl As<'_> {
 }
 
 async fn problem(r: reqwest::Response, status: StatusCode) -> (HeaderMap, Value) {
-    assert_eq!(r.status(), status, "{}", r.url());
-    let headers = r.headers().clone();
-    assert_eq!(
-        headers["content-type"],
-        "application/problem+json",
-        "{}",
-        r.url()
-    );
-    (headers, r.json().await.unwrap())
+    problem_response(r, status.as_u16()).await
 }
 
 fn fast_keys(mut c: vqclip::config::Config) -> vqclip::config::Config {
@@ -294,23 +288,7 @@ async fn rate_and_queue_bounds_answer_429_with_retry_after() {
 
 #[tokio::test]
 async fn a_job_webhook_is_delivered_signed_and_listed() {
-    use axum::routing::post;
-    use std::sync::{Arc, Mutex};
-    let got: Arc<Mutex<Vec<(HeaderMap, String)>>> = Arc::default();
-    let sink = got.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        post(move |headers: HeaderMap, body: String| {
-            let sink = sink.clone();
-            async move {
-                sink.lock().unwrap().push((headers, body));
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (hook_url, receiver) = Receiver::start(&[]).await;
 
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), 1);
@@ -343,12 +321,11 @@ async fn a_job_webhook_is_delivered_signed_and_listed() {
     assert_eq!(anon.wait_terminal(&id).await["state"], "succeeded");
     let mut types = vec![];
     for _ in 0..200 {
-        types = got
-            .lock()
-            .unwrap()
+        types = receiver
+            .got()
             .iter()
-            .map(|(_, b)| {
-                serde_json::from_str::<Value>(b).unwrap()["type"]
+            .map(|r| {
+                serde_json::from_str::<Value>(&r.body).unwrap()["type"]
                     .as_str()
                     .unwrap()
                     .to_owned()
@@ -361,20 +338,9 @@ async fn a_job_webhook_is_delivered_signed_and_listed() {
     }
     // queued, running, then completed; the job's own state events in order.
     assert_eq!(types, ["job.state", "job.state", "job.completed"]);
-    let now = chrono::Utc::now().timestamp();
-    for (h, body) in got.lock().unwrap().iter() {
-        let hv = |n: &str| h[n].to_str().unwrap().to_owned();
-        verify(
-            SECRET,
-            &hv("webhook-id"),
-            hv("webhook-timestamp").parse().unwrap(),
-            body.as_bytes(),
-            &hv("webhook-signature"),
-            now,
-            300,
-        )
-        .unwrap();
-        let v: Value = serde_json::from_str(body).unwrap();
+    for r in &receiver.got() {
+        assert_signed(SECRET, r);
+        let v: Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["data"]["job_id"], id.as_str());
     }
 
@@ -436,13 +402,7 @@ async fn browsers_get_cors_answers_with_keys_on() {
         "https://app.example"
     );
     // A 401 still carries the CORS header, so the page can read why.
-    let r = s
-        .client
-        .get(s.url("/v1/jobs"))
-        .header("origin", "https://app.example")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get_from_origin("/v1/jobs", "https://app.example").await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(
         r.headers()["access-control-allow-origin"],
@@ -458,14 +418,6 @@ async fn browsers_get_cors_answers_with_keys_on() {
         .unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
     // auth.metrics = "open": a scraper needs no key.
-    assert_eq!(
-        s.client
-            .get(s.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(s.get("/metrics").await.status(), StatusCode::OK);
     s.stop().await;
 }

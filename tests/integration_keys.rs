@@ -1,9 +1,12 @@
 //! `vqclip keys` against a real database, and what the server makes of the
 //! keys it creates.
 
+mod cli_support;
+
 use std::process::Command;
 use std::time::Duration;
 
+use cli_support::succeeded;
 use vqclip::auth::{AuthConfig, AuthError, Authenticator};
 use vqclip::queue::SqliteStore;
 
@@ -16,24 +19,19 @@ fn vqclip(db: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn stdout(o: &std::process::Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
 #[tokio::test]
 async fn create_list_revoke_and_what_the_server_sees() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}/data/vqclip.db", dir.path().display());
 
-    let key = stdout(&vqclip(
+    let key = succeeded(&vqclip(
         &db,
         &["keys", "create", "--name", "web", "--rps", "5"],
     ))
     .trim()
     .to_owned();
     assert!(key.starts_with("vq_") && key.len() == 3 + 43, "{key}");
-    let admin = stdout(&vqclip(
+    let admin = succeeded(&vqclip(
         &db,
         &["keys", "create", "--name", "ops", "--admin"],
     ))
@@ -46,14 +44,14 @@ async fn create_list_revoke_and_what_the_server_sees() {
     assert!(String::from_utf8_lossy(&dup.stderr).contains("already exists"));
 
     let listed: serde_json::Value =
-        serde_json::from_str(&stdout(&vqclip(&db, &["keys", "list", "--json"]))).unwrap();
+        serde_json::from_str(&succeeded(&vqclip(&db, &["keys", "list", "--json"]))).unwrap();
     let listed = listed.as_array().unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0]["name"], "web");
     assert_eq!(listed[0]["limits"]["requests_per_second"], 5.0);
     assert_eq!(listed[1]["admin"], true);
     // The listing shows a prefix, never the key.
-    let table = stdout(&vqclip(&db, &["keys", "list"]));
+    let table = succeeded(&vqclip(&db, &["keys", "list"]));
     assert!(
         !table.contains(&key) && table.contains(&key[..10]),
         "{table}"

@@ -1,8 +1,11 @@
 //! Fair claiming across API keys, per-key bounds and retention, against the
 //! real SQLite store (no render needed at this level).
 
+mod service_support;
+
 use std::time::Duration;
 
+use service_support::open_store;
 use vqclip::auth::{KeyStore, LimitOverrides, NewKey};
 use vqclip::queue::retention::prune_once;
 use vqclip::queue::{
@@ -14,11 +17,7 @@ const LEASE: Duration = Duration::from_secs(30);
 
 async fn store(bounds: KeyBounds) -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/vqclip.db", dir.path().display());
-    let store = SqliteStore::connect(&url, Duration::from_secs(5), 4)
-        .await
-        .unwrap()
-        .with_key_bounds(bounds);
+    let store = open_store(dir.path(), 4).await.with_key_bounds(bounds);
     (dir, store)
 }
 

@@ -4,79 +4,14 @@
 
 mod service_support;
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use serde_json::{json, Value};
-use service_support::{fixture, tiny_spec};
-use vqclip::webhooks::verify;
+use service_support::{assert_signed, tiny_spec, write_config_file, Receiver, ServerProcess};
 
 const SECRET: &str = "whsec_c2VydmUtdGVzdC1zZWNyZXQtYnl0ZXM=";
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(config: &std::path::Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vqclip"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("VQCLIP_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("vqclip listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        Server { child, base }
-    }
-
-    /// SIGTERM, then wait for the graceful exit.
-    fn stop(mut self) {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        assert!(self.child.wait().unwrap().success());
-    }
-}
-
-type Received = Arc<Mutex<Vec<(HeaderMap, String)>>>;
-
-/// A receiver on loopback answering `script` in order, then 200.
-async fn receiver(script: &[u16]) -> (String, Received) {
-    use axum::routing::post;
-    let got: Received = Arc::default();
-    let answers = Arc::new(Mutex::new(script.iter().copied().collect::<VecDeque<_>>()));
-    let sink = got.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        post(move |headers: HeaderMap, body: String| {
-            let (sink, answers) = (sink.clone(), answers.clone());
-            async move {
-                sink.lock().unwrap().push((headers, body));
-                let code = answers.lock().unwrap().pop_front().unwrap_or(200);
-                StatusCode::from_u16(code).unwrap()
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, got)
-}
 
 async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     for _ in 0..600 {
@@ -90,52 +25,30 @@ async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
 
 #[tokio::test]
 async fn the_server_delivers_and_a_pending_retry_survives_its_restart() {
-    let (hook, got) = receiver(&[500]).await;
+    let (hook, receiver) = Receiver::start(&[500]).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("vqclip.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let config = write_config_file(
+        dir.path(),
+        &format!(
             r#"
-[server]
-bind = "127.0.0.1:0"
-[database]
-url = "sqlite://{dir}/vqclip.db"
-[storage]
-artifact_dir = "{dir}/artifacts"
 [workers]
 count = 1
 poll_interval_ms = 100
-[models]
-vqgan = "{vqgan}"
-clip = ["{clip}"]
 [webhooks]
 secret = "{SECRET}"
 allowed_networks = ["127.0.0.0/8"]
 # Long enough that the retry is still pending when the server stops.
 initial_backoff_ms = 3000
 poll_interval_ms = 100
-"#,
-            dir = dir.path().display(),
-            vqgan = fixture("vqgan-tiny").display(),
-            clip = fixture("clip-tiny").display(),
+"#
         ),
-    )
-    .unwrap();
+    );
     let client = reqwest::Client::new();
 
-    let first = Server::start(&config);
+    let first = ServerProcess::spawn(&config, "error");
     let mut spec = tiny_spec("delivered later", 2);
     spec["webhook"] = json!({ "url": hook });
-    let job: Value = client
-        .post(format!("{}/v1/jobs", first.base))
-        .json(&spec)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job = first.submit(&spec).await;
     let id = job["id"].as_str().unwrap().to_owned();
     let history_url = |base: &str| format!("{base}/v1/jobs/{id}/webhooks");
     // The first attempt fails with a 500; the retry is scheduled seconds away.
@@ -170,7 +83,7 @@ poll_interval_ms = 100
     );
     let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
 
-    let second = Server::start(&config);
+    let second = ServerProcess::spawn(&config, "error");
     let r = client.get(history_url(&second.base)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let done = poll("the retry after the restart", async || {
@@ -196,23 +109,12 @@ poll_interval_ms = 100
     assert_eq!(codes, [&json!(500), &json!(200)]);
     second.stop();
 
-    let got = got.lock().unwrap();
+    let got = receiver.got();
     assert_eq!(got.len(), 2);
-    let now = chrono::Utc::now().timestamp();
-    for (h, body) in got.iter() {
-        let hv = |n: &str| h[n].to_str().unwrap().to_owned();
-        assert_eq!(hv("webhook-id"), done["id"].as_str().unwrap());
-        verify(
-            SECRET,
-            &hv("webhook-id"),
-            hv("webhook-timestamp").parse().unwrap(),
-            body.as_bytes(),
-            &hv("webhook-signature"),
-            now,
-            300,
-        )
-        .unwrap();
-        let v: Value = serde_json::from_str(body).unwrap();
+    for r in &got {
+        assert_eq!(r.id, done["id"].as_str().unwrap());
+        assert_signed(SECRET, r);
+        let v: Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["type"], "job.completed");
         assert_eq!(v["data"]["job_id"], id.as_str());
     }

@@ -2,14 +2,11 @@
 //! signature; retries, restarts, throttling and SSRF refusals are checked
 //! against what it actually received and what the database recorded.
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
-use axum::Router;
+mod service_support;
+
+use service_support::{assert_signed, open_store, Receiver};
 use sqlx::SqlitePool;
-use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use vqclip::queue::{JobStore, NewJob, SqliteStore};
@@ -20,68 +17,9 @@ use vqclip::webhooks::{
 
 const SECRET: &str = "whsec_c2VjcmV0LWZvci10aGUtd2ViaG9vay10ZXN0cw==";
 
-#[derive(Clone, Debug)]
-struct Received {
-    id: String,
-    timestamp: i64,
-    signature: String,
-    body: String,
-}
-
-#[derive(Clone, Default)]
-struct Receiver {
-    got: Arc<Mutex<Vec<Received>>>,
-    /// Status codes to answer with, in order; 200 once they run out.
-    script: Arc<Mutex<VecDeque<u16>>>,
-}
-
-impl Receiver {
-    fn got(&self) -> Vec<Received> {
-        self.got.lock().unwrap().clone()
-    }
-}
-
-async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: String) -> StatusCode {
-    let h = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned()
-    };
-    r.got.lock().unwrap().push(Received {
-        id: h("webhook-id"),
-        timestamp: h("webhook-timestamp").parse().unwrap_or(0),
-        signature: h("webhook-signature"),
-        body,
-    });
-    let code = r.script.lock().unwrap().pop_front().unwrap_or(200);
-    StatusCode::from_u16(code).unwrap()
-}
-
-/// Starts a receiver on 127.0.0.1 and returns its hook URL.
-async fn start_receiver(script: &[u16]) -> (String, Receiver) {
-    let r = Receiver::default();
-    r.script.lock().unwrap().extend(script);
-    let app = Router::new()
-        .route("/hook", post(receive))
-        .with_state(r.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://127.0.0.1:{port}/hook"), r)
-}
-
 /// The server's database: the job store's migrations include the webhook tables.
-async fn open_store(dir: &Path) -> SqliteStore {
-    let url = format!("sqlite://{}/vqclip.db", dir.display());
-    SqliteStore::connect(&url, Duration::from_secs(5), 4)
-        .await
-        .unwrap()
-}
-
 async fn open_pool(dir: &Path) -> SqlitePool {
-    open_store(dir).await.pool().clone()
+    open_store(dir, 4).await.pool().clone()
 }
 
 /// A queued job (deliveries belong to jobs), with `webhook` in its spec.
@@ -136,24 +74,10 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn assert_signed(r: &Received) {
-    let now = chrono::Utc::now().timestamp();
-    verify(
-        SECRET,
-        &r.id,
-        r.timestamp,
-        r.body.as_bytes(),
-        &r.signature,
-        now,
-        300,
-    )
-    .unwrap_or_else(|e| panic!("delivery {} failed verification: {e}", r.id));
-}
-
 #[tokio::test]
 async fn delivery_is_signed_and_retried_after_a_500() {
     let dir = tempfile::tempdir().unwrap();
-    let (url, receiver) = start_receiver(&[500]).await;
+    let (url, receiver) = Receiver::start(&[500]).await;
     let pool = open_pool(dir.path()).await;
     let job1 = job(&pool, None).await;
     let engine = WebhookEngine::new(pool, config()).unwrap();
@@ -179,7 +103,7 @@ async fn delivery_is_signed_and_retried_after_a_500() {
     let got = receiver.got();
     for r in &got {
         assert_eq!(r.id, id, "a retry keeps the webhook-id");
-        assert_signed(r);
+        assert_signed(SECRET, r);
     }
     let body: serde_json::Value = serde_json::from_str(&got[1].body).unwrap();
     assert_eq!(body["type"], "job.completed");
@@ -212,7 +136,7 @@ async fn delivery_is_signed_and_retried_after_a_500() {
 #[tokio::test]
 async fn a_wrong_signature_is_detectably_wrong() {
     let dir = tempfile::tempdir().unwrap();
-    let (url, receiver) = start_receiver(&[]).await;
+    let (url, receiver) = Receiver::start(&[]).await;
     let pool = open_pool(dir.path()).await;
     let job2 = job(&pool, None).await;
     let engine = WebhookEngine::new(pool, config()).unwrap();
@@ -226,7 +150,7 @@ async fn a_wrong_signature_is_detectably_wrong() {
         .unwrap();
     engine.deliver_due().await.unwrap();
     let r = receiver.got().pop().expect("one delivery");
-    assert_signed(&r);
+    assert_signed(SECRET, &r);
     let now = chrono::Utc::now().timestamp();
     let check = |secret: &str, id: &str, ts: i64, body: &str, sig: &str| {
         verify(secret, id, ts, body.as_bytes(), sig, now, 300)
@@ -264,7 +188,7 @@ async fn a_wrong_signature_is_detectably_wrong() {
 #[tokio::test]
 async fn a_pending_delivery_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let (url, receiver) = start_receiver(&[503]).await;
+    let (url, receiver) = Receiver::start(&[503]).await;
     let hook = spec(&url, &[EventKind::Canceled]);
 
     // First life: one failed attempt, then the server stops before the retry.
@@ -318,7 +242,7 @@ async fn a_pending_delivery_survives_a_restart() {
     let got = receiver.got();
     assert!(got[1..].iter().any(|r| r.id == got[0].id));
     assert!(got[1..].iter().any(|r| r.id == "msg_unsent"));
-    got.iter().for_each(assert_signed);
+    got.iter().for_each(|r| assert_signed(SECRET, r));
     let mut settled = false;
     for _ in 0..50 {
         let h = engine.history(&job3).await.unwrap();
@@ -339,7 +263,7 @@ async fn a_pending_delivery_survives_a_restart() {
 #[tokio::test]
 async fn progress_is_throttled_per_job_and_unsubscribed_events_are_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let (url, receiver) = start_receiver(&[]).await;
+    let (url, receiver) = Receiver::start(&[]).await;
     let pool = open_pool(dir.path()).await;
     let (job_a, job_b) = (job(&pool, None).await, job(&pool, None).await);
     let engine = WebhookEngine::new(pool, config()).unwrap();
@@ -415,7 +339,7 @@ async fn progress_is_throttled_per_job_and_unsubscribed_events_are_dropped() {
     engine.deliver_due().await.unwrap();
     let got = receiver.got();
     assert_eq!(got.len(), queued_at[0].len() + queued_at[1].len() + 1);
-    got.iter().for_each(assert_signed);
+    got.iter().for_each(|r| assert_signed(SECRET, r));
     let types: Vec<String> = got
         .iter()
         .map(|r| serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["type"].to_string())
@@ -428,7 +352,7 @@ async fn progress_is_throttled_per_job_and_unsubscribed_events_are_dropped() {
 #[tokio::test]
 async fn private_targets_are_refused_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
-    let (url, receiver) = start_receiver(&[]).await;
+    let (url, receiver) = Receiver::start(&[]).await;
     let pool = open_pool(dir.path()).await;
     let (job_lit, job_name) = (job(&pool, None).await, job(&pool, None).await);
     let strict = WebhookEngine::new(
@@ -511,7 +435,7 @@ async fn private_targets_are_refused_unless_allowed() {
 #[tokio::test]
 async fn gives_up_after_max_attempts() {
     let dir = tempfile::tempdir().unwrap();
-    let (url, receiver) = start_receiver(&[500, 502, 500, 500, 500]).await;
+    let (url, receiver) = Receiver::start(&[500, 502, 500, 500, 500]).await;
     let pool = open_pool(dir.path()).await;
     let job4 = job(&pool, None).await;
     let engine = WebhookEngine::new(
@@ -552,7 +476,7 @@ async fn gives_up_after_max_attempts() {
 #[tokio::test]
 async fn job_events_become_deliveries_once() {
     let dir = tempfile::tempdir().unwrap();
-    let (url, receiver) = start_receiver(&[]).await;
+    let (url, receiver) = Receiver::start(&[]).await;
     let pool = open_pool(dir.path()).await;
     let store = SqliteStore::from_pool(pool.clone());
     let engine = WebhookEngine::new(pool.clone(), config()).unwrap();
@@ -591,7 +515,7 @@ async fn job_events_become_deliveries_once() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let got = receiver.got();
     assert_eq!(got.len(), 3, "the job without a webhook sent nothing");
-    got.iter().for_each(assert_signed);
+    got.iter().for_each(|r| assert_signed(SECRET, r));
     let bodies: Vec<serde_json::Value> = got
         .iter()
         .map(|r| serde_json::from_str(&r.body).unwrap())

@@ -2,15 +2,12 @@
 //! the tiny reference models: CLIP image features to the pixels, and the VQGAN decoder through
 //! the straight-through quantizer to the latent.
 
-use std::path::{Path, PathBuf};
+mod fixture_support;
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use fixture_support::fixture;
 use rand::{Rng, SeedableRng};
 use vqclip::models::{Clip, Vqgan};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn cosine(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let dot = (a * b)?.sum(D::Minus1)?;
@@ -92,7 +89,7 @@ fn check_against_finite_differences(
 #[test]
 fn clip_cosine_similarity_gradient_reaches_pixels() {
     let dev = Device::Cpu;
-    let clip = Clip::load_with_dtype(&fixtures().join("clip-tiny"), DType::F64, &dev).unwrap();
+    let clip = Clip::load_with_dtype(&fixture("clip-tiny"), DType::F64, &dev).unwrap();
     let (text, _) = clip.encode_prompts(&["a lighthouse at night"]).unwrap();
     let text = text.detach();
     let s = clip.image_size();
@@ -116,7 +113,7 @@ fn clip_text_features_ignore_tokens_after_the_end_token() {
     // The causal mask and the pooling at the end token together make padding irrelevant; a
     // wrong mask or pooling position would let later tokens leak into the features.
     let dev = Device::Cpu;
-    let clip = Clip::load_with_dtype(&fixtures().join("clip-tiny"), DType::F64, &dev).unwrap();
+    let clip = Clip::load_with_dtype(&fixture("clip-tiny"), DType::F64, &dev).unwrap();
     let tok = clip.tokenizer().encode("a cat").unwrap();
     let eot = tok.ids.iter().position(|&i| i == 49407).unwrap();
     assert_eq!(eot, 3);
@@ -135,7 +132,7 @@ fn clip_text_features_ignore_tokens_after_the_end_token() {
 #[test]
 fn vqgan_decoder_gradient_passes_straight_through_quantize() {
     let dev = Device::Cpu;
-    let vq = Vqgan::load_with_dtype(&fixtures().join("vqgan-tiny"), DType::F64, &dev).unwrap();
+    let vq = Vqgan::load_with_dtype(&fixture("vqgan-tiny"), DType::F64, &dev).unwrap();
     let z = Var::from_tensor(&seeded(21, &[1, vq.embed_dim(), 4, 5], -2.0, 2.0)).unwrap();
     let target = seeded(22, &[1, 3, 16, 20], -1.0, 1.0);
     let decoder_loss = |q: &Tensor| {
@@ -168,7 +165,7 @@ fn vqgan_encoder_is_differentiable_to_the_image() {
     // Init-from-image jobs optimise through nothing here, but a broken encoder backward
     // (asymmetric padding, attention) would surface in this check.
     let dev = Device::Cpu;
-    let vq = Vqgan::load_with_dtype(&fixtures().join("vqgan-tiny"), DType::F64, &dev).unwrap();
+    let vq = Vqgan::load_with_dtype(&fixture("vqgan-tiny"), DType::F64, &dev).unwrap();
     let img = Var::from_tensor(&seeded(31, &[1, 3, 16, 16], -1.0, 1.0)).unwrap();
     let readout = seeded(32, &[1, vq.embed_dim(), 4, 4], -1.5, 1.5);
     let f = |x: &Tensor| {

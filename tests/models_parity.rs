@@ -1,27 +1,24 @@
 //! Parity with the PyTorch reference (transformers' CLIPModel and CLIPTokenizer, taming's
 //! VQModel) on the fixtures written by `tests/fixtures/make_fixtures.py`.
 
+mod fixture_support;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
+use fixture_support::fixture;
 use serde_json::Value;
 use vqclip::models::{Clip, ClipConfig, ClipTokenizer, ModelError, Vqgan};
 
 /// f32 parity bound: max |ours - reference| relative to max |reference|.
 const TOLERANCE: f32 = 1e-4;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn reference_tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("reference.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixture("reference.safetensors"), &Device::Cpu).unwrap()
 }
 
 fn reference_json() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture("reference.json")).unwrap()).unwrap()
 }
 
 fn relative_error(ours: &Tensor, reference: &Tensor) -> f32 {
@@ -66,7 +63,7 @@ fn l2_normalise(x: &Tensor) -> Tensor {
 
 /// input.png as (1, 3, H, W) in [0, 1].
 fn input_png() -> Tensor {
-    let img = image::open(fixtures().join("input.png")).unwrap().to_rgb8();
+    let img = image::open(fixture("input.png")).unwrap().to_rgb8();
     let (w, h) = img.dimensions();
     let data: Vec<f32> = img
         .into_raw()
@@ -108,7 +105,7 @@ fn token_ids_match_hf_clip_tokenizer() {
 
 #[test]
 fn tokenizer_json_of_a_model_dir_is_used() {
-    let dir = fixtures().join("clip-tiny-bin");
+    let dir = fixture("clip-tiny-bin");
     let tok = ClipTokenizer::from_dir(&dir).unwrap();
     let bundled = ClipTokenizer::bundled().unwrap();
     for case in reference_json()["tokenizer_json"]["cases"]
@@ -147,7 +144,7 @@ fn check_clip(clip: &Clip, t: &HashMap<String, Tensor>, prefix: &str) {
 
 #[test]
 fn clip_from_safetensors_matches_transformers() {
-    let clip = Clip::load(&fixtures().join("clip-tiny"), &Device::Cpu).unwrap();
+    let clip = Clip::load(&fixture("clip-tiny"), &Device::Cpu).unwrap();
     assert_eq!(clip.image_size(), 32);
     check_clip(&clip, &reference_tensors(), "clip");
 }
@@ -156,14 +153,14 @@ fn clip_from_safetensors_matches_transformers() {
 fn clip_from_pytorch_model_bin_matches_transformers() {
     // Also: gelu, eos_token_id != 2 (pooling at the first eos, with tokens after it), and a
     // weights file passed directly instead of its directory.
-    let path = fixtures().join("clip-tiny-bin/pytorch_model.bin");
+    let path = fixture("clip-tiny-bin/pytorch_model.bin");
     let clip = Clip::load(&path, &Device::Cpu).unwrap();
     check_clip(&clip, &reference_tensors(), "clip_bin");
 }
 
 #[test]
 fn clip_embed_of_input_png_matches_reference_preprocessing() {
-    let clip = Clip::load(&fixtures().join("clip-tiny"), &Device::Cpu).unwrap();
+    let clip = Clip::load(&fixture("clip-tiny"), &Device::Cpu).unwrap();
     let reference = &reference_json()["embed_cli"];
     let pixels = clip.normalize_pixels(&input_png()).unwrap();
     assert_close(
@@ -190,7 +187,7 @@ fn clip_embed_of_input_png_matches_reference_preprocessing() {
 
 #[test]
 fn openai_clip_configs_parse() {
-    let dir = fixtures().join("openai-configs");
+    let dir = fixture("openai-configs");
     let expect = [
         ("clip-vit-base-patch32", 512, 768, 12, 32, 224, 512, 2),
         ("clip-vit-base-patch16", 512, 768, 12, 16, 224, 512, 2),
@@ -256,7 +253,7 @@ fn check_vqgan(vq: &Vqgan) {
 
 #[test]
 fn vqgan_from_lightning_ckpt_matches_taming() {
-    let vq = Vqgan::load(&fixtures().join("vqgan-tiny"), &Device::Cpu).unwrap();
+    let vq = Vqgan::load(&fixture("vqgan-tiny"), &Device::Cpu).unwrap();
     assert_eq!(vq.downsample_factor(), 4);
     assert_eq!((vq.embed_dim(), vq.n_embed()), (8, 64));
     assert_eq!(vq.codebook().dims(), &[64, 8]);
@@ -265,7 +262,7 @@ fn vqgan_from_lightning_ckpt_matches_taming() {
 
 #[test]
 fn vqgan_reconstruct_indices_of_input_png() {
-    let vq = Vqgan::load(&fixtures().join("vqgan-tiny/last.ckpt"), &Device::Cpu).unwrap();
+    let vq = Vqgan::load(&fixture("vqgan-tiny/last.ckpt"), &Device::Cpu).unwrap();
     let x = ((input_png() * 2.0).unwrap() - 1.0).unwrap();
     let (_, indices) = vq.quantize(&vq.encode(&x).unwrap()).unwrap();
     let got: Vec<u32> = indices.flatten_all().unwrap().to_vec1().unwrap();
@@ -276,7 +273,7 @@ fn vqgan_reconstruct_indices_of_input_png() {
 
 #[test]
 fn vqgan_ckpt_discriminator_is_skipped_and_safetensors_load() {
-    let ckpt = fixtures().join("vqgan-tiny/last.ckpt");
+    let ckpt = fixture("vqgan-tiny/last.ckpt");
     let all =
         vqclip::models::weights::read_tensors(&ckpt, DType::F32, &Device::Cpu, &|_| true).unwrap();
     assert!(
@@ -295,7 +292,7 @@ fn vqgan_ckpt_discriminator_is_skipped_and_safetensors_load() {
     let st = dir.path().join("vqgan.safetensors");
     candle_core::safetensors::save(&model, &st).unwrap();
     std::fs::copy(
-        fixtures().join("vqgan-tiny/model.yaml"),
+        fixture("vqgan-tiny/model.yaml"),
         dir.path().join("config.yaml"),
     )
     .unwrap();
@@ -306,7 +303,7 @@ fn vqgan_ckpt_discriminator_is_skipped_and_safetensors_load() {
 fn loading_errors_say_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(
-        fixtures().join("clip-tiny/model.safetensors"),
+        fixture("clip-tiny/model.safetensors"),
         dir.path().join("model.safetensors"),
     )
     .unwrap();
@@ -315,7 +312,7 @@ fn loading_errors_say_what_is_missing() {
     assert!(err.to_string().contains("config.json"), "{err}");
 
     // A config that disagrees with the weights names the tensor.
-    let cfg = std::fs::read_to_string(fixtures().join("clip-tiny/config.json"))
+    let cfg = std::fs::read_to_string(fixture("clip-tiny/config.json"))
         .unwrap()
         .replace("\"intermediate_size\": 32", "\"intermediate_size\": 40");
     std::fs::write(dir.path().join("config.json"), cfg).unwrap();
@@ -398,14 +395,12 @@ fn assert_same_tensors(
 
 #[test]
 fn real_size_architectures_request_exactly_the_upstream_tensors() {
-    let shapes: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("upstream-shapes.json")).unwrap(),
-    )
-    .unwrap();
+    let shapes: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("upstream-shapes.json")).unwrap())
+            .unwrap();
     for name in ["clip-vit-base-patch32", "clip-vit-large-patch14-336"] {
         let cfg =
-            ClipConfig::from_json_file(&fixtures().join(format!("openai-configs/{name}.json")))
-                .unwrap();
+            ClipConfig::from_json_file(&fixture(&format!("openai-configs/{name}.json"))).unwrap();
         let ours = requested(|vb| {
             Clip::new(vb, &cfg).unwrap();
         });
@@ -438,7 +433,7 @@ fn half_precision_weights_stay_close_to_f32() {
     // so bf16 is checked only where a GPU runs it.)
     let t = reference_tensors();
     let dtype = DType::F16;
-    let clip = Clip::load_with_dtype(&fixtures().join("clip-tiny"), dtype, &Device::Cpu).unwrap();
+    let clip = Clip::load_with_dtype(&fixture("clip-tiny"), dtype, &Device::Cpu).unwrap();
     let pixels = t["clip_pixel_values"].to_dtype(dtype).unwrap();
     let err = relative_error(
         &clip.encode_image(&pixels).unwrap(),
@@ -449,7 +444,7 @@ fn half_precision_weights_stay_close_to_f32() {
     let err = relative_error(&clip.encode_text(&ids).unwrap(), &t["clip_text_embeds"]);
     assert!(err < 1e-2, "f16 CLIP text: {err}");
 
-    let vq = Vqgan::load_with_dtype(&fixtures().join("vqgan-tiny"), dtype, &Device::Cpu).unwrap();
+    let vq = Vqgan::load_with_dtype(&fixture("vqgan-tiny"), dtype, &Device::Cpu).unwrap();
     let z_q = t["vqgan_z_q"].to_dtype(dtype).unwrap();
     let err = relative_error(&vq.decode(&z_q).unwrap(), &t["vqgan_decoded"]);
     assert!(err < 1e-2, "f16 VQGAN decode: {err}");

@@ -13,11 +13,14 @@
 //! by far more: see `a_job_stepped_with_another_seed_differs`, which checks that the
 //! tolerance does separate different runs.
 
+mod fixture_support;
+
 use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use candle_core::Device;
+use fixture_support::fixture;
 use vqclip::render::{
     render, render_batch, render_batch_hosted, step_batch, BatchHost, BatchJob, CancelToken,
     JobSpec, ModelSet, NoProgress, ProgressEvent, RenderError, RenderJob, RenderOutcome,
@@ -27,17 +30,13 @@ use vqclip::render::{
 /// Agreement of z and losses between a batched and a solo run (see the module doc).
 const TOLERANCE: f32 = 1e-4;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 /// A VQGAN and an ensemble of two CLIPs (the tiny fixture twice: its other format has
 /// a 16-token text model), so each job's RNG feeds two cutout batches per step, in
 /// CLIP order.
 fn load_models() -> ModelSet {
     ModelSet::load_paths(
-        &fixtures().join("vqgan-tiny"),
-        &[fixtures().join("clip-tiny"), fixtures().join("clip-tiny")],
+        &fixture("vqgan-tiny"),
+        &[fixture("clip-tiny"), fixture("clip-tiny")],
         &Device::Cpu,
     )
     .expect("tiny fixtures load")

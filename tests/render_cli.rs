@@ -1,11 +1,13 @@
 //! `vqclip render` as a new user runs it, on the tiny fixtures.
 
-use std::path::Path;
+mod fixture_support;
+
 use std::process::Command;
+
+use fixture_support::fixture;
 
 #[test]
 fn render_command_writes_png_frames_video_and_metadata() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let out = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_vqclip"))
         .args([
@@ -28,9 +30,9 @@ fn render_command_writes_png_frames_video_and_metadata() {
             "cpu",
         ])
         .arg("--clip")
-        .arg(fixtures.join("clip-tiny"))
+        .arg(fixture("clip-tiny"))
         .arg("--vqgan")
-        .arg(fixtures.join("vqgan-tiny"))
+        .arg(fixture("vqgan-tiny"))
         .arg("--out")
         .arg(out.path())
         .output()

@@ -1,26 +1,25 @@
 //! The render loop end to end on the tiny random-weight fixtures (real formats:
 //! HF CLIP safetensors, taming VQGAN ckpt + model.yaml), on the CPU.
 
-use std::path::{Path, PathBuf};
+mod fixture_support;
+
+use std::path::Path;
 use std::sync::OnceLock;
 
 use base64::Engine as _;
 use candle_core::Device;
+use fixture_support::fixture;
 use vqclip::render::{
     render, CancelToken, JobSpec, ModelSet, NoProgress, ProgressEvent, RenderJob, RenderOutcome,
     RenderSession,
 };
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn models() -> &'static ModelSet {
     static MODELS: OnceLock<ModelSet> = OnceLock::new();
     MODELS.get_or_init(|| {
         ModelSet::load_paths(
-            &fixtures().join("vqgan-tiny"),
-            &[fixtures().join("clip-tiny")],
+            &fixture("vqgan-tiny"),
+            &[fixture("clip-tiny")],
             &Device::Cpu,
         )
         .expect("tiny fixtures load")

@@ -68,12 +68,7 @@ async fn run(specs: &[Value], batch_size: usize, cancel_running: Option<usize>) 
     let pool = WorkerPool::start(ctx, &["cpu".to_owned()], shutdown.clone()).unwrap();
     if let Some(i) = cancel_running {
         s.wait_state(&ids[i], "running", LONG).await;
-        let r = s
-            .client
-            .post(s.url(&format!("/v1/jobs/{}/cancel", ids[i])))
-            .send()
-            .await
-            .unwrap();
+        let r = s.post(&format!("/v1/jobs/{}/cancel", ids[i])).await;
         assert!(r.status().is_success(), "{}", r.status());
     }
 
@@ -83,15 +78,7 @@ async fn run(specs: &[Value], batch_size: usize, cancel_running: Option<usize>) 
         let uuid: Uuid = id.parse().unwrap();
         let job = s.store.get(uuid, &Scope::unrestricted()).await.unwrap();
         let pixels = if view["state"] == "succeeded" {
-            let bytes = s
-                .client
-                .get(s.url(view["links"]["image"].as_str().unwrap()))
-                .send()
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
+            let bytes = s.get_bytes(view["links"]["image"].as_str().unwrap()).await;
             image::load_from_memory(&bytes)
                 .unwrap()
                 .to_rgb8()

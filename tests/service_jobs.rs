@@ -8,25 +8,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use service_support::*;
 
-const LONG: Duration = Duration::from_secs(120);
-
-async fn events_of(
-    s: &TestServer,
-    id: &str,
-    last_event_id: Option<i64>,
-    max: usize,
-) -> Vec<SseEvent> {
-    let mut req = s.client.get(s.url(&format!("/v1/jobs/{id}/events")));
-    if let Some(last) = last_event_id {
-        req = req.header("last-event-id", last.to_string());
-    }
-    let r = req.send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    tokio::time::timeout(LONG, read_events(r, max))
-        .await
-        .expect("the event stream ends after the terminal event")
-}
-
 #[tokio::test]
 async fn happy_path_submit_follow_sse_fetch_artifacts() {
     let dir = tempfile::tempdir().unwrap();
@@ -37,7 +18,7 @@ async fn happy_path_submit_follow_sse_fetch_artifacts() {
     let job = s.submit(&spec).await;
     let id = job["id"].as_str().unwrap().to_owned();
 
-    let events = events_of(&s, &id, None, 1000).await;
+    let events = s.events(&id, None, 1000).await;
     let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
     assert_eq!(kinds.first(), Some(&"state"));
     assert_eq!(events[0].data["state"], "queued");
@@ -59,42 +40,23 @@ async fn happy_path_submit_follow_sse_fetch_artifacts() {
     assert_eq!(done["attempts"], 1);
     assert_eq!(done["device"], "cpu");
 
-    let r = s
-        .client
-        .get(s.url(done["links"]["image"].as_str().unwrap()))
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(done["links"]["image"].as_str().unwrap()).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "image/png");
     let png = image::load_from_memory(&r.bytes().await.unwrap()).unwrap();
     assert_eq!((png.width(), png.height()), (48, 32));
 
-    let meta: Value = s
-        .client
-        .get(s.url(done["links"]["metadata"].as_str().unwrap()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let meta = s
+        .get_json(done["links"]["metadata"].as_str().unwrap())
+        .await;
     assert_eq!(meta["seed"], 7, "{meta}");
 
-    let listed: Value = s
-        .client
-        .get(s.url(&format!("/v1/jobs/{id}/frames")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = s.get_json(&format!("/v1/jobs/{id}/frames")).await;
     let listed = listed["frames"].as_array().unwrap().clone();
     assert_eq!(listed.len(), frames.len());
     for f in &frames {
         let url = f.data["url"].as_str().unwrap();
-        let r = s.client.get(s.url(url)).send().await.unwrap();
+        let r = s.get(url).await;
         assert_eq!(r.status(), 200, "{url}");
         assert_eq!(r.headers()["content-type"], "image/png");
         let img = image::load_from_memory(&r.bytes().await.unwrap()).unwrap();
@@ -153,15 +115,7 @@ async fn happy_path_submit_follow_sse_fetch_artifacts() {
         format!("bytes */{}", full.len()).as_str()
     );
 
-    let metrics = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("vqclip_step_duration_seconds_count 6"),
         "{metrics}"
@@ -174,16 +128,11 @@ async fn happy_path_submit_follow_sse_fetch_artifacts() {
         metrics.contains("vqclip_jobs{state=\"succeeded\"} 1"),
         "{metrics}"
     );
-    let ready = s.client.get(s.url("/readyz")).send().await.unwrap();
+    let ready = s.get("/readyz").await;
     assert_eq!(ready.status(), 200);
 
     // Deleting removes the job and its files.
-    let r = s
-        .client
-        .delete(s.url(&format!("/v1/jobs/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let r = s.delete(&format!("/v1/jobs/{id}")).await;
     assert_eq!(r.status(), 204);
     assert!(!dir.path().join("artifacts/jobs").join(&id).exists());
     assert_eq!(s.client.get(&video_url).send().await.unwrap().status(), 404);
@@ -196,14 +145,14 @@ async fn sse_resume_has_no_gaps_and_no_duplicates() {
     let s = TestServer::start(test_config(dir.path(), 1)).await;
     let job = s.submit(&tiny_spec("resume me", 8)).await;
     let id = job["id"].as_str().unwrap().to_owned();
-    let mut seen = events_of(&s, &id, None, 4).await;
+    let mut seen = s.events(&id, None, 4).await;
     assert_eq!(seen.len(), 4);
     // Reconnect twice more from where we stopped, the last time to the end.
-    let more = events_of(&s, &id, Some(seen.last().unwrap().id), 3).await;
+    let more = s.events(&id, Some(seen.last().unwrap().id), 3).await;
     seen.extend(more);
-    let rest = events_of(&s, &id, Some(seen.last().unwrap().id), 1000).await;
+    let rest = s.events(&id, Some(seen.last().unwrap().id), 1000).await;
     seen.extend(rest);
-    let full = events_of(&s, &id, None, 1000).await;
+    let full = s.events(&id, None, 1000).await;
     assert_eq!(seen, full);
     assert_eq!(full.last().unwrap().event, "completed");
     s.stop().await;
@@ -238,7 +187,7 @@ async fn two_workers_serve_by_priority_then_fifo() {
     // The claim order is the order of the jobs' "running" events (one global sequence).
     let mut started = vec![];
     for (i, (_, id)) in ids.iter().enumerate() {
-        let events = events_of(&s, id, None, 1000).await;
+        let events = s.events(id, None, 1000).await;
         let running = events
             .iter()
             .find(|e| e.data["state"] == "running")
@@ -298,7 +247,7 @@ async fn cancel_a_queued_and_a_running_job() {
     let done = s.wait_terminal(running_id, Duration::from_secs(30)).await;
     assert_eq!(done["state"], "canceled");
     assert!(done["progress"]["step"].as_u64().unwrap() < 2000);
-    let events = events_of(&s, running_id, None, 10_000).await;
+    let events = s.events(running_id, None, 10_000).await;
     assert_eq!(events.last().unwrap().event, "canceled");
     // The canceled one never ran.
     assert_eq!(s.job(queued_id).await["attempts"], 0);

@@ -7,8 +7,6 @@
 
 mod service_support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -31,35 +29,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[ignore = "measurement, not a check"]
 async fn submit_latency_throughput_and_idle_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("vqclip.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nbind = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{d}/vqclip.db\"\n\
-             [storage]\nartifact_dir = \"{d}/artifacts\"\n[limits]\nmax_queued_jobs = 1000000\n\
-             [models]\nvqgan = \"{v}\"\nclip = [\"{c}\"]\n",
-            d = dir.path().display(),
-            v = fixture("vqgan-tiny").display(),
-            c = fixture("clip-tiny").display(),
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vqclip"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("VQCLIP_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("vqclip listening on ")
-        .unwrap()
-        .to_owned();
+    let config = write_config_file(dir.path(), "[limits]\nmax_queued_jobs = 1000000\n");
+    let ServerProcess {
+        mut child,
+        api: Api { base, .. },
+    } = ServerProcess::spawn(&config, "warn");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = rss_kib(child.id());
 

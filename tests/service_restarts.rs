@@ -4,38 +4,11 @@
 
 mod service_support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use service_support::*;
 use vqclip::queue::{JobStore, Scope};
-
-const LONG: Duration = Duration::from_secs(120);
-
-async fn wait_step(s: &TestServer, id: &str, at_least: u64) {
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
-        let job = s.job(id).await;
-        if job["progress"]["step"].as_u64().unwrap_or(0) >= at_least {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{job}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn all_events(client: &reqwest::Client, base: &str, id: &str) -> Vec<SseEvent> {
-    let r = client
-        .get(format!("{base}/v1/jobs/{id}/events"))
-        .send()
-        .await
-        .unwrap();
-    tokio::time::timeout(LONG, read_events(r, 100_000))
-        .await
-        .unwrap()
-}
 
 #[tokio::test]
 async fn queued_jobs_survive_a_restart() {
@@ -65,18 +38,12 @@ async fn graceful_shutdown_checkpoints_requeues_and_resumes() {
     let mut spec = tiny_spec("interrupted", 24);
     spec["checkpoint_every"] = json!(4);
     let id = s.submit(&spec).await["id"].as_str().unwrap().to_owned();
-    wait_step(&s, &id, 6).await;
+    s.wait_step(&id, 6, LONG).await;
     let store = s.store.clone();
     s.stop().await;
 
     let uuid = id.parse().unwrap();
-    let store2 = vqclip::queue::SqliteStore::connect(
-        &test_config(dir.path(), 0).database.url,
-        Duration::from_secs(5),
-        2,
-    )
-    .await
-    .unwrap();
+    let store2 = open_store(dir.path(), 2).await;
     drop(store);
     let job = store2.get(uuid, &Scope::unrestricted()).await.unwrap();
     assert_eq!(job.state, vqclip::queue::JobState::Queued);
@@ -100,7 +67,7 @@ async fn graceful_shutdown_checkpoints_requeues_and_resumes() {
     let done = s.wait_terminal(&id, LONG).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["attempts"], 1);
-    let events = all_events(&s.client, &s.base, &id).await;
+    let events = s.events(&id, None, 100_000).await;
     let running: Vec<&SseEvent> = events
         .iter()
         .filter(|e| e.data["state"] == "running")
@@ -118,114 +85,28 @@ async fn graceful_shutdown_checkpoints_requeues_and_resumes() {
     s.stop().await;
 }
 
-struct ServerProcess {
-    child: Child,
-    base: String,
-}
-
-fn spawn_server(config: &std::path::Path) -> ServerProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vqclip"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("VQCLIP_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("vqclip listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
-    ServerProcess { child, base }
-}
-
 #[tokio::test]
 async fn a_sigkilled_servers_job_is_rescued_and_completes() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("vqclip.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[server]
-bind = "127.0.0.1:0"
-[database]
-url = "sqlite://{dir}/vqclip.db"
-[storage]
-artifact_dir = "{dir}/artifacts"
-[workers]
-count = 1
-lease_seconds = 2
-heartbeat_seconds = 1
-poll_interval_ms = 100
-[models]
-vqgan = "{vqgan}"
-clip = ["{clip}"]
-"#,
-            dir = dir.path().display(),
-            vqgan = fixture("vqgan-tiny").display(),
-            clip = fixture("clip-tiny").display(),
-        ),
-    )
-    .unwrap();
-    let client = reqwest::Client::new();
-    let mut first = spawn_server(&config);
+    let config = write_config_file(
+        dir.path(),
+        "[workers]\ncount = 1\nlease_seconds = 2\nheartbeat_seconds = 1\npoll_interval_ms = 100\n",
+    );
+    let mut first = ServerProcess::spawn(&config, "warn");
     let mut spec = tiny_spec("crash test", 24);
     spec["checkpoint_every"] = json!(4);
-    let job: Value = client
-        .post(format!("{}/v1/jobs", first.base))
-        .json(&spec)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job = first.submit(&spec).await;
     let id = job["id"].as_str().unwrap().to_owned();
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
-        let j: Value = client
-            .get(format!("{}/v1/jobs/{id}", first.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if j["progress"]["step"].as_u64().unwrap_or(0) >= 9 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{j}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    first.wait_step(&id, 9, LONG).await;
     // SIGKILL: no shutdown code runs; the job is left "running" with a lease.
     first.child.kill().unwrap();
     first.child.wait().unwrap();
 
-    let mut second = spawn_server(&config);
-    let deadline = tokio::time::Instant::now() + LONG;
-    let done = loop {
-        let j: Value = client
-            .get(format!("{}/v1/jobs/{id}", second.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if j["state"] == "succeeded" || j["state"] == "failed" {
-            break j;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{j}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let second = ServerProcess::spawn(&config, "warn");
+    let done = second.wait_terminal(&id, LONG).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["attempts"], 2);
-    let events = all_events(&client, &second.base, &id).await;
+    let events = second.events(&id, None, 100_000).await;
     let requeued = events
         .iter()
         .find(|e| e.data["state"] == "queued" && e.data["reason"] == "worker lost; requeued")
@@ -239,24 +120,16 @@ clip = ["{clip}"]
         .expect("resumed from a checkpoint");
     // Checkpoints every 4 steps and at least 9 steps done: it resumed from step 8 or later.
     assert!(from >= 8 && from % 4 == 0, "{from}");
-    let r = client
-        .get(format!("{}/v1/jobs/{id}/image.png", second.base))
-        .send()
-        .await
-        .unwrap();
+    let r = second.get(&format!("/v1/jobs/{id}/image.png")).await;
     assert_eq!(r.status(), 200);
     // SIGTERM: a graceful stop exits cleanly.
-    unsafe {
-        libc::kill(second.child.id() as i32, libc::SIGTERM);
-    }
-    let status = second.child.wait().unwrap();
-    assert!(status.success(), "{status}");
+    second.stop();
 }
 
 #[tokio::test]
 async fn separate_worker_process_and_migrate_command() {
     let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}/vqclip.db", dir.path().display());
+    let db = database_url(dir.path());
     let bin = env!("CARGO_BIN_EXE_vqclip");
     let migrated = Command::new(bin)
         .args(["migrate", "--database-url", &db])
@@ -280,38 +153,15 @@ async fn separate_worker_process_and_migrate_command() {
         );
     }
 
-    let config = dir.path().join("vqclip.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nbind = \"127.0.0.1:0\"\n[database]\nurl = \"{db}\"\n\
-             [storage]\nartifact_dir = \"{d}/artifacts\"\n\
-             [workers]\ncount = 0\nheartbeat_seconds = 1\npoll_interval_ms = 100\n\
-             [models]\nvqgan = \"{v}\"\nclip = [\"{c}\"]\n",
-            d = dir.path().display(),
-            v = fixture("vqgan-tiny").display(),
-            c = fixture("clip-tiny").display(),
-        ),
-    )
-    .unwrap();
+    let config = write_config_file(
+        dir.path(),
+        "[workers]\ncount = 0\nheartbeat_seconds = 1\npoll_interval_ms = 100\n",
+    );
     // The API alone is not ready: no worker anywhere.
-    let mut api = spawn_server(&config);
-    let client = reqwest::Client::new();
-    let ready = client
-        .get(format!("{}/readyz", api.base))
-        .send()
-        .await
-        .unwrap();
+    let mut api = ServerProcess::spawn(&config, "warn");
+    let ready = api.get("/readyz").await;
     assert_eq!(ready.status(), 503);
-    let job: Value = client
-        .post(format!("{}/v1/jobs", api.base))
-        .json(&tiny_spec("in another process", 3))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job = api.submit(&tiny_spec("in another process", 3)).await;
     let id = job["id"].as_str().unwrap().to_owned();
     let mut worker = Command::new(bin)
         .args(["worker", "--config"])
@@ -321,18 +171,12 @@ async fn separate_worker_process_and_migrate_command() {
         .spawn()
         .unwrap();
     // Events written by the other process reach this SSE stream through the database.
-    let events = all_events(&client, &api.base, &id).await;
+    let events = api.events(&id, None, 100_000).await;
     assert_eq!(events.last().unwrap().event, "completed");
-    let ready = client
-        .get(format!("{}/readyz", api.base))
-        .send()
-        .await
-        .unwrap();
+    let ready = api.get("/readyz").await;
     assert_eq!(ready.status(), 200);
-    unsafe {
-        libc::kill(worker.id() as i32, libc::SIGTERM);
-        libc::kill(api.child.id() as i32, libc::SIGTERM);
-    }
+    sigterm(&worker);
+    sigterm(&api.child);
     assert!(worker.wait().unwrap().success());
     assert!(api.child.wait().unwrap().success());
 }

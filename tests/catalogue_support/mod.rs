@@ -11,6 +11,10 @@ use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::Response;
 use sha2::{Digest, Sha256};
 
+/// The hub resolve paths the catalogue uses for CLIP ViT-B/32 and ViT-B/16.
+pub const B32: &str = "/openai/clip-vit-base-patch32/resolve/refs%2Fpr%2F15";
+pub const B16: &str = "/openai/clip-vit-base-patch16/resolve/main";
+
 #[derive(Clone, Default)]
 pub struct ServedFile {
     pub bytes: Vec<u8>,
@@ -104,6 +108,19 @@ impl TestServer {
     }
 
     /// Serves `file` at `path` (the raw, still percent-encoded request path).
+    /// A hub model: `config` as a plain `config.json` and `weights` as the LFS file
+    /// `weights_name`, both under the resolve path `prefix`.
+    pub fn put_model(&self, prefix: &str, config: &[u8], weights_name: &str, weights: Vec<u8>) {
+        self.put(
+            &format!("{prefix}/config.json"),
+            ServedFile::plain(config.to_vec()),
+        );
+        self.put(
+            &format!("{prefix}/{weights_name}"),
+            ServedFile::lfs(weights),
+        );
+    }
+
     pub fn put(&self, path: &str, file: ServedFile) {
         self.state
             .lock()
