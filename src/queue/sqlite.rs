@@ -322,15 +322,7 @@ impl SqliteStore {
 
     async fn cancel_impl(&self, id: Uuid, scope: &Scope) -> QueueResult<CancelOutcome> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {SCOPE_SQL} AND id = ?3");
-        let row = sqlx::query(&sql)
-            .bind(scope.all)
-            .bind(&scope.owner_key_id)
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(QueueError::NotFound(id))?;
-        let job = job_from_row(&row)?;
+        let job = scoped_job_in(&mut tx, id, scope).await?;
         let now = now_ms();
         let sql = format!(
             "UPDATE jobs SET state = 'canceled', cancel_requested = 1, finished_at = ?1, updated_at = ?1 \
@@ -377,15 +369,7 @@ impl SqliteStore {
 
     async fn delete_impl(&self, id: Uuid, scope: &Scope) -> QueueResult<Job> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {SCOPE_SQL} AND id = ?3");
-        let row = sqlx::query(&sql)
-            .bind(scope.all)
-            .bind(&scope.owner_key_id)
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(QueueError::NotFound(id))?;
-        let job = job_from_row(&row)?;
+        let job = scoped_job_in(&mut tx, id, scope).await?;
         if !job.state.is_terminal() {
             return Err(QueueError::Conflict {
                 id,
@@ -833,6 +817,24 @@ fn parse_uuid(s: &str) -> QueueResult<Uuid> {
 
 fn parse_state(s: &str) -> QueueResult<JobState> {
     JobState::parse(s).ok_or_else(|| QueueError::Corrupt(format!("job state {s:?}")))
+}
+
+/// Job `id` as `scope` may see it, read inside the caller's write transaction so that what it
+/// decides from the state cannot race another writer.
+async fn scoped_job_in(
+    conn: &mut sqlx::SqliteConnection,
+    id: Uuid,
+    scope: &Scope,
+) -> QueueResult<Job> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {SCOPE_SQL} AND id = ?3");
+    let row = sqlx::query(&sql)
+        .bind(scope.all)
+        .bind(&scope.owner_key_id)
+        .bind(id.to_string())
+        .fetch_optional(conn)
+        .await?
+        .ok_or(QueueError::NotFound(id))?;
+    job_from_row(&row)
 }
 
 fn job_from_row(row: &SqliteRow) -> QueueResult<Job> {
