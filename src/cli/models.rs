@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use vqclip::models::catalogue::{self, ModelCache, CATALOGUE};
+use vqclip::models::{clip_openai, weights, VqganYaml};
 
 #[derive(clap::Subcommand)]
 pub enum ModelsCommand {
@@ -16,9 +17,12 @@ pub enum ModelsCommand {
         name: String,
     },
     /// Turn a taming Lightning checkpoint into .safetensors without the
-    /// discriminator and perceptual loss (`loss.*`); weight names are kept.
+    /// discriminator and perceptual loss (`loss.*`), or only the first stage of a Net2Net
+    /// checkpoint; or one of OpenAI's CLIP `.pt` files (TorchScript) into .safetensors.
+    /// Weight names are kept.
     Convert {
-        /// The taming `.ckpt` (its `model.yaml` beside it, or IN with a .yaml extension).
+        /// The taming `.ckpt` (its `model.yaml` beside it, or IN with a .yaml extension), or
+        /// an OpenAI CLIP `.pt`.
         input: PathBuf,
         /// The `.safetensors` to write; `model.yaml` is copied beside it.
         output: PathBuf,
@@ -103,28 +107,42 @@ fn convert(input: &Path, output: &Path) -> anyhow::Result<()> {
             output.display()
         );
     }
-    let tensors = candle_core::pickle::read_all_with_key(input, Some("state_dict"))
-        .or_else(|_| candle_core::pickle::read_all(input))
-        .with_context(|| {
-            format!(
-                "reading {} as a PyTorch checkpoint (a Lightning .ckpt with a state_dict)",
-                input.display()
-            )
-        })?;
+    let tensors = weights::read_state_dict(input, &|_| true).with_context(|| {
+        format!(
+            "reading {} as a PyTorch checkpoint (a Lightning .ckpt with a state_dict, or a \
+             TorchScript .pt)",
+            input.display()
+        )
+    })?;
+    if clip_openai::is_openai_state_dict(tensors.keys().map(String::as_str)) {
+        return convert_openai_clip(input, output, tensors);
+    }
     let total = tensors.len();
-    let kept: HashMap<String, candle_core::Tensor> = tensors
-        .into_iter()
-        .filter(|(name, _)| !name.starts_with("loss."))
-        .collect();
+    // A Net2Net checkpoint holds the whole transformer; generate.py uses its first stage.
+    let net2net = config_beside(input)
+        .and_then(|yaml| VqganYaml::from_yaml_file(&yaml).ok())
+        .and_then(|yaml| yaml.weights_prefix);
+    let kept: HashMap<String, candle_core::Tensor> = match net2net {
+        Some(prefix) => tensors
+            .into_iter()
+            .filter_map(|(name, t)| name.strip_prefix(prefix).map(|n| (n.to_owned(), t)))
+            .collect(),
+        None => tensors
+            .into_iter()
+            .filter(|(name, _)| !name.starts_with("loss."))
+            .collect(),
+    };
     if kept.is_empty() {
         bail!(
             "{} holds no model weights outside `loss.*`; is it a taming VQGAN checkpoint?",
             input.display()
         );
     }
-    if !kept.contains_key("quantize.embedding.weight") {
+    if !kept.contains_key("quantize.embedding.weight") && !kept.contains_key("quantize.embed.weight")
+    {
         eprintln!(
-            "warning: no quantize.embedding.weight in the checkpoint; it may not be a taming VQGAN"
+            "warning: no quantize.embedding.weight (or GumbelVQ's quantize.embed.weight) in the \
+             checkpoint; it may not be a taming VQGAN"
         );
     }
     if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -138,12 +156,22 @@ fn convert(input: &Path, output: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, output).with_context(|| format!("writing {}", output.display()))?;
     println!(
-        "wrote {} ({} tensors; dropped {} under loss.*)",
+        "wrote {} ({} tensors; dropped {} {})",
         output.display(),
         kept.len(),
-        total - kept.len()
+        total - kept.len(),
+        if net2net.is_some() {
+            "outside the first stage"
+        } else {
+            "under loss.*"
+        }
     );
     match config_beside(input) {
+        Some(yaml) if net2net.is_some() => {
+            let dest = output.with_file_name("model.yaml");
+            write_first_stage_yaml(&yaml, &dest)?;
+            println!("wrote the first stage of {} to {}", yaml.display(), dest.display());
+        }
         Some(yaml) => {
             let dest = output.with_file_name("model.yaml");
             if yaml.canonicalize().ok() != dest.canonicalize().ok() {
@@ -159,4 +187,54 @@ fn convert(input: &Path, output: &Path) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// An OpenAI CLIP file (TorchScript or state dict) as safetensors under the same names, which
+/// `Clip::load` reads like the original; dtypes are kept (OpenAI ships float16).
+fn convert_openai_clip(
+    input: &Path,
+    output: &Path,
+    tensors: HashMap<String, candle_core::Tensor>,
+) -> anyhow::Result<()> {
+    let total = tensors.len();
+    let kept: HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .filter(|(name, _)| clip_openai::is_openai_model_tensor(name))
+        .collect();
+    // Check that it builds before writing anything.
+    clip_openai::config_from_state_dict(&kept)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let tmp = output.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&kept, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, output).with_context(|| format!("writing {}", output.display()))?;
+    println!(
+        "wrote {} (OpenAI CLIP, {} tensors; dropped {} scalars)",
+        output.display(),
+        kept.len(),
+        total - kept.len()
+    );
+    Ok(())
+}
+
+/// `model.params.first_stage_config` of a Net2Net yaml, written as a VQGAN's `model.yaml`.
+fn write_first_stage_yaml(net2net: &Path, dest: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(net2net)
+        .with_context(|| format!("reading {}", net2net.display()))?;
+    let root: serde_yaml::Value = serde_yaml::from_str(&text)
+        .with_context(|| format!("parsing {}", net2net.display()))?;
+    let first = root
+        .get("model")
+        .and_then(|m| m.get("params"))
+        .and_then(|p| p.get("first_stage_config"))
+        .cloned()
+        .with_context(|| format!("{} has no model.params.first_stage_config", net2net.display()))?;
+    let mut doc = serde_yaml::Mapping::new();
+    doc.insert("model".into(), first);
+    let out = serde_yaml::to_string(&doc)?;
+    std::fs::write(dest, out).with_context(|| format!("writing {}", dest.display()))
 }

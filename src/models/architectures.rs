@@ -5,20 +5,71 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
-use super::{ClipConfig, ModelError, VqganConfig};
+use super::clip_resnet::ResNetVisionConfig;
+use super::{ClipConfig, ClipTextConfig, ClipVisionConfig, ModelError, VqganConfig};
 
 /// The CLIP architectures of the catalogue, by name.
-pub const CLIP_ARCHITECTURES: &[&str] = &["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"];
+pub const CLIP_ARCHITECTURES: &[&str] = &[
+    "ViT-B/32",
+    "ViT-B/16",
+    "ViT-L/14",
+    "ViT-L/14@336px",
+    "RN50",
+    "RN101",
+    "RN50x4",
+    "RN50x16",
+    "RN50x64",
+];
 
 /// The VQGAN architectures of the catalogue, by name.
 pub const VQGAN_ARCHITECTURES: &[&str] = &[
     "vqgan_imagenet_f16_16384",
     "vqgan_imagenet_f16_1024",
     "wikiart_16384",
+    "vqgan_gumbel_f8_8192",
 ];
 
-/// The upstream `config.json` of a catalogue CLIP.
+/// OpenAI's ResNet CLIPs as `build_model` reads them off their files: (vision layers, width,
+/// image size, embed dim, text width).
+fn resnet_clip(name: &str) -> Option<([usize; 4], usize, usize, usize, usize)> {
+    Some(match name {
+        "RN50" => ([3, 4, 6, 3], 64, 224, 1024, 512),
+        "RN101" => ([3, 4, 23, 3], 64, 224, 512, 512),
+        "RN50x4" => ([4, 6, 10, 6], 80, 288, 640, 640),
+        "RN50x16" => ([6, 8, 18, 8], 96, 384, 768, 768),
+        "RN50x64" => ([3, 15, 36, 10], 128, 448, 1024, 1024),
+        _ => return None,
+    })
+}
+
+/// The upstream `config.json` of a catalogue CLIP (for OpenAI's ResNets, the config vqclip
+/// derives from their files).
 pub fn clip_config(name: &str) -> Result<ClipConfig, ModelError> {
+    if let Some((layers, width, image_size, embed, text_width)) = resnet_clip(name) {
+        let cfg = ClipConfig {
+            text_config: ClipTextConfig {
+                hidden_size: text_width,
+                intermediate_size: text_width * 4,
+                num_attention_heads: text_width / 64,
+                eos_token_id: 2,
+                ..ClipTextConfig::default()
+            },
+            vision_config: ClipVisionConfig {
+                image_size,
+                ..ClipVisionConfig::default()
+            },
+            projection_dim: embed,
+            vision_resnet: Some(ResNetVisionConfig {
+                layers,
+                width,
+                heads: width * 32 / 64,
+                image_size,
+                output_dim: embed,
+            }),
+        };
+        cfg.validate().map_err(ModelError::Input)?;
+        return Ok(cfg);
+    }
     let json = match name {
         "ViT-B/32" => include_str!("data/configs/clip-vit-base-patch32.json"),
         "ViT-B/16" => include_str!("data/configs/clip-vit-base-patch16.json"),
@@ -36,6 +87,27 @@ pub fn clip_config(name: &str) -> Result<ClipConfig, ModelError> {
 /// The taming `model.yaml` of a catalogue VQGAN. The imagenet and wikiart f16 models share
 /// one architecture; only the codebook size differs.
 pub fn vqgan_config(name: &str) -> Result<VqganConfig, ModelError> {
+    if name == "vqgan_gumbel_f8_8192" {
+        let yaml = "model:
+  target: taming.models.vqgan.GumbelVQ
+  params:
+    kl_weight: 1.0e-08
+    embed_dim: 256
+    n_embed: 8192
+    ddconfig:
+      double_z: false
+      z_channels: 256
+      resolution: 256
+      in_channels: 3
+      out_ch: 3
+      ch: 128
+      ch_mult: [1, 1, 2, 4]
+      num_res_blocks: 2
+      attn_resolutions: [32]
+      dropout: 0.0
+";
+        return VqganConfig::from_yaml_str(yaml).map_err(ModelError::Input);
+    }
     let n_embed = match name {
         "vqgan_imagenet_f16_16384" | "wikiart_16384" => 16384,
         "vqgan_imagenet_f16_1024" => 1024,
@@ -125,11 +197,8 @@ mod tests {
             assert!(cfg.projection_dim >= 512, "{name}");
         }
         for name in VQGAN_ARCHITECTURES {
-            assert_eq!(
-                vqgan_config(name).unwrap().downsample_factor(),
-                16,
-                "{name}"
-            );
+            let f = if name.contains("_f8_") { 8 } else { 16 };
+            assert_eq!(vqgan_config(name).unwrap().downsample_factor(), f, "{name}");
         }
         assert!(clip_config("ViT-H/14")
             .unwrap_err()

@@ -148,6 +148,42 @@ macro_rules! clip_artifacts {
     };
 }
 
+/// One of OpenAI's own CLIP files (the `clip` package's `_MODELS`): a TorchScript `.pt` whose
+/// sha256 is the URL's last directory, loaded as it is (or once through `vqclip models convert`).
+macro_rules! openai_clip_artifacts {
+    ($sha:literal, $file:literal) => {
+        &[Artifact {
+            candidates: &[Candidate {
+                local_name: $file,
+                sources: &[Source::Url(concat!(
+                    "https://openaipublic.azureedge.net/clip/models/",
+                    $sha,
+                    "/",
+                    $file
+                ))],
+                sha256: Some($sha),
+            }],
+            required: true,
+        }]
+    };
+}
+
+/// A taming model: its `model.yaml` and Lightning `last.ckpt`, each from the URLs given.
+macro_rules! taming_artifacts {
+    ([$($yaml:expr),+], [$($ckpt:expr),+]) => {
+        &[
+            Artifact {
+                candidates: &[file("model.yaml", &[$(Source::Url($yaml)),+])],
+                required: true,
+            },
+            Artifact {
+                candidates: &[file("last.ckpt", &[$(Source::Url($ckpt)),+])],
+                required: true,
+            },
+        ]
+    };
+}
+
 /// Every model vqclip can fetch by name.
 ///
 /// No sha256 is published for the taming checkpoints, so those are `None`; hub
@@ -271,6 +307,111 @@ pub static CATALOGUE: &[CatalogueEntry] = &[
             },
         ],
         entry_file: Some("last.ckpt"),
+    },
+    CatalogueEntry {
+        name: "vqgan_gumbel_f8_8192",
+        kind: ModelKind::Vqgan,
+        summary: "taming GumbelVQ, OpenImages, f=8, 8192 codes (was openimages_f16_8192)",
+        artifacts: taming_artifacts!(
+            [concat!(
+                "https://heibox.uni-heidelberg.de/d/2e5662443a6b4307b470/files/",
+                "?p=%2Fconfigs%2Fmodel.yaml&dl=1"
+            )],
+            [concat!(
+                "https://heibox.uni-heidelberg.de/d/2e5662443a6b4307b470/files/",
+                "?p=%2Fckpts%2Flast.ckpt&dl=1"
+            )]
+        ),
+        entry_file: Some("last.ckpt"),
+    },
+    CatalogueEntry {
+        name: "sflckr",
+        kind: ModelKind::Vqgan,
+        summary: "first stage of taming's S-FLCKR Net2Net transformer (landscapes), f=16",
+        artifacts: taming_artifacts!(
+            [concat!(
+                "https://heibox.uni-heidelberg.de/d/73487ab6e5314cb5adba/files/",
+                "?p=%2Fconfigs%2F2020-11-09T13-31-51-project.yaml&dl=1"
+            )],
+            [concat!(
+                "https://heibox.uni-heidelberg.de/d/73487ab6e5314cb5adba/files/",
+                "?p=%2Fcheckpoints%2Flast.ckpt&dl=1"
+            )]
+        ),
+        entry_file: Some("last.ckpt"),
+    },
+    CatalogueEntry {
+        name: "coco",
+        kind: ModelKind::Vqgan,
+        summary: "first stage of taming's COCO Net2Net transformer, f=16 (8.4 GB download)",
+        artifacts: taming_artifacts!(
+            ["https://dl.nmkd.de/ai/clip/coco/coco.yaml"],
+            ["https://dl.nmkd.de/ai/clip/coco/coco.ckpt"]
+        ),
+        entry_file: Some("last.ckpt"),
+    },
+    CatalogueEntry {
+        name: "faceshq",
+        kind: ModelKind::Vqgan,
+        summary: "first stage of taming's FacesHQ Net2Net transformer, f=16",
+        artifacts: taming_artifacts!(
+            ["https://drive.google.com/uc?export=download&id=1fHwGx_hnBtC8nsq7hesJvs-Klv-P0gzT"],
+            [concat!(
+                "https://app.koofr.net/content/links/a04deec9-0c59-4673-8b37-3d696fe63a5d/files/get/",
+                "last.ckpt?path=%2F2020-11-13T21-41-45_faceshq_transformer%2Fcheckpoints%2Flast.ckpt"
+            )]
+        ),
+        entry_file: Some("last.ckpt"),
+    },
+    CatalogueEntry {
+        name: "RN50",
+        kind: ModelKind::Clip,
+        summary: "OpenAI CLIP ResNet-50, 224 px",
+        artifacts: openai_clip_artifacts!(
+            "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+            "RN50.pt"
+        ),
+        entry_file: Some("RN50.pt"),
+    },
+    CatalogueEntry {
+        name: "RN101",
+        kind: ModelKind::Clip,
+        summary: "OpenAI CLIP ResNet-101, 224 px",
+        artifacts: openai_clip_artifacts!(
+            "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
+            "RN101.pt"
+        ),
+        entry_file: Some("RN101.pt"),
+    },
+    CatalogueEntry {
+        name: "RN50x4",
+        kind: ModelKind::Clip,
+        summary: "OpenAI CLIP ResNet-50x4, 288 px",
+        artifacts: openai_clip_artifacts!(
+            "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
+            "RN50x4.pt"
+        ),
+        entry_file: Some("RN50x4.pt"),
+    },
+    CatalogueEntry {
+        name: "RN50x16",
+        kind: ModelKind::Clip,
+        summary: "OpenAI CLIP ResNet-50x16, 384 px",
+        artifacts: openai_clip_artifacts!(
+            "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa",
+            "RN50x16.pt"
+        ),
+        entry_file: Some("RN50x16.pt"),
+    },
+    CatalogueEntry {
+        name: "RN50x64",
+        kind: ModelKind::Clip,
+        summary: "OpenAI CLIP ResNet-50x64, 448 px",
+        artifacts: openai_clip_artifacts!(
+            "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c",
+            "RN50x64.pt"
+        ),
+        entry_file: Some("RN50x64.pt"),
     },
 ];
 

@@ -9,6 +9,8 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::clip_openai;
+use super::clip_resnet::{ModifiedResNet, ResNetVisionConfig};
 use super::layers::{attention, Activation, Conv2d, LayerNorm, Linear};
 use super::tokenizer::ClipTokenizer;
 use super::{weights, ModelError};
@@ -90,6 +92,11 @@ pub struct ClipConfig {
     pub vision_config: ClipVisionConfig,
     #[serde(default = "default_projection_dim")]
     pub projection_dim: usize,
+    /// OpenAI's ResNet image tower (RN50 ...) in place of the ViT; then only
+    /// `vision_config.image_size` of the ViT config is meaningful. Not a HF field: these
+    /// models come from OpenAI's files, their config read off the tensor shapes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision_resnet: Option<ResNetVisionConfig>,
 }
 
 fn default_projection_dim() -> usize {
@@ -106,6 +113,7 @@ impl ClipConfig {
             },
             vision_config: ClipVisionConfig::default(),
             projection_dim: 512,
+            vision_resnet: None,
         }
     }
 
@@ -144,11 +152,20 @@ impl ClipConfig {
         Self::from_json_str(&text).map_err(|e| ModelError::config(path, e))
     }
 
-    fn validate(&self) -> std::result::Result<(), String> {
+    pub(crate) fn validate(&self) -> std::result::Result<(), String> {
         let t = &self.text_config;
         let v = &self.vision_config;
         if t.num_attention_heads == 0 || !t.hidden_size.is_multiple_of(t.num_attention_heads) {
             return Err("text_config.hidden_size must be a multiple of num_attention_heads".into());
+        }
+        if let Some(resnet) = &self.vision_resnet {
+            if resnet.output_dim != self.projection_dim {
+                return Err(format!(
+                    "the ResNet's output_dim {} differs from projection_dim {}",
+                    resnet.output_dim, self.projection_dim
+                ));
+            }
+            return resnet.validate();
         }
         if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(
@@ -456,12 +473,21 @@ impl VisionTransformer {
     }
 }
 
+/// The image tower: a ViT with its projection, or OpenAI's ResNet (which projects in its
+/// attention pool).
+enum VisionTower {
+    Vit {
+        model: VisionTransformer,
+        projection: Linear,
+    },
+    ResNet(ModifiedResNet),
+}
+
 /// A CLIP model: text and vision towers with their projections into the joint space.
 pub struct Clip {
     text_model: TextTransformer,
-    vision_model: VisionTransformer,
+    vision: VisionTower,
     text_projection: Linear,
-    visual_projection: Linear,
     config: ClipConfig,
     tokenizer: ClipTokenizer,
     pixel_mean: Tensor,
@@ -480,17 +506,23 @@ impl Clip {
         let device = vb.device().clone();
         let stat =
             |v: [f32; 3]| Tensor::from_slice(&v, (1, 3, 1, 1), &device)?.to_dtype(vb.dtype());
+        let vision = match &cfg.vision_resnet {
+            Some(resnet) => VisionTower::ResNet(ModifiedResNet::new(vb.pp("visual"), resnet)?),
+            None => VisionTower::Vit {
+                model: VisionTransformer::new(vb.pp("vision_model"), &cfg.vision_config)?,
+                projection: Linear::load_no_bias(
+                    vb.pp("visual_projection"),
+                    cfg.vision_config.hidden_size,
+                    cfg.projection_dim,
+                )?,
+            },
+        };
         Ok(Self {
             text_model: TextTransformer::new(vb.pp("text_model"), &cfg.text_config)?,
-            vision_model: VisionTransformer::new(vb.pp("vision_model"), &cfg.vision_config)?,
+            vision,
             text_projection: Linear::load_no_bias(
                 vb.pp("text_projection"),
                 cfg.text_config.hidden_size,
-                cfg.projection_dim,
-            )?,
-            visual_projection: Linear::load_no_bias(
-                vb.pp("visual_projection"),
-                cfg.vision_config.hidden_size,
                 cfg.projection_dim,
             )?,
             pixel_mean: stat(CLIP_MEAN)?,
@@ -506,12 +538,26 @@ impl Clip {
     }
 
     /// Loads a HF CLIP directory (`config.json` + `model.safetensors` or `pytorch_model.bin`),
-    /// or a weights file with `config.json` beside it.
+    /// or a weights file with `config.json` beside it, or one of OpenAI's own files (the
+    /// `clip` package's `.pt`, TorchScript or state dict, or its safetensors conversion), alone
+    /// or in a directory without `config.json`.
     pub fn load_with_dtype(
         path: &Path,
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
+        if let Some(weights_path) = openai_weights(path)? {
+            let tensors = weights::read_tensors(
+                &weights_path,
+                dtype,
+                device,
+                &clip_openai::is_openai_model_tensor,
+            )?;
+            if clip_openai::is_openai_state_dict(tensors.keys().map(String::as_str)) {
+                return Self::from_openai_tensors(&weights_path, tensors, dtype, device);
+            }
+            // HF weights without their config.json: locate_clip says what is missing.
+        }
         let (dir, weights_path) = locate_clip(path)?;
         let cfg = ClipConfig::from_json_file(&dir.join("config.json"))?;
         let tokenizer = ClipTokenizer::from_dir(&dir)?;
@@ -526,13 +572,44 @@ impl Clip {
             .map_err(|e| weights::build_error(&weights_path, e))
     }
 
+    /// Builds CLIP from an OpenAI-format state dict; its architecture comes from the tensor
+    /// shapes, and a `tokenizer.json` beside the file, if any, replaces the bundled tokenizer.
+    fn from_openai_tensors(
+        weights_path: &Path,
+        tensors: std::collections::HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, ModelError> {
+        let cfg = clip_openai::config_from_state_dict(&tensors)
+            .map_err(|e| ModelError::weights(weights_path, e))?;
+        let tensors = clip_openai::to_hf_names(tensors)
+            .map_err(|e| ModelError::weights(weights_path, e))?;
+        let dir = weights_path.parent().unwrap_or(Path::new("."));
+        let tokenizer = ClipTokenizer::from_dir(dir)?;
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        Self::with_tokenizer(vb, &cfg, tokenizer).map_err(|e| weights::build_error(weights_path, e))
+    }
+
     pub fn config(&self) -> &ClipConfig {
         &self.config
     }
 
     /// The side of the square input `encode_image` takes.
     pub fn image_size(&self) -> usize {
-        self.config.vision_config.image_size
+        match &self.config.vision_resnet {
+            Some(resnet) => resnet.image_size,
+            None => self.config.vision_config.image_size,
+        }
+    }
+
+    /// The size of the joint embedding both towers project to.
+    pub fn projection_dim(&self) -> usize {
+        self.config.projection_dim
+    }
+
+    /// Whether the image tower is OpenAI's ResNet rather than a ViT.
+    pub fn is_resnet(&self) -> bool {
+        matches!(self.vision, VisionTower::ResNet(_))
     }
 
     pub fn tokenizer(&self) -> &ClipTokenizer {
@@ -547,8 +624,10 @@ impl Clip {
 
     /// Normalised pixels (B, 3, S, S) to image features (B, projection_dim), not L2-normalised.
     pub fn encode_image(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.visual_projection
-            .forward(&self.vision_model.forward(pixels)?)
+        match &self.vision {
+            VisionTower::Vit { model, projection } => projection.forward(&model.forward(pixels)?),
+            VisionTower::ResNet(resnet) => resnet.forward(pixels),
+        }
     }
 
     /// Token ids (B, T ≤ 77) to text features (B, projection_dim), not L2-normalised.
@@ -571,6 +650,46 @@ impl Clip {
         let device = self.pixel_mean.device();
         let ids = Tensor::from_vec(ids, (prompts.len(), 77), device)?;
         Ok((self.encode_text(&ids)?, truncated))
+    }
+}
+
+/// The weights file of an OpenAI-format CLIP at `path`, or `None` for a HF layout: a file with
+/// no `config.json` beside it, or a directory without `config.json` holding one `.pt` (or
+/// `model.safetensors`).
+fn openai_weights(path: &Path) -> std::result::Result<Option<PathBuf>, ModelError> {
+    if path.is_file() {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        return Ok((!dir.join("config.json").is_file()).then(|| path.to_owned()));
+    }
+    if !path.is_dir() || path.join("config.json").is_file() {
+        return Ok(None);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| ModelError::io(path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("pt" | "pth" | "safetensors")
+                )
+        })
+        .collect();
+    found.sort();
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(ModelError::config(
+            path,
+            format!(
+                "no config.json and several weights files ({}); pass the one to use",
+                found
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
     }
 }
 

@@ -8,6 +8,8 @@
 pub mod architectures;
 pub mod catalogue;
 pub mod clip;
+pub mod clip_openai;
+pub mod clip_resnet;
 pub mod download;
 pub mod error;
 pub mod layers;
@@ -20,7 +22,7 @@ pub mod weights;
 pub use clip::{Clip, ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use error::ModelError;
 pub use tokenizer::{ClipTokenizer, Tokenized};
-pub use vqgan::{Vqgan, VqganConfig};
+pub use vqgan::{Quantizer, Vqgan, VqganConfig, VqganYaml};
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,10 @@
 //! The taming-transformers VQGAN (`taming.models.vqgan.VQModel`): encoder, vector quantizer
 //! and decoder, with weight names exactly as in the original checkpoints.
+//!
+//! Also the two variants `generate.py` accepts: `GumbelVQ` (its codebook is
+//! `quantize.embed.weight`, and `generate.py` snaps to it by nearest neighbour like the others)
+//! and the first stage of a `Net2NetTransformer` checkpoint (`first_stage_model.*`), which is a
+//! plain `VQModel`.
 
 use std::path::{Path, PathBuf};
 
@@ -38,49 +43,101 @@ fn three() -> usize {
     3
 }
 
+/// Which taming quantizer a VQGAN was trained with; it decides where the codebook lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quantizer {
+    /// `VectorQuantizer` (`VQModel`): codebook `quantize.embedding.weight`.
+    #[default]
+    Nearest,
+    /// `GumbelQuantize` (`GumbelVQ`): codebook `quantize.embed.weight` and the logits
+    /// projection `quantize.proj`, a 1x1 conv from the latent to `n_embed` logits.
+    Gumbel,
+}
+
 /// `model.params` of a taming `model.yaml` (the parts that shape the network).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VqganConfig {
     pub embed_dim: usize,
     pub n_embed: usize,
     pub ddconfig: DdConfig,
+    /// From the yaml's `target`, not a taming parameter.
+    #[serde(default)]
+    pub quantizer: Quantizer,
 }
 
-#[derive(Deserialize)]
-struct YamlRoot {
-    model: Option<YamlModel>,
-    params: Option<VqganConfig>,
+/// The taming class names this loader understands, as they appear in `target`.
+const TARGET_VQMODEL: &str = "VQModel";
+const TARGET_GUMBEL: &str = "GumbelVQ";
+const TARGET_NET2NET: &str = "Net2NetTransformer";
+
+/// Where a Net2Net checkpoint keeps its VQGAN: `generate.py` uses `model.first_stage_model`.
+pub const NET2NET_FIRST_STAGE_PREFIX: &str = "first_stage_model.";
+
+/// A parsed taming `model.yaml`: the VQGAN's config and, for a Net2Net checkpoint, the prefix
+/// of the VQGAN's tensors inside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VqganYaml {
+    pub config: VqganConfig,
+    /// `Some("first_stage_model.")` for `Net2NetTransformer` checkpoints.
+    pub weights_prefix: Option<&'static str>,
 }
 
-#[derive(Deserialize)]
-struct YamlModel {
-    target: Option<String>,
-    params: VqganConfig,
-}
-
-impl VqganConfig {
+impl VqganYaml {
     /// Parses a taming `model.yaml` (`model: {target, params: {...}}`), or a bare `params` map.
+    /// `VQModel`, `GumbelVQ` and `Net2NetTransformer` (its `first_stage_config`) are accepted.
     pub fn from_yaml_str(text: &str) -> std::result::Result<Self, String> {
-        let root: YamlRoot = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
-        let cfg = match (root.model, root.params) {
-            (Some(model), _) => {
-                if let Some(target) = model.target.as_deref() {
-                    if !target.ends_with(".VQModel") {
-                        return Err(format!(
-                            "model.target is {target}; only taming.models.vqgan.VQModel is supported \
-                             (Gumbel and EMA quantizers use other weights)"
-                        ));
-                    }
+        let root: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        let (target, params, weights_prefix) = match root.get("model") {
+            Some(model) => {
+                let target = model.get("target").and_then(|t| t.as_str()).map(str::to_owned);
+                let params = model
+                    .get("params")
+                    .cloned()
+                    .ok_or("model.params is missing")?;
+                if target.as_deref().map(class_name) == Some(TARGET_NET2NET) {
+                    let first = params.get("first_stage_config").ok_or(
+                        "model.target is Net2NetTransformer but model.params.first_stage_config is missing",
+                    )?;
+                    let first_target = first
+                        .get("target")
+                        .and_then(|t| t.as_str())
+                        .map(str::to_owned);
+                    let first_params = first
+                        .get("params")
+                        .cloned()
+                        .ok_or("model.params.first_stage_config.params is missing")?;
+                    (first_target, first_params, Some(NET2NET_FIRST_STAGE_PREFIX))
+                } else {
+                    (target, params, None)
                 }
-                model.params
             }
-            (None, Some(params)) => params,
-            (None, None) => serde_yaml::from_str(text).map_err(|e| {
-                format!("expected model.params with embed_dim, n_embed and ddconfig: {e}")
-            })?,
+            None => match root.get("params") {
+                Some(params) => (None, params.clone(), None),
+                None => (None, root.clone(), None),
+            },
         };
-        cfg.validate()?;
-        Ok(cfg)
+        let quantizer = match target.as_deref().map(class_name) {
+            None | Some(TARGET_VQMODEL) => Quantizer::Nearest,
+            Some(TARGET_GUMBEL) => Quantizer::Gumbel,
+            Some(_) => {
+                return Err(format!(
+                    "model.target is {}; supported are taming.models.vqgan.VQModel, \
+                     taming.models.vqgan.GumbelVQ and taming.models.cond_transformer.Net2NetTransformer \
+                     (its first stage)",
+                    target.unwrap_or_default()
+                ))
+            }
+        };
+        let mut config: VqganConfig = serde_yaml::from_value(params).map_err(|e| {
+            format!("expected model.params with embed_dim, n_embed and ddconfig: {e}")
+        })?;
+        config.quantizer = quantizer;
+        config.validate()?;
+        Ok(Self {
+            config,
+            weights_prefix,
+        })
     }
 
     /// Reads and parses a `model.yaml`.
@@ -88,9 +145,33 @@ impl VqganConfig {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
         Self::from_yaml_str(&text).map_err(|e| ModelError::config(path, e))
     }
+}
+
+/// `taming.models.vqgan.GumbelVQ` -> `GumbelVQ`.
+fn class_name(target: &str) -> &str {
+    target.rsplit('.').next().unwrap_or(target)
+}
+
+impl VqganConfig {
+    /// Parses a taming `model.yaml`; see [`VqganYaml::from_yaml_str`].
+    pub fn from_yaml_str(text: &str) -> std::result::Result<Self, String> {
+        VqganYaml::from_yaml_str(text).map(|y| y.config)
+    }
+
+    /// Reads and parses a `model.yaml`.
+    pub fn from_yaml_file(path: &Path) -> std::result::Result<Self, ModelError> {
+        VqganYaml::from_yaml_file(path).map(|y| y.config)
+    }
 
     fn validate(&self) -> std::result::Result<(), String> {
         let dd = &self.ddconfig;
+        if self.quantizer == Quantizer::Gumbel && self.embed_dim != dd.z_channels {
+            // GumbelQuantize's proj takes z_channels but is fed quant_conv's embed_dim output.
+            return Err(format!(
+                "GumbelVQ needs embed_dim == ddconfig.z_channels (got {} and {})",
+                self.embed_dim, dd.z_channels
+            ));
+        }
         if dd.double_z {
             // VQModel's quant_conv takes z_channels; double_z belongs to the KL autoencoders.
             return Err(
@@ -388,18 +469,38 @@ pub struct Vqgan {
     codebook: Tensor,
     /// `||e||^2` per codebook row, precomputed for the nearest-neighbour search.
     codebook_sq: Tensor,
+    /// GumbelVQ's `quantize.proj`: latent to codebook logits, used by [`Vqgan::encode_quantized`].
+    gumbel_proj: Option<Conv2d>,
 }
 
 impl Vqgan {
     /// Builds the model from weights named as upstream (`encoder.*`, `decoder.*`,
-    /// `quant_conv.*`, `post_quant_conv.*`, `quantize.embedding.weight`).
+    /// `quant_conv.*`, `post_quant_conv.*`, and `quantize.embedding.weight`, or for GumbelVQ
+    /// `quantize.embed.weight` and `quantize.proj.*`).
     pub fn new(vb: VarBuilder, cfg: &VqganConfig) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let dd = &cfg.ddconfig;
-        let codebook = vb
-            .pp("quantize")
-            .pp("embedding")
-            .get((cfg.n_embed, cfg.embed_dim), "weight")?;
+        let (codebook, gumbel_proj) = match cfg.quantizer {
+            Quantizer::Nearest => (
+                vb.pp("quantize")
+                    .pp("embedding")
+                    .get((cfg.n_embed, cfg.embed_dim), "weight")?,
+                None,
+            ),
+            Quantizer::Gumbel => (
+                vb.pp("quantize")
+                    .pp("embed")
+                    .get((cfg.n_embed, cfg.embed_dim), "weight")?,
+                Some(Conv2d::load(
+                    vb.pp("quantize").pp("proj"),
+                    dd.z_channels,
+                    cfg.n_embed,
+                    1,
+                    1,
+                    0,
+                )?),
+            ),
+        };
         let codebook_sq = codebook
             .to_dtype(search_dtype(codebook.dtype()))?
             .sqr()?
@@ -419,6 +520,7 @@ impl Vqgan {
             )?,
             codebook,
             codebook_sq,
+            gumbel_proj,
         })
     }
 
@@ -428,17 +530,28 @@ impl Vqgan {
     }
 
     /// Loads a VQGAN from a `.ckpt` or `.safetensors` file with its `model.yaml` beside it, or
-    /// from a directory holding both. The discriminator (`loss.*`) is never read.
+    /// from a directory holding both. The discriminator (`loss.*`) is never read; of a Net2Net
+    /// checkpoint only the first stage (`first_stage_model.*`) is, as `generate.py` uses it.
     pub fn load_with_dtype(
         path: &Path,
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let files = VqganFiles::locate(path)?;
-        let cfg = VqganConfig::from_yaml_file(&files.config)?;
-        let tensors = weights::read_tensors(&files.weights, dtype, device, &is_model_tensor)?;
+        let yaml = VqganYaml::from_yaml_file(&files.config)?;
+        let tensors = match yaml.weights_prefix {
+            None => weights::read_tensors(&files.weights, dtype, device, &is_model_tensor)?,
+            Some(prefix) => {
+                let all = weights::read_tensors(&files.weights, dtype, device, &|name| {
+                    name.starts_with(prefix)
+                })?;
+                all.into_iter()
+                    .map(|(name, t)| (name[prefix.len()..].to_owned(), t))
+                    .collect()
+            }
+        };
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
-        Self::new(vb, &cfg).map_err(|e| weights::build_error(&files.weights, e))
+        Self::new(vb, &yaml.config).map_err(|e| weights::build_error(&files.weights, e))
     }
 
     pub fn config(&self) -> &VqganConfig {
@@ -476,7 +589,25 @@ impl Vqgan {
         self.quant_conv.forward(&self.encoder.forward(img)?)
     }
 
-    /// Snaps each latent vector to its nearest codebook row (taming's `VectorQuantizer`).
+    /// The quantised latent of an image, as taming's `encode` returns it, with the indices.
+    ///
+    /// `VQModel`: the nearest codebook row to each `encode` vector. `GumbelVQ`: the codebook
+    /// row of the largest `quantize.proj` logit. taming adds Gumbel noise before that argmax
+    /// even in eval mode, so its encode is random; this is the noise-free mode of that draw.
+    pub fn encode_quantized(&self, img: &Tensor) -> Result<(Tensor, Tensor)> {
+        let z = self.encode(img)?;
+        match &self.gumbel_proj {
+            None => self.quantize(&z),
+            Some(proj) => {
+                let logits = proj.forward(&z.detach())?;
+                let indices = logits.argmax(1)?;
+                Ok((self.embed_indices(&indices)?.to_dtype(z.dtype())?, indices))
+            }
+        }
+    }
+
+    /// Snaps each latent vector to its nearest codebook row (taming's `VectorQuantizer`, and
+    /// what `generate.py` does for every model, GumbelVQ included).
     ///
     /// Returns `z_q = z + (e - z).detach()`, so the value is the codebook row while the
     /// gradient passes straight through to `z`, and the indices (B, h, w) as u32.
@@ -686,13 +817,42 @@ mod tests {
     }
 
     #[test]
-    fn rejects_other_quantizers_with_a_reason() {
+    fn gumbel_and_net2net_yamls_parse() {
         let gumbel = F16_16384.replace(
             "taming.models.vqgan.VQModel",
             "taming.models.vqgan.GumbelVQ",
         );
-        let err = VqganConfig::from_yaml_str(&gumbel).unwrap_err();
-        assert!(err.contains("GumbelVQ"), "{err}");
+        let yaml = VqganYaml::from_yaml_str(&gumbel).unwrap();
+        assert_eq!(yaml.config.quantizer, Quantizer::Gumbel);
+        assert_eq!(yaml.weights_prefix, None);
+        let narrow = gumbel.replace("z_channels: 256", "z_channels: 128");
+        let err = VqganConfig::from_yaml_str(&narrow).unwrap_err();
+        assert!(err.contains("embed_dim == ddconfig.z_channels"), "{err}");
+
+        // The first stage nested in a Net2Net config, indented one level deeper.
+        let first_stage: String = F16_16384
+            .lines()
+            .skip(3)
+            .map(|l| format!("    {l}\n"))
+            .collect();
+        let net2net = format!(
+            "model:\n  target: taming.models.cond_transformer.Net2NetTransformer\n  params:\n    \
+             cond_stage_key: segmentation\n    transformer_config:\n      target: x.GPT\n    \
+             first_stage_config:\n      target: taming.models.vqgan.VQModel\n{first_stage}"
+        );
+        let yaml = VqganYaml::from_yaml_str(&net2net).unwrap();
+        assert_eq!(yaml.weights_prefix, Some(NET2NET_FIRST_STAGE_PREFIX));
+        assert_eq!(yaml.config, VqganConfig::from_yaml_str(F16_16384).unwrap());
+        let headless = net2net.replace("first_stage_config", "cond_stage_config");
+        let err = VqganConfig::from_yaml_str(&headless).unwrap_err();
+        assert!(err.contains("first_stage_config"), "{err}");
+    }
+
+    #[test]
+    fn rejects_other_quantizers_with_a_reason() {
+        let ema = F16_16384.replace("taming.models.vqgan.VQModel", "taming.models.vqgan.EMAVQ");
+        let err = VqganConfig::from_yaml_str(&ema).unwrap_err();
+        assert!(err.contains("EMAVQ") && err.contains("GumbelVQ"), "{err}");
         let kl = F16_16384.replace("double_z: false", "double_z: true");
         let err = VqganConfig::from_yaml_str(&kl).unwrap_err();
         assert!(err.contains("double_z"), "{err}");

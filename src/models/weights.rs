@@ -99,6 +99,10 @@ fn read_pickle(
             )
         })?,
     };
+    if pth.tensor_infos().is_empty() {
+        // Not a state dict at all: perhaps a TorchScript archive, whose data.pkl is the module.
+        return read_torchscript(path, keep);
+    }
     let mut names: Vec<&String> = pth.tensor_infos().keys().filter(|n| keep(n)).collect();
     names.sort();
     names
@@ -111,6 +115,101 @@ fn read_pickle(
             Ok((name.clone(), t))
         })
         .collect()
+}
+
+/// Reads the parameters and buffers of a TorchScript archive (`torch.jit.save`, the format of
+/// OpenAI's published CLIP `.pt` files) under their `state_dict()` names.
+///
+/// Its `data.pkl` pickles the module tree itself: each module is an object of a `__torch__.*`
+/// class built from a dict of attributes, where submodules nest and tensors are leaves. candle
+/// reads only flat state dicts, so this walks the tree and joins the attribute names with dots.
+fn read_torchscript(
+    path: &Path,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<Vec<(String, Tensor)>, ModelError> {
+    use candle_core::pickle::Stack;
+    use std::io::{BufReader, Read};
+
+    let err = |e: &dyn std::fmt::Display| ModelError::weights(path, e.to_string());
+    let open = || -> Result<zip::ZipArchive<BufReader<std::fs::File>>, ModelError> {
+        let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        zip::ZipArchive::new(BufReader::new(file)).map_err(|e| err(&e))
+    };
+    let mut zip = open()?;
+    let pkl = zip
+        .file_names()
+        .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
+        .map(str::to_owned)
+        .ok_or_else(|| err(&"no data.pkl: neither a state dict nor a TorchScript archive"))?;
+    let dir = pkl.trim_end_matches(".pkl").to_owned();
+    let root = {
+        let mut reader = BufReader::new(zip.by_name(&pkl).map_err(|e| err(&e))?);
+        let mut stack = Stack::empty();
+        stack.read_loop(&mut reader).map_err(|e| err(&e))?;
+        stack.finalize().map_err(|e| err(&e))?
+    };
+    let mut infos = Vec::new();
+    collect_module_tensors(root, String::new(), Path::new(&dir), &mut infos);
+    infos.retain(|i| keep(&i.name));
+    infos.sort_by(|a, b| a.name.cmp(&b.name));
+    infos
+        .into_iter()
+        .map(|info| {
+            let what = |e: &dyn std::fmt::Display| {
+                ModelError::weights(path, format!("tensor {}: {e}", info.name))
+            };
+            let layout = &info.layout;
+            if !layout.is_contiguous() {
+                return Err(what(&"stored non-contiguous; re-save it with .contiguous()"));
+            }
+            let mut entry = zip.by_name(&info.path).map_err(|e| what(&e))?;
+            std::io::copy(
+                &mut (&mut entry).take(layout.start_offset() as u64),
+                &mut std::io::sink(),
+            )
+            .map_err(|e| what(&e))?;
+            let t = Tensor::from_reader(layout.shape().clone(), info.dtype, &mut entry)
+                .map_err(|e| what(&e))?;
+            Ok((info.name, t))
+        })
+        .collect()
+}
+
+/// Depth-first over a TorchScript module object: tensors become `prefix.name` entries.
+fn collect_module_tensors(
+    obj: candle_core::pickle::Object,
+    prefix: String,
+    dir: &Path,
+    out: &mut Vec<candle_core::pickle::TensorInfo>,
+) {
+    use candle_core::pickle::Object;
+    let Object::Build { callable, args } = obj else {
+        return;
+    };
+    let is_module = matches!(&*callable, Object::Reduce { callable, .. }
+        if matches!(&**callable, Object::Class { module_name, .. } if module_name.starts_with("__torch__")));
+    let Object::Dict(attributes) = *args else {
+        return;
+    };
+    if !is_module {
+        return;
+    }
+    for (key, value) in attributes {
+        let Object::Unicode(name) = key else { continue };
+        let full = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match value {
+            Object::Build { .. } => collect_module_tensors(value, full, dir, out),
+            tensor => {
+                if let Ok(Some(info)) = tensor.into_tensor_info(Object::Unicode(full), dir) {
+                    out.push(info);
+                }
+            }
+        }
+    }
 }
 
 /// Turns a missing-tensor or shape error from a `VarBuilder` into one that names the file.
