@@ -202,7 +202,7 @@ fn convert_openai_clip(
         .filter(|(name, _)| clip_openai::is_openai_model_tensor(name))
         .collect();
     // Check that it builds before writing anything.
-    clip_openai::config_from_state_dict(&kept)
+    clip_openai::config_from_state_dict(&clip_openai::shapes(&kept))
         .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
     if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)

@@ -580,7 +580,7 @@ impl Clip {
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
-        let cfg = clip_openai::config_from_state_dict(&tensors)
+        let cfg = clip_openai::config_from_state_dict(&clip_openai::shapes(&tensors))
             .map_err(|e| ModelError::weights(weights_path, e))?;
         let tensors = clip_openai::to_hf_names(tensors)
             .map_err(|e| ModelError::weights(weights_path, e))?;
@@ -650,6 +650,14 @@ impl Clip {
         let device = self.pixel_mean.device();
         let ids = Tensor::from_vec(ids, (prompts.len(), 77), device)?;
         Ok((self.encode_text(&ids)?, truncated))
+    }
+}
+
+/// The weights file `Clip::load` reads for `path` (to identify a model by its hash).
+pub fn weights_file(path: &Path) -> std::result::Result<PathBuf, ModelError> {
+    match openai_weights(path)? {
+        Some(file) => Ok(file),
+        None => locate_clip(path).map(|(_, file)| file),
     }
 }
 

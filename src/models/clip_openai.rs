@@ -30,23 +30,33 @@ pub fn is_openai_model_tensor(name: &str) -> bool {
     )
 }
 
-fn dims<'a>(
-    tensors: &'a HashMap<String, Tensor>,
-    name: &str,
-) -> Result<&'a [usize], String> {
-    tensors
+/// Size `index` of tensor `name`, or why the file is not an OpenAI CLIP.
+fn dim(shapes: &HashMap<String, Vec<usize>>, name: &str, index: usize) -> Result<usize, String> {
+    let dims = shapes
         .get(name)
-        .map(|t| t.dims())
-        .ok_or_else(|| format!("no tensor {name}; is this an OpenAI CLIP file?"))
+        .ok_or_else(|| format!("no tensor {name}; is this an OpenAI CLIP file?"))?;
+    dims.get(index)
+        .copied()
+        .ok_or_else(|| format!("tensor {name} has shape {dims:?}; is this an OpenAI CLIP file?"))
 }
 
-/// `build_model`'s reading of the architecture from the shapes.
-pub fn config_from_state_dict(tensors: &HashMap<String, Tensor>) -> Result<ClipConfig, String> {
-    let names = || tensors.keys().map(String::as_str);
-    let embed_dim = dims(tensors, "text_projection")?[1];
-    let context_length = dims(tensors, "positional_embedding")?[0];
-    let vocab_size = dims(tensors, "token_embedding.weight")?[0];
-    let width = dims(tensors, "ln_final.weight")?[0];
+/// The shape of every tensor, which is all `build_model` looks at.
+pub fn shapes(tensors: &HashMap<String, Tensor>) -> HashMap<String, Vec<usize>> {
+    tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .collect()
+}
+
+/// `build_model`'s reading of the architecture from the tensor shapes.
+pub fn config_from_state_dict(
+    shapes: &HashMap<String, Vec<usize>>,
+) -> Result<ClipConfig, String> {
+    let names = || shapes.keys().map(String::as_str);
+    let embed_dim = dim(shapes, "text_projection", 1)?;
+    let context_length = dim(shapes, "positional_embedding", 0)?;
+    let vocab_size = dim(shapes, "token_embedding.weight", 0)?;
+    let width = dim(shapes, "ln_final.weight", 0)?;
     let text_layers = count_indexed(names(), "transformer.resblocks.");
     if text_layers == 0 || width < HEAD_WIDTH {
         return Err(format!(
@@ -65,18 +75,18 @@ pub fn config_from_state_dict(tensors: &HashMap<String, Tensor>) -> Result<ClipC
         // OpenAI pools at text.argmax(-1): HF's legacy eos_token_id 2 does the same.
         eos_token_id: 2,
     };
-    let (vision_config, vision_resnet) = if tensors.contains_key("visual.proj") {
-        let width = dims(tensors, "visual.conv1.weight")?[0];
-        let patch = dims(tensors, "visual.conv1.weight")?[3];
-        let grid = ((dims(tensors, "visual.positional_embedding")?[0] - 1) as f64).sqrt();
-        let layers = count_indexed(names(), "visual.transformer.resblocks.");
+    let (vision_config, vision_resnet) = if shapes.contains_key("visual.proj") {
+        let width = dim(shapes, "visual.conv1.weight", 0)?;
+        let patch = dim(shapes, "visual.conv1.weight", 3)?;
+        let tokens = dim(shapes, "visual.positional_embedding", 0)?;
+        let grid = (tokens.saturating_sub(1) as f64).sqrt().round() as usize;
         let vision = ClipVisionConfig {
             hidden_size: width,
             intermediate_size: width * 4,
-            num_hidden_layers: layers,
+            num_hidden_layers: count_indexed(names(), "visual.transformer.resblocks."),
             num_attention_heads: width / HEAD_WIDTH,
             num_channels: 3,
-            image_size: patch * grid.round() as usize,
+            image_size: patch * grid,
             patch_size: patch,
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
@@ -84,9 +94,9 @@ pub fn config_from_state_dict(tensors: &HashMap<String, Tensor>) -> Result<ClipC
         (vision, None)
     } else {
         let layers = [1, 2, 3, 4].map(|b| count_indexed(names(), &format!("visual.layer{b}.")));
-        let width = dims(tensors, "visual.layer1.0.conv1.weight")?[0];
-        let tokens = dims(tensors, "visual.attnpool.positional_embedding")?[0];
-        let grid = ((tokens - 1) as f64).sqrt().round() as usize;
+        let width = dim(shapes, "visual.layer1.0.conv1.weight", 0)?;
+        let tokens = dim(shapes, "visual.attnpool.positional_embedding", 0)?;
+        let grid = (tokens.saturating_sub(1) as f64).sqrt().round() as usize;
         if grid * grid + 1 != tokens {
             return Err(format!(
                 "visual.attnpool.positional_embedding has {tokens} rows, not a square grid plus one"
@@ -116,75 +126,64 @@ pub fn config_from_state_dict(tensors: &HashMap<String, Tensor>) -> Result<ClipC
     Ok(cfg)
 }
 
-/// Renames an OpenAI state dict to the names [`super::Clip::new`] reads: the text transformer
-/// (and a ViT) to HF's, splitting `in_proj_*` into q/k/v and transposing the projections
-/// (OpenAI multiplies `x @ proj`, HF stores `Linear` weights as (out, in)).
-pub fn to_hf_names(
-    tensors: HashMap<String, Tensor>,
-) -> candle_core::Result<HashMap<String, Tensor>> {
-    let vit = tensors.contains_key("visual.proj");
-    let mut out = HashMap::with_capacity(tensors.len() + 16);
-    for (name, t) in tensors {
-        let renamed = |s: &str| Some(s.to_owned());
-        let mapped: Option<String> = match name.as_str() {
-            "token_embedding.weight" => renamed("text_model.embeddings.token_embedding.weight"),
-            "positional_embedding" => renamed("text_model.embeddings.position_embedding.weight"),
-            "ln_final.weight" => renamed("text_model.final_layer_norm.weight"),
-            "ln_final.bias" => renamed("text_model.final_layer_norm.bias"),
-            "text_projection" => {
-                out.insert("text_projection.weight".into(), t.t()?.contiguous()?);
-                continue;
-            }
-            n if n.starts_with("transformer.resblocks.") => {
-                let rest = &n["transformer.resblocks.".len()..];
-                insert_block(&mut out, "text_model.encoder.layers.", rest, t)?;
-                continue;
-            }
-            n if vit && n.starts_with("visual.") => {
-                let rest = &n["visual.".len()..];
-                match rest {
-                    "conv1.weight" => {
-                        renamed("vision_model.embeddings.patch_embedding.weight")
-                    }
-                    "class_embedding" => renamed("vision_model.embeddings.class_embedding"),
-                    "positional_embedding" => {
-                        renamed("vision_model.embeddings.position_embedding.weight")
-                    }
-                    "ln_pre.weight" => renamed("vision_model.pre_layrnorm.weight"),
-                    "ln_pre.bias" => renamed("vision_model.pre_layrnorm.bias"),
-                    "ln_post.weight" => renamed("vision_model.post_layernorm.weight"),
-                    "ln_post.bias" => renamed("vision_model.post_layernorm.bias"),
-                    "proj" => {
-                        out.insert("visual_projection.weight".into(), t.t()?.contiguous()?);
-                        continue;
-                    }
-                    r if r.starts_with("transformer.resblocks.") => {
-                        let rest = &r["transformer.resblocks.".len()..];
-                        insert_block(&mut out, "vision_model.encoder.layers.", rest, t)?;
-                        continue;
-                    }
-                    _ => None,
-                }
-            }
-            n if n.starts_with("visual.") => Some(name.clone()),
-            _ => None,
-        };
-        if let Some(mapped) = mapped {
-            out.insert(mapped, t);
-        }
-    }
-    Ok(out)
+/// Where one OpenAI tensor goes among the names [`super::Clip::new`] reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renamed {
+    As(String),
+    /// OpenAI multiplies `x @ proj`; HF stores `Linear` weights as (out, in).
+    Transposed(String),
+    /// `nn.MultiheadAttention`'s packed (3 * width, ...) projection, split into q, k, v.
+    SplitQkv([String; 3]),
+    /// Not used by the model.
+    Dropped,
 }
 
-/// One residual attention block: `{i}.ln_1.weight` etc. under HF's encoder-layer names.
-fn insert_block(
-    out: &mut HashMap<String, Tensor>,
-    hf_prefix: &str,
-    rest: &str,
-    t: Tensor,
-) -> candle_core::Result<()> {
+/// The HF name of an OpenAI tensor: the text transformer (and a ViT image tower) take HF's
+/// names; a ResNet keeps its `visual.*` names.
+pub fn hf_name(name: &str, vit: bool) -> Renamed {
+    let text = match name {
+        "token_embedding.weight" => Some("text_model.embeddings.token_embedding.weight"),
+        "positional_embedding" => Some("text_model.embeddings.position_embedding.weight"),
+        "ln_final.weight" => Some("text_model.final_layer_norm.weight"),
+        "ln_final.bias" => Some("text_model.final_layer_norm.bias"),
+        "text_projection" => return Renamed::Transposed("text_projection.weight".into()),
+        _ => None,
+    };
+    if let Some(n) = text {
+        return Renamed::As(n.into());
+    }
+    if let Some(rest) = name.strip_prefix("transformer.resblocks.") {
+        return block_name("text_model.encoder.layers.", rest);
+    }
+    let Some(visual) = name.strip_prefix("visual.") else {
+        return Renamed::Dropped;
+    };
+    if !vit {
+        return Renamed::As(name.into());
+    }
+    let vit_name = match visual {
+        "conv1.weight" => "vision_model.embeddings.patch_embedding.weight",
+        "class_embedding" => "vision_model.embeddings.class_embedding",
+        "positional_embedding" => "vision_model.embeddings.position_embedding.weight",
+        "ln_pre.weight" => "vision_model.pre_layrnorm.weight",
+        "ln_pre.bias" => "vision_model.pre_layrnorm.bias",
+        "ln_post.weight" => "vision_model.post_layernorm.weight",
+        "ln_post.bias" => "vision_model.post_layernorm.bias",
+        "proj" => return Renamed::Transposed("visual_projection.weight".into()),
+        _ => {
+            return match visual.strip_prefix("transformer.resblocks.") {
+                Some(rest) => block_name("vision_model.encoder.layers.", rest),
+                None => Renamed::Dropped,
+            }
+        }
+    };
+    Renamed::As(vit_name.into())
+}
+
+/// One residual attention block's tensor (`{i}.ln_1.weight` ...) under HF's layer names.
+fn block_name(hf_prefix: &str, rest: &str) -> Renamed {
     let Some((index, field)) = rest.split_once('.') else {
-        return Ok(());
+        return Renamed::Dropped;
     };
     let layer = format!("{hf_prefix}{index}.");
     let simple = match field {
@@ -199,23 +198,74 @@ fn insert_block(
         "mlp.c_proj.weight" => "mlp.fc2.weight",
         "mlp.c_proj.bias" => "mlp.fc2.bias",
         "attn.in_proj_weight" | "attn.in_proj_bias" => {
-            // (3 * width, ...) stacked q, k, v: nn.MultiheadAttention's packed projection.
             let kind = if field.ends_with("weight") {
                 "weight"
             } else {
                 "bias"
             };
-            let width = t.dim(0)? / 3;
-            for (i, proj) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
-                out.insert(
-                    format!("{layer}self_attn.{proj}.{kind}"),
-                    t.narrow(0, i * width, width)?.contiguous()?,
-                );
-            }
-            return Ok(());
+            return Renamed::SplitQkv(
+                ["q_proj", "k_proj", "v_proj"].map(|p| format!("{layer}self_attn.{p}.{kind}")),
+            );
         }
-        _ => return Ok(()),
+        _ => return Renamed::Dropped,
     };
-    out.insert(format!("{layer}{simple}"), t);
-    Ok(())
+    Renamed::As(format!("{layer}{simple}"))
+}
+
+/// Whether the state dict's image tower is a ViT (OpenAI's `build_model` test).
+pub fn is_vit<'a>(mut names: impl Iterator<Item = &'a str>) -> bool {
+    names.any(|n| n == "visual.proj")
+}
+
+/// Renames an OpenAI state dict to the names [`super::Clip::new`] reads (see [`hf_name`]).
+pub fn to_hf_names(
+    tensors: HashMap<String, Tensor>,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    let vit = is_vit(tensors.keys().map(String::as_str));
+    let mut out = HashMap::with_capacity(tensors.len() + 16);
+    for (name, t) in tensors {
+        match hf_name(&name, vit) {
+            Renamed::As(n) => {
+                out.insert(n, t);
+            }
+            Renamed::Transposed(n) => {
+                out.insert(n, t.t()?.contiguous()?);
+            }
+            Renamed::SplitQkv(names) => {
+                let width = t.dim(0)? / 3;
+                for (i, n) in names.into_iter().enumerate() {
+                    out.insert(n, t.narrow(0, i * width, width)?.contiguous()?);
+                }
+            }
+            Renamed::Dropped => {}
+        }
+    }
+    Ok(out)
+}
+
+/// [`to_hf_names`] on shapes alone, to check real-size architectures without their weights.
+pub fn hf_shapes(shapes: &HashMap<String, Vec<usize>>) -> HashMap<String, Vec<usize>> {
+    let vit = is_vit(shapes.keys().map(String::as_str));
+    let mut out = HashMap::new();
+    for (name, dims) in shapes {
+        match hf_name(name, vit) {
+            Renamed::As(n) => {
+                out.insert(n, dims.clone());
+            }
+            Renamed::Transposed(n) => {
+                out.insert(n, dims.iter().rev().copied().collect());
+            }
+            Renamed::SplitQkv(names) => {
+                let mut part = dims.clone();
+                if let Some(rows) = part.first_mut() {
+                    *rows /= 3;
+                }
+                for n in names {
+                    out.insert(n, part.clone());
+                }
+            }
+            Renamed::Dropped => {}
+        }
+    }
+    out
 }

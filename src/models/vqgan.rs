@@ -125,7 +125,7 @@ impl VqganYaml {
                     "model.target is {}; supported are taming.models.vqgan.VQModel, \
                      taming.models.vqgan.GumbelVQ and taming.models.cond_transformer.Net2NetTransformer \
                      (its first stage)",
-                    target.unwrap_or_default()
+                    target.as_deref().unwrap_or_default()
                 ))
             }
         };

@@ -138,8 +138,8 @@ fn read_torchscript(
     let mut zip = open()?;
     let pkl = zip
         .file_names()
+        .filter_map(|n| n.ok().map(std::borrow::Cow::into_owned))
         .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
-        .map(str::to_owned)
         .ok_or_else(|| err(&"no data.pkl: neither a state dict nor a TorchScript archive"))?;
     let dir = pkl.trim_end_matches(".pkl").to_owned();
     let root = {
@@ -168,7 +168,9 @@ fn read_torchscript(
                 &mut std::io::sink(),
             )
             .map_err(|e| what(&e))?;
-            let t = Tensor::from_reader(layout.shape().clone(), info.dtype, &mut entry)
+            let mut bytes = vec![0u8; layout.shape().elem_count() * info.dtype.size_in_bytes()];
+            entry.read_exact(&mut bytes).map_err(|e| what(&e))?;
+            let t = Tensor::from_raw_buffer(&bytes, info.dtype, layout.dims(), &Device::Cpu)
                 .map_err(|e| what(&e))?;
             Ok((info.name, t))
         })

@@ -54,7 +54,7 @@ impl ModelSet {
         for name in &spec.clip {
             let path = catalogue::resolve_clip(name, cache).map_err(|e| model_err(&e))?;
             clips.push(Clip::load(&path, device).map_err(|e| model_err(&e))?);
-            clip_ids.push(identify(name, &clip_weights(&path))?);
+            clip_ids.push(identify(name, &clip_weights(&path)?)?);
         }
         Ok(Self {
             vqgan,
@@ -88,7 +88,7 @@ impl ModelSet {
         let mut ids = Vec::new();
         for path in clips {
             loaded.push(Clip::load(path, device).map_err(|e| model_err(&e))?);
-            ids.push(identify(&path.display().to_string(), &clip_weights(path))?);
+            ids.push(identify(&path.display().to_string(), &clip_weights(path)?)?);
         }
         Ok(Self::from_loaded(
             vqgan_model,
@@ -111,16 +111,8 @@ fn vqgan_weights(path: &Path) -> Result<PathBuf, RenderError> {
         .map_err(|e| RenderError::Model(e.to_string()))
 }
 
-fn clip_weights(path: &Path) -> PathBuf {
-    if path.is_dir() {
-        ["model.safetensors", "pytorch_model.bin"]
-            .iter()
-            .map(|n| path.join(n))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| path.join("model.safetensors"))
-    } else {
-        path.to_owned()
-    }
+fn clip_weights(path: &Path) -> Result<PathBuf, RenderError> {
+    crate::models::clip::weights_file(path).map_err(|e| RenderError::Model(e.to_string()))
 }
 
 fn identify(name: &str, weights: &Path) -> Result<ModelIdentity, RenderError> {
