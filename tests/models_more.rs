@@ -20,14 +20,22 @@ fn relative_error(ours: &Tensor, reference: &Tensor) -> f32 {
     assert_eq!(ours.dims(), reference.dims(), "shape mismatch");
     let ours = ours.to_dtype(DType::F32).unwrap();
     let reference = reference.to_dtype(DType::F32).unwrap();
-    let diff = (ours - &reference).unwrap().abs().unwrap().max_all().unwrap();
+    let diff = (ours - &reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     let scale = reference.abs().unwrap().max_all().unwrap();
     diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
 }
 
 fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
     let err = relative_error(ours, reference);
-    assert!(err <= TOLERANCE, "{what}: relative error {err:e} > {TOLERANCE:e}");
+    assert!(
+        err <= TOLERANCE,
+        "{what}: relative error {err:e} > {TOLERANCE:e}"
+    );
 }
 
 fn as_u32(t: &Tensor) -> Vec<u32> {
@@ -55,7 +63,11 @@ fn check_vq_roundtrip(vq: &Vqgan, prefix: &str, t: &HashMap<String, Tensor>) {
     );
     assert_close(&format!("{prefix} z_q"), &z_q, &t[&format!("{prefix}_z_q")]);
     let dec = vq.decode(&z_q).unwrap();
-    assert_close(&format!("{prefix} decode"), &dec, &t[&format!("{prefix}_decoded")]);
+    assert_close(
+        &format!("{prefix} decode"),
+        &dec,
+        &t[&format!("{prefix}_decoded")],
+    );
 }
 
 #[test]
@@ -122,7 +134,9 @@ fn resnet_clip_pixel_gradient_matches_torch() {
         .sum_all()
         .unwrap();
     let grads = loss.backward().unwrap();
-    let grad = grads.get(pixels.as_tensor()).expect("no gradient reached the pixels");
+    let grad = grads
+        .get(pixels.as_tensor())
+        .expect("no gradient reached the pixels");
     assert_close("RN d/dpixels", grad, &t["rn_pixel_grad"]);
 }
 
@@ -130,25 +144,52 @@ fn resnet_clip_pixel_gradient_matches_torch() {
 /// stride-2 conv, the avgpool downsampling and the attention pool's softmax.
 #[test]
 fn resnet_clip_pixel_gradient_matches_finite_differences() {
-    let clip = Clip::load_with_dtype(&fixture("clip-rn-tiny/RN-tiny.pt"), DType::F64, &Device::Cpu)
-        .unwrap();
+    let clip = Clip::load_with_dtype(
+        &fixture("clip-rn-tiny/RN-tiny.pt"),
+        DType::F64,
+        &Device::Cpu,
+    )
+    .unwrap();
     let t = reference();
-    let x0 = t["rn_pixels"].narrow(0, 0, 1).unwrap().to_dtype(DType::F64).unwrap();
-    let w = t["rn_grad_weights"].narrow(0, 0, 1).unwrap().to_dtype(DType::F64).unwrap();
+    let x0 = t["rn_pixels"]
+        .narrow(0, 0, 1)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let w = t["rn_grad_weights"]
+        .narrow(0, 0, 1)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     let f = |x: &Tensor| -> Tensor {
-        (clip.encode_image(x).unwrap() * &w).unwrap().sum_all().unwrap()
+        (clip.encode_image(x).unwrap() * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
     };
     let x = Var::from_tensor(&x0).unwrap();
     let grads = f(x.as_tensor()).backward().unwrap();
     let g = grads.get(x.as_tensor()).unwrap();
     let dir = Tensor::randn(0f64, 1.0, x0.dims(), &Device::Cpu).unwrap();
-    let analytic = (g * &dir).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let analytic = (g * &dir)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     let h = 1e-5;
-    let plus = f(&(&x0 + (&dir * h).unwrap()).unwrap()).to_scalar::<f64>().unwrap();
-    let minus = f(&(&x0 - (&dir * h).unwrap()).unwrap()).to_scalar::<f64>().unwrap();
+    let plus = f(&(&x0 + (&dir * h).unwrap()).unwrap())
+        .to_scalar::<f64>()
+        .unwrap();
+    let minus = f(&(&x0 - (&dir * h).unwrap()).unwrap())
+        .to_scalar::<f64>()
+        .unwrap();
     let numeric = (plus - minus) / (2.0 * h);
     let err = (analytic - numeric).abs() / numeric.abs().max(1e-6);
-    assert!(err < 1e-5, "analytic {analytic} vs numeric {numeric} (rel {err:e})");
+    assert!(
+        err < 1e-5,
+        "analytic {analytic} vs numeric {numeric} (rel {err:e})"
+    );
 }
 
 mod render_with_them {
@@ -156,8 +197,8 @@ mod render_with_them {
     //! `decode`, `encode`; `encode_image`, `encode_text`, `image_size`, `normalize_pixels`).
 
     use super::*;
-    use vqclip::render::{render, CancelToken, JobSpec, ModelSet, RenderJob, RenderOutcome};
     use vqclip::render::RenderSession;
+    use vqclip::render::{render, CancelToken, JobSpec, ModelSet, RenderJob, RenderOutcome};
 
     fn spec(json: &str) -> JobSpec {
         let mut value: serde_json::Value = serde_json::from_str(json).unwrap();
@@ -166,7 +207,11 @@ mod render_with_them {
             "augments": [], "seed": 3, "video": {"enabled": false}
         });
         for (k, v) in defaults.as_object().unwrap() {
-            value.as_object_mut().unwrap().entry(k.clone()).or_insert(v.clone());
+            value
+                .as_object_mut()
+                .unwrap()
+                .entry(k.clone())
+                .or_insert(v.clone());
         }
         serde_json::from_value(value).unwrap()
     }
@@ -182,7 +227,10 @@ mod render_with_them {
         )
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let job = RenderJob::new(spec(r#"{"prompts": "a photo of a cat", "steps": 12}"#), dir.path());
+        let job = RenderJob::new(
+            spec(r#"{"prompts": "a photo of a cat", "steps": 12}"#),
+            dir.path(),
+        );
         let mut session = RenderSession::new(&job, &models).unwrap();
         let before = session.similarities().unwrap();
         for _ in 0..12 {
@@ -202,7 +250,10 @@ mod render_with_them {
         )
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let job = RenderJob::new(spec(r#"{"prompts": "a lighthouse", "steps": 3}"#), dir.path());
+        let job = RenderJob::new(
+            spec(r#"{"prompts": "a lighthouse", "steps": 3}"#),
+            dir.path(),
+        );
         let mut sink = |_: vqclip::render::ProgressEvent| {};
         let outcome = render(&job, &models, &mut sink, &CancelToken::new()).unwrap();
         let RenderOutcome::Completed(art) = outcome else {
@@ -270,7 +321,12 @@ mod cli {
         let input = fixture("clip-rn-tiny/RN-tiny.pt");
         let said = ok(&vqclip(
             tmp.path(),
-            &["models".as_ref(), "convert".as_ref(), input.as_os_str(), out.as_os_str()],
+            &[
+                "models".as_ref(),
+                "convert".as_ref(),
+                input.as_os_str(),
+                out.as_os_str(),
+            ],
         ));
         assert!(said.contains("OpenAI CLIP"), "{said}");
         std::fs::copy(
@@ -289,11 +345,18 @@ mod cli {
         let input = fixture("net2net-tiny/last.ckpt");
         let said = ok(&vqclip(
             tmp.path(),
-            &["models".as_ref(), "convert".as_ref(), input.as_os_str(), out.as_os_str()],
+            &[
+                "models".as_ref(),
+                "convert".as_ref(),
+                input.as_os_str(),
+                out.as_os_str(),
+            ],
         ));
         assert!(said.contains("outside the first stage"), "{said}");
         let tensors = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-        assert!(tensors.keys().all(|k| !k.contains("first_stage_model") && !k.starts_with("transformer.")));
+        assert!(tensors
+            .keys()
+            .all(|k| !k.contains("first_stage_model") && !k.starts_with("transformer.")));
         let yaml = std::fs::read_to_string(tmp.path().join("vq/model.yaml")).unwrap();
         assert!(yaml.contains("taming.models.vqgan.VQModel"), "{yaml}");
         let vq = Vqgan::load(&out, &Device::Cpu).unwrap();

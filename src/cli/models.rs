@@ -138,7 +138,8 @@ fn convert(input: &Path, output: &Path) -> anyhow::Result<()> {
             input.display()
         );
     }
-    if !kept.contains_key("quantize.embedding.weight") && !kept.contains_key("quantize.embed.weight")
+    if !kept.contains_key("quantize.embedding.weight")
+        && !kept.contains_key("quantize.embed.weight")
     {
         eprintln!(
             "warning: no quantize.embedding.weight (or GumbelVQ's quantize.embed.weight) in the \
@@ -170,7 +171,11 @@ fn convert(input: &Path, output: &Path) -> anyhow::Result<()> {
         Some(yaml) if net2net.is_some() => {
             let dest = output.with_file_name("model.yaml");
             write_first_stage_yaml(&yaml, &dest)?;
-            println!("wrote the first stage of {} to {}", yaml.display(), dest.display());
+            println!(
+                "wrote the first stage of {} to {}",
+                yaml.display(),
+                dest.display()
+            );
         }
         Some(yaml) => {
             let dest = output.with_file_name("model.yaml");
@@ -225,14 +230,19 @@ fn convert_openai_clip(
 fn write_first_stage_yaml(net2net: &Path, dest: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(net2net)
         .with_context(|| format!("reading {}", net2net.display()))?;
-    let root: serde_yaml::Value = serde_yaml::from_str(&text)
-        .with_context(|| format!("parsing {}", net2net.display()))?;
+    let root: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", net2net.display()))?;
     let first = root
         .get("model")
         .and_then(|m| m.get("params"))
         .and_then(|p| p.get("first_stage_config"))
         .cloned()
-        .with_context(|| format!("{} has no model.params.first_stage_config", net2net.display()))?;
+        .with_context(|| {
+            format!(
+                "{} has no model.params.first_stage_config",
+                net2net.display()
+            )
+        })?;
     let mut doc = serde_yaml::Mapping::new();
     doc.insert("model".into(), first);
     let out = serde_yaml::to_string(&doc)?;

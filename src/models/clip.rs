@@ -582,8 +582,8 @@ impl Clip {
     ) -> std::result::Result<Self, ModelError> {
         let cfg = clip_openai::config_from_state_dict(&clip_openai::shapes(&tensors))
             .map_err(|e| ModelError::weights(weights_path, e))?;
-        let tensors = clip_openai::to_hf_names(tensors)
-            .map_err(|e| ModelError::weights(weights_path, e))?;
+        let tensors =
+            clip_openai::to_hf_names(tensors).map_err(|e| ModelError::weights(weights_path, e))?;
         let dir = weights_path.parent().unwrap_or(Path::new("."));
         let tokenizer = ClipTokenizer::from_dir(dir)?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);

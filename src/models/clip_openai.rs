@@ -49,9 +49,7 @@ pub fn shapes(tensors: &HashMap<String, Tensor>) -> HashMap<String, Vec<usize>> 
 }
 
 /// `build_model`'s reading of the architecture from the tensor shapes.
-pub fn config_from_state_dict(
-    shapes: &HashMap<String, Vec<usize>>,
-) -> Result<ClipConfig, String> {
+pub fn config_from_state_dict(shapes: &HashMap<String, Vec<usize>>) -> Result<ClipConfig, String> {
     let names = || shapes.keys().map(String::as_str);
     let embed_dim = dim(shapes, "text_projection", 1)?;
     let context_length = dim(shapes, "positional_embedding", 0)?;

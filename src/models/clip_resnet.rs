@@ -48,7 +48,10 @@ impl ResNetVisionConfig {
             ));
         }
         if self.layers.contains(&0) {
-            return Err(format!("every ResNet stage needs a block, got {:?}", self.layers));
+            return Err(format!(
+                "every ResNet stage needs a block, got {:?}",
+                self.layers
+            ));
         }
         if self.image_size == 0 || !self.image_size.is_multiple_of(RESNET_REDUCTION) {
             return Err(format!(

@@ -90,7 +90,10 @@ impl VqganYaml {
         let root: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
         let (target, params, weights_prefix) = match root.get("model") {
             Some(model) => {
-                let target = model.get("target").and_then(|t| t.as_str()).map(str::to_owned);
+                let target = model
+                    .get("target")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_owned);
                 let params = model
                     .get("params")
                     .cloned()

@@ -160,7 +160,9 @@ fn read_torchscript(
             };
             let layout = &info.layout;
             if !layout.is_contiguous() {
-                return Err(what(&"stored non-contiguous; re-save it with .contiguous()"));
+                return Err(what(
+                    &"stored non-contiguous; re-save it with .contiguous()",
+                ));
             }
             let mut entry = zip.by_name(&info.path).map_err(|e| what(&e))?;
             std::io::copy(
