@@ -363,3 +363,117 @@ mod cli {
         check_vq_roundtrip(&vq, "net2net", &reference());
     }
 }
+
+mod real_size {
+    //! The catalogue architectures against the real upstream modules' names and shapes
+    //! (`upstream-shapes-more.json`, built on PyTorch's meta device): what OpenAI's
+    //! `build_model` reads off their files is what `architectures` builds, and the model asks
+    //! for exactly those tensors.
+
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use vqclip::models::architectures;
+    use vqclip::models::clip_openai;
+
+    type Shapes = HashMap<String, Vec<usize>>;
+
+    fn upstream() -> HashMap<String, Shapes> {
+        let text = std::fs::read_to_string(fixture("upstream-shapes-more.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// Records every tensor a model asks for and hands back a broadcast zero.
+    #[derive(Default, Clone)]
+    struct Recorder(Arc<Mutex<Shapes>>);
+
+    impl candle_nn::var_builder::SimpleBackend for Recorder {
+        fn get(
+            &self,
+            s: candle_core::Shape,
+            name: &str,
+            _: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            self.0
+                .lock()
+                .unwrap()
+                .insert(name.to_owned(), s.dims().to_vec());
+            Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+        }
+
+        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+            candle_core::bail!("unexpected unchecked get of {name}")
+        }
+
+        fn contains_tensor(&self, _: &str) -> bool {
+            true
+        }
+    }
+
+    fn requested(build: impl Fn(candle_nn::VarBuilder)) -> Shapes {
+        let recorder = Recorder::default();
+        build(candle_nn::VarBuilder::from_backend(
+            Box::new(recorder.clone()),
+            DType::F32,
+            Device::Cpu,
+        ));
+        let shapes = recorder.0.lock().unwrap().clone();
+        shapes
+    }
+
+    fn assert_same(what: &str, ours: &Shapes, upstream: &Shapes) {
+        let mut missing: Vec<&String> =
+            upstream.keys().filter(|k| !ours.contains_key(*k)).collect();
+        let mut extra: Vec<&String> = ours.keys().filter(|k| !upstream.contains_key(*k)).collect();
+        missing.sort();
+        extra.sort();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{what}: not requested {missing:?}; not upstream {extra:?}"
+        );
+        for (name, shape) in upstream {
+            assert_eq!(&ours[name], shape, "{what}: shape of {name}");
+        }
+    }
+
+    #[test]
+    fn openai_resnet_architectures_are_what_build_model_reads() {
+        let all = upstream();
+        for name in ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64"] {
+            let read = clip_openai::config_from_state_dict(&all[name]).unwrap();
+            assert_eq!(read, architectures::clip_config(name).unwrap(), "{name}");
+        }
+        // The ViT path of the same reader, against the HF config of the same model.
+        let vit = clip_openai::config_from_state_dict(&all["ViT-B/32"]).unwrap();
+        let hf = architectures::clip_config("ViT-B/32").unwrap();
+        assert_eq!(vit.text_config, hf.text_config);
+        assert_eq!(vit.vision_config, hf.vision_config);
+        assert_eq!(vit.projection_dim, hf.projection_dim);
+    }
+
+    /// Every OpenAI tensor but `logit_scale` is requested, under its HF name, with its shape
+    /// (RN50 and ViT-B/32: folding BatchNorm materialises the vision weights, so not the
+    /// larger ResNets).
+    #[test]
+    fn openai_files_give_exactly_the_tensors_the_model_requests() {
+        let all = upstream();
+        for name in ["RN50", "ViT-B/32"] {
+            let cfg = clip_openai::config_from_state_dict(&all[name]).unwrap();
+            let ours = requested(|vb| {
+                Clip::new(vb, &cfg).unwrap();
+            });
+            assert_same(name, &ours, &clip_openai::hf_shapes(&all[name]));
+        }
+    }
+
+    #[test]
+    fn gumbel_f8_architecture_requests_exactly_the_upstream_tensors() {
+        let all = upstream();
+        let cfg = architectures::vqgan_config("vqgan_gumbel_f8_8192").unwrap();
+        let ours = requested(|vb| {
+            Vqgan::new(vb, &cfg).unwrap();
+        });
+        assert_same("vqgan_gumbel_f8_8192", &ours, &all["vqgan_gumbel_f8_8192"]);
+    }
+}

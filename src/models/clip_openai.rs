@@ -24,10 +24,11 @@ pub fn is_openai_state_dict<'a>(mut names: impl Iterator<Item = &'a str>) -> boo
 /// The tensors an OpenAI file holds that the model uses (not `logit_scale`, not the
 /// `input_resolution`/`context_length`/`vocab_size` scalars some files carry).
 pub fn is_openai_model_tensor(name: &str) -> bool {
+    // BatchNorm's `num_batches_tracked` only counts training steps.
     !matches!(
         name,
         "logit_scale" | "input_resolution" | "context_length" | "vocab_size"
-    )
+    ) && !name.ends_with(".num_batches_tracked")
 }
 
 /// Size `index` of tensor `name`, or why the file is not an OpenAI CLIP.
@@ -139,6 +140,9 @@ pub enum Renamed {
 /// The HF name of an OpenAI tensor: the text transformer (and a ViT image tower) take HF's
 /// names; a ResNet keeps its `visual.*` names.
 pub fn hf_name(name: &str, vit: bool) -> Renamed {
+    if !is_openai_model_tensor(name) {
+        return Renamed::Dropped;
+    }
     let text = match name {
         "token_embedding.weight" => Some("text_model.embeddings.token_embedding.weight"),
         "positional_embedding" => Some("text_model.embeddings.position_embedding.weight"),
