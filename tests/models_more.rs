@@ -366,7 +366,7 @@ mod cli {
 
 mod real_size {
     //! The catalogue architectures against the real upstream modules' names and shapes
-    //! (`upstream-shapes-more.json`, built on PyTorch's meta device): what OpenAI's
+    //! (`upstream-shapes-more.json.gz`, built on PyTorch's meta device): what OpenAI's
     //! `build_model` reads off their files is what `architectures` builds, and the model asks
     //! for exactly those tensors.
 
@@ -378,8 +378,8 @@ mod real_size {
     type Shapes = HashMap<String, Vec<usize>>;
 
     fn upstream() -> HashMap<String, Shapes> {
-        let text = std::fs::read_to_string(fixture("upstream-shapes-more.json")).unwrap();
-        serde_json::from_str(&text).unwrap()
+        let file = std::fs::File::open(fixture("upstream-shapes-more.json.gz")).unwrap();
+        serde_json::from_reader(flate2::read::GzDecoder::new(file)).unwrap()
     }
 
     /// Records every tensor a model asks for and hands back a broadcast zero.
