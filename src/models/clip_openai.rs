@@ -271,3 +271,61 @@ pub fn hf_shapes(shapes: &HashMap<String, Vec<usize>>) -> HashMap<String, Vec<us
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shapes(entries: &[(&str, &[usize])]) -> HashMap<String, Vec<usize>> {
+        entries
+            .iter()
+            .map(|(n, s)| ((*n).to_owned(), s.to_vec()))
+            .collect()
+    }
+
+    const TEXT: &[(&str, &[usize])] = &[
+        ("text_projection", &[64, 16]),
+        ("positional_embedding", &[77, 64]),
+        ("token_embedding.weight", &[640, 64]),
+        ("ln_final.weight", &[64]),
+        ("transformer.resblocks.0.attn.in_proj_weight", &[192, 64]),
+    ];
+
+    #[test]
+    fn malformed_files_say_what_is_wrong() {
+        let err = config_from_state_dict(&shapes(&TEXT[1..])).unwrap_err();
+        assert!(err.contains("text_projection"), "{err}");
+
+        let mut bad_grid = shapes(TEXT);
+        bad_grid.extend(shapes(&[
+            ("visual.layer1.0.conv1.weight", &[4, 4, 1, 1]),
+            ("visual.attnpool.positional_embedding", &[6, 128]),
+        ]));
+        let err = config_from_state_dict(&bad_grid).unwrap_err();
+        assert!(err.contains("square grid"), "{err}");
+
+        let mut scalar = shapes(TEXT);
+        scalar.insert("text_projection".into(), vec![64]);
+        let err = config_from_state_dict(&scalar).unwrap_err();
+        assert!(err.contains("has shape [64]"), "{err}");
+    }
+
+    #[test]
+    fn packed_attention_splits_into_q_k_v_and_projections_transpose() {
+        let hf = hf_shapes(&shapes(TEXT));
+        for p in ["q_proj", "k_proj", "v_proj"] {
+            let name = format!("text_model.encoder.layers.0.self_attn.{p}.weight");
+            assert_eq!(hf[&name], vec![64, 64], "{name}");
+        }
+        assert_eq!(hf["text_projection.weight"], vec![16, 64]);
+        assert!(matches!(hf_name("logit_scale", false), Renamed::Dropped));
+        assert!(matches!(
+            hf_name("visual.bn1.num_batches_tracked", false),
+            Renamed::Dropped
+        ));
+        assert_eq!(
+            hf_name("visual.layer1.0.conv1.weight", false),
+            Renamed::As("visual.layer1.0.conv1.weight".into())
+        );
+    }
+}
