@@ -19,6 +19,7 @@ pub mod output;
 pub mod progress;
 pub mod prompts;
 pub mod spec;
+pub mod video;
 
 pub use batch::{
     check_batchable, render_batch, render_batch_hosted, step_batch, BatchHost, BatchJob,
@@ -26,10 +27,12 @@ pub use batch::{
 pub use engine::{render, RenderSession, StepStats};
 pub use job::{Artifacts, RenderError, RenderJob, RenderOutcome};
 pub use models::{ModelIdentities, ModelIdentity, ModelSet};
+pub use video::{SourceVideo, VideoError, VideoInfo, VideoLimits};
 pub use progress::{CancelToken, NoProgress, ProgressEvent, ProgressSink};
 pub use prompts::{PromptSet, TextPrompt};
 pub use spec::{
     Augment, CutMethod, ImagePromptSpec, ImageRef, InitNoise, InitRegulariser, JobSpec, Limits,
     ModelsSpec, NoisePromptSpec, OptimizerKind, PromptsSpec, SpecError, TextPromptSpec, VideoSpec,
+    VideoStyleSpec,
     WebhookEvent, WebhookSpec, ZoomSpec, SPEC_VERSION,
 };
