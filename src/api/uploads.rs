@@ -267,7 +267,11 @@ pub fn video_problem(e: crate::render::VideoError) -> ApiError {
 
 /// An MP4 for video styling: every frame is decoded (in process) before it is
 /// accepted, so a job never starts on a video it cannot read.
-async fn upload_video(st: AppState, scope: crate::queue::Scope, bytes: Vec<u8>) -> Result<Response, ApiError> {
+async fn upload_video(
+    st: AppState,
+    scope: crate::queue::Scope,
+    bytes: Vec<u8>,
+) -> Result<Response, ApiError> {
     let limits = video_limits(&st.config.limits);
     let (bytes, check) = tokio::task::spawn_blocking(move || {
         let check = crate::render::video::validate_mp4(&bytes, &limits);

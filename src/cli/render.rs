@@ -11,8 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use vqclip::models::catalogue::ModelCache;
 use vqclip::render::video::{read_frame_dir, read_mp4, style_video};
 use vqclip::render::{
-    render, SourceVideo, VideoLimits, VideoStyleSpec, Augment, CancelToken, CutMethod, ImagePromptSpec, JobSpec, Limits, ModelSet,
-    OptimizerKind, ProgressEvent, PromptsSpec, RenderJob, RenderOutcome,
+    render, Augment, CancelToken, CutMethod, ImagePromptSpec, JobSpec, Limits, ModelSet,
+    OptimizerKind, ProgressEvent, PromptsSpec, RenderJob, RenderOutcome, SourceVideo, VideoLimits,
+    VideoStyleSpec,
 };
 
 #[derive(clap::Args)]
@@ -230,7 +231,11 @@ fn read_style_source(reference: &str, spec: &JobSpec) -> anyhow::Result<SourceVi
              `vqclip render` styles local files (--style-video PATH)"
         );
     }
-    let take = spec.video_style.as_ref().and_then(|s| s.max_frames).map(|m| m as usize);
+    let take = spec
+        .video_style
+        .as_ref()
+        .and_then(|s| s.max_frames)
+        .map(|m| m as usize);
     let size = (spec.width, spec.height);
     let source = if path.is_dir() {
         read_frame_dir(path, take, size, spec.video.fps)?

@@ -27,12 +27,11 @@ pub use batch::{
 pub use engine::{render, RenderSession, StepStats};
 pub use job::{Artifacts, RenderError, RenderJob, RenderOutcome};
 pub use models::{ModelIdentities, ModelIdentity, ModelSet};
-pub use video::{SourceVideo, VideoError, VideoInfo, VideoLimits};
 pub use progress::{CancelToken, NoProgress, ProgressEvent, ProgressSink};
 pub use prompts::{PromptSet, TextPrompt};
 pub use spec::{
     Augment, CutMethod, ImagePromptSpec, ImageRef, InitNoise, InitRegulariser, JobSpec, Limits,
     ModelsSpec, NoisePromptSpec, OptimizerKind, PromptsSpec, SpecError, TextPromptSpec, VideoSpec,
-    VideoStyleSpec,
-    WebhookEvent, WebhookSpec, ZoomSpec, SPEC_VERSION,
+    VideoStyleSpec, WebhookEvent, WebhookSpec, ZoomSpec, SPEC_VERSION,
 };
+pub use video::{SourceVideo, VideoError, VideoInfo, VideoLimits};

@@ -264,7 +264,10 @@ pub fn write_mp4_with(
                 if img.dimensions() != (w, h) {
                     return Err(encode_err(
                         "video",
-                        format!("{} differs in size from the first frame", frames[i].display()),
+                        format!(
+                            "{} differs in size from the first frame",
+                            frames[i].display()
+                        ),
                     ));
                 }
                 loaded.push((i, img));
@@ -445,7 +448,9 @@ fn append_metadata(path: &Path, options: &Mp4Options) -> Result<(), RenderError>
         let mut header = [0u8; 8];
         file.seek(SeekFrom::Start(pos)).map_err(io)?;
         file.read_exact(&mut header).map_err(io)?;
-        let size = u64::from(u32::from_be_bytes([header[0], header[1], header[2], header[3]]));
+        let size = u64::from(u32::from_be_bytes([
+            header[0], header[1], header[2], header[3],
+        ]));
         if size < 8 {
             // 64-bit or to-the-end sizes: the writer produced neither for `moov`.
             break;
@@ -456,7 +461,10 @@ fn append_metadata(path: &Path, options: &Mp4Options) -> Result<(), RenderError>
         pos += size;
     }
     let Some((start, size)) = moov.filter(|(s, n)| s + n == len) else {
-        return Err(encode_err("video", "the MP4 does not end with its moov box"));
+        return Err(encode_err(
+            "video",
+            "the MP4 does not end with its moov box",
+        ));
     };
     let new_size = u32::try_from(size + udta.len() as u64)
         .map_err(|_| encode_err("video", "the moov box would exceed 4 GiB"))?;

@@ -1007,13 +1007,22 @@ mod tests {
         assert_eq!(style.steps_per_frame(styled.steps), 9);
         // Absent options stay absent when recorded, so older specs keep their fingerprint.
         let text = serde_json::to_string(&spec(r#"{"prompts": "a"}"#)).unwrap();
-        assert!(!text.contains("video_style") && !text.contains("length_seconds"), "{text}");
+        assert!(
+            !text.contains("video_style") && !text.contains("length_seconds"),
+            "{text}"
+        );
         spec(r#"{"prompts": "a", "video": {"length_seconds": 4}}"#)
             .validate(&limits)
             .unwrap();
         let cases = [
-            (r#"{"prompts": "a", "video": {"length_seconds": 0}}"#, "video.length_seconds"),
-            (r#"{"prompts": "a", "video": {"output_fps": 5}}"#, "video.output_fps"),
+            (
+                r#"{"prompts": "a", "video": {"length_seconds": 0}}"#,
+                "video.length_seconds",
+            ),
+            (
+                r#"{"prompts": "a", "video": {"output_fps": 5}}"#,
+                "video.output_fps",
+            ),
             (
                 r#"{"prompts": "a", "video": {"fps": 30, "output_fps": 20}}"#,
                 "video.output_fps",
@@ -1022,7 +1031,10 @@ mod tests {
                 r#"{"prompts": "a", "video": {"output_fps": 30, "length_seconds": 3}}"#,
                 "video.length_seconds",
             ),
-            (r#"{"prompts": "a", "video_style": {"video": " "}}"#, "video_style.video"),
+            (
+                r#"{"prompts": "a", "video_style": {"video": " "}}"#,
+                "video_style.video",
+            ),
             (
                 r#"{"prompts": "a", "video_style": {"video": "v", "steps_per_frame": 0}}"#,
                 "video_style.steps_per_frame",

@@ -119,7 +119,9 @@ fn demux(bytes: &[u8]) -> Result<Demuxed<'_>, VideoError> {
         .stsd
         .avc1
         .as_ref()
-        .map_or(4, |avc1| usize::from(avc1.avcc.length_size_minus_one & 3) + 1);
+        .map_or(4, |avc1| {
+            usize::from(avc1.avcc.length_size_minus_one & 3) + 1
+        });
     let frames = track.sample_count() as usize;
     // The crate's own frame_rate() rounds down to whole frames per second.
     let seconds = track.trak.mdia.mdhd.duration as f64 / f64::from(track.timescale().max(1));
@@ -179,7 +181,9 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, VideoError>) -> Result<T, VideoError
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default();
-        Err(VideoError::Undecodable(format!("the decoder failed: {what}")))
+        Err(VideoError::Undecodable(format!(
+            "the decoder failed: {what}"
+        )))
     })
 }
 
@@ -325,9 +329,9 @@ pub fn read_frame_dir(
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.is_file()
-                && p.extension()
-                    .and_then(|x| x.to_str())
-                    .is_some_and(|x| matches!(x.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+                && p.extension().and_then(|x| x.to_str()).is_some_and(|x| {
+                    matches!(x.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
+                })
         })
         .collect();
     paths.sort();
@@ -371,7 +375,7 @@ impl VideoCheckpoint {
             || ckpt.spec_sha256 != super::checkpoint::spec_fingerprint(&job.spec)
         {
             return Err(bad(
-                "it was written by another job (seed or spec differ)".into(),
+                "it was written by another job (seed or spec differ)".into()
             ));
         }
         Ok(ckpt)
@@ -534,8 +538,8 @@ pub fn style_video(
             history.losses.push(stats.losses.clone());
             history.step_seconds.push(dt);
             let step = done + 1;
-            let mean = history.step_seconds.iter().sum::<f64>()
-                / history.step_seconds.len().max(1) as f64;
+            let mean =
+                history.step_seconds.iter().sum::<f64>() / history.step_seconds.len().max(1) as f64;
             progress.event(ProgressEvent::Step {
                 step,
                 total,
@@ -627,10 +631,7 @@ mod tests {
             to_annex_b(&sample, 4).unwrap(),
             vec![0, 0, 0, 1, 0x65, 1, 0, 0, 0, 1, 0x41]
         );
-        assert_eq!(
-            to_annex_b(&[0, 1, 9], 2).unwrap(),
-            vec![0, 0, 0, 1, 9]
-        );
+        assert_eq!(to_annex_b(&[0, 1, 9], 2).unwrap(), vec![0, 0, 0, 1, 9]);
         assert!(to_annex_b(&[0, 0, 0, 9, 1], 4).is_err());
         assert!(to_annex_b(&[0, 0], 4).is_err());
     }
