@@ -451,6 +451,57 @@ fn style_video_over_a_frame_directory_keeps_its_rate() {
     assert_eq!(track.duration(), std::time::Duration::from_millis(250));
 }
 
+/// Styles `frames` (16x16) with one step each; returns the styled frames' bytes.
+fn style_frames(frames: Vec<RgbImage>, carry: f32, out: &Path) -> Vec<Vec<u8>> {
+    let mut spec = style_spec("in-memory", 2, None);
+    spec.video_style.as_mut().unwrap().carry = carry;
+    spec.validate(&vqclip::render::Limits::default()).unwrap();
+    let job = RenderJob::new(spec, out);
+    let source = vqclip::render::SourceVideo { frames, fps: 10.0 };
+    let outcome = style_video(
+        &job,
+        &source,
+        models(),
+        &mut vqclip::render::NoProgress,
+        &CancelToken::new(),
+    )
+    .unwrap();
+    let RenderOutcome::Completed(art) = outcome else {
+        panic!("{outcome:?}");
+    };
+    art.frames
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect()
+}
+
+#[test]
+fn each_frame_starts_from_its_source_as_in_generate_py_or_carries_the_previous_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = noisy_frame(0, 16, 16, 20, 1);
+    let b = noisy_frame(5, 16, 16, 20, 2);
+    // carry 0 (generate.py): the same source frame and seed style the same, wherever
+    // the frame stands in the video.
+    let plain = style_frames(
+        vec![a.clone(), b.clone(), a.clone()],
+        0.0,
+        &dir.path().join("p"),
+    );
+    assert_eq!(plain[0], plain[2]);
+    assert_ne!(plain[0], plain[1]);
+    // carry 1: after the first frame the source is ignored; the second frame starts from
+    // the first's result, whatever its own source.
+    let one_b = style_frames(vec![a.clone(), b.clone()], 1.0, &dir.path().join("b"));
+    let one_a = style_frames(vec![a.clone(), a.clone()], 1.0, &dir.path().join("a"));
+    assert_eq!(one_b[0], plain[0]);
+    assert_eq!(one_b[1], one_a[1]);
+    assert_ne!(one_b[1], plain[1]);
+    // In between, the result depends on both.
+    let half = style_frames(vec![a, b], 0.5, &dir.path().join("h"));
+    assert_ne!(half[1], one_b[1]);
+    assert_ne!(half[1], plain[1]);
+}
+
 #[test]
 fn render_command_styles_a_frame_directory() {
     let dir = tempfile::tempdir().unwrap();

@@ -107,6 +107,9 @@ struct RenderFlags {
     /// Style only the first N frames.
     #[arg(long)]
     max_frames: Option<u32>,
+    /// Blend this much (0..1) of the previous styled frame into each source frame's init.
+    #[arg(long)]
+    carry: Option<f32>,
 }
 
 /// Set by SIGINT: finish the step, write a checkpoint, exit.
@@ -353,6 +356,7 @@ fn build_spec(args: &RenderFlags) -> anyhow::Result<JobSpec> {
             video: path.display().to_string(),
             steps_per_frame: None,
             max_frames: None,
+            carry: 0.0,
         });
     }
     if let Some(style) = &mut spec.video_style {
@@ -362,8 +366,11 @@ fn build_spec(args: &RenderFlags) -> anyhow::Result<JobSpec> {
         if args.max_frames.is_some() {
             style.max_frames = args.max_frames;
         }
-    } else if args.steps_per_frame.is_some() || args.max_frames.is_some() {
-        bail!("--steps-per-frame and --max-frames need --style-video");
+        if let Some(carry) = args.carry {
+            style.carry = carry;
+        }
+    } else if args.steps_per_frame.is_some() || args.max_frames.is_some() || args.carry.is_some() {
+        bail!("--steps-per-frame, --max-frames and --carry need --style-video");
     }
     if !args.clip.is_empty() {
         spec.models.clip = args.clip.clone();

@@ -375,8 +375,8 @@ pub fn interpolation_schedule(
         .collect()
 }
 
-/// `(1 - t) · a + t · b`, rounded to nearest.
-fn cross_fade(a: &RgbImage, b: &RgbImage, t: f32) -> RgbImage {
+/// `(1 - t) · a + t · b`, rounded to nearest; `a` and `b` of one size.
+pub fn cross_fade(a: &RgbImage, b: &RgbImage, t: f32) -> RgbImage {
     if t <= 0.0 {
         return a.clone();
     }

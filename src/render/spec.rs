@@ -301,6 +301,17 @@ pub struct VideoStyleSpec {
     /// deployment's `limits.max_video_frames`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_frames: Option<u32>,
+    /// How much of the previous styled frame is blended into each source frame before
+    /// it is encoded as that frame's init image. 0 (generate.py) starts every frame
+    /// from its source frame alone; above 0 each frame starts partly from the previous
+    /// result, which steadies the style from frame to frame; 1 ignores the source after
+    /// the first frame.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub carry: f32,
+}
+
+fn is_zero(x: &f32) -> bool {
+    *x == 0.0
 }
 
 impl VideoStyleSpec {
@@ -772,6 +783,7 @@ impl JobSpec {
         if let Some(n) = style.max_frames {
             check_range("video_style.max_frames", n, 1, u32::MAX)?;
         }
+        check_finite_range("video_style.carry", style.carry, 0.0, 1.0)?;
         // The source frames are the init images, shown at the source's own rate.
         let conflicts = [
             ("init_image", self.init_image.is_some()),
@@ -1046,6 +1058,10 @@ mod tests {
             (
                 r#"{"prompts": "a", "zoom": {}, "video_style": {"video": "v"}}"#,
                 "zoom",
+            ),
+            (
+                r#"{"prompts": "a", "video_style": {"video": "v", "carry": 1.5}}"#,
+                "video_style.carry",
             ),
             (
                 r#"{"prompts": "a", "init_image": "upload:0f8fad5b-d9cb-469f-a165-70867728950e",

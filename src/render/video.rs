@@ -5,7 +5,9 @@
 //! source frame, resized to the job's size, is VQGAN-encoded as the init image of its
 //! own short render toward the prompts (`steps_per_frame` steps, the same seed, a
 //! fresh optimiser, `init_weight` as usual), and the styled frames become the video,
-//! at the source's frame rate.
+//! at the source's frame rate. With `carry` above 0 the init image is the source
+//! frame blended with the previous styled frame, so each frame starts partly from
+//! the previous result.
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -500,11 +502,23 @@ pub fn style_video(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let init_key = format!("upload:{}", uuid::Uuid::nil());
+    // The styled frame the next one may start from (`carry`).
+    let mut previous: Option<RgbImage> = match start {
+        0 => None,
+        k => image::open(frame_path(k - 1)).ok().map(|img| img.to_rgb8()),
+    };
     let total = (count * per_frame) as u32;
     let started = Instant::now();
     let mut similarities = Vec::new();
     for (i, frame) in source.frames.iter().enumerate().take(count).skip(start) {
-        inputs.insert(init_key.clone(), png_bytes(frame)?);
+        let init = match &previous {
+            Some(styled) if style.carry > 0.0 => {
+                let (w, h) = frame.dimensions();
+                output::cross_fade(frame, &output::resize_exact(styled, w, h), style.carry)
+            }
+            _ => frame.clone(),
+        };
+        inputs.insert(init_key.clone(), png_bytes(&init)?);
         let frame_job = RenderJob {
             spec: frame_spec(&job.spec, &init_key, per_frame as u32),
             seed: job.seed,
@@ -550,7 +564,9 @@ pub fn style_video(
             });
         }
         let path = frame_path(i);
-        output::write_png(&path, &output::tensor_to_image(&session.image()?)?, &[])?;
+        let styled = output::tensor_to_image(&session.image()?)?;
+        output::write_png(&path, &styled, &[])?;
+        previous = Some(styled);
         progress.event(ProgressEvent::Frame {
             step: i as u32,
             path,
