@@ -163,7 +163,7 @@ async fn bad_videos_and_bad_video_specs_are_4xx_problems() {
         .to_owned();
 
     let ghost = format!("upload:{}", uuid::Uuid::now_v7());
-    let cases: Vec<(Value, &str)> = vec![
+    let mut cases: Vec<(Value, &str)> = vec![
         (video_spec(&ghost), "video_style.video"),
         (video_spec(&image_ref), "video_style.video"),
         (video_spec("clips/holiday.mp4"), "video_style.video"),
@@ -209,6 +209,9 @@ async fn bad_videos_and_bad_video_specs_are_4xx_problems() {
             "video.output_fps",
         ),
     ];
+    let mut video_as_image = tiny_spec("x", 2);
+    video_as_image["init_image"] = json!(video_ref);
+    cases.push((video_as_image, "init_image"));
     for (spec, field) in cases {
         let p = problem(submit_raw(&s, &spec).await, 422).await;
         assert_eq!(p["field"], field, "{spec}: {p}");

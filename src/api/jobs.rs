@@ -165,6 +165,11 @@ async fn check_images(st: &AppState, scope: &Scope, spec: &JobSpec) -> Result<()
         };
         match ImageRef::parse(reference).map_err(bad)? {
             ImageRef::Upload(id) => match st.store.get_upload(id, scope).await {
+                Ok(upload) if upload.content_type == "video/mp4" => {
+                    return Err(bad(format!(
+                        "upload {id} is a video; videos are styled with video_style.video"
+                    )))
+                }
                 Ok(_) => {}
                 Err(QueueError::NotFound(_)) => {
                     return Err(bad(format!(
