@@ -11,6 +11,7 @@ use mp4::Metadata as _;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use service_support::*;
+use vqclip::queue::JobStore as _;
 
 /// An MP4 of `n` noisy `w` x `h` frames at `fps`, made with the render's encoder.
 fn noisy_mp4(dir: &Path, n: u32, (w, h): (u32, u32), fps: f32) -> Vec<u8> {
@@ -224,5 +225,62 @@ async fn bad_videos_and_bad_video_specs_are_4xx_problems() {
     // A good one is accepted with frames x steps per frame as its total.
     let job = s.submit(&video_spec(&video_ref)).await;
     assert_eq!(job["progress"]["total"], 6, "{job}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_video_job_handed_back_at_shutdown_resumes_at_its_next_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let r = upload(&s, noisy_mp4(dir.path(), 6, (32, 32), 10.0), "video/mp4").await;
+    assert_eq!(r.status(), 201);
+    let video_ref = r.json::<Value>().await.unwrap()["ref"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut spec = video_spec(&video_ref);
+    spec["video_style"] = json!({ "video": video_ref, "steps_per_frame": 30 });
+    let id = s.submit(&spec).await["id"].as_str().unwrap().to_owned();
+    s.wait_step(&id, 35, LONG).await;
+    let store = s.store.clone();
+    s.stop().await;
+
+    let store2 = open_store(dir.path(), 2).await;
+    drop(store);
+    let job = store2
+        .get(id.parse().unwrap(), &vqclip::queue::Scope::unrestricted())
+        .await
+        .unwrap();
+    assert_eq!(job.state, vqclip::queue::JobState::Queued);
+    assert_eq!(job.checkpoint.as_deref(), Some("video_checkpoint.json"));
+    let stopped_at = job.checkpoint_step;
+    assert!(
+        stopped_at >= 30 && stopped_at < 180 && stopped_at % 30 == 0,
+        "{stopped_at}"
+    );
+    store2.pool().close().await;
+
+    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let done = s.wait_terminal(&id, LONG).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let events = s.events(&id, None, 100_000).await;
+    let running: Vec<&SseEvent> = events
+        .iter()
+        .filter(|e| e.data["state"] == "running")
+        .collect();
+    assert_eq!(running.len(), 2);
+    let resumed: Vec<u64> = events
+        .iter()
+        .filter(|e| e.id > running[1].id && e.event == "progress")
+        .map(|e| e.data["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(resumed.first(), Some(&(u64::from(stopped_at) + 1)));
+    assert_eq!(resumed.last(), Some(&180));
+    let listed = s.get_json(&format!("/v1/jobs/{id}/frames")).await;
+    assert_eq!(listed["frames"].as_array().unwrap().len(), 6);
+    let video = s.get_bytes(done["links"]["video"].as_str().unwrap()).await;
+    let size = video.len() as u64;
+    let reader = mp4::Mp4Reader::read_header(Cursor::new(video.to_vec()), size).unwrap();
+    assert_eq!(reader.tracks().values().next().unwrap().sample_count(), 6);
     s.stop().await;
 }
