@@ -255,7 +255,7 @@ async fn a_video_job_handed_back_at_shutdown_resumes_at_its_next_frame() {
     assert_eq!(job.checkpoint.as_deref(), Some("video_checkpoint.json"));
     let stopped_at = job.checkpoint_step;
     assert!(
-        stopped_at >= 30 && stopped_at < 180 && stopped_at % 30 == 0,
+        (30..180).contains(&stopped_at) && stopped_at % 30 == 0,
         "{stopped_at}"
     );
     store2.pool().close().await;
