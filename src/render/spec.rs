@@ -286,7 +286,9 @@ impl VideoSpec {
     }
 }
 
-/// The source and pace of a video-styling job.
+/// The source and pace of a video-styling job. As in generate.py every frame renders
+/// with the same seed (generate.py draws a fresh one per frame when `--seed` is not
+/// given; vqclip always has a resolved seed), from a fresh optimiser.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VideoStyleSpec {
