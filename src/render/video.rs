@@ -222,8 +222,9 @@ fn to_rgb(yuv: &openh264::decoder::DecodedYUV<'_>) -> RgbImage {
     RgbImage::from_raw(w as u32, h as u32, rgb).unwrap_or_default()
 }
 
-/// Decodes the first `take` frames (all when `None`) of an MP4 in display order,
-/// handing each to `each`, after checking the header against `limits`.
+/// Decodes the first `take` frames (all when `None`) of an MP4 in the order openh264
+/// hands them out (display order for streams without B-frames, such as vqclip's own),
+/// giving each to `each`, after checking the header against `limits`.
 pub fn decode_mp4(
     bytes: &[u8],
     limits: &VideoLimits,
