@@ -139,6 +139,8 @@ pub struct LimitsConfig {
     pub max_prompts: u32,
     pub max_queued_jobs: u32,
     pub max_upload_pixels: u64,
+    /// Most frames of an uploaded video (video styling).
+    pub max_video_frames: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -165,6 +165,11 @@ async fn check_images(st: &AppState, scope: &Scope, spec: &JobSpec) -> Result<()
         };
         match ImageRef::parse(reference).map_err(bad)? {
             ImageRef::Upload(id) => match st.store.get_upload(id, scope).await {
+                Ok(upload) if upload.content_type == "video/mp4" => {
+                    return Err(bad(format!(
+                        "upload {id} is a video; videos are styled with video_style.video"
+                    )))
+                }
                 Ok(_) => {}
                 Err(QueueError::NotFound(_)) => {
                     return Err(bad(format!(
@@ -183,6 +188,72 @@ async fn check_images(st: &AppState, scope: &Scope, spec: &JobSpec) -> Result<()
         }
     }
     Ok(())
+}
+
+/// A video-styling job's source must be an MP4 upload of the caller's within the
+/// deployment's limits. Returns the job's total steps (frames x steps per frame).
+async fn check_video(
+    st: &AppState,
+    scope: &Scope,
+    spec: &JobSpec,
+) -> Result<Option<u32>, ApiError> {
+    let Some(style) = &spec.video_style else {
+        return Ok(None);
+    };
+    let bad = |field: &str, detail: String| {
+        ApiError::unprocessable("invalid-spec", format!("{field}: {detail}")).with("field", field)
+    };
+    let limits = super::uploads::video_limits(&st.config.limits);
+    if let Some(max) = style.max_frames {
+        if max as usize > limits.max_frames {
+            return Err(bad(
+                "video_style.max_frames",
+                format!(
+                    "got {max}, allowed 1..={} (limits.max_video_frames)",
+                    limits.max_frames
+                ),
+            )
+            .with("max", limits.max_frames as u64));
+        }
+    }
+    let id = match ImageRef::parse(&style.video) {
+        Ok(ImageRef::Upload(id)) => id,
+        _ => {
+            return Err(bad(
+                "video_style.video",
+                "must be `upload:<id>` of an MP4 sent to POST /v1/uploads".into(),
+            ))
+        }
+    };
+    let upload = match st.store.get_upload(id, scope).await {
+        Ok(u) => u,
+        Err(QueueError::NotFound(_)) => {
+            return Err(bad(
+                "video_style.video",
+                format!("no upload with id {id}; upload the MP4 with POST /v1/uploads first"),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if upload.content_type != "video/mp4" {
+        return Err(bad(
+            "video_style.video",
+            format!("upload {id} is {}, not video/mp4", upload.content_type),
+        ));
+    }
+    let artifacts = st.artifacts.clone();
+    let info = tokio::task::spawn_blocking(move || {
+        let bytes = artifacts.read_upload(&upload.file_name)?;
+        Ok::<_, crate::storage::StorageError>(crate::render::video::probe_mp4(&bytes, &limits))
+    })
+    .await
+    .map_err(|e| ApiError::internal("reading a video upload", e))??
+    .map_err(super::uploads::video_problem)?;
+    let frames = style
+        .max_frames
+        .map_or(info.frames, |m| (m as usize).min(info.frames));
+    let total = frames as u64 * u64::from(style.steps_per_frame(spec.steps));
+    Ok(Some(u32::try_from(total).unwrap_or(u32::MAX)))
 }
 
 /// A webhook needs a signing secret on the server and a public target (SSRF).
@@ -226,12 +297,13 @@ pub(super) async fn submit(
     let key = idempotency_key(&headers)?;
     let spec = spec_from_json(&raw, &st.config)?;
     check_images(&st, &scope, &spec).await?;
+    let video_steps = check_video(&st, &scope, &spec).await?;
     check_webhook(&st, &spec).await?;
     let new = NewJob {
         spec: stored_spec(&spec)?,
         priority: spec.priority,
         keep: spec.keep,
-        total_steps: spec.steps,
+        total_steps: video_steps.unwrap_or(spec.steps),
         owner_key_id: scope.owner_key_id.clone(),
         idempotency_key: key,
         request_hash: hex::encode(Sha256::digest(raw.to_string().as_bytes())),

@@ -1,4 +1,5 @@
-//! `POST /v1/uploads`: images for init images and image prompts.
+//! `POST /v1/uploads`: images for init images and image prompts, and MP4 videos
+//! for video styling.
 
 use std::io::Cursor;
 
@@ -133,7 +134,7 @@ async fn image_bytes(request: Request, st: &AppState) -> Result<Vec<u8>, ApiErro
                 .decode(data.trim())
                 .map_err(|e| ApiError::unprocessable("invalid-upload", format!("image: invalid base64: {e}")))
         }
-        Some(t) if t.starts_with("image/") || t == "application/octet-stream" => {
+        Some(t) if t.starts_with("image/") || t == "video/mp4" || t == "application/octet-stream" => {
             let Body(body) = Body::from_request(request, st).await?;
             Ok(body.to_vec())
         }
@@ -165,12 +166,16 @@ pub(super) async fn upload(
     Caller(scope): Caller,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let declared_video = media_type(request.headers()).as_deref() == Some("video/mp4");
     let bytes = image_bytes(request, &st).await?;
     if bytes.is_empty() {
         return Err(ApiError::unprocessable(
             "invalid-upload",
             "the upload is empty",
         ));
+    }
+    if declared_video || crate::render::video::looks_like_mp4(&bytes) {
+        return upload_video(st, scope, bytes).await;
     }
     let limits = crate::api::ImageLimits::from(&st.config.limits);
     let (bytes, check) = tokio::task::spawn_blocking(move || {
@@ -224,6 +229,84 @@ pub(super) async fn upload(
         "content_type": upload.content_type,
         "width": upload.width,
         "height": upload.height,
+        "bytes": upload.bytes,
+        "sha256": upload.sha256,
+        "created_at": upload.created_at,
+    });
+    Ok((
+        StatusCode::CREATED,
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(body),
+    )
+        .into_response())
+}
+
+/// The video limits of a deployment: frames (`limits.max_video_frames`) and frame
+/// size (`limits.max_upload_pixels`).
+pub fn video_limits(l: &LimitsConfig) -> crate::render::VideoLimits {
+    crate::render::VideoLimits {
+        max_frames: l.max_video_frames as usize,
+        max_pixels: l.max_upload_pixels,
+    }
+}
+
+/// A video problem: 422 with the limit that was broken, when one was.
+pub fn video_problem(e: crate::render::VideoError) -> ApiError {
+    use crate::render::VideoError;
+    let problem = ApiError::unprocessable("invalid-video", e.to_string());
+    match e {
+        VideoError::TooManyFrames { max, .. } => problem
+            .with("limit", "limits.max_video_frames")
+            .with("max", max as u64),
+        VideoError::TooLarge { max, .. } => problem
+            .with("limit", "limits.max_upload_pixels")
+            .with("max", max),
+        _ => problem,
+    }
+}
+
+/// An MP4 for video styling: every frame is decoded (in process) before it is
+/// accepted, so a job never starts on a video it cannot read.
+async fn upload_video(
+    st: AppState,
+    scope: crate::queue::Scope,
+    bytes: Vec<u8>,
+) -> Result<Response, ApiError> {
+    let limits = video_limits(&st.config.limits);
+    let (bytes, check) = tokio::task::spawn_blocking(move || {
+        let check = crate::render::video::validate_mp4(&bytes, &limits);
+        (bytes, check)
+    })
+    .await
+    .map_err(|e| ApiError::internal("checking a video upload", e))?;
+    let info = check.map_err(video_problem)?;
+    let id = Uuid::now_v7();
+    let artifacts = st.artifacts.clone();
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let size = bytes.len() as u64;
+    let file_name = tokio::task::spawn_blocking(move || artifacts.put_upload(id, "mp4", &bytes))
+        .await
+        .map_err(|e| ApiError::internal("storing an upload", e))??;
+    let upload = Upload {
+        id,
+        owner_key_id: scope.owner_key_id.clone(),
+        file_name,
+        content_type: "video/mp4".to_owned(),
+        width: info.width,
+        height: info.height,
+        bytes: size,
+        sha256,
+        created_at: chrono::Utc::now(),
+    };
+    st.store.insert_upload(upload.clone()).await?;
+    let body = json!({
+        "id": upload.id,
+        "ref": format!("upload:{}", upload.id),
+        "content_type": upload.content_type,
+        "width": upload.width,
+        "height": upload.height,
+        "frames": info.frames,
+        "fps": info.fps,
         "bytes": upload.bytes,
         "sha256": upload.sha256,
         "created_at": upload.created_at,

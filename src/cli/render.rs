@@ -9,9 +9,11 @@ use base64::Engine as _;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use vqclip::models::catalogue::ModelCache;
+use vqclip::render::video::{read_frame_dir, read_mp4, style_video};
 use vqclip::render::{
     render, Augment, CancelToken, CutMethod, ImagePromptSpec, JobSpec, Limits, ModelSet,
-    OptimizerKind, ProgressEvent, PromptsSpec, RenderJob, RenderOutcome,
+    OptimizerKind, ProgressEvent, PromptsSpec, RenderJob, RenderOutcome, SourceVideo, VideoLimits,
+    VideoStyleSpec,
 };
 
 #[derive(clap::Args)]
@@ -86,6 +88,28 @@ struct RenderFlags {
     /// cpu, cuda:N, or auto (CUDA when built with it and present, else CPU).
     #[arg(long, default_value = "auto")]
     device: String,
+
+    // Video options and video styling (generate.py's --video_length,
+    // --output_video_fps and --video_style_dir).
+    /// Video length in seconds: the frame rate becomes clamp(frames / length, 10, 60).
+    #[arg(long)]
+    video_length: Option<f32>,
+    /// Interpolate the video up to this frame rate from --fps (cross-fades).
+    #[arg(long)]
+    output_fps: Option<f32>,
+    /// Style a video: a directory of .png/.jpg frames (file-name order, shown at
+    /// --fps) or an .mp4 file. Each frame is the init image of its own render.
+    #[arg(long)]
+    style_video: Option<PathBuf>,
+    /// Steps for each styled frame (default: --steps).
+    #[arg(long)]
+    steps_per_frame: Option<u32>,
+    /// Style only the first N frames.
+    #[arg(long)]
+    max_frames: Option<u32>,
+    /// Blend this much (0..1) of the previous styled frame into each source frame's init.
+    #[arg(long)]
+    carry: Option<f32>,
 }
 
 /// Set by SIGINT: finish the step, write a checkpoint, exit.
@@ -120,13 +144,28 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
     let mut job = RenderJob::new(spec, &args.out);
     job.resume = args.resume.clone();
     eprintln!("seed {}", job.seed);
+    let source = match &job.spec.video_style {
+        Some(style) => Some(read_style_source(&style.video, &job.spec)?),
+        None => None,
+    };
+    let total_steps = match (&job.spec.video_style, &source) {
+        (Some(style), Some(source)) => {
+            let frames = source
+                .frames
+                .len()
+                .min(style.max_frames.map_or(usize::MAX, |m| m as usize));
+            eprintln!("styling {frames} frames at {} fps", source.fps);
+            frames as u64 * u64::from(style.steps_per_frame(job.spec.steps))
+        }
+        _ => u64::from(job.spec.steps),
+    };
 
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
     }
     let cancel = CancelToken::new();
-    let bar = ProgressBar::new(u64::from(job.spec.steps));
+    let bar = ProgressBar::new(total_steps);
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:40} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
@@ -150,7 +189,10 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
             ProgressEvent::Checkpoint { .. } => {}
         }
     };
-    let outcome = render(&job, &models, &mut sink, &cancel)?;
+    let outcome = match &source {
+        Some(source) => style_video(&job, source, &models, &mut sink, &cancel)?,
+        None => render(&job, &models, &mut sink, &cancel)?,
+    };
     bar.finish_and_clear();
     match outcome {
         RenderOutcome::Completed(art) => {
@@ -180,6 +222,32 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
         RenderOutcome::Canceled { step } => println!("canceled after step {step}"),
     }
     Ok(())
+}
+
+/// The frames to style: a local frame directory or MP4 file (the service takes an
+/// uploaded MP4 instead).
+fn read_style_source(reference: &str, spec: &JobSpec) -> anyhow::Result<SourceVideo> {
+    let path = Path::new(reference);
+    if !path.exists() {
+        bail!(
+            "video_style.video {reference:?} is not a local frame directory or MP4 file; \
+             `vqclip render` styles local files (--style-video PATH)"
+        );
+    }
+    let take = spec
+        .video_style
+        .as_ref()
+        .and_then(|s| s.max_frames)
+        .map(|m| m as usize);
+    let size = (spec.width, spec.height);
+    let source = if path.is_dir() {
+        read_frame_dir(path, take, size, spec.video.fps)?
+    } else {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        read_mp4(&bytes, &VideoLimits::UNLIMITED, take, size)
+            .with_context(|| format!("reading {}", path.display()))?
+    };
+    Ok(source)
 }
 
 fn parse_device(name: &str) -> anyhow::Result<Device> {
@@ -276,6 +344,33 @@ fn build_spec(args: &RenderFlags) -> anyhow::Result<JobSpec> {
     }
     if args.no_video {
         spec.video.enabled = false;
+    }
+    if args.video_length.is_some() {
+        spec.video.length_seconds = args.video_length;
+    }
+    if args.output_fps.is_some() {
+        spec.video.output_fps = args.output_fps;
+    }
+    if let Some(path) = &args.style_video {
+        spec.video_style = Some(VideoStyleSpec {
+            video: path.display().to_string(),
+            steps_per_frame: None,
+            max_frames: None,
+            carry: 0.0,
+        });
+    }
+    if let Some(style) = &mut spec.video_style {
+        if args.steps_per_frame.is_some() {
+            style.steps_per_frame = args.steps_per_frame;
+        }
+        if args.max_frames.is_some() {
+            style.max_frames = args.max_frames;
+        }
+        if let Some(carry) = args.carry {
+            style.carry = carry;
+        }
+    } else if args.steps_per_frame.is_some() || args.max_frames.is_some() || args.carry.is_some() {
+        bail!("--steps-per-frame, --max-frames and --carry need --style-video");
     }
     if !args.clip.is_empty() {
         spec.models.clip = args.clip.clone();

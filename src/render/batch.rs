@@ -398,7 +398,7 @@ impl<'a, 'm> Run<'a, 'm> {
         let frames = output::list_frames(&self.frames_dir)?;
         let video = if job.spec.video.enabled && frames.len() >= 2 {
             let path = out.join("video.mp4");
-            output::write_mp4(&path, &frames, job.spec.video.fps)?;
+            output::write_job_mp4(&path, &frames, job)?;
             Some(path)
         } else {
             None

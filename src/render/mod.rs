@@ -19,6 +19,7 @@ pub mod output;
 pub mod progress;
 pub mod prompts;
 pub mod spec;
+pub mod video;
 
 pub use batch::{
     check_batchable, render_batch, render_batch_hosted, step_batch, BatchHost, BatchJob,
@@ -31,5 +32,6 @@ pub use prompts::{PromptSet, TextPrompt};
 pub use spec::{
     Augment, CutMethod, ImagePromptSpec, ImageRef, InitNoise, InitRegulariser, JobSpec, Limits,
     ModelsSpec, NoisePromptSpec, OptimizerKind, PromptsSpec, SpecError, TextPromptSpec, VideoSpec,
-    WebhookEvent, WebhookSpec, ZoomSpec, SPEC_VERSION,
+    VideoStyleSpec, WebhookEvent, WebhookSpec, ZoomSpec, SPEC_VERSION,
 };
+pub use video::{SourceVideo, VideoError, VideoInfo, VideoLimits};

@@ -119,10 +119,7 @@ pub fn record_spec(spec: &JobSpec) -> JobSpec {
 
 /// The text chunks of the final PNG.
 pub fn png_text(job: &RenderJob, identities: &ModelIdentities) -> Vec<(String, String)> {
-    let prompts = match &job.spec.prompts {
-        super::spec::PromptsSpec::Syntax(s) => s.clone(),
-        other => serde_json::to_string(other).unwrap_or_default(),
-    };
+    let prompts = prompts_text(job);
     vec![
         ("prompts".into(), prompts),
         ("seed".into(), job.seed.to_string()),
@@ -179,12 +176,67 @@ pub fn list_frames(dir: &Path) -> Result<Vec<PathBuf>, RenderError> {
     Ok(frames)
 }
 
+/// How an MP4 is written: its frame rate, interpolation and metadata.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Mp4Options {
+    /// The rate the given frames are shown at.
+    pub fps: f32,
+    /// Cross-fade between neighbouring frames up to this rate (above `fps`).
+    pub output_fps: Option<f32>,
+    /// Written as iTunes-style `udta/meta/ilst` items: `©nam` (title) and `desc`.
+    pub title: Option<String>,
+    pub description: Option<String>,
+}
+
+impl Mp4Options {
+    pub fn at(fps: f32) -> Self {
+        Mp4Options {
+            fps,
+            ..Default::default()
+        }
+    }
+}
+
+/// The MP4 options of a job's frames: generate.py's `--video_length` /
+/// `--output_video_fps` rates, and the prompt and seed in the metadata (generate.py
+/// writes the prompt as ffmpeg's `comment`).
+pub fn job_mp4_options(job: &RenderJob, fps: f32) -> Mp4Options {
+    let prompts = prompts_text(job);
+    Mp4Options {
+        fps,
+        output_fps: job.spec.video.output_fps,
+        description: Some(format!("{prompts}\nseed: {}", job.seed)),
+        title: Some(prompts),
+    }
+}
+
+/// Writes a finished job's frames as its video, at the rate the spec asks for.
+pub fn write_job_mp4(path: &Path, frames: &[PathBuf], job: &RenderJob) -> Result<(), RenderError> {
+    let fps = job.spec.video.frame_rate(frames.len());
+    write_mp4_with(path, frames, &job_mp4_options(job, fps))
+}
+
 /// Encodes the frames as H.264 (openh264, built from source by cargo) in an MP4.
 pub fn write_mp4(path: &Path, frames: &[PathBuf], fps: f32) -> Result<(), RenderError> {
+    write_mp4_with(path, frames, &Mp4Options::at(fps))
+}
+
+/// [`write_mp4`] with interpolation and metadata.
+pub fn write_mp4_with(
+    path: &Path,
+    frames: &[PathBuf],
+    options: &Mp4Options,
+) -> Result<(), RenderError> {
     use openh264::encoder::{Encoder, EncoderConfig};
     use openh264::formats::{RgbSliceU8, YUVBuffer};
     use openh264::OpenH264API;
 
+    if frames.is_empty() {
+        return Err(encode_err("video", "there are no frames to encode"));
+    }
+    // Encoded at the output rate; interpolated frames fill the gaps.
+    let fps = options.output_fps.unwrap_or(options.fps);
+    let schedule = interpolation_schedule(frames.len(), options.fps, options.output_fps);
     let first = image::open(&frames[0])
         .map_err(|e| encode_err("video", e))?
         .to_rgb8();
@@ -200,21 +252,33 @@ pub fn write_mp4(path: &Path, frames: &[PathBuf], fps: f32) -> Result<(), Render
     let frame_ticks = 1000u32;
     let mut sps = None;
     let mut pps = None;
-    let mut samples: Vec<(Vec<u8>, bool)> = Vec::with_capacity(frames.len());
-    for (i, frame) in frames.iter().enumerate() {
-        let img = if i == 0 {
-            first.clone()
-        } else {
-            image::open(frame)
-                .map_err(|e| encode_err("video", e))?
-                .to_rgb8()
-        };
-        if img.dimensions() != (w, h) {
-            return Err(encode_err(
-                "video",
-                format!("{} differs in size from the first frame", frame.display()),
-            ));
+    let mut samples: Vec<(Vec<u8>, bool)> = Vec::with_capacity(schedule.len());
+    // The two source frames the current output frame lies between.
+    let mut loaded: Vec<(usize, RgbImage)> = vec![(0, first)];
+    for &(a, b, t) in &schedule {
+        for i in [a, b] {
+            if loaded.iter().all(|(j, _)| *j != i) {
+                let img = image::open(&frames[i])
+                    .map_err(|e| encode_err("video", e))?
+                    .to_rgb8();
+                if img.dimensions() != (w, h) {
+                    return Err(encode_err(
+                        "video",
+                        format!(
+                            "{} differs in size from the first frame",
+                            frames[i].display()
+                        ),
+                    ));
+                }
+                loaded.push((i, img));
+            }
         }
+        loaded.retain(|(j, _)| *j >= a);
+        let pick = |i: usize| loaded.iter().find(|(j, _)| *j == i).map(|(_, img)| img);
+        let (Some(from), Some(to)) = (pick(a), pick(b)) else {
+            return Err(encode_err("video", "an interpolated frame lost its source"));
+        };
+        let img = cross_fade(from, to, t);
         let yuv =
             YUVBuffer::from_rgb8_source(RgbSliceU8::new(img.as_raw(), (w as usize, h as usize)));
         let bitstream = encoder.encode(&yuv).map_err(|e| encode_err("video", e))?;
@@ -277,7 +341,138 @@ pub fn write_mp4(path: &Path, frames: &[PathBuf], fps: f32) -> Result<(), Render
             .write_sample(1, &sample)
             .map_err(|e| encode_err("video", e))?;
     }
-    writer.write_end().map_err(|e| encode_err("video", e))
+    writer.write_end().map_err(|e| encode_err("video", e))?;
+    let mut file = writer.into_writer();
+    std::io::Write::flush(&mut file).map_err(|e| RenderError::io(path, e))?;
+    drop(file);
+    if options.title.is_some() || options.description.is_some() {
+        append_metadata(path, options)?;
+    }
+    Ok(())
+}
+
+/// For each output frame, the two source frames it lies between and the weight of
+/// the second. Without interpolation every source frame is shown once; with it, the
+/// video keeps its length (`frames / fps` seconds) at `output_fps`.
+pub fn interpolation_schedule(
+    frames: usize,
+    fps: f32,
+    output_fps: Option<f32>,
+) -> Vec<(usize, usize, f32)> {
+    let Some(out) = output_fps.filter(|o| *o > fps && fps > 0.0 && frames > 1) else {
+        return (0..frames).map(|i| (i, i, 0.0)).collect();
+    };
+    let ratio = f64::from(fps) / f64::from(out);
+    let count = ((frames as f64) / ratio).round().max(1.0) as usize;
+    (0..count)
+        .map(|k| {
+            let at = k as f64 * ratio;
+            let a = (at.floor() as usize).min(frames - 1);
+            let b = (a + 1).min(frames - 1);
+            let t = if a == b { 0.0 } else { (at - a as f64) as f32 };
+            (a, b, t)
+        })
+        .collect()
+}
+
+/// `(1 - t) · a + t · b`, rounded to nearest; `a` and `b` of one size.
+pub fn cross_fade(a: &RgbImage, b: &RgbImage, t: f32) -> RgbImage {
+    if t <= 0.0 {
+        return a.clone();
+    }
+    let bytes = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(&x, &y)| (f32::from(x) * (1.0 - t) + f32::from(y) * t).round() as u8)
+        .collect();
+    RgbImage::from_raw(a.width(), a.height(), bytes).unwrap_or_else(|| a.clone())
+}
+
+/// The prompts as one line of text, as the final PNG records them.
+fn prompts_text(job: &RenderJob) -> String {
+    match &job.spec.prompts {
+        super::spec::PromptsSpec::Syntax(s) => s.clone(),
+        other => serde_json::to_string(other).unwrap_or_default(),
+    }
+}
+
+/// An ISO BMFF box: 32-bit size, type, body.
+fn mp4_box(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 8);
+    out.extend_from_slice(&((body.len() + 8) as u32).to_be_bytes());
+    out.extend_from_slice(kind);
+    out.extend_from_slice(body);
+    out
+}
+
+/// `moov/udta/meta` with an `mdir` handler and an `ilst` of UTF-8 text items, the
+/// layout QuickTime, ffmpeg (`-metadata title=`/`description=`) and the `mp4` crate
+/// read. The `mp4` crate writes no metadata, so the box is appended to the `moov`
+/// it wrote last, and the `moov` size patched.
+fn append_metadata(path: &Path, options: &Mp4Options) -> Result<(), RenderError> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    let text_item = |kind: &[u8; 4], text: &str| {
+        // `data`: type 1 (UTF-8), locale 0, the text.
+        let mut data = vec![0, 0, 0, 1, 0, 0, 0, 0];
+        data.extend_from_slice(text.as_bytes());
+        mp4_box(kind, &mp4_box(b"data", &data))
+    };
+    let mut items = Vec::new();
+    if let Some(title) = &options.title {
+        items.extend(text_item(b"\xa9nam", title));
+    }
+    if let Some(description) = &options.description {
+        items.extend(text_item(b"desc", description));
+    }
+    // hdlr: version/flags, pre_defined, handler `mdir`, three reserved words, empty name.
+    let mut hdlr = vec![0u8; 8];
+    hdlr.extend_from_slice(b"mdir");
+    hdlr.extend_from_slice(&[0u8; 13]);
+    let mut meta = vec![0u8; 4];
+    meta.extend(mp4_box(b"hdlr", &hdlr));
+    meta.extend(mp4_box(b"ilst", &items));
+    let udta = mp4_box(b"udta", &mp4_box(b"meta", &meta));
+
+    let io = |e: std::io::Error| RenderError::io(path, e);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut pos = 0u64;
+    let mut moov = None;
+    while pos + 8 <= len {
+        let mut header = [0u8; 8];
+        file.seek(SeekFrom::Start(pos)).map_err(io)?;
+        file.read_exact(&mut header).map_err(io)?;
+        let size = u64::from(u32::from_be_bytes([
+            header[0], header[1], header[2], header[3],
+        ]));
+        if size < 8 {
+            // 64-bit or to-the-end sizes: the writer produced neither for `moov`.
+            break;
+        }
+        if &header[4..8] == b"moov" {
+            moov = Some((pos, size));
+        }
+        pos += size;
+    }
+    let Some((start, size)) = moov.filter(|(s, n)| s + n == len) else {
+        return Err(encode_err(
+            "video",
+            "the MP4 does not end with its moov box",
+        ));
+    };
+    let new_size = u32::try_from(size + udta.len() as u64)
+        .map_err(|_| encode_err("video", "the moov box would exceed 4 GiB"))?;
+    file.seek(SeekFrom::End(0)).map_err(io)?;
+    file.write_all(&udta).map_err(io)?;
+    file.seek(SeekFrom::Start(start)).map_err(io)?;
+    file.write_all(&new_size.to_be_bytes()).map_err(io)?;
+    file.flush().map_err(io)
 }
 
 /// NAL units of an Annex B stream, without their start codes.

@@ -68,6 +68,10 @@ pub struct JobSpec {
     pub save_every: u32,
     #[serde(default)]
     pub video: VideoSpec,
+    /// Video styling: every frame of a source video is optimised toward the prompts
+    /// and the styled frames make the video (generate.py's `--video_style_dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video_style: Option<VideoStyleSpec>,
     #[serde(default)]
     pub zoom: Option<ZoomSpec>,
     /// Story mode: move to the next `^` phrase every this many steps; 0 keeps the first.
@@ -250,8 +254,72 @@ pub enum Augment {
 pub struct VideoSpec {
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// Frames per second; with `output_fps`, the rate the frames are interpolated
+    /// from (generate.py's `--input_video_fps`).
     #[serde(default = "default_fps")]
     pub fps: f32,
+    /// generate.py's `--video_length`: the frame rate becomes
+    /// `clamp(frames / length_seconds, 10, 60)`, replacing `fps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length_seconds: Option<f32>,
+    /// generate.py's `--output_video_fps`: frames shown at `fps` are interpolated up
+    /// to this rate. generate.py has ffmpeg's motion-compensated `minterpolate`; vqclip
+    /// cross-fades neighbouring frames (no ffmpeg in the process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_fps: Option<f32>,
+}
+
+impl VideoSpec {
+    /// generate.py's bounds on the frame rate it derives from `--video_length`.
+    pub const LENGTH_FPS_RANGE: (f32, f32) = (10.0, 60.0);
+
+    /// The rate `frames` frames are shown at: `fps`, or generate.py's
+    /// `clamp(frames / length, 10, 60)` when `length_seconds` is set.
+    pub fn frame_rate(&self, frames: usize) -> f32 {
+        match self.length_seconds {
+            Some(length) if length > 0.0 => {
+                let (lo, hi) = Self::LENGTH_FPS_RANGE;
+                (frames as f32 / length).clamp(lo, hi)
+            }
+            _ => self.fps,
+        }
+    }
+}
+
+/// The source and pace of a video-styling job. As in generate.py every frame renders
+/// with the same seed (generate.py draws a fresh one per frame when `--seed` is not
+/// given; vqclip always has a resolved seed), from a fresh optimiser.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VideoStyleSpec {
+    /// `upload:<id>` of an MP4 sent to `POST /v1/uploads`. On the command line,
+    /// `--style-video` names a frame directory or an MP4 file and fills this in.
+    pub video: String,
+    /// Optimisation steps for each frame; absent: `steps` (generate.py runs its
+    /// `--iterations` for every frame).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps_per_frame: Option<u32>,
+    /// Style only the first this many frames; absent: every frame, up to the
+    /// deployment's `limits.max_video_frames`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frames: Option<u32>,
+    /// How much of the previous styled frame is blended into each source frame before
+    /// it is encoded as that frame's init image. 0 (generate.py) starts every frame
+    /// from its source frame alone; above 0 each frame starts partly from the previous
+    /// result, which steadies the style from frame to frame; 1 ignores the source after
+    /// the first frame.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub carry: f32,
+}
+
+fn is_zero(x: &f32) -> bool {
+    *x == 0.0
+}
+
+impl VideoStyleSpec {
+    pub fn steps_per_frame(&self, spec_steps: u32) -> u32 {
+        self.steps_per_frame.unwrap_or(spec_steps)
+    }
 }
 
 fn default_true() -> bool {
@@ -266,6 +334,8 @@ impl Default for VideoSpec {
         Self {
             enabled: true,
             fps: default_fps(),
+            length_seconds: None,
+            output_fps: None,
         }
     }
 }
@@ -518,7 +588,10 @@ impl JobSpec {
             ));
         }
         if self.video.enabled {
-            check_finite_range("video.fps", self.video.fps, 1.0, 60.0)?;
+            self.validate_video()?;
+        }
+        if let Some(style) = &self.video_style {
+            self.validate_video_style(style, limits)?;
         }
         if let Some(zoom) = &self.zoom {
             check_range("zoom.every", zoom.every, 1, u32::MAX)?;
@@ -661,6 +734,72 @@ impl JobSpec {
                     "init_noise",
                     "cannot be combined with init_image",
                     "remove one of init_image and init_noise",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_video(&self) -> Result<(), SpecError> {
+        let video = &self.video;
+        check_finite_range("video.fps", video.fps, 1.0, 60.0)?;
+        if let Some(length) = video.length_seconds {
+            check_finite_range("video.length_seconds", length, 0.1, 3600.0)?;
+        }
+        if let Some(out) = video.output_fps {
+            // generate.py interpolates only above 9 fps.
+            check_finite_range("video.output_fps", out, 10.0, 60.0)?;
+            if out < video.fps {
+                return Err(SpecError::new(
+                    "video.output_fps",
+                    "must be at least video.fps, the rate interpolated from",
+                    format!("got output_fps {out} below fps {}", video.fps),
+                ));
+            }
+            if video.length_seconds.is_some() {
+                return Err(SpecError::new(
+                    "video.length_seconds",
+                    "cannot be combined with video.output_fps",
+                    "generate.py ignores --video_length when it interpolates; set one of them",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_video_style(
+        &self,
+        style: &VideoStyleSpec,
+        limits: &Limits,
+    ) -> Result<(), SpecError> {
+        if style.video.trim().is_empty() {
+            return Err(SpecError::new(
+                "video_style.video",
+                "must name the source video",
+                "got an empty string; upload an MP4 with POST /v1/uploads and pass its `upload:<id>`",
+            ));
+        }
+        if let Some(n) = style.steps_per_frame {
+            check_range("video_style.steps_per_frame", n, 1, limits.max_steps)?;
+        }
+        if let Some(n) = style.max_frames {
+            check_range("video_style.max_frames", n, 1, u32::MAX)?;
+        }
+        check_finite_range("video_style.carry", style.carry, 0.0, 1.0)?;
+        // The source frames are the init images, shown at the source's own rate.
+        let conflicts = [
+            ("init_image", self.init_image.is_some()),
+            ("init_noise", self.init_noise.is_some()),
+            ("zoom", self.zoom.is_some()),
+            ("video.length_seconds", self.video.length_seconds.is_some()),
+            ("video.output_fps", self.video.output_fps.is_some()),
+        ];
+        for (field, set) in conflicts {
+            if set {
+                return Err(SpecError::new(
+                    field,
+                    "cannot be combined with video_style",
+                    "each source frame is the init image, and the styled video keeps the source's frame rate",
                 ));
             }
         }
@@ -861,6 +1000,81 @@ mod tests {
         assert!(ImageRef::parse("/etc/passwd").is_err());
         assert!(ImageRef::parse("data:image/png,raw").is_err());
         assert!(ImageRef::parse("data:image/png;base64,!!!").is_err());
+    }
+
+    #[test]
+    fn video_options_and_video_style_are_checked() {
+        let limits = Limits::default();
+        let ok = spec(
+            r#"{"prompts": "a", "video": {"fps": 15, "output_fps": 30},
+                "video_style": {"video": "upload:0f8fad5b-d9cb-469f-a165-70867728950e",
+                                "steps_per_frame": 5, "max_frames": 2}}"#,
+        );
+        // Interpolation is for step videos; a styled video keeps the source's rate.
+        assert_eq!(ok.validate(&limits).unwrap_err().field, "video.output_fps");
+        let styled = spec(
+            r#"{"prompts": "a", "steps": 9,
+                "video_style": {"video": "upload:0f8fad5b-d9cb-469f-a165-70867728950e"}}"#,
+        );
+        styled.validate(&limits).unwrap();
+        let style = styled.video_style.as_ref().unwrap();
+        assert_eq!(style.steps_per_frame(styled.steps), 9);
+        // Absent options stay absent when recorded, so older specs keep their fingerprint.
+        let text = serde_json::to_string(&spec(r#"{"prompts": "a"}"#)).unwrap();
+        assert!(
+            !text.contains("video_style") && !text.contains("length_seconds"),
+            "{text}"
+        );
+        spec(r#"{"prompts": "a", "video": {"length_seconds": 4}}"#)
+            .validate(&limits)
+            .unwrap();
+        let cases = [
+            (
+                r#"{"prompts": "a", "video": {"length_seconds": 0}}"#,
+                "video.length_seconds",
+            ),
+            (
+                r#"{"prompts": "a", "video": {"output_fps": 5}}"#,
+                "video.output_fps",
+            ),
+            (
+                r#"{"prompts": "a", "video": {"fps": 30, "output_fps": 20}}"#,
+                "video.output_fps",
+            ),
+            (
+                r#"{"prompts": "a", "video": {"output_fps": 30, "length_seconds": 3}}"#,
+                "video.length_seconds",
+            ),
+            (
+                r#"{"prompts": "a", "video_style": {"video": " "}}"#,
+                "video_style.video",
+            ),
+            (
+                r#"{"prompts": "a", "video_style": {"video": "v", "steps_per_frame": 0}}"#,
+                "video_style.steps_per_frame",
+            ),
+            (
+                r#"{"prompts": "a", "video_style": {"video": "v", "max_frames": 0}}"#,
+                "video_style.max_frames",
+            ),
+            (
+                r#"{"prompts": "a", "zoom": {}, "video_style": {"video": "v"}}"#,
+                "zoom",
+            ),
+            (
+                r#"{"prompts": "a", "video_style": {"video": "v", "carry": 1.5}}"#,
+                "video_style.carry",
+            ),
+            (
+                r#"{"prompts": "a", "init_image": "upload:0f8fad5b-d9cb-469f-a165-70867728950e",
+                    "video_style": {"video": "v"}}"#,
+                "init_image",
+            ),
+        ];
+        for (json, field) in cases {
+            let err = spec(json).validate(&limits).unwrap_err();
+            assert_eq!(err.field, field, "{json}: {err}");
+        }
     }
 
     #[test]

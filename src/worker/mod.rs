@@ -219,12 +219,13 @@ fn render_loop(
     }
 }
 
-/// What jobs must share to render as one batch (the claim's `BATCH_KEY`).
-type BatchKey = (ModelsSpec, u32, u32);
+/// What jobs must share to render as one batch (the claim's `BATCH_KEY`); the last
+/// is whether they style a video (rendered one after another, never batched).
+type BatchKey = (ModelsSpec, u32, u32, bool);
 
 fn batch_key(r: &RenderRequest) -> BatchKey {
     let s = &r.job.spec;
-    (s.models.clone(), s.width, s.height)
+    (s.models.clone(), s.width, s.height, s.video_style.is_some())
 }
 
 /// The claim packs only jobs of one size and one model set; should anything else
@@ -297,6 +298,7 @@ fn render_group(
         deferred,
     };
     let jobs: Vec<BatchJob<'static>> = group.into_iter().map(|r| host.join(r)).collect();
+    let styles_video = key.3;
     let models_spec = key.0;
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
         if loaded.as_ref().map(|(spec, _)| spec) != Some(&models_spec) {
@@ -308,7 +310,19 @@ fn render_group(
         let Some((_, models)) = loaded.as_ref() else {
             return Err("models are not loaded".into());
         };
-        render_batch_hosted(jobs, models, &mut host);
+        if styles_video {
+            for (i, mut entry) in jobs.into_iter().enumerate() {
+                let outcome = crate::render::video::render_video(
+                    &entry.job,
+                    models,
+                    entry.progress.as_mut(),
+                    &entry.cancel,
+                );
+                host.ended(i, outcome);
+            }
+        } else {
+            render_batch_hosted(jobs, models, &mut host);
+        }
         Ok(())
     }));
     let failure = match result {
@@ -563,7 +577,8 @@ impl Worker {
             .image_prompts
             .iter()
             .map(|p| p.image.clone())
-            .chain(spec.init_image.clone());
+            .chain(spec.init_image.clone())
+            .chain(spec.video_style.as_ref().map(|v| v.video.trim().to_owned()));
         for reference in refs {
             if let Ok(ImageRef::Upload(id)) = ImageRef::parse(&reference) {
                 let upload = self
@@ -717,7 +732,7 @@ impl Worker {
                     loss: finite(loss),
                     eta_seconds: eta_s.is_finite().then_some(eta_s),
                 };
-                let data = json!({
+                let mut data = json!({
                     "step": step,
                     "total": total,
                     "loss": progress.loss,
@@ -725,6 +740,7 @@ impl Worker {
                     "elapsed_seconds": elapsed_s,
                     "eta_seconds": progress.eta_seconds,
                 });
+                add_video_frame(&mut data, &job.spec, step, total);
                 if store
                     .progress(job.id, &self.id, progress, data)
                     .await?
@@ -753,9 +769,27 @@ impl Worker {
     }
 }
 
-/// The spec fields jobs must share to render as one batch: the latent's shape and the
-/// loaded models.
-const BATCH_KEY: [&str; 3] = ["$.width", "$.height", "$.models"];
+/// The spec fields jobs must share to render as one batch: the latent's shape, the
+/// loaded models, and no video styling (or the same).
+const BATCH_KEY: [&str; 4] = ["$.width", "$.height", "$.models", "$.video_style"];
+
+/// A video-styling job's progress also says which frame (0-based, of `frames`) and
+/// which step of that frame (1-based) the job is at.
+fn add_video_frame(data: &mut serde_json::Value, spec: &serde_json::Value, step: u32, total: u32) {
+    let Some(style) = spec.get("video_style").filter(|v| v.is_object()) else {
+        return;
+    };
+    let per_frame = style
+        .get("steps_per_frame")
+        .and_then(|v| v.as_u64())
+        .or_else(|| spec.get("steps").and_then(|v| v.as_u64()))
+        .unwrap_or(1)
+        .max(1);
+    let done = u64::from(step.saturating_sub(1));
+    data["frame"] = json!(done / per_frame);
+    data["frames"] = json!(u64::from(total) / per_frame);
+    data["frame_step"] = json!(done % per_frame + 1);
+}
 
 /// The worker's side of one job handed to the render thread.
 struct Pending {
