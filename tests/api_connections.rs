@@ -196,7 +196,7 @@ async fn errors_of_the_http_parser_are_problems() {
             414,
         ),
         (
-            format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "b".repeat(500_000))
+            format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "b".repeat(1_000_000))
                 .into_bytes(),
             431,
         ),

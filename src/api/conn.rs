@@ -183,6 +183,10 @@ struct ConnState {
     in_flight: AtomicUsize,
     /// Bumped each time the connection becomes idle (the last response was sent).
     idle_epoch: AtomicU64,
+    /// The reader, woken when the connection becomes idle: it may have gone to sleep
+    /// while a request was in flight (no deadline then), and an idle socket with no
+    /// data would never wake it to start the idle deadline.
+    reader: futures::task::AtomicWaker,
 }
 
 /// Held by a request from its head until its response body is dropped (sent or abandoned).
@@ -199,6 +203,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle_epoch.fetch_add(1, Ordering::SeqCst);
+            self.0.reader.wake();
         }
     }
 }
@@ -308,6 +313,8 @@ impl AsyncRead for TimedIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        // Registered before the state is read, so an InFlight dropped in between wakes us.
+        self.state.reader.register(cx.waker());
         let due = self.due();
         let before = buf.filled().len();
         match Pin::new(&mut self.stream).poll_read(cx, buf) {

@@ -373,7 +373,7 @@ mod tests {
         let second = budget.reserve(1024, 1024).await.unwrap();
         drop((small, second));
         // An image larger than the whole budget decodes alone rather than never.
-        budget.reserve(4096, 4096).await.unwrap();
+        let _alone = budget.reserve(4096, 4096).await.unwrap();
     }
 
     #[test]
