@@ -48,7 +48,7 @@ fn resume_point(headers: &HeaderMap, query: Option<&str>) -> Result<i64, ApiErro
     };
     match raw {
         None => Ok(0),
-        Some(s) if s.trim().is_empty() => Ok(0),
+        // An empty id is refused like an empty `cursor`: both name no point to resume from.
         Some(s) => s
             .trim()
             .parse::<i64>()

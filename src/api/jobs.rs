@@ -347,8 +347,6 @@ fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
                     )
                 })?)
             }
-            // Empty means "from the start", as an empty Last-Event-ID does for events.
-            "cursor" if value.is_empty() => q.before = None,
             "cursor" => {
                 q.before = Some(value.parse().map_err(|_| {
                     ApiError::bad_request(
