@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=${VQCLIP_BIN:-target/debug/vqclip}
-EXAMPLES=${FUZZ_EXAMPLES:-40}
+EXAMPLES=${FUZZ_EXAMPLES:-30}
 RUN_SECONDS=${FUZZ_RUN_SECONDS:-110}
 SCHEMATHESIS_VERSION=3.39.16
 # Later hypothesis releases break schemathesis 3.39 (`many.more` is gone).

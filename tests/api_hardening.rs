@@ -150,7 +150,13 @@ async fn query_and_frame_edge_cases_follow_the_spec() {
     let events = format!("/v1/jobs/{id}/events");
     problem(s.get(&format!("{events}?last_event_id=")).await, 400).await;
     problem(s.get(&format!("{events}?last_event_id=x")).await, 400).await;
-    let r = s.client.get(s.url(&events)).header("last-event-id", "").send().await.unwrap();
+    let r = s
+        .client
+        .get(s.url(&events))
+        .header("last-event-id", "")
+        .send()
+        .await
+        .unwrap();
     problem(r, 400).await;
     // The stream of a queued job stays open: only its head matters here.
     let r = tokio::time::timeout(
