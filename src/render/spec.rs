@@ -818,7 +818,7 @@ mod tests {
         let dir = root.path().join("models");
         std::fs::create_dir_all(dir.join("my-clip")).unwrap();
         std::fs::create_dir_all(root.path().join("outside")).unwrap();
-        let policy = ModelPolicy::new(vec!["/srv/default.ckpt".into()], &[dir.clone()]);
+        let policy = ModelPolicy::new(vec!["/srv/default.ckpt".into()], std::slice::from_ref(&dir));
         let with = |vqgan: &str, clip: &str| {
             let mut s = spec(r#"{"prompts": "a cat"}"#);
             s.models.vqgan = vqgan.to_owned();
