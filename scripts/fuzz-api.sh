@@ -25,7 +25,13 @@ if [ ! -x "$BIN" ]; then
     exit 1
 fi
 if ! "$VENV/bin/st" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
-    python3 -m venv "$VENV"
+    # A bare CI image may lack Python's venv module (Debian splits it out).
+    if ! python3 -m venv "$VENV" 2>/dev/null; then
+        if command -v apt-get >/dev/null; then
+            apt-get update -qq && apt-get install -y -qq python3 python3-venv >/dev/null
+        fi
+        python3 -m venv "$VENV"
+    fi
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" "hypothesis==$HYPOTHESIS_VERSION"
 fi
 
