@@ -64,6 +64,9 @@ pub struct ServerConfig {
     pub cors_allowed_origins: Vec<String>,
     pub sse_keep_alive_seconds: u64,
     pub retry_after_seconds: u64,
+    pub header_read_timeout_ms: u64,
+    pub keep_alive_timeout_seconds: u64,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -111,6 +114,7 @@ pub struct ModelsConfig {
     pub vqgan: String,
     pub clip: Vec<String>,
     pub cache_dir: String,
+    pub dirs: Vec<PathBuf>,
 }
 
 impl ModelsConfig {
@@ -141,6 +145,8 @@ pub struct LimitsConfig {
     pub max_upload_pixels: u64,
     /// Most frames of an uploaded video (video styling).
     pub max_video_frames: u32,
+    pub max_decode_bytes: u64,
+    pub decode_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -239,6 +245,12 @@ impl Config {
         }
         self.auth_settings()?;
         self.webhook_settings()?;
+        if self.server.max_connections == 0 || self.server.header_read_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "server.max_connections and server.header_read_timeout_ms must be at least 1"
+                    .into(),
+            ));
+        }
         if self.database.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "database.max_connections must be at least 1".into(),

@@ -2,7 +2,7 @@
 //! (answering `If-None-Match` with 304) and single byte ranges (206/416), which video
 //! players need for seeking.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -10,7 +10,7 @@ use serde_json::json;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 
-use super::extract::{job_id, Caller};
+use super::extract::{job_id, Caller, PathParams};
 use super::{ApiError, AppState};
 use crate::queue::{links, Job, JobState};
 
@@ -52,7 +52,7 @@ async fn finished_file(
 pub(super) async fn image(
     State(st): State<AppState>,
     Caller(scope): Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     finished_file(st, scope, id, "image.png", "image/png", headers).await
@@ -61,7 +61,7 @@ pub(super) async fn image(
 pub(super) async fn video(
     State(st): State<AppState>,
     Caller(scope): Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     finished_file(st, scope, id, "video.mp4", "video/mp4", headers).await
@@ -70,7 +70,7 @@ pub(super) async fn video(
 pub(super) async fn metadata(
     State(st): State<AppState>,
     Caller(scope): Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     finished_file(st, scope, id, "metadata.json", "application/json", headers).await
@@ -80,7 +80,7 @@ pub(super) async fn metadata(
 pub(super) async fn frames(
     State(st): State<AppState>,
     Caller(scope): Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let job = st.store.get(job_id(&id)?, &scope).await?;
     let frames = st.artifacts.frames(job.id)?;
@@ -94,22 +94,35 @@ pub(super) async fn frames(
 pub(super) async fn frame(
     State(st): State<AppState>,
     Caller(scope): Caller,
-    Path((id, frame)): Path<(String, String)>,
+    PathParams((id, frame)): PathParams<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let job = st.store.get(job_id(&id)?, &scope).await?;
-    let step = frame
+    let digits = frame
         .strip_suffix(".png")
         .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|s| s.parse::<u32>().ok())
         .ok_or_else(|| {
             ApiError::bad_request(
                 "invalid-artifact-name",
                 format!("{frame:?} is not a frame name; frames are named <step>.png, e.g. 50.png"),
             )
         })?;
+    // A well-formed name past any step a job can have (u32) names no frame: 404, as
+    // the spec's pattern promises, not 400.
+    let step = digits
+        .parse::<u32>()
+        .map_err(|_| ApiError::not_found(format!("job {} has no frame {frame}", job.id)))?;
     let path = st.artifacts.frame(job.id, step)?;
     serve_file(path, "image/png", &headers).await
+}
+
+/// `If-None-Match` uses the weak comparison (RFC 9110 §13.1.2): `W/"x"` matches `"x"`.
+fn none_match(header: &str, etag: &str) -> bool {
+    let opaque = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+    let ours = opaque(etag);
+    header
+        .split(',')
+        .any(|t| t.trim() == "*" || opaque(t) == ours)
 }
 
 enum Range {
@@ -182,7 +195,7 @@ pub(super) async fn serve_file(
     let matches = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        .is_some_and(|v| none_match(v, &etag));
     if matches {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
     }
@@ -224,4 +237,20 @@ pub(super) async fn serve_file(
         }
     }
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::none_match;
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        let etag = "\"1a-2b\"";
+        assert!(none_match("\"1a-2b\"", etag));
+        assert!(none_match("W/\"1a-2b\"", etag));
+        assert!(none_match("\"other\", W/\"1a-2b\"", etag));
+        assert!(none_match("*", etag));
+        assert!(!none_match("W/\"1a-2c\"", etag));
+        assert!(!none_match("1a-2b", etag));
+    }
 }

@@ -83,7 +83,7 @@ impl IntoResponse for ApiError {
         if let Value::Object(map) = &mut body {
             map.extend(self.extra);
         }
-        let mut response = (self.status, body.to_string()).into_response();
+        let mut response = (self.status, ascii_json(&body.to_string())).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -94,6 +94,26 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// JSON with every non-ASCII character written as `\uXXXX`. A problem often quotes
+/// the client's own input (an id, a prompt); JSON has no charset parameter, and clients
+/// that guess the encoding of a short body guess wrong, so the body is kept ASCII.
+fn ascii_json(json: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            // Outside strings JSON has only ASCII, so every such character is in one.
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
+        }
+    }
+    out
 }
 
 impl From<QueueError> for ApiError {
@@ -141,5 +161,22 @@ impl From<StorageError> for ApiError {
             e @ StorageError::Missing(_) => ApiError::not_found(e.to_string()),
             e => ApiError::internal("the artifact store", e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_are_ascii_json_that_reads_back_the_same() {
+        let detail = "no job with id \"A\u{a1}\u{903}\" \u{1f600}";
+        let response = ApiError::not_found(detail).into_response();
+        let bytes =
+            futures::executor::block_on(axum::body::to_bytes(response.into_body(), 1 << 16))
+                .unwrap();
+        assert!(bytes.is_ascii(), "{bytes:?}");
+        let problem: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(problem["detail"], detail);
     }
 }

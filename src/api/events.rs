@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::extract::{job_id, Caller};
+use super::extract::{job_id, Caller, PathParams};
 use super::{ApiError, AppState};
 use crate::queue::{EventNotice, JobEvent, JobStore, Scope};
 
@@ -48,7 +48,7 @@ fn resume_point(headers: &HeaderMap, query: Option<&str>) -> Result<i64, ApiErro
     };
     match raw {
         None => Ok(0),
-        Some(s) if s.trim().is_empty() => Ok(0),
+        // An empty id is refused like an empty `cursor`: both name no point to resume from.
         Some(s) => s
             .trim()
             .parse::<i64>()
@@ -138,7 +138,7 @@ impl Cursor {
 pub(super) async fn stream(
     State(st): State<AppState>,
     Caller(scope): Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {

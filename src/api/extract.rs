@@ -2,7 +2,7 @@
 //! rejection or a panic.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use uuid::Uuid;
@@ -49,6 +49,28 @@ impl<S: Send + Sync> FromRequest<S> for Body {
                     ApiError::bad_request("unreadable-body", rejection.body_text())
                 }
             })
+    }
+}
+
+/// Path parameters. axum's own `Path` answers a path it cannot decode (e.g. `%FF`,
+/// not UTF-8) with `text/plain`; this one answers with a problem like every other error.
+pub struct PathParams<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for PathParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(PathParams(value)),
+            Err(rejection) => Err(ApiError::bad_request(
+                "invalid-path",
+                format!(
+                    "the path {:?} cannot be read: {}; ids and frame names are plain ASCII",
+                    parts.uri.path(),
+                    rejection.body_text()
+                ),
+            )),
+        }
     }
 }
 

@@ -1,20 +1,21 @@
 //! `/v1/jobs`: submit, read, list, cancel, delete.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::extract::{job_id, parse_json, require_json, Body, Caller};
-use super::uploads::{validate_image, ImageLimits};
+use super::extract::{job_id, parse_json, require_json, Body, Caller, PathParams};
+use super::uploads::{check_image_within_budget, DecodeBudget, ImageLimits};
 use super::{ApiError, AppState};
 use crate::config::Config;
 use crate::models::ClipTokenizer;
 use crate::queue::{
     links, CancelOutcome, Job, JobState, ListQuery, NewJob, QueueError, Scope, Submitted,
 };
+use crate::render::spec::ModelPolicy;
 use crate::render::{ImageRef, JobSpec, Limits};
 use std::sync::OnceLock;
 
@@ -76,6 +77,49 @@ pub(super) fn limits(config: &Config) -> Limits {
     }
 }
 
+/// Catalogue names, the configured defaults, and paths inside the model cache or
+/// `models.dirs`.
+fn model_policy(config: &Config) -> ModelPolicy {
+    let m = &config.models;
+    let fixed = std::iter::once(m.vqgan.clone())
+        .chain(m.clip.iter().cloned())
+        .collect();
+    let mut dirs = vec![m.cache_dir()];
+    dirs.extend(m.dirs.iter().cloned());
+    ModelPolicy::new(fixed, &dirs)
+}
+
+/// `GET /v1/limits`: the bounds this server puts on jobs and uploads, and the models a
+/// job may name. They are the server's configuration, so they differ between servers.
+pub(super) async fn limits_view(State(st): State<AppState>) -> Json<Value> {
+    use crate::models::catalogue::{ModelKind, CATALOGUE};
+    let l = &st.config.limits;
+    let names = |kind: ModelKind| -> Vec<&str> {
+        CATALOGUE
+            .iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.name)
+            .collect()
+    };
+    Json(json!({
+        "max_width": l.max_side,
+        "max_height": l.max_side,
+        "max_pixels": l.max_pixels,
+        "max_steps": l.max_steps,
+        "max_cutn": l.max_cutn,
+        "max_prompts": l.max_prompts,
+        "max_prompt_tokens": limits(&st.config).max_prompt_tokens,
+        "max_queued_jobs": l.max_queued_jobs,
+        "max_upload_pixels": l.max_upload_pixels,
+        "max_body_bytes": st.config.server.max_body_bytes,
+        "max_upload_bytes": st.config.server.max_upload_bytes,
+        "models": {
+            "vqgan": names(ModelKind::Vqgan),
+            "clip": names(ModelKind::Clip),
+        },
+    }))
+}
+
 /// Fills what the job left to the deployment (models, checkpoint interval), then
 /// deserializes and validates it.
 fn spec_from_json(raw: &Value, config: &Config) -> Result<JobSpec, ApiError> {
@@ -100,6 +144,13 @@ fn spec_from_json(raw: &Value, config: &Config) -> Result<JobSpec, ApiError> {
     let mut spec: JobSpec = serde_json::from_value(Value::Object(fields))
         .map_err(|e| ApiError::unprocessable("invalid-spec", format!("job spec: {e}")))?;
     spec.validate(&limits(config)).map_err(|e| {
+        ApiError::unprocessable("invalid-spec", e.to_string())
+            .with("field", e.field.clone())
+            .with("rule", e.rule.clone())
+    })?;
+    spec.check_models(&model_policy(config)).map_err(|e| {
+        // The log may name paths; the answer names only what the client sent.
+        tracing::info!("refused job models: {e}");
         ApiError::unprocessable("invalid-spec", e.to_string())
             .with("field", e.field.clone())
             .with("rule", e.rule.clone())
@@ -147,7 +198,12 @@ fn check_prompt_lengths(spec: &JobSpec) -> Result<(), ApiError> {
 }
 
 /// Every image a spec names must exist (uploads) or be a valid image (inline).
-async fn check_images(st: &AppState, scope: &Scope, spec: &JobSpec) -> Result<(), ApiError> {
+async fn check_images(
+    st: &AppState,
+    scope: &Scope,
+    budget: &DecodeBudget,
+    spec: &JobSpec,
+) -> Result<(), ApiError> {
     let refs = spec
         .image_prompts
         .iter()
@@ -180,9 +236,9 @@ async fn check_images(st: &AppState, scope: &Scope, spec: &JobSpec) -> Result<()
             },
             ImageRef::Inline { bytes, .. } => {
                 let limits = ImageLimits::from(&st.config.limits);
-                tokio::task::spawn_blocking(move || validate_image(&bytes, &limits))
-                    .await
-                    .map_err(|e| ApiError::internal("checking an inline image", e))?
+                check_image_within_budget(bytes, limits, budget)
+                    .await?
+                    .1
                     .map_err(|e| bad(e.to_string()))?;
             }
         }
@@ -289,6 +345,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 pub(super) async fn submit(
     State(st): State<AppState>,
     Caller(scope): Caller,
+    Extension(budget): Extension<DecodeBudget>,
     headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
@@ -296,7 +353,7 @@ pub(super) async fn submit(
     let raw = parse_json(&body)?;
     let key = idempotency_key(&headers)?;
     let spec = spec_from_json(&raw, &st.config)?;
-    check_images(&st, &scope, &spec).await?;
+    check_images(&st, &scope, &budget, &spec).await?;
     let video_steps = check_video(&st, &scope, &spec).await?;
     check_webhook(&st, &spec).await?;
     let new = NewJob {
@@ -340,7 +397,7 @@ pub(super) async fn submit(
 pub(super) async fn get_job(
     State(st): State<AppState>,
     Caller(scope): Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = st.store.get(job_id(&id)?, &scope).await?;
     let position = st.store.position(&job).await?;
@@ -412,7 +469,7 @@ pub(super) async fn list(
 pub(super) async fn cancel(
     State(st): State<AppState>,
     Caller(scope): Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = match st.store.cancel(job_id(&id)?, &scope).await? {
         CancelOutcome::Canceled(j)
@@ -425,7 +482,7 @@ pub(super) async fn cancel(
 pub(super) async fn delete_job(
     State(st): State<AppState>,
     Caller(scope): Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<StatusCode, ApiError> {
     let job = st.store.delete(job_id(&id)?, &scope).await?;
     if let Err(e) = st.artifacts.remove_job(job.id) {

@@ -6,6 +6,7 @@
 
 mod artifacts;
 mod auth;
+pub mod conn;
 mod error;
 mod events;
 mod extract;
@@ -106,6 +107,7 @@ pub fn route_table(config: &Config) -> Vec<RouteEntry> {
             "/v1/uploads",
             post(uploads::upload).layer(upload_limit),
         ),
+        entry(Method::GET, "/v1/limits", get(jobs::limits_view)),
         entry(Method::GET, "/healthz", get(ops::healthz)),
         entry(Method::GET, "/readyz", get(ops::readyz)),
         entry(Method::GET, "/metrics", get(ops::metrics)),
@@ -133,6 +135,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.server.max_body_bytes))
+        .layer(axum::Extension(uploads::DecodeBudget::new(
+            &state.config.limits,
+            state.config.server.retry_after_seconds,
+        )))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
@@ -153,12 +159,13 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves until `state.shutdown` is cancelled, then lets open requests finish.
+/// Serves until `state.shutdown` is cancelled, then lets open requests finish. The
+/// connection settings of `[server]` (header and keep-alive deadlines, the bound on open
+/// connections) apply; see [`conn`].
 pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
     let shutdown = state.shutdown.clone();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let limits = conn::ConnLimits::from_config(&state.config.server);
+    conn::serve(listener, router(state), limits, shutdown).await
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

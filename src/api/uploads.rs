@@ -2,14 +2,18 @@
 //! for video styling.
 
 use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use base64::Engine;
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use super::extract::{media_type, parse_json, Body, Caller};
@@ -54,11 +58,20 @@ pub enum ImageRejection {
 /// Reads the header for the size, refuses oversized images before decoding (the
 /// decompression-bomb guard), then decodes fully under allocation limits.
 pub fn validate_image(bytes: &[u8], limits: &ImageLimits) -> Result<ImageCheck, ImageRejection> {
-    let reader = || {
-        image::ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| ImageRejection::Corrupt(e.to_string()))
-    };
+    let check = image_header(bytes, limits)?;
+    decode_image(bytes, &check, limits)?;
+    Ok(check)
+}
+
+fn reader(bytes: &[u8]) -> Result<image::ImageReader<Cursor<&[u8]>>, ImageRejection> {
+    image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageRejection::Corrupt(e.to_string()))
+}
+
+/// Format and size from the header alone; refuses oversized images (cheap, no decode).
+pub fn image_header(bytes: &[u8], limits: &ImageLimits) -> Result<ImageCheck, ImageRejection> {
+    let reader = || reader(bytes);
     let format = reader()?.format().ok_or(ImageRejection::UnknownFormat)?;
     if !matches!(
         format,
@@ -76,20 +89,102 @@ pub fn validate_image(bytes: &[u8], limits: &ImageLimits) -> Result<ImageCheck, 
             max: limits.max_pixels,
         });
     }
-    let mut decoder = reader()?;
-    let mut l = image::Limits::default();
-    l.max_image_width = Some(width);
-    l.max_image_height = Some(height);
-    l.max_alloc = Some(limits.max_alloc);
-    decoder.limits(l);
-    decoder
-        .decode()
-        .map_err(|e| ImageRejection::Corrupt(e.to_string()))?;
     Ok(ImageCheck {
         format,
         width,
         height,
     })
+}
+
+/// Decodes the whole image under allocation limits: a corrupt body fails here.
+fn decode_image(
+    bytes: &[u8],
+    check: &ImageCheck,
+    limits: &ImageLimits,
+) -> Result<(), ImageRejection> {
+    let mut decoder = reader(bytes)?;
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(check.width);
+    l.max_image_height = Some(check.height);
+    l.max_alloc = Some(limits.max_alloc);
+    decoder.limits(l);
+    decoder
+        .decode()
+        .map_err(|e| ImageRejection::Corrupt(e.to_string()))?;
+    Ok(())
+}
+
+/// Bytes a decode of a `width` x `height` image may hold at its peak: the RGBA8 output
+/// and the decoder's own buffers (the same bound as [`ImageLimits::max_alloc`]).
+fn decode_cost(width: u32, height: u32) -> u64 {
+    u64::from(width) * u64::from(height) * 8
+}
+
+/// The memory all image decodes in flight may take together (limits.max_decode_bytes).
+/// Each image is capped on its own too, but without this many parallel uploads of small
+/// files with huge headers would take gigabytes between them.
+#[derive(Clone)]
+pub struct DecodeBudget {
+    /// One permit per KiB: `acquire_many` counts in u32.
+    permits: Arc<Semaphore>,
+    total_kib: u32,
+    wait: Duration,
+    retry_after: u64,
+}
+
+impl DecodeBudget {
+    pub fn new(limits: &LimitsConfig, retry_after_seconds: u64) -> DecodeBudget {
+        let total_kib = (limits.max_decode_bytes / 1024).clamp(1, u64::from(u32::MAX)) as u32;
+        DecodeBudget {
+            permits: Arc::new(Semaphore::new(total_kib as usize)),
+            total_kib,
+            wait: Duration::from_millis(limits.decode_wait_ms),
+            retry_after: retry_after_seconds.max(1),
+        }
+    }
+
+    /// Reserves the decode memory of an image; waits at most the configured time, then
+    /// answers 503 with Retry-After. An image larger than the whole budget waits until
+    /// it can decode alone.
+    pub async fn reserve(&self, width: u32, height: u32) -> Result<OwnedSemaphorePermit, ApiError> {
+        let kib = decode_cost(width, height)
+            .div_ceil(1024)
+            .clamp(1, u64::from(self.total_kib)) as u32;
+        let acquire = self.permits.clone().acquire_many_owned(kib);
+        match tokio::time::timeout(self.wait, acquire).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(closed)) => Err(ApiError::internal("the image decode budget", closed)),
+            Err(_) => {
+                let mut problem = ApiError::unavailable(
+                    "the server is decoding as many images as its memory budget allows (limits.max_decode_bytes); retry after Retry-After seconds",
+                );
+                problem.kind = "decode-busy";
+                problem.retry_after = Some(self.retry_after);
+                Err(problem)
+            }
+        }
+    }
+}
+
+/// Checks an image within the decode budget: the header first (refusing oversized
+/// images at once), then the full decode on the blocking pool while holding its share.
+pub async fn check_image_within_budget(
+    bytes: Vec<u8>,
+    limits: ImageLimits,
+    budget: &DecodeBudget,
+) -> Result<(Vec<u8>, Result<ImageCheck, ImageRejection>), ApiError> {
+    let check = match image_header(&bytes, &limits) {
+        Ok(check) => check,
+        Err(e) => return Ok((bytes, Err(e))),
+    };
+    let permit = budget.reserve(check.width, check.height).await?;
+    tokio::task::spawn_blocking(move || {
+        let decoded = decode_image(&bytes, &check, &limits).map(|()| check);
+        drop(permit);
+        (bytes, decoded)
+    })
+    .await
+    .map_err(|e| ApiError::internal("checking an image", e))
 }
 
 /// The image bytes of an upload request: multipart (the first file field), a raw
@@ -164,6 +259,7 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
 pub(super) async fn upload(
     State(st): State<AppState>,
     Caller(scope): Caller,
+    Extension(budget): Extension<DecodeBudget>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let declared_video = media_type(request.headers()).as_deref() == Some("video/mp4");
@@ -178,12 +274,7 @@ pub(super) async fn upload(
         return upload_video(st, scope, bytes).await;
     }
     let limits = crate::api::ImageLimits::from(&st.config.limits);
-    let (bytes, check) = tokio::task::spawn_blocking(move || {
-        let check = validate_image(&bytes, &limits);
-        (bytes, check)
-    })
-    .await
-    .map_err(|e| ApiError::internal("checking an upload", e))?;
+    let (bytes, check) = check_image_within_budget(bytes, limits, &budget).await?;
     let check = check.map_err(|e| match e {
         ImageRejection::TooLarge { .. } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -346,6 +437,26 @@ mod tests {
         let mut crc = flate2::Crc::new();
         crc.update(data);
         crc.sum()
+    }
+
+    #[tokio::test]
+    async fn the_decode_budget_bounds_decodes_in_flight() {
+        let mut config = crate::config::Config::defaults().limits;
+        // Room for one 1024x1024 decode (8 MiB), not two.
+        config.max_decode_bytes = 12 << 20;
+        config.decode_wait_ms = 50;
+        let budget = DecodeBudget::new(&config, 7);
+        let first = budget.reserve(1024, 1024).await.unwrap();
+        let refused = budget.reserve(1024, 1024).await.unwrap_err();
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(refused.retry_after, Some(7));
+        // Small images still fit beside it; the big one fits again once the first ends.
+        let small = budget.reserve(256, 256).await.unwrap();
+        drop(first);
+        let second = budget.reserve(1024, 1024).await.unwrap();
+        drop((small, second));
+        // An image larger than the whole budget decodes alone rather than never.
+        let _alone = budget.reserve(4096, 4096).await.unwrap();
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! `GET /v1/jobs/{id}/webhooks`: a job's delivery history.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::extract::{job_id, Caller};
+use super::extract::{job_id, Caller, PathParams};
 use super::{ApiError, AppState};
 
 /// Every delivery of the job's webhook, oldest first, with each attempt's
@@ -12,7 +12,7 @@ use super::{ApiError, AppState};
 pub(super) async fn history(
     State(st): State<AppState>,
     Caller(scope): Caller,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = st.store.get(job_id(&id)?, &scope).await?;
     let deliveries = st

@@ -834,6 +834,82 @@ impl JobSpec {
     }
 }
 
+/// Which models a job from an API client may name: catalogue names, the server's own
+/// configured defaults, and paths inside the configured model directories. Anything
+/// else is refused before the job is queued, so a client can neither make the server
+/// open arbitrary files nor learn from failure messages which paths exist.
+#[derive(Debug, Clone, Default)]
+pub struct ModelPolicy {
+    /// Accepted as written: the server's configured defaults.
+    fixed: Vec<String>,
+    /// Canonical directories; a path is accepted when it resolves inside one of them.
+    dirs: Vec<std::path::PathBuf>,
+}
+
+impl ModelPolicy {
+    /// `dirs` that do not exist (yet) are skipped: nothing can resolve inside them.
+    pub fn new(fixed: Vec<String>, dirs: &[std::path::PathBuf]) -> Self {
+        let dirs = dirs.iter().filter_map(|d| d.canonicalize().ok()).collect();
+        Self { fixed, dirs }
+    }
+
+    fn allows(&self, name: &str, kind: crate::models::catalogue::ModelKind) -> bool {
+        if self.fixed.iter().any(|f| f == name) {
+            return true;
+        }
+        if let Some(entry) = crate::models::catalogue::find(name) {
+            return entry.kind == kind;
+        }
+        // Canonical form resolves `..` and symlinks, so neither can step outside.
+        std::path::Path::new(name)
+            .canonicalize()
+            .is_ok_and(|p| self.dirs.iter().any(|d| p.starts_with(d)))
+    }
+
+    fn known(kind: crate::models::catalogue::ModelKind) -> String {
+        crate::models::catalogue::CATALOGUE
+            .iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl JobSpec {
+    /// Checks `models` against what the server allows. The answer never says whether a
+    /// path exists: a missing path and a forbidden one read the same.
+    pub fn check_models(&self, policy: &ModelPolicy) -> Result<(), SpecError> {
+        use crate::models::catalogue::ModelKind;
+        let names = std::iter::once((
+            "models.vqgan".to_owned(),
+            &self.models.vqgan,
+            ModelKind::Vqgan,
+        ))
+        .chain(
+            self.models
+                .clip
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("models.clip[{i}]"), n, ModelKind::Clip)),
+        );
+        for (field, name, kind) in names {
+            if !policy.allows(name, kind) {
+                return Err(SpecError::new(
+                    field,
+                    format!("must be a {kind} model of the catalogue or a path under a model directory of this server"),
+                    format!(
+                        "got {:?}; the {kind} models are {} (GET /v1/limits lists them)",
+                        name.chars().take(200).collect::<String>(),
+                        ModelPolicy::known(kind)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The index of a prompt across all story phrases, as a client would count them.
 fn phrase_index(phrase: usize, index: usize, set: &PromptSet) -> usize {
     set.phrases[..phrase].iter().map(Vec::len).sum::<usize>() + index
@@ -874,6 +950,54 @@ fn check_token_length(field: &str, text: &str, limits: &Limits) -> Result<(), Sp
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn models_are_catalogue_names_defaults_or_paths_inside_model_dirs() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("models");
+        std::fs::create_dir_all(dir.join("my-clip")).unwrap();
+        std::fs::create_dir_all(root.path().join("outside")).unwrap();
+        let policy = ModelPolicy::new(vec!["/srv/default.ckpt".into()], std::slice::from_ref(&dir));
+        let with = |vqgan: &str, clip: &str| {
+            let mut s = spec(r#"{"prompts": "a cat"}"#);
+            s.models.vqgan = vqgan.to_owned();
+            s.models.clip = vec![clip.to_owned()];
+            s.check_models(&policy)
+        };
+        with("vqgan_imagenet_f16_16384", "ViT-B/32").unwrap();
+        with("/srv/default.ckpt", dir.join("my-clip").to_str().unwrap()).unwrap();
+        let escape = format!("{}/../outside", dir.display());
+        let refused = [
+            ("/etc", "ViT-B/32", "models.vqgan"),
+            ("vqgan_imagenet_f16_16384", "/etc", "models.clip[0]"),
+            // `..` out of a model directory, an existing and a missing path outside it.
+            (
+                "vqgan_imagenet_f16_16384",
+                escape.as_str(),
+                "models.clip[0]",
+            ),
+            (
+                "vqgan_imagenet_f16_16384",
+                "/nonexistent/clip",
+                "models.clip[0]",
+            ),
+            // A catalogue name of the wrong kind.
+            ("ViT-B/32", "ViT-B/32", "models.vqgan"),
+        ];
+        for (vqgan, clip, field) in refused {
+            let err = with(vqgan, clip).unwrap_err();
+            assert_eq!(err.field, field, "{vqgan} {clip}: {err}");
+        }
+        // A missing path and an existing forbidden one get the same answer.
+        let a = with("vqgan_imagenet_f16_16384", "/nonexistent").unwrap_err();
+        let b = with("vqgan_imagenet_f16_16384", "/etc").unwrap_err();
+        assert_eq!(a.rule, b.rule);
+        assert_eq!(
+            a.detail.replace("/nonexistent", "/etc"),
+            b.detail,
+            "the answer must not depend on whether the path exists"
+        );
+    }
 
     fn spec(json: &str) -> JobSpec {
         serde_json::from_str(json).unwrap()
