@@ -216,6 +216,14 @@ pub enum CutMethod {
     /// nerdyrodent's pooled whole-image cutouts followed by augmentations.
     #[default]
     Latest,
+    /// generate.py's `MakeCutoutsUpdate`: random crops, then a fixed kornia list
+    /// (flip, light jitter, sharpness, affine with border padding, perspective).
+    Updated,
+    /// generate.py's `MakeCutoutsNRUpdate`: random crops, then the `augments` list.
+    Nrupdated,
+    /// generate.py's `MakeCutoutsPoolingUpdate`: pooled copies, then a fixed list
+    /// (affine with border padding, perspective, jitter, erasing).
+    Updatedpooling,
 }
 
 /// generate.py's augmentation codes, kept verbatim so existing command lines translate.
