@@ -1,16 +1,22 @@
 //! Render fidelity against the PyTorch reference (tests/fixtures/reference_render.*,
 //! written by make_fixtures.py --render): every kornia augmentation generate.py uses,
 //! applied with kornia's own sampled parameters, gives kornia's output and input
-//! gradient.
+//! gradient; and whole optimisation steps on the tiny fixture models, with the
+//! Python loop's sampling replayed, give its gradient on z and its z.
 
 mod fixture_support;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Device, Tensor, Var};
 use fixture_support::fixture;
 use vqclip::render::augment::{AugmentParams, Rect, TPS_SOURCE};
+use vqclip::render::cutouts::{Crop, CutoutNoise};
+use vqclip::render::engine::{CutoutDraw, SamplingReplay};
+use vqclip::render::{JobSpec, ModelSet, RenderJob, RenderSession};
 
 fn reference() -> &'static HashMap<String, Tensor> {
     static REF: OnceLock<HashMap<String, Tensor>> = OnceLock::new();
@@ -40,6 +46,7 @@ fn flat(key: &str) -> Vec<f64> {
         .unwrap()
 }
 
+/// Which cutouts module `name` of the augmentation tests touches.
 fn applied(name: &str) -> Vec<bool> {
     flat(&format!("aug.{name}.batch_prob"))
         .iter()
@@ -59,15 +66,18 @@ fn pairs(key: &str) -> Vec<(f64, f64)> {
     flat(key).chunks(2).map(|c| (c[0], c[1])).collect()
 }
 
-/// kornia's parameters for module `name` as vqclip's.
+/// kornia's parameters for module `name` of the augmentation tests as vqclip's.
 fn params(name: &str) -> AugmentParams {
-    let p = |k: &str| format!("aug.{name}.{k}");
-    let applied = applied(name);
+    let (_, _, h, w) = get(&format!("aug.{name}.input")).dims4().unwrap();
+    params_at(&format!("aug.{name}"), name, h, w)
+}
+
+/// kornia's parameters stored under `prefix` for a module of kind `name`, on
+/// cutouts of `h`×`w`.
+fn params_at(prefix: &str, name: &str, h: usize, w: usize) -> AugmentParams {
+    let p = |k: &str| format!("{prefix}.{k}");
+    let applied: Vec<bool> = flat(&p("batch_prob")).iter().map(|&b| b > 0.5).collect();
     let n = applied.len();
-    let (h, w) = {
-        let d = get(&p("input")).dims4().unwrap();
-        (d.2, d.3)
-    };
     match name {
         "Ji" | "UpJitter" | "PoolJitter" => {
             let cols = [
@@ -88,16 +98,21 @@ fn params(name: &str) -> AugmentParams {
         },
         "Gn" => AugmentParams::Noise {
             applied,
-            noise: flat(&p("gaussian_noise")).iter().map(|&v| v as f32).collect(),
+            noise: flat(&p("gaussian_noise"))
+                .iter()
+                .map(|&v| v as f32)
+                .collect(),
         },
         "Pe" => AugmentParams::warp_from_points(
             applied,
             &points::<4>(&p("start_points")),
             &points::<4>(&p("end_points")),
         ),
-        "Re" | "Cr" => {
-            AugmentParams::warp_from_points(applied, &points::<4>(&p("src")), &points::<4>(&p("dst")))
-        }
+        "Re" | "Cr" => AugmentParams::warp_from_points(
+            applied,
+            &points::<4>(&p("src")),
+            &points::<4>(&p("dst")),
+        ),
         "Ro" => AugmentParams::rotation(applied, &flat(&p("degrees")), h, w),
         "Af" | "UpAffine" => {
             let shear = |k: &str| {
@@ -114,7 +129,10 @@ fn params(name: &str) -> AugmentParams {
                 &pairs(&p("center")),
                 &pairs(&p("scale")),
                 &flat(&p("angle")),
-                &sx.iter().zip(&sy).map(|(&a, &b)| (a, b)).collect::<Vec<_>>(),
+                &sx.iter()
+                    .zip(&sy)
+                    .map(|(&a, &b)| (a, b))
+                    .collect::<Vec<_>>(),
                 name == "UpAffine",
             )
         }
@@ -164,13 +182,32 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
     let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     diff.to_scalar::<f64>().unwrap() / scale.max(1.0)
 }
 
 const MODULES: [&str; 15] = [
-    "Ji", "Sh", "Gn", "Pe", "Ro", "Af", "Et", "Ts", "Cr", "Er", "Re", "UpFlip", "UpJitter",
-    "UpAffine", "PoolJitter",
+    "Ji",
+    "Sh",
+    "Gn",
+    "Pe",
+    "Ro",
+    "Af",
+    "Et",
+    "Ts",
+    "Cr",
+    "Er",
+    "Re",
+    "UpFlip",
+    "UpJitter",
+    "UpAffine",
+    "PoolJitter",
 ];
 
 #[test]
@@ -188,7 +225,9 @@ fn every_augmentation_equals_kornia_with_its_parameters() {
         let grad_err = rel_err(grad, get(&format!("aug.{name}.grad")));
         eprintln!("{name}: output {out_err:.2e}, input gradient {grad_err:.2e}");
         if out_err > 1e-4 || grad_err > 1e-4 {
-            failures.push(format!("{name}: output {out_err:.2e}, gradient {grad_err:.2e}"));
+            failures.push(format!(
+                "{name}: output {out_err:.2e}, gradient {grad_err:.2e}"
+            ));
         }
     }
     assert!(failures.is_empty(), "differs from kornia: {failures:#?}");
@@ -199,7 +238,140 @@ fn the_fixture_exercises_each_augmentation() {
     for name in MODULES {
         let a = applied(name);
         if name != "Cr" {
-            assert!(a.iter().any(|&x| x), "{name} touches no cutout in the fixture");
+            assert!(
+                a.iter().any(|&x| x),
+                "{name} touches no cutout in the fixture"
+            );
         }
     }
+}
+
+// ---- one optimisation step, end to end ----
+
+/// CLIP's input size in the tiny fixture (cutouts are this square).
+const CUT: usize = 32;
+
+fn f32s(key: &str) -> Vec<f32> {
+    flat(key).iter().map(|&v| v as f32).collect()
+}
+
+/// Hands the Python loop's sampling to the Rust step and keeps the gradients.
+struct Replay {
+    method: &'static str,
+    grads: Arc<Mutex<Vec<Tensor>>>,
+}
+
+impl SamplingReplay for Replay {
+    fn draw(&mut self, step: u32, clip: usize) -> Option<CutoutDraw> {
+        assert_eq!(clip, 0, "one CLIP in this test");
+        let key = format!("step.{}.{step}", self.method);
+        if self.method == "original" {
+            let crops = flat(&format!("{key}.crops"))
+                .chunks(3)
+                .map(|c| Crop {
+                    x: c[0] as usize,
+                    y: c[1] as usize,
+                    size: c[2] as usize,
+                })
+                .collect();
+            return Some(CutoutDraw {
+                crops,
+                augments: Vec::new(),
+                noise: None,
+            });
+        }
+        let augments = ["Af", "Pe", "Ji", "Er"]
+            .iter()
+            .map(|name| params_at(&format!("{key}.{name}"), name, CUT, CUT))
+            .collect();
+        Some(CutoutDraw {
+            crops: Vec::new(),
+            augments,
+            noise: Some(CutoutNoise {
+                facs: f32s(&format!("{key}.facs")),
+                noise: f32s(&format!("{key}.noise")),
+            }),
+        })
+    }
+
+    fn gradient(&mut self, _step: u32, grad: &Tensor) {
+        self.grads.lock().unwrap().push(grad.clone());
+    }
+}
+
+fn models() -> &'static ModelSet {
+    static MODELS: OnceLock<ModelSet> = OnceLock::new();
+    MODELS.get_or_init(|| {
+        ModelSet::load_paths(
+            &fixture("vqgan-tiny"),
+            &[fixture("clip-tiny")],
+            &Device::Cpu,
+        )
+        .expect("tiny fixtures load")
+    })
+}
+
+/// Three steps of `method` against the reference: the gradient on z at each step and
+/// z after each step within 1e-4 of the reference's largest value.
+fn steps_match_pytorch(method: &'static str) {
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "prompts": "a red apple", "width": 40, "height": 40, "cutn": 4,
+        "cut_method": method, "augments": ["Af", "Pe", "Ji", "Er"], "optimizer": "adam",
+        "lr": 0.1, "init_weight": 0.0, "seed": 7, "steps": 3, "save_every": 0,
+        "checkpoint_every": 0
+    }))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = RenderJob::new(spec, dir.path());
+    let mut session = RenderSession::new(&job, models()).unwrap();
+    session.set_z(get(&format!("step.{method}.z0"))).unwrap();
+    let grads = Arc::new(Mutex::new(Vec::new()));
+    session.set_replay(Box::new(Replay {
+        method,
+        grads: grads.clone(),
+    }));
+    let losses = flat(&format!("step.{method}.losses"));
+    let mut failures = Vec::new();
+    for (i, &expected_loss) in losses.iter().enumerate() {
+        let stats = session.step().unwrap();
+        let grad = grads.lock().unwrap()[i].clone();
+        let g_err = rel_scaled(&grad, get(&format!("step.{method}.grad.{i}")));
+        let z_err = rel_scaled(session.z(), get(&format!("step.{method}.z.{}", i + 1)));
+        let l_err = (f64::from(stats.loss) - expected_loss).abs() / expected_loss.abs();
+        eprintln!("{method} step {i}: loss {l_err:.2e}, grad {g_err:.2e}, z {z_err:.2e}");
+        if g_err > 1e-4 || z_err > 1e-4 || l_err > 1e-4 {
+            failures.push(format!(
+                "step {i}: loss {l_err:.2e}, gradient {g_err:.2e}, z {z_err:.2e}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{method} differs from PyTorch: {failures:#?}"
+    );
+}
+
+/// max |a − b| / max |b|: relative to the tensor's scale, however small it is.
+fn rel_scaled(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    diff.to_scalar::<f64>().unwrap() / scale
+}
+
+#[test]
+fn original_steps_equal_pytorch() {
+    steps_match_pytorch("original");
+}
+
+#[test]
+fn latest_steps_equal_pytorch() {
+    steps_match_pytorch("latest");
 }

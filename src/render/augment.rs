@@ -109,7 +109,14 @@ impl Kornia {
 
     /// Draws this module's parameters for a batch of `n` cutouts of `h`×`w` pixels,
     /// with kornia's distributions.
-    pub fn sample(&self, rng: &mut ChaCha20Rng, n: usize, c: usize, h: usize, w: usize) -> AugmentParams {
+    pub fn sample(
+        &self,
+        rng: &mut ChaCha20Rng,
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+    ) -> AugmentParams {
         let (hf, wf) = (h as f64, w as f64);
         match *self {
             Kornia::ColorJitter {
@@ -261,12 +268,7 @@ impl Kornia {
                 let x = rng.gen_range(0..=w - ew);
                 AugmentParams::Erase {
                     applied,
-                    rect: Rect {
-                        x,
-                        y,
-                        w: ew,
-                        h: eh,
-                    },
+                    rect: Rect { x, y, w: ew, h: eh },
                 }
             }
             Kornia::ResizedCrop { p } => {
@@ -401,15 +403,30 @@ impl AugmentParams {
     /// Applies the parameters to a batch (N, C, H, W) in [0, 1].
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, _, h, w) = x.dims4()?;
-        let check = |applied: &[bool]| -> candle_core::Result<()> {
-            if applied.len() != n {
-                candle_core::bail!(
-                    "augmentation parameters for {} cutouts, batch of {n}",
-                    applied.len()
-                );
+        let (applied, per_cutout) = match self {
+            AugmentParams::Identity => return Ok(x.clone()),
+            AugmentParams::Jitter {
+                applied, factors, ..
+            } => (applied, factors.len()),
+            AugmentParams::Sharpness { applied, factors } => (applied, factors.len()),
+            AugmentParams::Noise { applied, noise } => {
+                (applied, noise.len() / (x.elem_count() / n).max(1))
             }
-            Ok(())
+            AugmentParams::Warp {
+                applied, matrices, ..
+            } => (applied, matrices.len()),
+            AugmentParams::Elastic { applied, noise } => {
+                (applied, noise.len() / (2 * h * w).max(1))
+            }
+            AugmentParams::ThinPlate { applied, dst } => (applied, dst.len()),
+            AugmentParams::Erase { applied, .. } => (applied, n),
         };
+        if applied.len() != n || per_cutout != n {
+            candle_core::bail!(
+                "augmentation parameters for {} cutouts ({per_cutout} sets), batch of {n}",
+                applied.len()
+            );
+        }
         match self {
             AugmentParams::Identity => Ok(x.clone()),
             AugmentParams::Jitter {
@@ -417,21 +434,18 @@ impl AugmentParams {
                 factors,
                 order,
             } => {
-                check(applied)?;
                 if !applied.iter().any(|&a| a) {
                     return Ok(x.clone());
                 }
-                select(applied, &color_jitter(x, factors, order)?, x)
+                select(applied, &color_jitter(x, applied, factors, order)?, x)
             }
             AugmentParams::Sharpness { applied, factors } => {
-                check(applied)?;
                 if !applied.iter().any(|&a| a) || h < 3 || w < 3 {
                     return Ok(x.clone());
                 }
                 select(applied, &sharpness(x, factors)?, x)
             }
             AugmentParams::Noise { applied, noise } => {
-                check(applied)?;
                 if !applied.iter().any(|&a| a) {
                     return Ok(x.clone());
                 }
@@ -451,7 +465,6 @@ impl AugmentParams {
                 matrices,
                 border,
             } => {
-                check(applied)?;
                 let fields: Vec<Option<Field>> = applied
                     .iter()
                     .zip(matrices)
@@ -460,7 +473,6 @@ impl AugmentParams {
                 sample_fields(x, &fields, *border)
             }
             AugmentParams::Elastic { applied, noise } => {
-                check(applied)?;
                 let per = 2 * h * w;
                 let fields: Vec<Option<Field>> = applied
                     .iter()
@@ -470,7 +482,6 @@ impl AugmentParams {
                 sample_fields(x, &fields, false)
             }
             AugmentParams::ThinPlate { applied, dst } => {
-                check(applied)?;
                 let fields: Vec<Option<Field>> = applied
                     .iter()
                     .zip(dst)
@@ -479,7 +490,6 @@ impl AugmentParams {
                 sample_fields(x, &fields, false)
             }
             AugmentParams::Erase { applied, rect } => {
-                check(applied)?;
                 let mut keep = vec![1f32; n * h * w];
                 for (i, _) in applied.iter().enumerate().filter(|(_, &a)| a) {
                     for y in rect.y..(rect.y + rect.h).min(h) {
@@ -576,9 +586,16 @@ impl Augmentations {
     }
 
     /// Draws every module's parameters for a batch (N,C,H,W), in pipeline order.
-    pub fn sample(&self, shape: (usize, usize, usize, usize), rng: &mut ChaCha20Rng) -> Vec<AugmentParams> {
+    pub fn sample(
+        &self,
+        shape: (usize, usize, usize, usize),
+        rng: &mut ChaCha20Rng,
+    ) -> Vec<AugmentParams> {
         let (n, c, h, w) = shape;
-        self.modules.iter().map(|m| m.sample(rng, n, c, h, w)).collect()
+        self.modules
+            .iter()
+            .map(|m| m.sample(rng, n, c, h, w))
+            .collect()
     }
 
     /// Augments a batch of cutouts (N,C,S,S) in [0,1].
@@ -618,11 +635,23 @@ fn select(applied: &[bool], augmented: &Tensor, x: &Tensor) -> candle_core::Resu
     augmented.broadcast_mul(&m)? + x.broadcast_mul(&(1.0 - m)?)?
 }
 
-/// torch's `clamp(0, 1)`: the gradient passes on the closed range, as it does in
-/// torch (candle's clamp halves it at the bounds).
-fn clamp01(x: &Tensor) -> candle_core::Result<Tensor> {
+/// kornia's `_clamp_unit_range`: clamps to [0, 1] with the gradient passed on the
+/// closed range (candle's clamp halves it at the bounds).
+fn clamp_unit_range(x: &Tensor) -> candle_core::Result<Tensor> {
     let xd = x.detach();
     let inside = xd.ge(0.0)?.mul(&xd.le(1.0)?)?.to_dtype(x.dtype())?;
+    clamp_with_mask(x, &xd, inside)
+}
+
+/// torch's `clamp(0, 1)` as the reference torch (2.15) differentiates it: no
+/// gradient at the bounds themselves, only strictly inside.
+fn clamp01(x: &Tensor) -> candle_core::Result<Tensor> {
+    let xd = x.detach();
+    let inside = xd.gt(0.0)?.mul(&xd.lt(1.0)?)?.to_dtype(x.dtype())?;
+    clamp_with_mask(x, &xd, inside)
+}
+
+fn clamp_with_mask(x: &Tensor, xd: &Tensor, inside: Tensor) -> candle_core::Result<Tensor> {
     let value = xd.clamp(0.0, 1.0)?;
     // inside·x + (1 − inside)·clamped: x's value and slope where inside, a constant out.
     (x * &inside)? + (value * (1.0 - inside)?)?
@@ -665,7 +694,12 @@ fn invert(m: &Homography) -> Homography {
 
 /// The image corners, clockwise from the top left, as kornia lists them.
 fn corners(w: f64, h: f64) -> [(f64, f64); 4] {
-    [(0.0, 0.0), (w - 1.0, 0.0), (w - 1.0, h - 1.0), (0.0, h - 1.0)]
+    [
+        (0.0, 0.0),
+        (w - 1.0, 0.0),
+        (w - 1.0, h - 1.0),
+        (0.0, h - 1.0),
+    ]
 }
 
 /// kornia's `get_rotation_matrix2d(centre, angle, scale)`: about `centre`, positive
@@ -673,7 +707,11 @@ fn corners(w: f64, h: f64) -> [(f64, f64); 4] {
 fn rotation_about(centre: (f64, f64), degrees: f64, scale: (f64, f64)) -> Homography {
     let (s, c) = degrees.to_radians().sin_cos();
     let shift = [[1.0, 0.0, centre.0], [0.0, 1.0, centre.1], [0.0, 0.0, 1.0]];
-    let unshift = [[1.0, 0.0, -centre.0], [0.0, 1.0, -centre.1], [0.0, 0.0, 1.0]];
+    let unshift = [
+        [1.0, 0.0, -centre.0],
+        [0.0, 1.0, -centre.1],
+        [0.0, 0.0, 1.0],
+    ];
     let rotate = [[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]];
     let scale = [[scale.0, 0.0, 0.0], [0.0, scale.1, 0.0], [0.0, 0.0, 1.0]];
     mat_mul(&shift, &mat_mul(&rotate, &mat_mul(&scale, &unshift)))
@@ -797,7 +835,11 @@ fn field_from_map(m: &Homography, h: usize, w: usize) -> Field {
 
 /// torch's `grid_sample` (bilinear) at pixel positions, zero or border padding;
 /// `None` leaves a sample untouched.
-pub fn sample_fields(x: &Tensor, fields: &[Option<Field>], border: bool) -> candle_core::Result<Tensor> {
+fn sample_fields(
+    x: &Tensor,
+    fields: &[Option<Field>],
+    border: bool,
+) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     if fields.iter().all(Option::is_none) {
         return Ok(x.clone());
@@ -887,7 +929,9 @@ fn gaussian_blur(v: &[f64], h: usize, w: usize, kernel: usize, sigma: f64) -> Ve
             rows[y * w + x] = taps
                 .iter()
                 .enumerate()
-                .filter_map(|(k, t)| at(x as isize + k as isize - half, w).map(|j| t * v[y * w + j]))
+                .filter_map(|(k, t)| {
+                    at(x as isize + k as isize - half, w).map(|j| t * v[y * w + j])
+                })
                 .sum();
         }
     }
@@ -915,9 +959,10 @@ pub const TPS_SOURCE: [(f64, f64); 5] = [
     (0.0, 0.0),
 ];
 
-/// kornia's `RandomThinPlateSpline` warp: the spline is fitted on the moved points
-/// (`get_tps_transform(dst, src)`) but evaluated with the original points as kernel
-/// centres, as kornia does; pixel centres normalised with `align_corners=False`.
+/// kornia's `RandomThinPlateSpline` warp, quirks kept: `get_tps_transform(dst, src)`
+/// builds its kernel block from the distances between moved and original points and
+/// its affine block from the moved ones, and the warp uses the original points as
+/// kernel centres; pixel centres normalised with `align_corners=False`.
 fn thin_plate_field(dst: &[(f64, f64); 5], h: usize, w: usize) -> Field {
     let src = TPS_SOURCE;
     let kernel = |a: (f64, f64), b: (f64, f64)| {
@@ -928,12 +973,12 @@ fn thin_plate_field(dst: &[(f64, f64); 5], h: usize, w: usize) -> Field {
             0.0
         }
     };
-    // L = [[K, P], [Pᵀ, 0]] with P rows (1, x, y), solved for src as the values.
+    // L = [[K(dst, src), P(dst)], [P(dst)ᵀ, 0]] with P rows (1, x, y); values src.
     let fit = |values: [f64; 5]| -> Vec<f64> {
         let mut rows = vec![vec![0.0; 9]; 8];
         for i in 0..5 {
             for j in 0..5 {
-                rows[i][j] = kernel(dst[i], dst[j]);
+                rows[i][j] = kernel(dst[i], src[j]);
             }
             rows[i][5] = 1.0;
             rows[i][6] = dst[i].0;
@@ -960,7 +1005,10 @@ fn thin_plate_field(dst: &[(f64, f64); 5], h: usize, w: usize) -> Field {
                 (2.0 * y as f64 + 1.0) / hf - 1.0,
             );
             let (sx, sy) = (eval(&cx, p), eval(&cy, p));
-            f.push(((((sx + 1.0) * wf - 1.0) / 2.0) as f32, (((sy + 1.0) * hf - 1.0) / 2.0) as f32));
+            f.push((
+                (((sx + 1.0) * wf - 1.0) / 2.0) as f32,
+                (((sy + 1.0) * hf - 1.0) / 2.0) as f32,
+            ));
         }
     }
     f
@@ -973,26 +1021,45 @@ fn per_sample(v: &[f32], x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// kornia's `ColorJitter`: clamp, then brightness (multiply), contrast (blend with the
 /// mean grey), saturation (blend with grey), each clamped, and hue (an HSV rotation)
-/// in `order`, then clamp.
-fn color_jitter(x: &Tensor, factors: &[[f32; 4]], order: &[usize]) -> candle_core::Result<Tensor> {
+/// in `order`, then clamp. As kornia does, a step is skipped when every touched
+/// cutout's factor is neutral.
+fn color_jitter(
+    x: &Tensor,
+    applied: &[bool],
+    factors: &[[f32; 4]],
+    order: &[usize],
+) -> candle_core::Result<Tensor> {
+    const NEUTRAL: [f32; 4] = [1.0, 1.0, 1.0, 0.0];
     let (n, c, _, _) = x.dims4()?;
     if c != 3 || factors.len() != n {
         candle_core::bail!("colour jitter needs RGB cutouts and one factor set each");
     }
     let column = |k: usize| -> Vec<f32> { factors.iter().map(|f| f[k]).collect() };
-    let mut y = clamp01(x)?;
+    let mut y = clamp_unit_range(x)?;
     for &op in order {
+        let neutral = NEUTRAL
+            .get(op)
+            .is_some_and(|&v| factors.iter().zip(applied).all(|(f, &a)| !a || f[op] == v));
+        if neutral {
+            continue;
+        }
         y = match op {
             0 => clamp01(&y.broadcast_mul(&per_sample(&column(0), x)?)?)?,
             1 => {
                 let f = per_sample(&column(1), x)?;
                 let mean = grey(&y)?.mean_keepdim(2)?.mean_keepdim(3)?;
-                clamp01(&(y.broadcast_mul(&f)? + mean.broadcast_mul(&(1.0 - &f)?)?)?)?
+                clamp01(
+                    &y.broadcast_mul(&f)?
+                        .broadcast_add(&mean.broadcast_mul(&(1.0 - &f)?)?)?,
+                )?
             }
             2 => {
                 let f = per_sample(&column(2), x)?;
                 let g = grey(&y)?;
-                clamp01(&(g.broadcast_mul(&(1.0 - &f)?)? + y.broadcast_mul(&f)?)?)?
+                clamp01(
+                    &y.broadcast_mul(&f)?
+                        .broadcast_add(&g.broadcast_mul(&(1.0 - &f)?)?)?,
+                )?
             }
             3 => {
                 let turns = per_sample(&column(3), x)?;
@@ -1001,7 +1068,7 @@ fn color_jitter(x: &Tensor, factors: &[[f32; 4]], order: &[usize]) -> candle_cor
             other => candle_core::bail!("colour jitter step {other} is not 0..3"),
         };
     }
-    clamp01(&y)
+    clamp_unit_range(&y)
 }
 
 /// kornia's `rgb_to_grayscale` (Rec. 601 luma), (N,1,H,W).

@@ -139,7 +139,8 @@ impl CutoutNoise {
             );
         }
         let dev = batch.device();
-        let facs = Tensor::from_vec(self.facs.clone(), (n, 1, 1, 1), dev)?.to_dtype(batch.dtype())?;
+        let facs =
+            Tensor::from_vec(self.facs.clone(), (n, 1, 1, 1), dev)?.to_dtype(batch.dtype())?;
         let noise =
             Tensor::from_vec(self.noise.clone(), (n, c, h, w), dev)?.to_dtype(batch.dtype())?;
         batch + noise.broadcast_mul(&facs)?

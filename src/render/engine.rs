@@ -575,7 +575,10 @@ fn make_cutouts(
         CutMethod::Original => (Vec::new(), None),
         _ => {
             let augments = augmentations.sample(shape, rng);
-            (augments, Some(CutoutNoise::sample(shape, CUTOUT_NOISE, rng)))
+            (
+                augments,
+                Some(CutoutNoise::sample(shape, CUTOUT_NOISE, rng)),
+            )
         }
     };
     apply_draw(

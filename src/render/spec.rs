@@ -60,7 +60,8 @@ pub struct JobSpec {
     pub cut_pow: f32,
     #[serde(default)]
     pub cut_method: CutMethod,
-    /// Applied to `latest` cutouts, as in generate.py; `original` uses none.
+    /// Applied to `latest` and `nrupdated` cutouts, as in generate.py; `original` uses
+    /// none, `updated` and `updatedpooling` their own fixed lists.
     #[serde(default = "default_augments")]
     pub augments: Vec<Augment>,
     /// A frame is written every `save_every` steps; 0 writes only the final image.
