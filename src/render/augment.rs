@@ -1097,8 +1097,8 @@ fn adjust_hue(x: &Tensor, shift: &Tensor) -> candle_core::Result<Tensor> {
     let dt = x.dtype();
     let (r, g, b) = (x.narrow(1, 0, 1)?, x.narrow(1, 1, 1)?, x.narrow(1, 2, 1)?);
     let (rd, gd, bd) = (r.detach(), g.detach(), b.detach());
-    let max = x.max_keepdim(1)?;
-    let min = x.min_keepdim(1)?;
+    let max = channel_extreme(x, true)?;
+    let min = channel_extreme(x, false)?;
     let delta = (&max - &min)?;
     let v = max.clone();
     let max_zero = mask(max.detach().eq(0.0)?, dt)?;
@@ -1139,6 +1139,21 @@ fn adjust_hue(x: &Tensor, shift: &Tensor) -> candle_core::Result<Tensor> {
     let g = pick([&t, &v, &v, &q, &p, &p])?;
     let b = pick([&p, &p, &t, &v, &v, &q])?;
     Tensor::cat(&[r, g, b], 1)
+}
+
+/// The largest (or smallest) channel, (N,1,H,W), with torch's `amax`/`amin`
+/// gradient: split evenly between tied channels (candle's gives each the whole).
+fn channel_extreme(x: &Tensor, largest: bool) -> candle_core::Result<Tensor> {
+    let xd = x.detach();
+    let value = if largest {
+        xd.max_keepdim(1)?
+    } else {
+        xd.min_keepdim(1)?
+    };
+    let hit = xd.broadcast_eq(&value)?.to_dtype(x.dtype())?;
+    let share = (x * &hit)?.sum_keepdim(1)?.div(&hit.sum_keepdim(1)?)?;
+    // value + (share − sharē): exactly the extreme, with the shared slope.
+    value + (&share - share.detach())?
 }
 
 /// kornia's `masked_fill(h >= 2π, 0)` after a modulo, which float rounding can leave

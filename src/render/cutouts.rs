@@ -371,7 +371,10 @@ fn adaptive_max_indices(input: usize, out: usize, pad_index: usize) -> (Vec<u32>
 }
 
 /// Adaptive max pooling of (C,H,W) to (C,out,out). Separable: the max over a
-/// rectangle is the max over its rows of the max over its columns.
+/// rectangle is the max over its rows of the max over its columns. Columns go first
+/// and each stage keeps the first maximum, which together is the first maximum of
+/// the window in row-major order: the one element torch's backward credits when
+/// values tie (flat, clamped regions of a render do).
 pub fn adaptive_max_pool(image: &Tensor, out: usize) -> candle_core::Result<Tensor> {
     let (c, h, w) = image.dims3()?;
     let dev = image.device();
@@ -379,21 +382,26 @@ pub fn adaptive_max_pool(image: &Tensor, out: usize) -> candle_core::Result<Tens
     let floor =
         |shape: (usize, usize, usize)| Tensor::full(-1e4f32, shape, dev)?.to_dtype(image.dtype());
 
-    let padded = Tensor::cat(&[image, &floor((c, 1, w))?], 1)?;
-    let (idx, win) = adaptive_max_indices(h, out, h);
-    let idx = Tensor::from_vec(idx, out * win, dev)?;
-    let rows = padded
-        .index_select(&idx, 1)?
-        .reshape((c, out, win, w))?
-        .max(2)?; // (C, out, W)
-
-    let padded = Tensor::cat(&[&rows, &floor((c, out, 1))?], 2)?;
+    let padded = Tensor::cat(&[image, &floor((c, h, 1))?], 2)?;
     let (idx, win) = adaptive_max_indices(w, out, w);
     let idx = Tensor::from_vec(idx, out * win, dev)?;
-    padded
-        .index_select(&idx, 2)?
-        .reshape((c, out, out, win))?
-        .max(D::Minus1)
+    let cols = first_max(&padded.index_select(&idx, 2)?.reshape((c, h, out, win))?, 3)?; // (C, H, out)
+
+    let padded = Tensor::cat(&[&cols, &floor((c, 1, out))?], 1)?;
+    let (idx, win) = adaptive_max_indices(h, out, h);
+    let idx = Tensor::from_vec(idx, out * win, dev)?;
+    first_max(
+        &padded.index_select(&idx, 1)?.reshape((c, out, win, out))?,
+        2,
+    )
+}
+
+/// The maximum along `dim` (removed), differentiated into its first occurrence only.
+fn first_max(t: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+    let arg = t.detach().argmax_keepdim(dim)?;
+    t.contiguous()?
+        .gather(&arg.contiguous()?, dim)?
+        .squeeze(dim)
 }
 
 /// Uniform noise strengths per cutout then Gaussian noise, generate.py's `noise_fac`
