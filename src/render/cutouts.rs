@@ -6,7 +6,7 @@
 //! one non-linear case, adaptive max pooling, is a gather plus `max`, both of which
 //! candle differentiates.
 
-use candle_core::{IndexOp, Tensor, D};
+use candle_core::{IndexOp, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 
