@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
 use fixture_support::fixture;
-use vqclip::render::augment::{AugmentParams, Rect, TPS_SOURCE};
+use vqclip::render::augment::{AugmentParams, Augmentations, Kornia, Rect, TPS_SOURCE};
 use vqclip::render::cutouts::{Crop, CutoutNoise};
 use vqclip::render::engine::{CutoutDraw, SamplingReplay};
-use vqclip::render::{JobSpec, ModelSet, RenderJob, RenderSession};
+use vqclip::render::{Augment, CutMethod, JobSpec, ModelSet, RenderJob, RenderSession};
 
 fn reference() -> &'static HashMap<String, Tensor> {
     static REF: OnceLock<HashMap<String, Tensor>> = OnceLock::new();
@@ -66,10 +66,50 @@ fn pairs(key: &str) -> Vec<(f64, f64)> {
     flat(key).chunks(2).map(|c| (c[0], c[1])).collect()
 }
 
+/// The kind of each kornia module the fixture names (generate.py configures some
+/// kinds several ways; the parameters carry the difference, except affine padding).
+fn kind(name: &str) -> &'static str {
+    match name {
+        "Ji" | "UpJitter" | "PoolJitter" => "Ji",
+        "Sh" | "UpSharp" => "Sh",
+        "Pe" | "UpPersp" | "NrPe" | "PoolPersp" => "Pe",
+        "Af" | "NrAf" => "Af",
+        "UpAffine" | "PoolAffine" => "AfBorder",
+        "UpFlip" => "Flip",
+        "Gn" => "Gn",
+        "Ro" => "Ro",
+        "Et" => "Et",
+        "Ts" => "Ts",
+        "Cr" => "Cr",
+        "Er" => "Er",
+        "Re" => "Re",
+        other => panic!("no kind for kornia module {other}"),
+    }
+}
+
+/// The same kinds for vqclip's modules, to check a cut method's pipeline.
+fn kind_of(m: &Kornia) -> &'static str {
+    match m {
+        Kornia::ColorJitter { .. } => "Ji",
+        Kornia::Sharpness { .. } => "Sh",
+        Kornia::GaussianNoise { .. } => "Gn",
+        Kornia::Perspective { .. } => "Pe",
+        Kornia::Rotation { .. } => "Ro",
+        Kornia::Affine { border: false, .. } => "Af",
+        Kornia::Affine { border: true, .. } => "AfBorder",
+        Kornia::Elastic { .. } => "Et",
+        Kornia::ThinPlate { .. } => "Ts",
+        Kornia::Crop => "Cr",
+        Kornia::Erasing { .. } => "Er",
+        Kornia::ResizedCrop { .. } => "Re",
+        Kornia::HorizontalFlip { .. } => "Flip",
+    }
+}
+
 /// kornia's parameters for module `name` of the augmentation tests as vqclip's.
 fn params(name: &str) -> AugmentParams {
     let (_, _, h, w) = get(&format!("aug.{name}.input")).dims4().unwrap();
-    params_at(&format!("aug.{name}"), name, h, w)
+    params_at(&format!("aug.{name}"), kind(name), h, w)
 }
 
 /// kornia's parameters stored under `prefix` for a module of kind `name`, on
@@ -79,7 +119,7 @@ fn params_at(prefix: &str, name: &str, h: usize, w: usize) -> AugmentParams {
     let applied: Vec<bool> = flat(&p("batch_prob")).iter().map(|&b| b > 0.5).collect();
     let n = applied.len();
     match name {
-        "Ji" | "UpJitter" | "PoolJitter" => {
+        "Ji" => {
             let cols = [
                 flat(&p("brightness_factor")),
                 flat(&p("contrast_factor")),
@@ -114,7 +154,7 @@ fn params_at(prefix: &str, name: &str, h: usize, w: usize) -> AugmentParams {
             &points::<4>(&p("dst")),
         ),
         "Ro" => AugmentParams::rotation(applied, &flat(&p("degrees")), h, w),
-        "Af" | "UpAffine" => {
+        "Af" | "AfBorder" => {
             let shear = |k: &str| {
                 if has(&p(k)) {
                     flat(&p(k))
@@ -133,7 +173,7 @@ fn params_at(prefix: &str, name: &str, h: usize, w: usize) -> AugmentParams {
                     .zip(&sy)
                     .map(|(&a, &b)| (a, b))
                     .collect::<Vec<_>>(),
-                name == "UpAffine",
+                name == "AfBorder",
             )
         }
         "Et" => AugmentParams::Elastic {
@@ -165,7 +205,7 @@ fn params_at(prefix: &str, name: &str, h: usize, w: usize) -> AugmentParams {
                 },
             }
         }
-        "UpFlip" => {
+        "Flip" => {
             let wf = w as f64;
             AugmentParams::Warp {
                 applied,
@@ -192,22 +232,10 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     diff.to_scalar::<f64>().unwrap() / scale.max(1.0)
 }
 
-const MODULES: [&str; 15] = [
-    "Ji",
-    "Sh",
-    "Gn",
-    "Pe",
-    "Ro",
-    "Af",
-    "Et",
-    "Ts",
-    "Cr",
-    "Er",
-    "Re",
-    "UpFlip",
-    "UpJitter",
-    "UpAffine",
-    "PoolJitter",
+#[rustfmt::skip]
+const MODULES: [&str; 21] = [
+    "Ji", "Sh", "Gn", "Pe", "Ro", "Af", "Et", "Ts", "Cr", "Er", "Re", "UpFlip", "UpJitter",
+    "UpAffine", "PoolJitter", "UpSharp", "UpPersp", "NrPe", "NrAf", "PoolAffine", "PoolPersp",
 ];
 
 #[test]
@@ -265,27 +293,31 @@ impl SamplingReplay for Replay {
     fn draw(&mut self, step: u32, clip: usize) -> Option<CutoutDraw> {
         assert_eq!(clip, 0, "one CLIP in this test");
         let key = format!("step.{}.{step}", self.method);
-        if self.method == "original" {
-            let crops = flat(&format!("{key}.crops"))
+        let crops = if has(&format!("{key}.crops")) {
+            flat(&format!("{key}.crops"))
                 .chunks(3)
                 .map(|c| Crop {
                     x: c[0] as usize,
                     y: c[1] as usize,
                     size: c[2] as usize,
                 })
-                .collect();
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if self.method == "original" {
             return Some(CutoutDraw {
                 crops,
                 augments: Vec::new(),
                 noise: None,
             });
         }
-        let augments = ["Af", "Pe", "Ji", "Er"]
+        let augments = modules(self.method)
             .iter()
-            .map(|name| params_at(&format!("{key}.{name}"), name, CUT, CUT))
+            .map(|name| params_at(&format!("{key}.{name}"), kind(name), CUT, CUT))
             .collect();
         Some(CutoutDraw {
-            crops: Vec::new(),
+            crops,
             augments,
             noise: Some(CutoutNoise {
                 facs: f32s(&format!("{key}.facs")),
@@ -296,6 +328,18 @@ impl SamplingReplay for Replay {
 
     fn gradient(&mut self, _step: u32, grad: &Tensor) {
         self.grads.lock().unwrap().push(grad.clone());
+    }
+}
+
+/// The fixture's kornia modules of each cut method, in generate.py's order.
+fn modules(method: &str) -> &'static [&'static str] {
+    match method {
+        "original" => &[],
+        "latest" => &["Af", "Pe", "Ji", "Er"],
+        "updated" => &["UpFlip", "UpJitter", "UpSharp", "UpAffine", "UpPersp"],
+        "nrupdated" => &["NrAf", "NrPe", "Ji", "Er"],
+        "updatedpooling" => &["PoolAffine", "PoolPersp", "PoolJitter", "Er"],
+        other => panic!("no cut method {other}"),
     }
 }
 
@@ -321,6 +365,14 @@ fn steps_match_pytorch(method: &'static str) {
         "checkpoint_every": 0
     }))
     .unwrap();
+    // The pipeline vqclip builds for the method has the reference's modules, in order.
+    let ours: Vec<&str> = Augmentations::for_method(spec.cut_method, &spec.augments)
+        .modules()
+        .iter()
+        .map(kind_of)
+        .collect();
+    let theirs: Vec<&str> = modules(method).iter().map(|m| kind(m)).collect();
+    assert_eq!(ours, theirs, "{method}'s augmentation pipeline");
     let dir = tempfile::tempdir().unwrap();
     let job = RenderJob::new(spec, dir.path());
     let mut session = RenderSession::new(&job, models()).unwrap();
@@ -374,4 +426,42 @@ fn original_steps_equal_pytorch() {
 #[test]
 fn latest_steps_equal_pytorch() {
     steps_match_pytorch("latest");
+}
+
+#[test]
+fn updated_steps_equal_pytorch() {
+    steps_match_pytorch("updated");
+}
+
+#[test]
+fn nrupdated_steps_equal_pytorch() {
+    steps_match_pytorch("nrupdated");
+}
+
+#[test]
+fn updatedpooling_steps_equal_pytorch() {
+    steps_match_pytorch("updatedpooling");
+}
+
+#[test]
+fn cut_methods_parse_as_generate_py_names_them() {
+    for (name, method) in [
+        ("original", CutMethod::Original),
+        ("latest", CutMethod::Latest),
+        ("updated", CutMethod::Updated),
+        ("nrupdated", CutMethod::Nrupdated),
+        ("updatedpooling", CutMethod::Updatedpooling),
+    ] {
+        let parsed: CutMethod = serde_json::from_value(serde_json::json!(name)).unwrap();
+        assert_eq!(parsed, method);
+    }
+    // nrupdated keeps the code list but with MakeCutoutsNRUpdate's strengths.
+    let nr = Augmentations::for_method(CutMethod::Nrupdated, &[Augment::Pe, Augment::Af]);
+    assert!(matches!(
+        nr.modules(),
+        [
+            Kornia::Perspective { distortion, .. },
+            Kornia::Affine { degrees, .. }
+        ] if *distortion == 0.5 && *degrees == 30.0
+    ));
 }

@@ -1163,9 +1163,10 @@ fn wrap_full_turn(h: &Tensor) -> candle_core::Result<Tensor> {
     h * below
 }
 
-/// kornia's `sharpness`: blend toward the PIL smoothing filter (clamped) by `factor`
-/// (0 is fully smoothed); border pixels keep the input; clamped to [0, 1].
+/// kornia's `RandomSharpness`: clamp the input, blend toward the PIL smoothing filter
+/// (clamped) by `factor` (0 is fully smoothed); border pixels keep the input; clamp.
 fn sharpness(x: &Tensor, factors: &[f32]) -> candle_core::Result<Tensor> {
+    let x = &clamp_unit_range(x)?;
     let (_, c, h, w) = x.dims4()?;
     let kernel = Tensor::new(&[[1f32, 1., 1.], [1., 5., 1.], [1., 1., 1.]], x.device())?
         .to_dtype(x.dtype())?
