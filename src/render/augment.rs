@@ -12,7 +12,9 @@
 //! through one `gather`, so the gradient flows to the image exactly. Colour ones are
 //! elementwise; hue goes through kornia's HSV round trip, with its piecewise branches
 //! picked by masks computed from the values (torch's `where` differentiates the same
-//! way).
+//! way). Saturation is what kornia 0.9's `ColorJitter` does, a blend with grey (the
+//! HSV saturation is its `ColorJiggle`'s). The reference is kornia 0.9 on torch 2.15,
+//! whose `clamp` passes no gradient at the bounds themselves.
 //!
 //! Known departure: kornia replaces a `RandomResizedCrop` box that is one pixel wide
 //! with a column copy; boxes cover at least 10% of the area here, so that only
@@ -177,7 +179,7 @@ impl Kornia {
                 let applied = draw_applied(rng, n, p, false);
                 let start = corners(wf, hf);
                 let inward = [(1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0), (1.0, -1.0)];
-                let (fx, fy) = (distortion * (wf - 1.0) / 2.0, distortion * (hf - 1.0) / 2.0);
+                let (fx, fy) = (distortion * wf / 2.0, distortion * hf / 2.0);
                 let matrices = (0..n)
                     .map(|_| {
                         let end: Vec<(f64, f64)> = start
@@ -221,7 +223,9 @@ impl Kornia {
                 let matrices = (0..n)
                     .map(|_| {
                         let angle = rng.gen_range(-degrees..=degrees);
-                        let tx = rng.gen_range(-translate..=translate) * wf;
+                        // kornia 0.9 reads a scalar `translate` as vertical only: its
+                        // horizontal translations are all 0.
+                        let tx = 0.0;
                         let ty = rng.gen_range(-translate..=translate) * hf;
                         let sx = if shear > 0.0 {
                             rng.gen_range(-shear..=shear)
