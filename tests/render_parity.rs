@@ -465,3 +465,40 @@ fn cut_methods_parse_as_generate_py_names_them() {
         ] if *distortion == 0.5 && *degrees == 30.0
     ));
 }
+
+/// Without a replay each cut method draws its own crops, parameters and noise: steps
+/// run, give finite losses, move z, and repeat under the same seed.
+#[test]
+fn every_cut_method_steps_from_its_own_sampling() {
+    for method in ["updated", "nrupdated", "updatedpooling"] {
+        let run = || {
+            let spec: JobSpec = serde_json::from_value(serde_json::json!({
+                "prompts": "a red apple", "width": 40, "height": 40, "cutn": 4,
+                "cut_method": method, "augments": ["Ji", "Sh", "Gn", "Pe", "Ro", "Af", "Et", "Ts", "Cr", "Er", "Re"],
+                "seed": 11, "steps": 2, "save_every": 0, "checkpoint_every": 0
+            }))
+            .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let job = RenderJob::new(spec, dir.path());
+            let mut session = RenderSession::new(&job, models()).unwrap();
+            let z0 = session.z().copy().unwrap();
+            let losses: Vec<f32> = (0..2).map(|_| session.step().unwrap().loss).collect();
+            let moved = (session.z() - &z0)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            (losses, moved)
+        };
+        let (losses, moved) = run();
+        assert!(
+            losses.iter().all(|l| l.is_finite() && *l > 0.0),
+            "{method}: {losses:?}"
+        );
+        assert!(moved > 0.0, "{method}: z did not move");
+        assert_eq!(run().0, losses, "{method}: the same seed gave other losses");
+    }
+}
