@@ -1,153 +1,665 @@
-//! generate.py's cutout augmentations (its kornia pipeline), differentiable with
-//! respect to the image.
+//! generate.py's cutout augmentations (its kornia pipelines), differentiable with
+//! respect to the image and equal to kornia's for the same sampled parameters.
+//!
+//! Each augmentation runs in two halves, as a kornia module does: [`Kornia::sample`]
+//! draws the parameters for a batch ([`AugmentParams`], from the job's ChaCha RNG, so
+//! a seed fixes them and a checkpoint can carry their state), and
+//! [`AugmentParams::apply`] applies them. Tests and the replay hook feed kornia's own
+//! parameters into the second half.
 //!
 //! Geometric augmentations compute, on the host, where each output pixel samples the
-//! input, and then sample with bilinear weights through one `gather`, so the
-//! gradient flows to the image exactly. Colour ones are elementwise or per-sample
-//! 3×3 colour matrices. Every random draw comes from the job's ChaCha RNG, so a
-//! seed fixes the augmentations and a checkpoint can carry their state.
+//! input (kornia's pixel-space matrices, inverted), then sample with bilinear weights
+//! through one `gather`, so the gradient flows to the image exactly. Colour ones are
+//! elementwise; hue goes through kornia's HSV round trip, with its piecewise branches
+//! picked by masks computed from the values (torch's `where` differentiates the same
+//! way). Saturation is what kornia 0.9's `ColorJitter` does, a blend with grey (the
+//! HSV saturation is its `ColorJiggle`'s). The reference is kornia 0.9 on torch 2.15,
+//! whose `clamp` passes no gradient at the bounds themselves.
 //!
-//! Departures from kornia, chosen for speed and differentiability: saturation and
-//! hue jitter are linear colour-space operations (a blend with luma, a rotation of
-//! the YIQ chroma plane) rather than a round trip through HSV; `Cr` is the identity,
-//! as it is in generate.py, since its crop size equals the cutout size.
+//! Known departure: kornia replaces a `RandomResizedCrop` box that is one pixel wide
+//! with a column copy; boxes cover at least 10% of the area here, so that only
+//! happens for cutouts of 4 px or less, which no CLIP uses.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::spec::Augment;
+use super::spec::{Augment, CutMethod};
 
-/// The augmentations in the order given, as generate.py chains them.
-#[derive(Debug, Clone)]
-pub struct Augmentations {
-    codes: Vec<Augment>,
+/// One kornia augmentation module, configured as generate.py configures it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kornia {
+    /// `ColorJitter(brightness, contrast, saturation, hue, p)`.
+    ColorJitter {
+        brightness: f64,
+        contrast: f64,
+        saturation: f64,
+        hue: f64,
+        p: f64,
+    },
+    /// `RandomSharpness(sharpness, p)`.
+    Sharpness { sharpness: f64, p: f64 },
+    /// `RandomGaussianNoise(mean=0, std, p)`.
+    GaussianNoise { std: f64, p: f64 },
+    /// `RandomPerspective(distortion_scale, p)`.
+    Perspective { distortion: f64, p: f64 },
+    /// `RandomRotation(degrees, p)`.
+    Rotation { degrees: f64, p: f64 },
+    /// `RandomAffine(degrees, translate, shear, padding_mode, p)`.
+    Affine {
+        degrees: f64,
+        translate: f64,
+        shear: f64,
+        border: bool,
+        p: f64,
+    },
+    /// `RandomElasticTransform(p)`: kernel 63, σ 32, α 1.
+    Elastic { p: f64 },
+    /// `RandomThinPlateSpline(scale, same_on_batch=True, p)`.
+    ThinPlate { scale: f64, p: f64 },
+    /// `RandomCrop(cut_size, pad_if_needed, reflect)` on a cutout of that very size.
+    Crop,
+    /// `RandomErasing((.1, .4), (.3, 1/.3), same_on_batch=True, p)`.
+    Erasing { p: f64 },
+    /// `RandomResizedCrop(cut_size, scale (0.1, 1), ratio (0.75, 1.333), resample, p)`.
+    ResizedCrop { p: f64 },
+    /// `RandomHorizontalFlip(p)`.
+    HorizontalFlip { p: f64 },
 }
 
-impl Augmentations {
-    pub fn new(codes: &[Augment]) -> Self {
-        Self {
-            codes: codes.to_vec(),
+impl Kornia {
+    /// An augmentation code as generate.py's `MakeCutouts` (`latest`) builds it; `nr`
+    /// is `MakeCutoutsNRUpdate`, which differs in perspective and affine strength.
+    pub fn from_code(code: Augment, nr: bool) -> Self {
+        match code {
+            Augment::Ji => Kornia::ColorJitter {
+                brightness: 0.1,
+                contrast: 0.1,
+                saturation: 0.1,
+                hue: 0.1,
+                p: 0.7,
+            },
+            Augment::Sh => Kornia::Sharpness {
+                sharpness: 0.3,
+                p: 0.5,
+            },
+            Augment::Gn => Kornia::GaussianNoise { std: 1.0, p: 0.5 },
+            Augment::Pe => Kornia::Perspective {
+                distortion: if nr { 0.5 } else { 0.7 },
+                p: 0.7,
+            },
+            Augment::Ro => Kornia::Rotation {
+                degrees: 15.0,
+                p: 0.7,
+            },
+            Augment::Af => Kornia::Affine {
+                degrees: if nr { 30.0 } else { 15.0 },
+                translate: 0.1,
+                shear: 5.0,
+                border: false,
+                p: 0.7,
+            },
+            Augment::Et => Kornia::Elastic { p: 0.7 },
+            Augment::Ts => Kornia::ThinPlate { scale: 0.8, p: 0.7 },
+            Augment::Cr => Kornia::Crop,
+            Augment::Er => Kornia::Erasing { p: 0.7 },
+            Augment::Re => Kornia::ResizedCrop { p: 0.5 },
         }
     }
 
-    pub fn codes(&self) -> &[Augment] {
-        &self.codes
+    /// Draws this module's parameters for a batch of `n` cutouts of `h`×`w` pixels,
+    /// with kornia's distributions.
+    pub fn sample(
+        &self,
+        rng: &mut ChaCha20Rng,
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+    ) -> AugmentParams {
+        let (hf, wf) = (h as f64, w as f64);
+        match *self {
+            Kornia::ColorJitter {
+                brightness,
+                contrast,
+                saturation,
+                hue,
+                p,
+            } => {
+                let applied = draw_applied(rng, n, p, false);
+                let mut around = |v: f64| -> f32 {
+                    if v > 0.0 {
+                        rng.gen_range((1.0 - v).max(0.0)..=1.0 + v) as f32
+                    } else {
+                        1.0
+                    }
+                };
+                let mut factors = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let b = around(brightness);
+                    let ct = around(contrast);
+                    let s = around(saturation);
+                    factors.push([b, ct, s, 0.0]);
+                }
+                for f in &mut factors {
+                    f[3] = if hue > 0.0 {
+                        rng.gen_range(-hue..=hue) as f32
+                    } else {
+                        0.0
+                    };
+                }
+                let mut order = vec![0usize, 1, 2, 3];
+                order.shuffle(rng);
+                AugmentParams::Jitter {
+                    applied,
+                    factors,
+                    order,
+                }
+            }
+            Kornia::Sharpness { sharpness, p } => {
+                let applied = draw_applied(rng, n, p, false);
+                let factors = (0..n)
+                    .map(|_| rng.gen_range(0.0..=sharpness) as f32)
+                    .collect();
+                AugmentParams::Sharpness { applied, factors }
+            }
+            Kornia::GaussianNoise { std, p } => {
+                let applied = draw_applied(rng, n, p, false);
+                let noise = (0..n * c * h * w)
+                    .map(|_| {
+                        let v: f64 = StandardNormal.sample(rng);
+                        (v * std) as f32
+                    })
+                    .collect();
+                AugmentParams::Noise { applied, noise }
+            }
+            Kornia::Perspective { distortion, p } => {
+                let applied = draw_applied(rng, n, p, false);
+                let start = corners(wf, hf);
+                let inward = [(1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0), (1.0, -1.0)];
+                let (fx, fy) = (distortion * wf / 2.0, distortion * hf / 2.0);
+                let matrices = (0..n)
+                    .map(|_| {
+                        let end: Vec<(f64, f64)> = start
+                            .iter()
+                            .zip(inward)
+                            .map(|(&(x, y), (dx, dy))| {
+                                (
+                                    x + dx * fx * rng.gen::<f64>(),
+                                    y + dy * fy * rng.gen::<f64>(),
+                                )
+                            })
+                            .collect();
+                        homography_from_points(&start, &end)
+                    })
+                    .collect();
+                AugmentParams::Warp {
+                    applied,
+                    matrices,
+                    border: false,
+                }
+            }
+            Kornia::Rotation { degrees, p } => {
+                let applied = draw_applied(rng, n, p, false);
+                let matrices = (0..n)
+                    .map(|_| rotation_matrix(h, w, rng.gen_range(-degrees..=degrees)))
+                    .collect();
+                AugmentParams::Warp {
+                    applied,
+                    matrices,
+                    border: false,
+                }
+            }
+            Kornia::Affine {
+                degrees,
+                translate,
+                shear,
+                border,
+                p,
+            } => {
+                let applied = draw_applied(rng, n, p, false);
+                let matrices = (0..n)
+                    .map(|_| {
+                        let angle = rng.gen_range(-degrees..=degrees);
+                        // kornia 0.9 reads a scalar `translate` as vertical only: its
+                        // horizontal translations are all 0.
+                        let tx = 0.0;
+                        let ty = rng.gen_range(-translate..=translate) * hf;
+                        let sx = if shear > 0.0 {
+                            rng.gen_range(-shear..=shear)
+                        } else {
+                            0.0
+                        };
+                        let centre = ((wf - 1.0) / 2.0, (hf - 1.0) / 2.0);
+                        affine_matrix((tx, ty), centre, (1.0, 1.0), angle, (sx, 0.0))
+                    })
+                    .collect();
+                AugmentParams::Warp {
+                    applied,
+                    matrices,
+                    border,
+                }
+            }
+            Kornia::Elastic { p } => {
+                let applied = draw_applied(rng, n, p, false);
+                let noise = (0..n * 2 * h * w)
+                    .map(|_| rng.gen_range(-1.0f32..=1.0))
+                    .collect();
+                AugmentParams::Elastic { applied, noise }
+            }
+            Kornia::ThinPlate { scale, p } => {
+                let applied = draw_applied(rng, n, p, true);
+                let mut dst = TPS_SOURCE;
+                for pt in &mut dst {
+                    pt.0 += rng.gen_range(-scale..=scale);
+                    pt.1 += rng.gen_range(-scale..=scale);
+                }
+                AugmentParams::ThinPlate {
+                    applied,
+                    dst: vec![dst; n],
+                }
+            }
+            Kornia::Crop => AugmentParams::Identity,
+            Kornia::Erasing { p } => {
+                let applied = draw_applied(rng, n, p, true);
+                let area = hf * wf * rng.gen_range(0.1..=0.4);
+                let ratio = rng.gen_range((0.3f64).ln()..=(1.0f64 / 0.3).ln()).exp();
+                let eh = ((area * ratio).sqrt().round() as usize).clamp(1, h);
+                let ew = ((area / ratio).sqrt().round() as usize).clamp(1, w);
+                let y = rng.gen_range(0..=h - eh);
+                let x = rng.gen_range(0..=w - ew);
+                AugmentParams::Erase {
+                    applied,
+                    rect: Rect { x, y, w: ew, h: eh },
+                }
+            }
+            Kornia::ResizedCrop { p } => {
+                // kornia draws its p for the whole batch (p_batch).
+                let applied = draw_applied(rng, n, p, true);
+                let matrices = (0..n).map(|_| resized_crop_matrix(rng, h, w)).collect();
+                AugmentParams::Warp {
+                    applied,
+                    matrices,
+                    border: false,
+                }
+            }
+            Kornia::HorizontalFlip { p } => {
+                let applied = draw_applied(rng, n, p, false);
+                let flip = [[-1.0, 0.0, wf - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+                AugmentParams::Warp {
+                    applied,
+                    matrices: vec![flip; n],
+                    border: false,
+                }
+            }
+        }
+    }
+}
+
+/// A rectangle of pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rect {
+    pub x: usize,
+    pub y: usize,
+    pub w: usize,
+    pub h: usize,
+}
+
+/// A 3×3 matrix in pixel coordinates; warps hold kornia's `transform`, which maps an
+/// input pixel to where it lands in the output.
+pub type Homography = [[f64; 3]; 3];
+
+/// One augmentation's parameters for a batch, one entry per cutout; `applied` says
+/// which cutouts it touches (kornia's `batch_prob`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AugmentParams {
+    Identity,
+    /// Brightness, contrast, saturation factors and hue in turns, applied in `order`
+    /// (0 brightness, 1 contrast, 2 saturation, 3 hue).
+    Jitter {
+        applied: Vec<bool>,
+        factors: Vec<[f32; 4]>,
+        order: Vec<usize>,
+    },
+    Sharpness {
+        applied: Vec<bool>,
+        factors: Vec<f32>,
+    },
+    /// Additive noise, (N, C, H, W) row-major.
+    Noise {
+        applied: Vec<bool>,
+        noise: Vec<f32>,
+    },
+    /// Projective warps; `border` clamps samples to the edge instead of zero padding.
+    Warp {
+        applied: Vec<bool>,
+        matrices: Vec<Homography>,
+        border: bool,
+    },
+    /// Elastic noise in [−1, 1], (N, 2, H, W): x then y displacement before blurring.
+    Elastic {
+        applied: Vec<bool>,
+        noise: Vec<f32>,
+    },
+    /// Where the thin-plate spline moves kornia's five control points (normalised).
+    ThinPlate {
+        applied: Vec<bool>,
+        dst: Vec<[(f64, f64); 5]>,
+    },
+    /// One rectangle set to 0 in every applied cutout.
+    Erase {
+        applied: Vec<bool>,
+        rect: Rect,
+    },
+}
+
+impl AugmentParams {
+    /// kornia's `RandomPerspective` / `RandomResizedCrop` transform from its points.
+    pub fn warp_from_points(
+        applied: Vec<bool>,
+        start: &[[(f64, f64); 4]],
+        end: &[[(f64, f64); 4]],
+    ) -> Self {
+        let matrices = start
+            .iter()
+            .zip(end)
+            .map(|(s, e)| homography_from_points(s, e))
+            .collect();
+        AugmentParams::Warp {
+            applied,
+            matrices,
+            border: false,
+        }
+    }
+
+    /// kornia's `RandomRotation` transform from its angles in degrees.
+    pub fn rotation(applied: Vec<bool>, degrees: &[f64], h: usize, w: usize) -> Self {
+        AugmentParams::Warp {
+            applied,
+            matrices: degrees.iter().map(|&d| rotation_matrix(h, w, d)).collect(),
+            border: false,
+        }
+    }
+
+    /// kornia's `RandomAffine` transform from its parameters (angles in degrees).
+    #[allow(clippy::too_many_arguments)]
+    pub fn affine(
+        applied: Vec<bool>,
+        translations: &[(f64, f64)],
+        centres: &[(f64, f64)],
+        scales: &[(f64, f64)],
+        angles: &[f64],
+        shears: &[(f64, f64)],
+        border: bool,
+    ) -> Self {
+        let matrices = (0..angles.len())
+            .map(|i| affine_matrix(translations[i], centres[i], scales[i], angles[i], shears[i]))
+            .collect();
+        AugmentParams::Warp {
+            applied,
+            matrices,
+            border,
+        }
+    }
+
+    /// Applies the parameters to a batch (N, C, H, W) in [0, 1].
+    pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, _, h, w) = x.dims4()?;
+        let (applied, per_cutout) = match self {
+            AugmentParams::Identity => return Ok(x.clone()),
+            AugmentParams::Jitter {
+                applied, factors, ..
+            } => (applied, factors.len()),
+            AugmentParams::Sharpness { applied, factors } => (applied, factors.len()),
+            AugmentParams::Noise { applied, noise } => {
+                (applied, noise.len() / (x.elem_count() / n).max(1))
+            }
+            AugmentParams::Warp {
+                applied, matrices, ..
+            } => (applied, matrices.len()),
+            AugmentParams::Elastic { applied, noise } => {
+                (applied, noise.len() / (2 * h * w).max(1))
+            }
+            AugmentParams::ThinPlate { applied, dst } => (applied, dst.len()),
+            AugmentParams::Erase { applied, .. } => (applied, n),
+        };
+        if applied.len() != n || per_cutout != n {
+            candle_core::bail!(
+                "augmentation parameters for {} cutouts ({per_cutout} sets), batch of {n}",
+                applied.len()
+            );
+        }
+        match self {
+            AugmentParams::Identity => Ok(x.clone()),
+            AugmentParams::Jitter {
+                applied,
+                factors,
+                order,
+            } => {
+                if !applied.iter().any(|&a| a) {
+                    return Ok(x.clone());
+                }
+                select(applied, &color_jitter(x, applied, factors, order)?, x)
+            }
+            AugmentParams::Sharpness { applied, factors } => {
+                if !applied.iter().any(|&a| a) || h < 3 || w < 3 {
+                    return Ok(x.clone());
+                }
+                select(applied, &sharpness(x, factors)?, x)
+            }
+            AugmentParams::Noise { applied, noise } => {
+                if !applied.iter().any(|&a| a) {
+                    return Ok(x.clone());
+                }
+                let per = x.elem_count() / n;
+                let masked: Vec<f32> = noise
+                    .chunks(per)
+                    .zip(applied)
+                    .flat_map(|(c, &a)| c.iter().map(move |&v| if a { v } else { 0.0 }))
+                    .collect();
+                if masked.len() != x.elem_count() {
+                    candle_core::bail!("noise of {} values for {:?}", noise.len(), x.shape());
+                }
+                x + Tensor::from_vec(masked, x.shape(), x.device())?.to_dtype(x.dtype())?
+            }
+            AugmentParams::Warp {
+                applied,
+                matrices,
+                border,
+            } => {
+                let fields: Vec<Option<Field>> = applied
+                    .iter()
+                    .zip(matrices)
+                    .map(|(&a, m)| a.then(|| field_from_map(&invert(m), h, w)))
+                    .collect();
+                sample_fields(x, &fields, *border)
+            }
+            AugmentParams::Elastic { applied, noise } => {
+                let per = 2 * h * w;
+                let fields: Vec<Option<Field>> = applied
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &a)| a.then(|| elastic_field(&noise[i * per..(i + 1) * per], h, w)))
+                    .collect();
+                sample_fields(x, &fields, false)
+            }
+            AugmentParams::ThinPlate { applied, dst } => {
+                let fields: Vec<Option<Field>> = applied
+                    .iter()
+                    .zip(dst)
+                    .map(|(&a, d)| a.then(|| thin_plate_field(d, h, w)))
+                    .collect();
+                sample_fields(x, &fields, false)
+            }
+            AugmentParams::Erase { applied, rect } => {
+                let mut keep = vec![1f32; n * h * w];
+                for (i, _) in applied.iter().enumerate().filter(|(_, &a)| a) {
+                    for y in rect.y..(rect.y + rect.h).min(h) {
+                        for xx in rect.x..(rect.x + rect.w).min(w) {
+                            keep[i * h * w + y * w + xx] = 0.0;
+                        }
+                    }
+                }
+                let keep = Tensor::from_vec(keep, (n, 1, h, w), &Device::Cpu)?
+                    .to_device(x.device())?
+                    .to_dtype(x.dtype())?;
+                x.broadcast_mul(&keep)
+            }
+        }
+    }
+}
+
+/// A cut method's kornia pipeline, in order.
+#[derive(Debug, Clone)]
+pub struct Augmentations {
+    modules: Vec<Kornia>,
+}
+
+impl Augmentations {
+    /// generate.py's `MakeCutouts` (`latest`) list from augmentation codes.
+    pub fn new(codes: &[Augment]) -> Self {
+        Self {
+            modules: codes.iter().map(|&c| Kornia::from_code(c, false)).collect(),
+        }
+    }
+
+    /// The pipeline a cut method uses: `latest` and `nrupdated` follow the codes (with
+    /// `MakeCutoutsNRUpdate`'s strengths for the latter), `updated` and
+    /// `updatedpooling` have fixed lists, `original` none.
+    pub fn for_method(method: CutMethod, codes: &[Augment]) -> Self {
+        let modules = match method {
+            CutMethod::Original => Vec::new(),
+            CutMethod::Latest => return Self::new(codes),
+            CutMethod::Nrupdated => codes.iter().map(|&c| Kornia::from_code(c, true)).collect(),
+            // MakeCutoutsUpdate.
+            CutMethod::Updated => vec![
+                Kornia::HorizontalFlip { p: 0.5 },
+                Kornia::ColorJitter {
+                    brightness: 0.0,
+                    contrast: 0.0,
+                    saturation: 0.01,
+                    hue: 0.01,
+                    p: 0.7,
+                },
+                Kornia::Sharpness {
+                    sharpness: 0.3,
+                    p: 0.4,
+                },
+                Kornia::Affine {
+                    degrees: 30.0,
+                    translate: 0.1,
+                    shear: 0.0,
+                    border: true,
+                    p: 0.8,
+                },
+                Kornia::Perspective {
+                    distortion: 0.2,
+                    p: 0.4,
+                },
+            ],
+            // MakeCutoutsPoolingUpdate.
+            CutMethod::Updatedpooling => vec![
+                Kornia::Affine {
+                    degrees: 15.0,
+                    translate: 0.1,
+                    shear: 0.0,
+                    border: true,
+                    p: 0.7,
+                },
+                Kornia::Perspective {
+                    distortion: 0.7,
+                    p: 0.7,
+                },
+                Kornia::ColorJitter {
+                    brightness: 0.0,
+                    contrast: 0.0,
+                    saturation: 0.1,
+                    hue: 0.1,
+                    p: 0.7,
+                },
+                Kornia::Erasing { p: 0.7 },
+            ],
+        };
+        Self { modules }
+    }
+
+    pub fn modules(&self) -> &[Kornia] {
+        &self.modules
+    }
+
+    /// Draws every module's parameters for a batch (N,C,H,W), in pipeline order.
+    pub fn sample(
+        &self,
+        shape: (usize, usize, usize, usize),
+        rng: &mut ChaCha20Rng,
+    ) -> Vec<AugmentParams> {
+        let (n, c, h, w) = shape;
+        self.modules
+            .iter()
+            .map(|m| m.sample(rng, n, c, h, w))
+            .collect()
     }
 
     /// Augments a batch of cutouts (N,C,S,S) in [0,1].
     pub fn apply(&self, batch: &Tensor, rng: &mut ChaCha20Rng) -> candle_core::Result<Tensor> {
-        let mut x = batch.clone();
-        for &code in &self.codes {
-            x = apply_one(code, &x, rng)?;
-        }
-        Ok(x)
+        let params = self.sample(batch.dims4()?, rng);
+        apply_all(batch, &params)
     }
 }
 
-/// Applies one augmentation with generate.py's probability and strength.
-pub fn apply_one(code: Augment, x: &Tensor, rng: &mut ChaCha20Rng) -> candle_core::Result<Tensor> {
-    let (n, _, h, w) = x.dims4()?;
-    match code {
-        Augment::Ji => color_jitter(x, rng),
-        Augment::Sh => sharpness(x, rng),
-        Augment::Gn => {
-            let applied = draw_applied(rng, n, 0.5, false);
-            if !applied.iter().any(|&a| a) {
-                return Ok(x.clone());
-            }
-            let mut noise = Vec::with_capacity(x.elem_count());
-            let per_sample = x.elem_count() / n;
-            for &a in &applied {
-                for _ in 0..per_sample {
-                    let v: f32 = StandardNormal.sample(rng);
-                    noise.push(if a { v } else { 0.0 });
-                }
-            }
-            x + Tensor::from_vec(noise, x.shape(), x.device())?.to_dtype(x.dtype())?
-        }
-        Augment::Pe => {
-            let applied = draw_applied(rng, n, 0.7, false);
-            let maps = applied
-                .iter()
-                .map(|&a| a.then(|| perspective_map(rng, h, w, 0.7)))
-                .collect::<Vec<_>>();
-            warp_projective(x, &maps)
-        }
-        Augment::Ro => {
-            let applied = draw_applied(rng, n, 0.7, false);
-            let maps = applied
-                .iter()
-                .map(|&a| {
-                    a.then(|| {
-                        let angle = rng.gen_range(-15.0f64..=15.0).to_radians();
-                        affine_map(h, w, angle, (0.0, 0.0), 0.0)
-                    })
-                })
-                .collect::<Vec<_>>();
-            warp_projective(x, &maps)
-        }
-        Augment::Af => {
-            let applied = draw_applied(rng, n, 0.7, false);
-            let maps = applied
-                .iter()
-                .map(|&a| {
-                    a.then(|| {
-                        let angle = rng.gen_range(-15.0f64..=15.0).to_radians();
-                        let tx = rng.gen_range(-0.1f64..=0.1) * w as f64;
-                        let ty = rng.gen_range(-0.1f64..=0.1) * h as f64;
-                        let shear = rng.gen_range(-5.0f64..=5.0).to_radians();
-                        affine_map(h, w, angle, (tx, ty), shear)
-                    })
-                })
-                .collect::<Vec<_>>();
-            warp_projective(x, &maps)
-        }
-        Augment::Et => {
-            let applied = draw_applied(rng, n, 0.7, false);
-            let fields = applied
-                .iter()
-                .map(|&a| a.then(|| elastic_field(rng, h, w)))
-                .collect::<Vec<_>>();
-            sample_fields(x, &fields)
-        }
-        Augment::Ts => {
-            // same_on_batch: one warp, applied to every cutout or to none.
-            let applied = draw_applied(rng, n, 0.7, true);
-            if !applied[0] {
-                return Ok(x.clone());
-            }
-            let field = thin_plate_field(rng, h, w, 0.8);
-            sample_fields(x, &vec![Some(field); n])
-        }
-        // generate.py crops S×S out of an S×S cutout: nothing moves.
-        Augment::Cr => Ok(x.clone()),
-        Augment::Er => erasing(x, rng),
-        Augment::Re => {
-            let applied = draw_applied(rng, n, 0.5, false);
-            let maps = applied
-                .iter()
-                .map(|&a| a.then(|| resized_crop_map(rng, h, w)))
-                .collect::<Vec<_>>();
-            warp_projective(x, &maps)
-        }
+/// Applies parameters in order.
+pub fn apply_all(batch: &Tensor, params: &[AugmentParams]) -> candle_core::Result<Tensor> {
+    let mut x = batch.clone();
+    for p in params {
+        x = p.apply(&x)?;
     }
+    Ok(x)
 }
 
 /// Which samples an augmentation with probability `p` touches.
 fn draw_applied(rng: &mut ChaCha20Rng, n: usize, p: f64, same_on_batch: bool) -> Vec<bool> {
     if same_on_batch {
-        let a = rng.gen_bool(p);
+        let a = rng.gen_bool(p.clamp(0.0, 1.0));
         vec![a; n]
     } else {
-        (0..n).map(|_| rng.gen_bool(p)).collect()
+        (0..n).map(|_| rng.gen_bool(p.clamp(0.0, 1.0))).collect()
     }
 }
 
-/// A 3×3 matrix mapping output pixel coordinates to input pixel coordinates.
-type Homography = [[f64; 3]; 3];
+/// `augmented` where `applied`, `x` elsewhere (per cutout).
+fn select(applied: &[bool], augmented: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    if applied.iter().all(|&a| a) {
+        return Ok(augmented.clone());
+    }
+    let n = applied.len();
+    let m: Vec<f32> = applied.iter().map(|&a| if a { 1.0 } else { 0.0 }).collect();
+    let m = Tensor::from_vec(m, (n, 1, 1, 1), x.device())?.to_dtype(x.dtype())?;
+    augmented.broadcast_mul(&m)? + x.broadcast_mul(&(1.0 - m)?)?
+}
+
+/// kornia's `_clamp_unit_range`: clamps to [0, 1] with the gradient passed on the
+/// closed range (candle's clamp halves it at the bounds).
+fn clamp_unit_range(x: &Tensor) -> candle_core::Result<Tensor> {
+    let xd = x.detach();
+    let inside = xd.ge(0.0)?.mul(&xd.le(1.0)?)?.to_dtype(x.dtype())?;
+    clamp_with_mask(x, &xd, inside)
+}
+
+/// torch's `clamp(0, 1)` as the reference torch (2.15) differentiates it: no
+/// gradient at the bounds themselves, only strictly inside.
+fn clamp01(x: &Tensor) -> candle_core::Result<Tensor> {
+    let xd = x.detach();
+    let inside = xd.gt(0.0)?.mul(&xd.lt(1.0)?)?.to_dtype(x.dtype())?;
+    clamp_with_mask(x, &xd, inside)
+}
+
+fn clamp_with_mask(x: &Tensor, xd: &Tensor, inside: Tensor) -> candle_core::Result<Tensor> {
+    let value = xd.clamp(0.0, 1.0)?;
+    // inside·x + (1 − inside)·clamped: x's value and slope where inside, a constant out.
+    (x * &inside)? + (value * (1.0 - inside)?)?
+}
 
 fn mat_mul(a: &Homography, b: &Homography) -> Homography {
     let mut m = [[0.0; 3]; 3];
@@ -184,45 +696,61 @@ fn invert(m: &Homography) -> Homography {
     ]
 }
 
-/// Rotation by `angle`, x-shear by `shear`, then translation, about the image centre;
-/// returned as the inverse (output → input) map.
-fn affine_map(h: usize, w: usize, angle: f64, translate: (f64, f64), shear: f64) -> Homography {
-    let (cx, cy) = ((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0);
-    let to_centre = [[1.0, 0.0, -cx], [0.0, 1.0, -cy], [0.0, 0.0, 1.0]];
-    let back = [
-        [1.0, 0.0, cx + translate.0],
-        [0.0, 1.0, cy + translate.1],
+/// The image corners, clockwise from the top left, as kornia lists them.
+fn corners(w: f64, h: f64) -> [(f64, f64); 4] {
+    [
+        (0.0, 0.0),
+        (w - 1.0, 0.0),
+        (w - 1.0, h - 1.0),
+        (0.0, h - 1.0),
+    ]
+}
+
+/// kornia's `get_rotation_matrix2d(centre, angle, scale)`: about `centre`, positive
+/// angles counter-clockwise on screen.
+fn rotation_about(centre: (f64, f64), degrees: f64, scale: (f64, f64)) -> Homography {
+    let (s, c) = degrees.to_radians().sin_cos();
+    let shift = [[1.0, 0.0, centre.0], [0.0, 1.0, centre.1], [0.0, 0.0, 1.0]];
+    let unshift = [
+        [1.0, 0.0, -centre.0],
+        [0.0, 1.0, -centre.1],
         [0.0, 0.0, 1.0],
     ];
-    let (s, c) = angle.sin_cos();
-    let rotate = [[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]];
-    let shear = [[1.0, -shear.tan(), 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
-    let forward = mat_mul(&back, &mat_mul(&rotate, &mat_mul(&shear, &to_centre)));
-    invert(&forward)
+    let rotate = [[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]];
+    let scale = [[scale.0, 0.0, 0.0], [0.0, scale.1, 0.0], [0.0, 0.0, 1.0]];
+    mat_mul(&shift, &mat_mul(&rotate, &mat_mul(&scale, &unshift)))
 }
 
-/// kornia's RandomPerspective: each corner moves inward by up to
-/// `distortion · half the side`; returns the output → input homography.
-fn perspective_map(rng: &mut ChaCha20Rng, h: usize, w: usize, distortion: f64) -> Homography {
-    let (wm, hm) = (w as f64 - 1.0, h as f64 - 1.0);
-    let start = [(0.0, 0.0), (wm, 0.0), (wm, hm), (0.0, hm)];
-    let inward = [(1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0), (1.0, -1.0)];
-    let (fx, fy) = (distortion * w as f64 / 2.0, distortion * h as f64 / 2.0);
-    let end: Vec<(f64, f64)> = start
-        .iter()
-        .zip(inward)
-        .map(|(&(x, y), (dx, dy))| {
-            (
-                x + dx * fx * rng.gen::<f64>(),
-                y + dy * fy * rng.gen::<f64>(),
-            )
-        })
-        .collect();
-    // The image's corners land on `end`; sampling needs end → start.
-    homography_from_points(&end, &start)
+/// kornia's `RandomRotation` transform: about the image centre.
+fn rotation_matrix(h: usize, w: usize, degrees: f64) -> Homography {
+    let centre = ((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0);
+    rotation_about(centre, degrees, (1.0, 1.0))
 }
 
-/// The homography taking each `from[i]` to `to[i]` (four point pairs).
+/// kornia's `get_affine_matrix2d`: rotation by −angle and scale about the centre,
+/// then the translation, composed with the shear (degrees) about the centre.
+fn affine_matrix(
+    translation: (f64, f64),
+    centre: (f64, f64),
+    scale: (f64, f64),
+    degrees: f64,
+    shear: (f64, f64),
+) -> Homography {
+    let mut m = rotation_about(centre, -degrees, scale);
+    m[0][2] += translation.0;
+    m[1][2] += translation.1;
+    let (tx, ty) = (shear.0.to_radians().tan(), shear.1.to_radians().tan());
+    let (x, y) = centre;
+    let shear = [
+        [1.0, -tx, tx * y],
+        [-ty, 1.0 + tx * ty, ty * (x - tx * y)],
+        [0.0, 0.0, 1.0],
+    ];
+    mat_mul(&m, &shear)
+}
+
+/// The homography taking each `from[i]` to `to[i]` (four point pairs), as kornia's
+/// `get_perspective_transform`.
 fn homography_from_points(from: &[(f64, f64)], to: &[(f64, f64)]) -> Homography {
     let mut a = [[0.0f64; 9]; 8];
     for i in 0..4 {
@@ -268,31 +796,33 @@ fn solve(mut a: Vec<Vec<f64>>, n: usize) -> Vec<f64> {
         .collect()
 }
 
-/// kornia's RandomResizedCrop (scale 0.1–1, ratio 3/4–4/3), resampled to the full size.
-fn resized_crop_map(rng: &mut ChaCha20Rng, h: usize, w: usize) -> Homography {
+/// kornia's ResizedCropGenerator (scale 0.1–1, ratio 3/4–4/3): an integer box,
+/// resampled onto the whole cutout.
+fn resized_crop_matrix(rng: &mut ChaCha20Rng, h: usize, w: usize) -> Homography {
     let area = (h * w) as f64;
     let (lo, hi) = ((0.75f64).ln(), (1.333f64).ln());
-    let mut crop = (w as f64, h as f64);
+    let mut crop = (w, h);
     for _ in 0..10 {
         let target = area * rng.gen_range(0.1..=1.0);
         let ratio = rng.gen_range(lo..=hi).exp();
-        let cw = (target * ratio).sqrt();
-        let ch = (target / ratio).sqrt();
-        if cw <= w as f64 && ch <= h as f64 {
+        let cw = (target * ratio).sqrt().round() as usize;
+        let ch = (target / ratio).sqrt().round() as usize;
+        if (2..=w).contains(&cw) && (2..=h).contains(&ch) {
             crop = (cw, ch);
             break;
         }
     }
-    let x0 = rng.gen_range(0.0..=(w as f64 - crop.0));
-    let y0 = rng.gen_range(0.0..=(h as f64 - crop.1));
-    let sx = (crop.0 - 1.0).max(0.0) / (w as f64 - 1.0).max(1.0);
-    let sy = (crop.1 - 1.0).max(0.0) / (h as f64 - 1.0).max(1.0);
-    [[sx, 0.0, x0], [0.0, sy, y0], [0.0, 0.0, 1.0]]
+    let x0 = rng.gen_range(0..=w - crop.0) as f64;
+    let y0 = rng.gen_range(0..=h - crop.1) as f64;
+    let (x1, y1) = (x0 + crop.0 as f64 - 1.0, y0 + crop.1 as f64 - 1.0);
+    let src = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)];
+    homography_from_points(&src, &corners(w as f64, h as f64))
 }
 
 /// Input coordinates (x, y) in pixels for every output pixel of one sample.
 type Field = Vec<(f32, f32)>;
 
+/// Where each output pixel samples, from the output → input map `m`.
 fn field_from_map(m: &Homography, h: usize, w: usize) -> Field {
     let mut f = Vec::with_capacity(h * w);
     for y in 0..h {
@@ -307,17 +837,13 @@ fn field_from_map(m: &Homography, h: usize, w: usize) -> Field {
     f
 }
 
-fn warp_projective(x: &Tensor, maps: &[Option<Homography>]) -> candle_core::Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let fields: Vec<Option<Field>> = maps
-        .iter()
-        .map(|m| m.as_ref().map(|m| field_from_map(m, h, w)))
-        .collect();
-    sample_fields(x, &fields)
-}
-
-/// Bilinear sampling with zero padding; `None` leaves a sample untouched.
-pub fn sample_fields(x: &Tensor, fields: &[Option<Field>]) -> candle_core::Result<Tensor> {
+/// torch's `grid_sample` (bilinear) at pixel positions, zero or border padding;
+/// `None` leaves a sample untouched.
+fn sample_fields(
+    x: &Tensor,
+    fields: &[Option<Field>],
+    border: bool,
+) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     if fields.iter().all(Option::is_none) {
         return Ok(x.clone());
@@ -336,6 +862,11 @@ pub fn sample_fields(x: &Tensor, fields: &[Option<Field>]) -> candle_core::Resul
             }
             Some(field) => {
                 for (p, &(sx, sy)) in field.iter().enumerate() {
+                    let (sx, sy) = if border {
+                        (sx.clamp(0.0, (w - 1) as f32), sy.clamp(0.0, (h - 1) as f32))
+                    } else {
+                        (sx, sy)
+                    };
                     let (x0, y0) = (sx.floor(), sy.floor());
                     let (fx, fy) = (sx - x0, sy - y0);
                     let corners = [
@@ -368,14 +899,12 @@ pub fn sample_fields(x: &Tensor, fields: &[Option<Field>]) -> candle_core::Resul
         .reshape((n, c, h, w))
 }
 
-/// kornia's RandomElasticTransform defaults: uniform noise in [−1, 1] blurred by a
-/// Gaussian (kernel 63, σ 32), α 1, as a displacement in normalised coordinates.
-fn elastic_field(rng: &mut ChaCha20Rng, h: usize, w: usize) -> Field {
-    let noise = |rng: &mut ChaCha20Rng| -> Vec<f64> {
-        (0..h * w).map(|_| rng.gen_range(-1.0..=1.0)).collect()
-    };
-    let dx = gaussian_blur(&noise(rng), h, w, 63, 32.0);
-    let dy = gaussian_blur(&noise(rng), h, w, 63, 32.0);
+/// kornia's `elastic_transform2d` defaults: the noise blurred by a Gaussian (kernel
+/// 63, σ 32, zero padding), α 1, as a displacement in normalised coordinates.
+fn elastic_field(noise: &[f32], h: usize, w: usize) -> Field {
+    let as_f64 = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+    let dx = gaussian_blur(&as_f64(&noise[..h * w]), h, w, 63, 32.0);
+    let dy = gaussian_blur(&as_f64(&noise[h * w..2 * h * w]), h, w, 63, 32.0);
     let mut f = Vec::with_capacity(h * w);
     for y in 0..h {
         for x in 0..w {
@@ -389,7 +918,7 @@ fn elastic_field(rng: &mut ChaCha20Rng, h: usize, w: usize) -> Field {
     f
 }
 
-/// Separable Gaussian blur with reflect padding.
+/// Separable Gaussian blur with zero padding (kornia's `border_type="constant"`).
 fn gaussian_blur(v: &[f64], h: usize, w: usize, kernel: usize, sigma: f64) -> Vec<f64> {
     let half = (kernel / 2) as isize;
     let taps: Vec<f64> = (-half..=half)
@@ -397,22 +926,16 @@ fn gaussian_blur(v: &[f64], h: usize, w: usize, kernel: usize, sigma: f64) -> Ve
         .collect();
     let total: f64 = taps.iter().sum();
     let taps: Vec<f64> = taps.iter().map(|t| t / total).collect();
-    let reflect = |i: isize, len: usize| -> usize {
-        let len = len as isize;
-        if len == 1 {
-            return 0;
-        }
-        let period = 2 * (len - 1);
-        let j = i.rem_euclid(period);
-        (if j >= len { period - j } else { j }) as usize
-    };
+    let at = |i: isize, len: usize| (0..len as isize).contains(&i).then_some(i as usize);
     let mut rows = vec![0.0; h * w];
     for y in 0..h {
         for x in 0..w {
             rows[y * w + x] = taps
                 .iter()
                 .enumerate()
-                .map(|(k, t)| t * v[y * w + reflect(x as isize + k as isize - half, w)])
+                .filter_map(|(k, t)| {
+                    at(x as isize + k as isize - half, w).map(|j| t * v[y * w + j])
+                })
                 .sum();
         }
     }
@@ -422,48 +945,44 @@ fn gaussian_blur(v: &[f64], h: usize, w: usize, kernel: usize, sigma: f64) -> Ve
             out[y * w + x] = taps
                 .iter()
                 .enumerate()
-                .map(|(k, t)| t * rows[reflect(y as isize + k as isize - half, h) * w + x])
+                .filter_map(|(k, t)| {
+                    at(y as isize + k as isize - half, h).map(|j| t * rows[j * w + x])
+                })
                 .sum();
         }
     }
     out
 }
 
-/// kornia's RandomThinPlateSpline: the four corners and the centre (normalised
-/// coordinates) each move by up to `scale`; a thin-plate spline through the moved
-/// points gives where each output pixel samples.
-fn thin_plate_field(rng: &mut ChaCha20Rng, h: usize, w: usize, scale: f64) -> Field {
-    let src = [
-        (-1.0, -1.0),
-        (-1.0, 1.0),
-        (1.0, -1.0),
-        (1.0, 1.0),
-        (0.0, 0.0),
-    ];
-    let dst: Vec<(f64, f64)> = src
-        .iter()
-        .map(|&(x, y)| {
-            (
-                x + rng.gen_range(-scale..=scale),
-                y + rng.gen_range(-scale..=scale),
-            )
-        })
-        .collect();
+/// kornia's thin-plate control points, in normalised coordinates.
+pub const TPS_SOURCE: [(f64, f64); 5] = [
+    (-1.0, -1.0),
+    (-1.0, 1.0),
+    (1.0, -1.0),
+    (1.0, 1.0),
+    (0.0, 0.0),
+];
+
+/// kornia's `RandomThinPlateSpline` warp, quirks kept: `get_tps_transform(dst, src)`
+/// builds its kernel block from the distances between moved and original points and
+/// its affine block from the moved ones, and the warp uses the original points as
+/// kernel centres; pixel centres normalised with `align_corners=False`.
+fn thin_plate_field(dst: &[(f64, f64); 5], h: usize, w: usize) -> Field {
+    let src = TPS_SOURCE;
     let kernel = |a: (f64, f64), b: (f64, f64)| {
         let r2 = (a.0 - b.0).powi(2) + (a.1 - b.1).powi(2);
-        if r2 == 0.0 {
-            0.0
+        if r2 > 0.0 {
+            0.5 * r2 * r2.ln()
         } else {
-            r2 * r2.sqrt().ln()
+            0.0
         }
     };
-    // Fit f with f(dst_i) = src_i: output positions at the moved points sample the
-    // original control points.
+    // L = [[K(dst, src), P(dst)], [P(dst)ᵀ, 0]] with P rows (1, x, y); values src.
     let fit = |values: [f64; 5]| -> Vec<f64> {
         let mut rows = vec![vec![0.0; 9]; 8];
         for i in 0..5 {
             for j in 0..5 {
-                rows[i][j] = kernel(dst[i], dst[j]);
+                rows[i][j] = kernel(dst[i], src[j]);
             }
             rows[i][5] = 1.0;
             rows[i][6] = dst[i].0;
@@ -478,124 +997,187 @@ fn thin_plate_field(rng: &mut ChaCha20Rng, h: usize, w: usize, scale: f64) -> Fi
     let cx = fit(src.map(|p| p.0));
     let cy = fit(src.map(|p| p.1));
     let eval = |c: &[f64], p: (f64, f64)| -> f64 {
-        let bend: f64 = (0..5).map(|i| c[i] * kernel(p, dst[i])).sum();
+        let bend: f64 = (0..5).map(|i| c[i] * kernel(p, src[i])).sum();
         bend + c[5] + c[6] * p.0 + c[7] * p.1
     };
+    let (wf, hf) = (w as f64, h as f64);
     let mut f = Vec::with_capacity(h * w);
     for y in 0..h {
         for x in 0..w {
             let p = (
-                2.0 * x as f64 / (w as f64 - 1.0).max(1.0) - 1.0,
-                2.0 * y as f64 / (h as f64 - 1.0).max(1.0) - 1.0,
+                (2.0 * x as f64 + 1.0) / wf - 1.0,
+                (2.0 * y as f64 + 1.0) / hf - 1.0,
             );
             let (sx, sy) = (eval(&cx, p), eval(&cy, p));
             f.push((
-                ((sx + 1.0) / 2.0 * (w as f64 - 1.0)) as f32,
-                ((sy + 1.0) / 2.0 * (h as f64 - 1.0)) as f32,
+                (((sx + 1.0) * wf - 1.0) / 2.0) as f32,
+                (((sy + 1.0) * hf - 1.0) / 2.0) as f32,
             ));
         }
     }
     f
 }
 
-/// kornia's ColorJitter(0.1, 0.1, 0.1, 0.1, p=0.7): brightness, contrast, saturation
-/// and hue in a random order, with per-sample factors, clamped to [0, 1] after each.
-fn color_jitter(x: &Tensor, rng: &mut ChaCha20Rng) -> candle_core::Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    let applied = draw_applied(rng, n, 0.7, false);
-    if !applied.iter().any(|&a| a) || c != 3 {
-        return Ok(x.clone());
-    }
-    let mut factor = |neutral: f64, lo: f64, hi: f64| -> Vec<f32> {
-        applied
-            .iter()
-            .map(|&a| {
-                if a {
-                    rng.gen_range(lo..=hi) as f32
-                } else {
-                    neutral as f32
-                }
-            })
-            .collect()
-    };
-    let brightness = factor(1.0, 0.9, 1.1);
-    let contrast = factor(1.0, 0.9, 1.1);
-    let saturation = factor(1.0, 0.9, 1.1);
-    let hue = factor(0.0, -0.1, 0.1);
-    let mut order = [0usize, 1, 2, 3];
-    order.shuffle(rng);
+/// Per-cutout factors as an (N,1,1,1) tensor.
+fn per_sample(v: &[f32], x: &Tensor) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(v.to_vec(), (v.len(), 1, 1, 1), x.device())?.to_dtype(x.dtype())
+}
 
-    let dev = x.device();
-    let per_sample = |v: Vec<f32>| -> candle_core::Result<Tensor> {
-        Tensor::from_vec(v, (n, 1, 1, 1), dev)?.to_dtype(x.dtype())
-    };
-    let mut y = x.clone();
-    for op in order {
+/// kornia's `ColorJitter`: clamp, then brightness (multiply), contrast (blend with the
+/// mean grey), saturation (blend with grey), each clamped, and hue (an HSV rotation)
+/// in `order`, then clamp. As kornia does, a step is skipped when every touched
+/// cutout's factor is neutral.
+fn color_jitter(
+    x: &Tensor,
+    applied: &[bool],
+    factors: &[[f32; 4]],
+    order: &[usize],
+) -> candle_core::Result<Tensor> {
+    const NEUTRAL: [f32; 4] = [1.0, 1.0, 1.0, 0.0];
+    let (n, c, _, _) = x.dims4()?;
+    if c != 3 || factors.len() != n {
+        candle_core::bail!("colour jitter needs RGB cutouts and one factor set each");
+    }
+    let column = |k: usize| -> Vec<f32> { factors.iter().map(|f| f[k]).collect() };
+    let mut y = clamp_unit_range(x)?;
+    for &op in order {
+        let neutral = NEUTRAL
+            .get(op)
+            .is_some_and(|&v| factors.iter().zip(applied).all(|(f, &a)| !a || f[op] == v));
+        if neutral {
+            continue;
+        }
         y = match op {
-            0 => y.broadcast_add(&(per_sample(brightness.clone())? - 1.0)?)?,
-            1 => y.broadcast_mul(&per_sample(contrast.clone())?)?,
+            0 => clamp01(&y.broadcast_mul(&per_sample(&column(0), x)?)?)?,
+            1 => {
+                let f = per_sample(&column(1), x)?;
+                let mean = grey(&y)?.mean_keepdim(2)?.mean_keepdim(3)?;
+                clamp01(
+                    &y.broadcast_mul(&f)?
+                        .broadcast_add(&mean.broadcast_mul(&(1.0 - &f)?)?)?,
+                )?
+            }
             2 => {
-                let luma = luma(&y)?;
-                let s = per_sample(saturation.clone())?;
-                (y.broadcast_sub(&luma)?.broadcast_mul(&s)?).broadcast_add(&luma)?
+                let f = per_sample(&column(2), x)?;
+                let g = grey(&y)?;
+                clamp01(
+                    &y.broadcast_mul(&f)?
+                        .broadcast_add(&g.broadcast_mul(&(1.0 - &f)?)?)?,
+                )?
             }
-            _ => {
-                let m: Vec<f32> = hue.iter().flat_map(|&t| hue_rotation(t as f64)).collect();
-                let m = Tensor::from_vec(m, (n, 3, 3), dev)?.to_dtype(x.dtype())?;
-                m.matmul(&y.reshape((n, 3, h * w))?)?
-                    .reshape((n, 3, h, w))?
+            3 => {
+                let turns = per_sample(&column(3), x)?;
+                adjust_hue(&y, &(turns * std::f64::consts::TAU)?)?
             }
+            other => candle_core::bail!("colour jitter step {other} is not 0..3"),
+        };
+    }
+    clamp_unit_range(&y)
+}
+
+/// kornia's `rgb_to_grayscale` (Rec. 601 luma), (N,1,H,W).
+fn grey(x: &Tensor) -> candle_core::Result<Tensor> {
+    let r = x.narrow(1, 0, 1)?;
+    let g = x.narrow(1, 1, 1)?;
+    let b = x.narrow(1, 2, 1)?;
+    ((r * 0.299)? + (g * 0.587)?)? + (b * 0.114)?
+}
+
+/// `x mod m` for m > 0, with slope 1 (the floor is piecewise constant).
+fn modulo(x: &Tensor, m: f64) -> candle_core::Result<Tensor> {
+    let k = (x.detach() / m)?.floor()?;
+    x - (k * m)?
+}
+
+/// Float mask of a comparison computed on values only.
+fn mask(t: Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    t.to_dtype(dtype)
+}
+
+/// kornia's `adjust_hue`: `rgb_to_hsv`, add `shift` radians (N,1,1,1) to the hue
+/// modulo 2π, `hsv_to_rgb`.
+fn adjust_hue(x: &Tensor, shift: &Tensor) -> candle_core::Result<Tensor> {
+    use std::f64::consts::TAU;
+    let dt = x.dtype();
+    let (r, g, b) = (x.narrow(1, 0, 1)?, x.narrow(1, 1, 1)?, x.narrow(1, 2, 1)?);
+    let (rd, gd, bd) = (r.detach(), g.detach(), b.detach());
+    let max = channel_extreme(x, true)?;
+    let min = channel_extreme(x, false)?;
+    let delta = (&max - &min)?;
+    let v = max.clone();
+    let max_zero = mask(max.detach().eq(0.0)?, dt)?;
+    let s = delta.div(&((&max + 1e-8)?.mul(&(1.0 - &max_zero)?)? + &max_zero)?)?;
+    let delta_zero = mask(delta.detach().eq(0.0)?, dt)?;
+    let deltac = ((&delta * (1.0 - &delta_zero)?)? + &delta_zero)?;
+    let (rc, gc, bc) = ((&max - &r)?, (&max - &g)?, (&max - &b)?);
+    let h1 = (&bc - &gc)?;
+    let h2 = ((&rc - &bc)? + (&deltac * 2.0)?)?;
+    let h3 = ((&gc - &rc)? + (&deltac * 4.0)?)?;
+    let is_r = mask(rd.ge(&gd)?.mul(&rd.ge(&bd)?)?, dt)?;
+    let is_g = ((1.0 - &is_r)? * mask(gd.ge(&bd)?, dt)?)?;
+    let is_b = ((1.0 - &is_r)? - &is_g)?;
+    let hue = (((h1 * &is_r)? + (h2 * &is_g)?)? + (h3 * &is_b)?)?.div(&deltac)?;
+    let hue = (modulo(&(hue / 6.0)?, 1.0)? * TAU)?;
+    let hue = wrap_full_turn(&hue)?;
+    // adjust_hue_raw
+    let hue = wrap_full_turn(&modulo(&hue.broadcast_add(shift)?, TAU)?)?;
+    // hsv_to_rgb
+    let h6 = ((hue / TAU)? * 6.0)?;
+    let h6m = modulo(&h6, 6.0)?;
+    let hi = modulo(&h6.detach().floor()?, 6.0)?.clamp(0.0, 5.0)?;
+    let f = (&h6m - &hi)?;
+    let p = (&v * (1.0 - &s)?)?;
+    let q = (&v * (1.0 - (&f * &s)?)?)?;
+    let t = (&v * (1.0 - ((1.0 - &f)? * &s)?)?)?;
+    let sector: Vec<Tensor> = (0..6)
+        .map(|k| mask(hi.eq(k as f64)?, dt))
+        .collect::<candle_core::Result<_>>()?;
+    let pick = |vals: [&Tensor; 6]| -> candle_core::Result<Tensor> {
+        let mut acc = (vals[0] * &sector[0])?;
+        for k in 1..6 {
+            acc = (acc + (vals[k] * &sector[k])?)?;
         }
-        .clamp(0.0, 1.0)?;
-    }
-    Ok(y)
+        Ok(acc)
+    };
+    let r = pick([&v, &q, &p, &p, &t, &v])?;
+    let g = pick([&t, &v, &v, &q, &p, &p])?;
+    let b = pick([&p, &p, &t, &v, &v, &q])?;
+    Tensor::cat(&[r, g, b], 1)
 }
 
-/// Rec. 601 luma, (N,1,H,W).
-fn luma(x: &Tensor) -> candle_core::Result<Tensor> {
-    let wts = Tensor::new(&[0.299f32, 0.587, 0.114], x.device())?
-        .to_dtype(x.dtype())?
-        .reshape((1, 3, 1, 1))?;
-    x.broadcast_mul(&wts)?.sum_keepdim(1)
+/// The largest (or smallest) channel, (N,1,H,W), with torch's `amax`/`amin`
+/// gradient: split evenly between tied channels (candle's gives each the whole).
+fn channel_extreme(x: &Tensor, largest: bool) -> candle_core::Result<Tensor> {
+    let xd = x.detach();
+    let value = if largest {
+        xd.max_keepdim(1)?
+    } else {
+        xd.min_keepdim(1)?
+    };
+    let hit = xd.broadcast_eq(&value)?.to_dtype(x.dtype())?;
+    let share = (x * &hit)?.sum_keepdim(1)?.div(&hit.sum_keepdim(1)?)?;
+    // value + (share − sharē): exactly the extreme, with the shared slope.
+    value + (&share - share.detach())?
 }
 
-/// The RGB matrix rotating hue by `turns` of a full circle (in YIQ), row-major.
-fn hue_rotation(turns: f64) -> [f32; 9] {
-    let to_yiq = [
-        [0.299, 0.587, 0.114],
-        [0.596, -0.274, -0.322],
-        [0.211, -0.523, 0.312],
-    ];
-    let (s, c) = (turns * std::f64::consts::TAU).sin_cos();
-    let rotate = [[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]];
-    let m = mat_mul(&invert(&to_yiq), &mat_mul(&rotate, &to_yiq));
-    let mut out = [0f32; 9];
-    for i in 0..3 {
-        for j in 0..3 {
-            out[i * 3 + j] = m[i][j] as f32;
-        }
-    }
-    out
+/// kornia's `masked_fill(h >= 2π, 0)` after a modulo, which float rounding can leave
+/// at exactly 2π.
+fn wrap_full_turn(h: &Tensor) -> candle_core::Result<Tensor> {
+    let below = h.detach().lt(std::f64::consts::TAU)?.to_dtype(h.dtype())?;
+    h * below
 }
 
-/// kornia's RandomSharpness(0.3, p=0.5): blend toward the PIL smoothing filter with a
-/// factor in [0, 0.3] (0 is fully smoothed); borders keep their pixels.
-fn sharpness(x: &Tensor, rng: &mut ChaCha20Rng) -> candle_core::Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    let applied = draw_applied(rng, n, 0.5, false);
-    if !applied.iter().any(|&a| a) || h < 3 || w < 3 {
-        return Ok(x.clone());
-    }
-    let factors: Vec<f32> = applied
-        .iter()
-        .map(|&a| if a { rng.gen_range(0.0..=0.3) } else { 1.0 })
-        .collect();
+/// kornia's `RandomSharpness`: clamp the input, blend toward the PIL smoothing filter
+/// (clamped) by `factor` (0 is fully smoothed); border pixels keep the input; clamp.
+fn sharpness(x: &Tensor, factors: &[f32]) -> candle_core::Result<Tensor> {
+    let x = &clamp_unit_range(x)?;
+    let (_, c, h, w) = x.dims4()?;
     let kernel = Tensor::new(&[[1f32, 1., 1.], [1., 5., 1.], [1., 1., 1.]], x.device())?
         .to_dtype(x.dtype())?
         .affine(1.0 / 13.0, 0.0)?
         .reshape((1, 1, 3, 3))?
         .repeat((c, 1, 1, 1))?;
-    let smooth = x.conv2d(&kernel, 0, 1, 1, c)?.clamp(0.0, 1.0)?; // (n, c, h-2, w-2)
+    let smooth = clamp01(&x.conv2d(&kernel, 0, 1, 1, c)?)?; // (n, c, h-2, w-2)
     let smooth = smooth.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
     let mut interior = vec![0f32; h * w];
     for y in 1..h - 1 {
@@ -604,36 +1186,9 @@ fn sharpness(x: &Tensor, rng: &mut ChaCha20Rng) -> candle_core::Result<Tensor> {
         }
     }
     let interior = Tensor::from_vec(interior, (1, 1, h, w), x.device())?.to_dtype(x.dtype())?;
-    // Where interior: smooth + f·(x − smooth); on the border: x.
-    let f = Tensor::from_vec(factors, (n, 1, 1, 1), x.device())?.to_dtype(x.dtype())?;
-    let blended = (x - &smooth)?.broadcast_mul(&f)?.add(&smooth)?;
-    let border = (1.0 - &interior)?;
-    (blended.broadcast_mul(&interior)? + x.broadcast_mul(&border)?)?.clamp(0.0, 1.0)
-}
-
-/// kornia's RandomErasing(scale 0.1–0.4, ratio 0.3–3.3, same_on_batch, p=0.7): one
-/// rectangle of every cutout set to 0.
-fn erasing(x: &Tensor, rng: &mut ChaCha20Rng) -> candle_core::Result<Tensor> {
-    let (n, _, h, w) = x.dims4()?;
-    if !draw_applied(rng, n, 0.7, true)[0] {
-        return Ok(x.clone());
-    }
-    let area = (h * w) as f64 * rng.gen_range(0.1..=0.4);
-    let ratio = rng.gen_range((0.3f64).ln()..=(1.0f64 / 0.3).ln()).exp();
-    let eh = ((area * ratio).sqrt().round() as usize).clamp(1, h);
-    let ew = ((area / ratio).sqrt().round() as usize).clamp(1, w);
-    let y0 = rng.gen_range(0..=h - eh);
-    let x0 = rng.gen_range(0..=w - ew);
-    let mut keep = vec![1f32; h * w];
-    for y in y0..y0 + eh {
-        for xx in x0..x0 + ew {
-            keep[y * w + xx] = 0.0;
-        }
-    }
-    let keep = Tensor::from_vec(keep, (1, 1, h, w), &Device::Cpu)?
-        .to_device(x.device())?
-        .to_dtype(x.dtype())?;
-    x.broadcast_mul(&keep)
+    let result = (smooth.broadcast_mul(&interior)? + x.broadcast_mul(&(1.0 - &interior)?)?)?;
+    let f = per_sample(factors, x)?;
+    clamp01(&(&result + (x - &result)?.broadcast_mul(&f)?)?)
 }
 
 #[cfg(test)]
@@ -649,14 +1204,15 @@ mod tests {
         Tensor::from_vec(data, (n, 3, s, s), &Device::Cpu).unwrap()
     }
 
-    /// A seed for which the augmentation touches at least one sample: the gradient
+    /// Parameters under which the module touches at least one sample: the gradient
     /// check must exercise the augmentation, not the pass-through.
-    fn seed_that_applies(code: Augment, x: &Tensor) -> u64 {
+    fn params_that_apply(m: Kornia, x: &Tensor) -> AugmentParams {
         (0..64)
-            .find(|&seed| {
-                let y = apply_one(code, x, &mut ChaCha20Rng::seed_from_u64(seed)).unwrap();
+            .find_map(|seed| {
+                let p = m.sample(&mut ChaCha20Rng::seed_from_u64(seed), 3, 3, 12, 12);
+                let y = p.apply(x).unwrap();
                 let d = (y - x).unwrap().abs().unwrap().max_all().unwrap();
-                d.to_scalar::<f32>().unwrap() > 1e-3
+                (d.to_scalar::<f32>().unwrap() > 1e-3).then_some(p)
             })
             .expect("augmentation never applied in 64 seeds")
     }
@@ -664,7 +1220,7 @@ mod tests {
     #[test]
     fn every_augmentation_changes_the_image_and_has_correct_gradients() {
         let x = image(3, 12);
-        for code in [
+        let mut modules: Vec<Kornia> = [
             Augment::Ji,
             Augment::Sh,
             Augment::Gn,
@@ -675,17 +1231,23 @@ mod tests {
             Augment::Ts,
             Augment::Er,
             Augment::Re,
-        ] {
-            let seed = seed_that_applies(code, &x);
-            let f = |t: &Tensor| apply_one(code, t, &mut ChaCha20Rng::seed_from_u64(seed));
-            check_gradient(&x, f, 1e-4);
+        ]
+        .map(|c| Kornia::from_code(c, false))
+        .to_vec();
+        modules.extend(Augmentations::for_method(CutMethod::Updated, &[]).modules());
+        for m in modules {
+            let p = params_that_apply(m, &x);
+            // f64 so the difference quotients resolve the HSV branches' slopes.
+            let x64 = x.to_dtype(DType::F64).unwrap();
+            check_gradient(&x64, |t| p.apply(t), 1e-6);
         }
     }
 
     #[test]
     fn crop_is_identity_at_cutout_size() {
         let x = image(2, 8);
-        let y = apply_one(Augment::Cr, &x, &mut ChaCha20Rng::seed_from_u64(0)).unwrap();
+        let p = Kornia::Crop.sample(&mut ChaCha20Rng::seed_from_u64(0), 2, 3, 8, 8);
+        let y = p.apply(&x).unwrap();
         assert_eq!(
             y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -705,16 +1267,33 @@ mod tests {
     }
 
     #[test]
+    fn hue_of_a_full_turn_is_the_identity_and_grey_stays_grey() {
+        let x = image(2, 6);
+        let turn = Tensor::new(&[std::f32::consts::TAU, 0.0], &Device::Cpu)
+            .unwrap()
+            .reshape((2, 1, 1, 1))
+            .unwrap();
+        let y = adjust_hue(&x, &turn).unwrap();
+        let d = (y - &x).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        let grey_img = Tensor::full(0.3f32, (1, 3, 4, 4), &Device::Cpu).unwrap();
+        let shift = Tensor::full(1.0f32, (1, 1, 1, 1), &Device::Cpu).unwrap();
+        let y = adjust_hue(&grey_img, &shift).unwrap();
+        let d = (y - &grey_img).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    #[test]
     fn geometry_maps_behave() {
-        // A zero rotation without translation or shear samples each pixel in place.
-        let m = affine_map(5, 7, 0.0, (0.0, 0.0), 0.0);
+        // A zero rotation samples each pixel in place.
+        let m = invert(&rotation_matrix(5, 7, 0.0));
         let f = field_from_map(&m, 5, 7);
         assert!(f.iter().enumerate().all(|(i, &(x, y))| {
             (x - (i % 7) as f32).abs() < 1e-5 && (y - (i / 7) as f32).abs() < 1e-5
         }));
         // Translating by +2 px in x makes output pixel x sample input x − 2.
-        let m = affine_map(5, 7, 0.0, (2.0, 0.0), 0.0);
-        assert!((field_from_map(&m, 5, 7)[3].0 - 1.0).abs() < 1e-5);
+        let m = affine_matrix((2.0, 0.0), (3.0, 2.0), (1.0, 1.0), 0.0, (0.0, 0.0));
+        assert!((field_from_map(&invert(&m), 5, 7)[3].0 - 1.0).abs() < 1e-5);
         // The perspective homography maps the moved corners back onto the originals.
         let from = [(1.0, 2.0), (9.0, 0.5), (8.0, 7.0), (0.0, 8.0)];
         let to = [(0.0, 0.0), (9.0, 0.0), (9.0, 9.0), (0.0, 9.0)];
@@ -723,11 +1302,6 @@ mod tests {
             let d = hm[2][0] * x + hm[2][1] * y + hm[2][2];
             assert!(((hm[0][0] * x + hm[0][1] * y + hm[0][2]) / d - u).abs() < 1e-9);
             assert!(((hm[1][0] * x + hm[1][1] * y + hm[1][2]) / d - v).abs() < 1e-9);
-        }
-        // The hue rotation keeps grey grey.
-        let m = hue_rotation(0.07);
-        for row in 0..3 {
-            assert!((m[row * 3] + m[row * 3 + 1] + m[row * 3 + 2] - 1.0).abs() < 1e-5);
         }
     }
 }

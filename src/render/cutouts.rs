@@ -6,7 +6,7 @@
 //! one non-linear case, adaptive max pooling, is a gather plus `max`, both of which
 //! candle differentiates.
 
-use candle_core::{IndexOp, Tensor, D};
+use candle_core::{IndexOp, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 
@@ -56,26 +56,94 @@ impl Cutouts {
             .collect()
     }
 
+    /// Whether this method pools the whole image instead of cropping.
+    pub fn pools(&self) -> bool {
+        matches!(self.method, CutMethod::Latest | CutMethod::Updatedpooling)
+    }
+
+    /// The crops a step draws: none for the pooled methods, which take none.
+    pub fn draw_crops(&self, rng: &mut ChaCha20Rng, height: usize, width: usize) -> Vec<Crop> {
+        if self.pools() {
+            Vec::new()
+        } else {
+            self.sample_crops(rng, height, width)
+        }
+    }
+
     /// The cutouts of `image` (1,3,H,W) in [0,1], before augmentation: (cutn,3,S,S).
     ///
-    /// `original` draws random crops and pre-filters them as generate.py's `resample`
-    /// does; `latest` averages adaptive average and max pooling of the whole image, the
-    /// same for every cutout (the augmentations then make them differ).
+    /// The cropping methods resample random crops as generate.py's `resample` does;
+    /// the pooled ones (`latest`, `updatedpooling`) average adaptive average and max
+    /// pooling of the whole image, the same for every cutout (the augmentations then
+    /// make them differ).
     pub fn make(&self, image: &Tensor, rng: &mut ChaCha20Rng) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = image.dims4()?;
-        match self.method {
-            CutMethod::Original => {
-                let crops = self.sample_crops(rng, h, w);
-                resample_crops(&image.i(0)?, &crops, self.cut_size)
-            }
-            CutMethod::Latest => {
-                let img = image.i(0)?;
-                let avg = adaptive_avg_pool(&img, self.cut_size)?;
-                let max = adaptive_max_pool(&img, self.cut_size)?;
-                let pooled = ((avg + max)? * 0.5)?.unsqueeze(0)?;
-                pooled.repeat((self.cutn, 1, 1, 1))
-            }
+        let crops = self.draw_crops(rng, h, w);
+        self.make_from(image, &crops)
+    }
+
+    /// [`Cutouts::make`] with the crops given (ignored by the pooled methods).
+    pub fn make_from(&self, image: &Tensor, crops: &[Crop]) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = image.dims4()?;
+        if self.pools() {
+            let img = image.i(0)?;
+            let avg = adaptive_avg_pool(&img, self.cut_size)?;
+            let max = adaptive_max_pool(&img, self.cut_size)?;
+            let pooled = ((avg + max)? * 0.5)?.unsqueeze(0)?;
+            return pooled.repeat((self.cutn, 1, 1, 1));
         }
+        if let Some(bad) = crops
+            .iter()
+            .find(|c| c.size == 0 || c.x + c.size > w || c.y + c.size > h)
+        {
+            candle_core::bail!("crop {bad:?} does not fit a {w}x{h} image");
+        }
+        resample_crops(&image.i(0)?, crops, self.cut_size)
+    }
+}
+
+/// generate.py's `noise_fac` step: a strength per cutout in [0, fac) and Gaussian
+/// noise, drawn together so a replay can supply both.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CutoutNoise {
+    /// (N)
+    pub facs: Vec<f32>,
+    /// (N, C, S, S) row-major, standard normal.
+    pub noise: Vec<f32>,
+}
+
+impl CutoutNoise {
+    pub fn sample(
+        shape: (usize, usize, usize, usize),
+        noise_fac: f32,
+        rng: &mut ChaCha20Rng,
+    ) -> Self {
+        use rand_distr::{Distribution, StandardNormal};
+        let (n, c, h, w) = shape;
+        let facs: Vec<f32> = (0..n).map(|_| rng.gen_range(0.0..noise_fac)).collect();
+        let noise: Vec<f32> = (0..n * c * h * w)
+            .map(|_| StandardNormal.sample(rng))
+            .collect();
+        Self { facs, noise }
+    }
+
+    /// `batch + facs · noise`.
+    pub fn apply(&self, batch: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, c, h, w) = batch.dims4()?;
+        if self.facs.len() != n || self.noise.len() != n * c * h * w {
+            candle_core::bail!(
+                "cutout noise for {} cutouts ({} values), batch {:?}",
+                self.facs.len(),
+                self.noise.len(),
+                batch.shape()
+            );
+        }
+        let dev = batch.device();
+        let facs =
+            Tensor::from_vec(self.facs.clone(), (n, 1, 1, 1), dev)?.to_dtype(batch.dtype())?;
+        let noise =
+            Tensor::from_vec(self.noise.clone(), (n, c, h, w), dev)?.to_dtype(batch.dtype())?;
+        batch + noise.broadcast_mul(&facs)?
     }
 }
 
@@ -303,7 +371,10 @@ fn adaptive_max_indices(input: usize, out: usize, pad_index: usize) -> (Vec<u32>
 }
 
 /// Adaptive max pooling of (C,H,W) to (C,out,out). Separable: the max over a
-/// rectangle is the max over its rows of the max over its columns.
+/// rectangle is the max over its rows of the max over its columns. Columns go first
+/// and each stage keeps the first maximum, which together is the first maximum of
+/// the window in row-major order: the one element torch's backward credits when
+/// values tie (flat, clamped regions of a render do).
 pub fn adaptive_max_pool(image: &Tensor, out: usize) -> candle_core::Result<Tensor> {
     let (c, h, w) = image.dims3()?;
     let dev = image.device();
@@ -311,40 +382,36 @@ pub fn adaptive_max_pool(image: &Tensor, out: usize) -> candle_core::Result<Tens
     let floor =
         |shape: (usize, usize, usize)| Tensor::full(-1e4f32, shape, dev)?.to_dtype(image.dtype());
 
-    let padded = Tensor::cat(&[image, &floor((c, 1, w))?], 1)?;
-    let (idx, win) = adaptive_max_indices(h, out, h);
-    let idx = Tensor::from_vec(idx, out * win, dev)?;
-    let rows = padded
-        .index_select(&idx, 1)?
-        .reshape((c, out, win, w))?
-        .max(2)?; // (C, out, W)
-
-    let padded = Tensor::cat(&[&rows, &floor((c, out, 1))?], 2)?;
+    let padded = Tensor::cat(&[image, &floor((c, h, 1))?], 2)?;
     let (idx, win) = adaptive_max_indices(w, out, w);
     let idx = Tensor::from_vec(idx, out * win, dev)?;
-    padded
-        .index_select(&idx, 2)?
-        .reshape((c, out, out, win))?
-        .max(D::Minus1)
+    let cols = first_max(&padded.index_select(&idx, 2)?.reshape((c, h, out, win))?, 3)?; // (C, H, out)
+
+    let padded = Tensor::cat(&[&cols, &floor((c, 1, out))?], 1)?;
+    let (idx, win) = adaptive_max_indices(h, out, h);
+    let idx = Tensor::from_vec(idx, out * win, dev)?;
+    first_max(
+        &padded.index_select(&idx, 1)?.reshape((c, out, win, out))?,
+        2,
+    )
+}
+
+/// The maximum along `dim` (removed), differentiated into its first occurrence only.
+fn first_max(t: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+    let arg = t.detach().argmax_keepdim(dim)?;
+    t.contiguous()?
+        .gather(&arg.contiguous()?, dim)?
+        .squeeze(dim)
 }
 
 /// Uniform noise strengths per cutout then Gaussian noise, generate.py's `noise_fac`
-/// step after the augmentations of the `latest` method.
+/// step after the augmentations.
 pub fn add_cutout_noise(
     batch: &Tensor,
     noise_fac: f32,
     rng: &mut ChaCha20Rng,
 ) -> candle_core::Result<Tensor> {
-    use rand_distr::{Distribution, StandardNormal};
-    let (n, c, h, w) = batch.dims4()?;
-    let facs: Vec<f32> = (0..n).map(|_| rng.gen_range(0.0..noise_fac)).collect();
-    let noise: Vec<f32> = (0..n * c * h * w)
-        .map(|_| StandardNormal.sample(rng))
-        .collect();
-    let dev = batch.device();
-    let facs = Tensor::from_vec(facs, (n, 1, 1, 1), dev)?.to_dtype(batch.dtype())?;
-    let noise = Tensor::from_vec(noise, (n, c, h, w), dev)?.to_dtype(batch.dtype())?;
-    batch + noise.broadcast_mul(&facs)?
+    CutoutNoise::sample(batch.dims4()?, noise_fac, rng).apply(batch)
 }
 
 #[cfg(test)]

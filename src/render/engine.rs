@@ -10,9 +10,9 @@ use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use super::augment::Augmentations;
+use super::augment::{apply_all, AugmentParams, Augmentations};
 use super::checkpoint::Checkpoint;
-use super::cutouts::{add_cutout_noise, resample_crops, Crop, Cutouts};
+use super::cutouts::{resample_crops, Crop, CutoutNoise, Cutouts};
 use super::job::{RenderError, RenderJob, RenderOutcome};
 use super::models::ModelSet;
 use super::ops::{asin, clamp_with_grad, stop_below};
@@ -72,6 +72,28 @@ pub struct RenderSession<'m> {
     augmentations: Augmentations,
     width: usize,
     height: usize,
+    /// Test-only: sampling replayed from a reference run instead of the RNG.
+    replay: Option<Box<dyn SamplingReplay>>,
+}
+
+/// What one step draws for one CLIP's cutouts: the crops (none for pooled methods),
+/// each augmentation's parameters and the cutout noise (none for `original`).
+#[doc(hidden)]
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CutoutDraw {
+    pub crops: Vec<Crop>,
+    pub augments: Vec<AugmentParams>,
+    pub noise: Option<CutoutNoise>,
+}
+
+/// Test-only hook: supplies a reference implementation's sampled cutouts so a step
+/// can be compared with it exactly, and hears the gradient each step computes.
+#[doc(hidden)]
+pub trait SamplingReplay: Send + Sync {
+    /// The draw for CLIP `clip` at step `step` (0-based); `None` falls back to the RNG.
+    fn draw(&mut self, step: u32, clip: usize) -> Option<CutoutDraw>;
+    /// The gradient of the loss on z at step `step`, before the optimiser uses it.
+    fn gradient(&mut self, _step: u32, _grad: &Tensor) {}
 }
 
 impl<'m> RenderSession<'m> {
@@ -109,7 +131,7 @@ impl<'m> RenderSession<'m> {
                 )
             })
             .collect();
-        let augmentations = Augmentations::new(&spec.augments);
+        let augmentations = Augmentations::for_method(spec.cut_method, &spec.augments);
 
         // Prompt set-up draws from its own stream so a resumed job, which skips the
         // initial z, still sees the very same target embeddings.
@@ -168,6 +190,7 @@ impl<'m> RenderSession<'m> {
             width,
             height,
             spec,
+            replay: None,
         })
     }
 
@@ -363,7 +386,37 @@ impl<'m> RenderSession<'m> {
     /// This job's cutout batch for CLIP `k` from its image (1, 3, H, W). Draws on the
     /// job's RNG, so calls must come in CLIP order within a step.
     pub(crate) fn cut(&mut self, k: usize, image: &Tensor) -> candle_core::Result<Tensor> {
-        make_cutouts(&self.cutouts[k], &self.augmentations, image, &mut self.rng)
+        let replayed = match &mut self.replay {
+            Some(r) => r.draw(self.step, k),
+            None => None,
+        };
+        match replayed {
+            Some(draw) => apply_draw(&self.cutouts[k], image, &draw),
+            None => make_cutouts(&self.cutouts[k], &self.augmentations, image, &mut self.rng),
+        }
+    }
+
+    /// Test-only: replay a reference run's sampling (see [`SamplingReplay`]).
+    #[doc(hidden)]
+    pub fn set_replay(&mut self, replay: Box<dyn SamplingReplay>) {
+        self.replay = Some(replay);
+    }
+
+    /// Test-only: start from the given latent (1, C, h, w), with a fresh optimiser.
+    #[doc(hidden)]
+    pub fn set_z(&mut self, z: &Tensor) -> Result<(), RenderError> {
+        let z = z.to_dtype(DType::F32)?.to_device(&self.device)?;
+        if z.dims() != self.z.as_tensor().dims() {
+            return Err(RenderError::Model(format!(
+                "z of shape {:?}, the session's is {:?}",
+                z.dims(),
+                self.z.as_tensor().dims()
+            )));
+        }
+        self.z = Var::from_tensor(&z)?;
+        self.z_orig = z.clone();
+        self.optimizer = Optimizer::new(self.spec.optimizer, f64::from(self.spec.lr), &z)?;
+        Ok(())
     }
 
     /// The step's loss terms from the unit embeddings of this job's cutouts, one tensor
@@ -417,6 +470,9 @@ impl<'m> RenderSession<'m> {
         let grad = grads
             .get(self.z.as_tensor())
             .ok_or_else(|| RenderError::Model("the loss does not depend on z".into()))?;
+        if let Some(r) = &mut self.replay {
+            r.gradient(self.step, grad);
+        }
         self.optimizer.step(&self.z, grad)?;
         let clamped = self
             .z
@@ -504,20 +560,51 @@ impl<'m> RenderSession<'m> {
     }
 }
 
-/// The cutout batch CLIP sees: crops, then (for `latest`) augmentations and noise.
+/// The cutout batch CLIP sees: crops, then (except for `original`) augmentations
+/// and noise, drawn from the job's RNG in that order.
 fn make_cutouts(
     cutouts: &Cutouts,
     augmentations: &Augmentations,
     image: &Tensor,
     rng: &mut ChaCha20Rng,
 ) -> candle_core::Result<Tensor> {
-    let batch = cutouts.make(image, rng)?;
-    match cutouts.method {
-        CutMethod::Latest => {
-            let batch = augmentations.apply(&batch, rng)?;
-            add_cutout_noise(&batch, CUTOUT_NOISE, rng)
+    let (_, c, h, w) = image.dims4()?;
+    let crops = cutouts.draw_crops(rng, h, w);
+    let shape = (cutouts.cutn, c, cutouts.cut_size, cutouts.cut_size);
+    let (augments, noise) = match cutouts.method {
+        CutMethod::Original => (Vec::new(), None),
+        _ => {
+            let augments = augmentations.sample(shape, rng);
+            (
+                augments,
+                Some(CutoutNoise::sample(shape, CUTOUT_NOISE, rng)),
+            )
         }
+    };
+    apply_draw(
+        cutouts,
+        image,
+        &CutoutDraw {
+            crops,
+            augments,
+            noise,
+        },
+    )
+}
+
+/// Applies one draw: generate.py's `original` clamps its crops; the other methods
+/// augment and add noise.
+fn apply_draw(cutouts: &Cutouts, image: &Tensor, draw: &CutoutDraw) -> candle_core::Result<Tensor> {
+    let batch = cutouts.make_from(image, &draw.crops)?;
+    match cutouts.method {
         CutMethod::Original => clamp_with_grad(&batch, 0.0, 1.0),
+        _ => {
+            let batch = apply_all(&batch, &draw.augments)?;
+            match &draw.noise {
+                Some(noise) => noise.apply(&batch),
+                None => Ok(batch),
+            }
+        }
     }
 }
 

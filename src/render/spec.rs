@@ -60,7 +60,8 @@ pub struct JobSpec {
     pub cut_pow: f32,
     #[serde(default)]
     pub cut_method: CutMethod,
-    /// Applied to `latest` cutouts, as in generate.py; `original` uses none.
+    /// Applied to `latest` and `nrupdated` cutouts, as in generate.py; `original` uses
+    /// none, `updated` and `updatedpooling` their own fixed lists.
     #[serde(default = "default_augments")]
     pub augments: Vec<Augment>,
     /// A frame is written every `save_every` steps; 0 writes only the final image.
@@ -220,6 +221,14 @@ pub enum CutMethod {
     /// nerdyrodent's pooled whole-image cutouts followed by augmentations.
     #[default]
     Latest,
+    /// generate.py's `MakeCutoutsUpdate`: random crops, then a fixed kornia list
+    /// (flip, light jitter, sharpness, affine with border padding, perspective).
+    Updated,
+    /// generate.py's `MakeCutoutsNRUpdate`: random crops, then the `augments` list.
+    Nrupdated,
+    /// generate.py's `MakeCutoutsPoolingUpdate`: pooled copies, then a fixed list
+    /// (affine with border padding, perspective, jitter, erasing).
+    Updatedpooling,
 }
 
 /// generate.py's augmentation codes, kept verbatim so existing command lines translate.
