@@ -29,7 +29,8 @@ const PAGE_CSP: &str = "default-src 'self'; img-src 'self' blob: data:; media-sr
 
 /// The page and docs routes, added by [`super::router`] outside the auth layer.
 pub(super) fn routes() -> Router<AppState> {
-    let docs = Arc::new(utoipa_swagger_ui::Config::from("/openapi.yaml"));
+    // No online validator: its badge would call validator.swagger.io.
+    let docs = Arc::new(utoipa_swagger_ui::Config::from("/openapi.yaml").validator_url("none"));
     let docs_tail = docs.clone();
     Router::new()
         .route("/", get(|| async { asset(INDEX_HTML, "text/html; charset=utf-8") }))
