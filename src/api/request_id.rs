@@ -8,7 +8,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
 
-pub const HEADER: HeaderName = HeaderName::from_static("x-request-id");
+pub const HEADER: &str = "x-request-id";
 
 tokio::task_local! {
     static CURRENT: String;
@@ -33,11 +33,12 @@ fn usable(value: &HeaderValue) -> Option<String> {
 pub(super) async fn assign(mut request: Request, next: Next) -> Response {
     let id = request
         .headers()
-        .get(&HEADER)
+        .get(HEADER)
         .and_then(usable)
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let value = HeaderValue::from_str(&id).expect("ids are visible ASCII");
-    request.headers_mut().insert(HEADER, value.clone());
+    let name = HeaderName::from_static(HEADER);
+    request.headers_mut().insert(name.clone(), value.clone());
     let span = tracing::info_span!(
         "request",
         request_id = %id,
@@ -58,7 +59,7 @@ pub(super) async fn assign(mut request: Request, next: Next) -> Response {
     } else {
         tracing::debug!(status = status.as_u16(), ms, "answered");
     }
-    response.headers_mut().insert(HEADER, value);
+    response.headers_mut().insert(name, value);
     response
 }
 

@@ -388,7 +388,17 @@ async function followEvents(id, handlers) {
 
 // While queued the stream has nothing to say; the position comes from the job itself.
 async function pollPosition(id) {
-  const signal = view.abort.signal;
+  const current = view;
+  if (current.polling) return;
+  current.polling = true;
+  try {
+    await pollUntilClaimed(id, current.abort.signal);
+  } finally {
+    current.polling = false;
+  }
+}
+
+async function pollUntilClaimed(id, signal) {
   while (!signal.aborted) {
     try {
       const job = await json('/v1/jobs/' + id);
