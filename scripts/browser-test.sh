@@ -49,7 +49,7 @@ clip = ["$ROOT/tests/fixtures/clip-tiny"]
 requests_per_second = 0.0
 TOML
 
-mkdir -p "$ARTIFACTS"
+rm -rf "$ARTIFACTS" && mkdir -p "$ARTIFACTS"
 VQCLIP_LOG=${VQCLIP_LOG:-info} "$BIN" serve --config "$WORK/config.toml" \
   >"$WORK/stdout" 2>"$ARTIFACTS/server.log" &
 SERVER_PID=$!
@@ -60,7 +60,7 @@ for _ in $(seq 1 300); do
 done
 ADDR=$(sed -n 's/^vqclip listening on //p' "$WORK/stdout" | head -n1)
 [ -n "$ADDR" ] || { echo "the server did not start" >&2; cat "$ARTIFACTS/server.log" >&2; exit 1; }
-echo "browser test against http://$ADDR (server log: $ARTIFACTS/server.log)"
+echo "browser test against $ADDR (server log: $ARTIFACTS/server.log)"
 
-VQCLIP_BASE="http://$ADDR" VQCLIP_BIN="$BIN" VQCLIP_DB="sqlite://$WORK/vqclip.db" ARTIFACTS="$ARTIFACTS" \
+VQCLIP_BASE="$ADDR" VQCLIP_BIN="$BIN" VQCLIP_DB="sqlite://$WORK/vqclip.db" ARTIFACTS="$ARTIFACTS" \
   timeout 600 node tests/browser/run.mjs

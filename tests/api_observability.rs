@@ -57,16 +57,12 @@ impl Server {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let addr = line
+        let base = line
             .trim()
             .strip_prefix("vqclip listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}: {}", log.lock().unwrap()))
             .to_owned();
-        Server {
-            child,
-            base: format!("http://{addr}"),
-            log,
-        }
+        Server { child, base, log }
     }
 
     /// The collected stderr once it holds `needle` (or after 10 s, for the assertion).
