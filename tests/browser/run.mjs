@@ -171,7 +171,8 @@ await step('a job from the form: queue position, live progress and frames, final
   const frames = new Set(running.map((s) => s.src).filter(Boolean));
   assert.ok(steps.size >= 3, 'steps moved live: ' + [...steps].join(','));
   assert.ok(frames.size >= 2, 'the frame changed live: ' + frames.size);
-  assert.ok(running.some((s) => s.eta !== '–' && s.losses >= 2), 'ETA and loss per prompt shown');
+  assert.ok(running.some((s) => s.eta !== '–' && s.losses >= 1), 'ETA and loss per prompt shown');
+  assert.equal(await page.textContent('#job-losses th'), tiny.prompts, 'the loss is named by its prompt');
 
   await page.locator('#job-results').waitFor({ state: 'visible' });
   await waitFor('the final image', async () => (await page.textContent('#job-caption')) === 'Final image');

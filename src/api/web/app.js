@@ -309,7 +309,7 @@ function showProgress(p) {
       const tr = document.createElement('tr');
       const th = document.createElement('th');
       th.scope = 'row';
-      th.textContent = i === p.losses.length - 1 ? 'z regulariser' : 'prompt ' + (i + 1);
+      th.textContent = lossName(i, p.losses.length);
       const td = document.createElement('td');
       td.textContent = l === null ? '–' : Number(l).toFixed(4);
       tr.append(th, td);
@@ -317,6 +317,30 @@ function showProgress(p) {
     });
     $('job-losses').replaceChildren(...rows);
   }
+}
+
+// The losses come one per prompt (text, image, noise), then the z regulariser when
+// the job has one; the names are the prompts of the job on screen.
+function lossName(i, count) {
+  const names = view.promptNames || [];
+  if (i < names.length) return names[i];
+  if (count === names.length + 1 && i === count - 1) return 'z regulariser';
+  return 'prompt ' + (i + 1);
+}
+
+function promptNames(spec) {
+  if (!spec) return [];
+  let texts;
+  if (typeof spec.prompts === 'string') {
+    // generate.py syntax: `text:weight:stop | ...`, story phrases after `^`.
+    const phrase = spec.prompts.split('^')[0];
+    texts = phrase.split('|').map((p) => p.trim().replace(/(:-?[\d.]+){1,2}$/, '')).filter(Boolean);
+  } else {
+    texts = (spec.prompts || []).map((p) => p.text);
+  }
+  return texts
+    .concat((spec.image_prompts || []).map((_, i) => 'image ' + (i + 1)))
+    .concat((spec.noise_prompts || []).map((p) => 'noise ' + p.seed));
 }
 
 let frameLoading = Promise.resolve();
@@ -464,6 +488,7 @@ async function jobView(id) {
   $('job-title').textContent = 'Job';
   setState(job.state);
   $('job-prompts').textContent = promptText(job.spec);
+  view.promptNames = promptNames(job.spec);
   $('job-seed').textContent = job.seed === null || job.seed === undefined ? '–' : job.seed;
   showProgress(job.progress);
   $('job-again').hidden = false;
