@@ -114,7 +114,10 @@ async fn a_client_request_id_is_echoed_logged_and_named_by_the_problem() {
         .unwrap_or_else(|| panic!("no log line names the request id:\n{log}"));
     assert!(line.contains("status=4"), "{line}");
     // stderr is a pipe here: no colour codes.
-    assert!(!log.contains('\u{1b}'), "ANSI escapes in a piped log:\n{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escapes in a piped log:\n{log}"
+    );
 
     // Without one, the server makes one up and uses it alike.
     let response = reqwest::get(format!("{}/v1/jobs/nope", server.base))
@@ -148,9 +151,7 @@ async fn json_logs_carry_the_request_id_as_a_span_field() {
     let log = server.log_containing("json-req-1");
     let lines: Vec<Value> = log
         .lines()
-        .map(|l| {
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
-        })
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
     let refused = lines
         .iter()
@@ -227,7 +228,10 @@ async fn the_page_and_the_docs_are_served_from_the_binary_with_nothing_external(
     for asset in ["/ui/app.js", "/ui/app.css"] {
         let body = get(asset).await.unwrap().text().await.unwrap();
         assert!(body.len() > 1000, "{asset}");
-        assert!(!body.contains("http://") && !body.contains("https://"), "{asset}");
+        assert!(
+            !body.contains("http://") && !body.contains("https://"),
+            "{asset}"
+        );
     }
     let config: Value = get("/ui/config.json").await.unwrap().json().await.unwrap();
     assert_eq!(config["keys"], false);

@@ -33,7 +33,10 @@ pub(super) fn routes() -> Router<AppState> {
     let docs = Arc::new(utoipa_swagger_ui::Config::from("/openapi.yaml").validator_url("none"));
     let docs_tail = docs.clone();
     Router::new()
-        .route("/", get(|| async { asset(INDEX_HTML, "text/html; charset=utf-8") }))
+        .route(
+            "/",
+            get(|| async { asset(INDEX_HTML, "text/html; charset=utf-8") }),
+        )
         .route(
             "/ui/app.js",
             get(|| async { asset(APP_JS, "text/javascript; charset=utf-8") }),
@@ -44,7 +47,10 @@ pub(super) fn routes() -> Router<AppState> {
         )
         .route("/ui/config.json", get(page_config))
         .route("/docs", get(|| async { Redirect::permanent("/docs/") }))
-        .route("/docs/", get(move || docs_file(String::new(), docs.clone())))
+        .route(
+            "/docs/",
+            get(move || docs_file(String::new(), docs.clone())),
+        )
         .route(
             "/docs/{*tail}",
             get(move |Path(tail): Path<String>| docs_file(tail, docs_tail.clone())),

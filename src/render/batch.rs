@@ -318,7 +318,11 @@ impl<'a, 'm> Run<'a, 'm> {
             None => History::default(),
         };
         let checkpoint_path = job.out_dir.join("checkpoint.safetensors");
-        let name = job.out_dir.file_name().unwrap_or_default().to_string_lossy();
+        let name = job
+            .out_dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
         let span = tracing::info_span!("render", job = %name);
         let mut run = Run {
             job,
