@@ -160,6 +160,23 @@ async fn json_logs_carry_the_request_id_as_a_span_field() {
     assert_eq!(refused["span"]["name"], "request");
     assert!(refused["fields"]["status"].as_u64().is_some(), "{refused}");
     assert!(!log.contains('\u{1b}'));
+
+    // A job route's lines name the job as well.
+    let job = "01936f3e-0000-7000-8000-000000000000";
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/jobs/{job}", server.base))
+        .header("x-request-id", "json-req-2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let log = server.log_containing("json-req-2");
+    let line: Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["span"]["request_id"] == "json-req-2")
+        .unwrap_or_else(|| panic!("no line for json-req-2:\n{log}"));
+    assert_eq!(line["span"]["job_id"], job);
 }
 
 #[test]

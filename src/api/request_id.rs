@@ -28,6 +28,12 @@ fn usable(value: &HeaderValue) -> Option<String> {
     (!s.is_empty() && s.len() <= 128 && s.chars().all(plain)).then(|| s.to_owned())
 }
 
+/// The job a `/v1/jobs/{id}...` path is about.
+fn job_in_path(path: &str) -> Option<uuid::Uuid> {
+    let rest = path.strip_prefix("/v1/jobs/")?;
+    uuid::Uuid::parse_str(rest.split('/').next()?).ok()
+}
+
 /// The outermost layer: everything inside (auth, handlers, the panic guard) runs in
 /// the request's span and sees its id.
 pub(super) async fn assign(mut request: Request, next: Next) -> Response {
@@ -44,7 +50,12 @@ pub(super) async fn assign(mut request: Request, next: Next) -> Response {
         request_id = %id,
         method = %request.method(),
         path = %request.uri().path(),
+        job_id = tracing::field::Empty,
     );
+    // A job's lines in the API carry its id as the worker's do (the `job` span there).
+    if let Some(job) = job_in_path(request.uri().path()) {
+        span.record("job_id", tracing::field::display(job));
+    }
     let started = std::time::Instant::now();
     let mut response = CURRENT
         .scope(id, next.run(request))
@@ -77,5 +88,19 @@ mod tests {
         assert_eq!(keep("new\tline"), None);
         assert_eq!(keep(&"a".repeat(129)), None);
         assert!(keep(&"a".repeat(128)).is_some());
+    }
+
+    #[test]
+    fn job_routes_name_their_job() {
+        let id = "01936f3e-0000-7000-8000-000000000000";
+        for path in [
+            format!("/v1/jobs/{id}"),
+            format!("/v1/jobs/{id}/frames/5.png"),
+        ] {
+            assert_eq!(job_in_path(&path).unwrap().to_string(), id);
+        }
+        assert_eq!(job_in_path("/v1/jobs"), None);
+        assert_eq!(job_in_path("/v1/jobs/nope/events"), None);
+        assert_eq!(job_in_path("/v1/uploads"), None);
     }
 }
