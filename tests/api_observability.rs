@@ -19,13 +19,21 @@ struct Server {
 impl Server {
     /// `vqclip serve` on a free port, API only, with stderr collected.
     fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
+        Self::start_with_workers(dir, env, 0)
+    }
+
+    /// As [`Server::start`], with `workers` workers on the tiny fixture models.
+    fn start_with_workers(dir: &Path, env: &[(&str, &str)], workers: usize) -> Server {
         let config = dir.join("config.toml");
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         std::fs::write(
             &config,
             format!(
                 "[server]\nbind = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{d}/vqclip.db\"\n\
-                 [storage]\nartifact_dir = \"{d}/artifacts\"\n[workers]\ncount = 0\n",
-                d = dir.display()
+                 [storage]\nartifact_dir = \"{d}/artifacts\"\n[workers]\ncount = {workers}\n\
+                 poll_interval_ms = 100\n[models]\nvqgan = \"{f}/vqgan-tiny\"\nclip = [\"{f}/clip-tiny\"]\n",
+                d = dir.display(),
+                f = fixtures.display(),
             ),
         )
         .unwrap();
@@ -65,9 +73,9 @@ impl Server {
         Server { child, base, log }
     }
 
-    /// The collected stderr once it holds `needle` (or after 10 s, for the assertion).
+    /// The collected stderr once it holds `needle` (or after 60 s, for the assertion).
     fn log_containing(&self, needle: &str) -> String {
-        let until = Instant::now() + Duration::from_secs(10);
+        let until = Instant::now() + Duration::from_secs(60);
         loop {
             let log = self.log.lock().unwrap().clone();
             if log.contains(needle) || Instant::now() > until {
@@ -291,4 +299,51 @@ async fn the_page_and_the_docs_are_served_from_the_binary_with_nothing_external(
     let config: Value = get("/ui/config.json").await.unwrap().json().await.unwrap();
     assert_eq!(config["keys"], true);
     assert_eq!(get("/v1/jobs").await.unwrap().status(), 401);
+}
+
+#[tokio::test]
+async fn a_job_logs_under_its_id_in_the_worker_and_the_render_sums_it_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_workers(dir.path(), &[("VQCLIP_LOGGING_FORMAT", "json")], 1);
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/jobs", server.base))
+        .json(&serde_json::json!({
+            "prompts": "a lighthouse", "width": 32, "height": 32, "steps": 3, "cutn": 2,
+            "save_every": 0, "seed": 1
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let job: Value = response.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let log = server.log_containing("render completed");
+    let lines: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let summary = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("render completed"))
+        })
+        .unwrap_or_else(|| panic!("no render summary:\n{log}"));
+    assert_eq!(summary["span"]["job"], id.as_str(), "{summary}");
+    assert_eq!(summary["fields"]["steps"], 3, "{summary}");
+    assert_eq!(summary["fields"]["device"], "Cpu", "{summary}");
+    assert!(summary["fields"]["seconds"].as_f64().unwrap() > 0.0);
+    assert!(summary["fields"]["vqgan"]
+        .as_str()
+        .unwrap()
+        .ends_with("vqgan-tiny"));
+    let log = server.log_containing("job succeeded");
+    let worker_end = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "job succeeded")
+        .unwrap_or_else(|| panic!("no end of the job:\n{log}"));
+    assert_eq!(worker_end["span"]["name"], "job");
+    assert_eq!(worker_end["span"]["job_id"], id.as_str(), "{worker_end}");
 }
