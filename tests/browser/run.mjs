@@ -236,6 +236,43 @@ await step('at phone width nothing scrolls sideways', async () => {
   await page.setViewportSize({ width: 1200, height: 900 });
 });
 
+await step('a dropped event stream resumes with Last-Event-ID', async () => {
+  const job = await api('/v1/jobs', { method: 'POST', body: { ...tiny, steps: 12, save_every: 4 } });
+  assert.equal(job.status, 201, JSON.stringify(job.body));
+  const second = await context.newPage();
+  // The first event stream is cut after a few chunks, as a flaky network would.
+  await second.addInitScript(() => {
+    const realFetch = window.fetch.bind(window);
+    let cut = false;
+    window.fetch = async (input, init) => {
+      const res = await realFetch(input, init);
+      if (cut || !String(input).endsWith('/events')) return res;
+      cut = true;
+      const reader = res.body.getReader();
+      let chunks = 0;
+      const body = new ReadableStream({
+        async pull(c) {
+          const { value, done } = await reader.read();
+          if (done || chunks >= 3) { reader.cancel(); c.close(); return; }
+          chunks += 1;
+          c.enqueue(value);
+        },
+      });
+      return new Response(body, { status: res.status, headers: res.headers });
+    };
+  });
+  const streams = [];
+  second.on('request', (r) => { if (r.url().endsWith('/events')) streams.push(r.headers()['last-event-id'] || null); });
+  second.on('pageerror', (e) => consoleErrors.push(String(e)));
+  await second.goto(BASE + '/#/jobs/' + job.body.id);
+  await waitFor('the job to succeed', async () => (await second.textContent('#job-state')) === 'succeeded', 300_000);
+  assert.ok(streams.length >= 2, 'reconnected: ' + JSON.stringify(streams));
+  assert.equal(streams[0], null);
+  assert.match(streams[1] || '', /^[0-9]+$/, 'the second stream resumes after an event id');
+  assert.equal(await second.textContent('#job-step'), '12');
+  await second.close();
+});
+
 await step('/docs lists every route of openapi.yaml, from this server alone', async () => {
   const yaml = await (await fetch(BASE + '/openapi.yaml')).text();
   const wanted = new Set();
