@@ -180,6 +180,15 @@ const SLOW_STEP_FACTOR: f64 = 4.0;
 /// Steps before the slow-step check starts: the first steps include warm-up.
 const SLOW_STEP_AFTER: usize = 3;
 
+/// The mean of the earlier steps when a step of `dt` seconds is slow against them.
+fn slow_step(earlier: &[f64], dt: f64) -> Option<f64> {
+    if earlier.len() < SLOW_STEP_AFTER {
+        return None;
+    }
+    let mean = earlier.iter().sum::<f64>() / earlier.len() as f64;
+    (dt > SLOW_STEP_FACTOR * mean).then_some(mean)
+}
+
 /// Runs jobs that share one model set to the end, stepping those still running
 /// together. Each job keeps everything it would have alone: its progress events,
 /// frames, checkpoints, cancellation (a canceled job leaves the batch; the others go
@@ -370,19 +379,15 @@ impl<'a, 'm> Run<'a, 'm> {
     fn after_step(&mut self, stats: StepStats, dt: f64) -> Result<(), RenderError> {
         let total = self.job.spec.steps;
         self.history.losses.push(stats.losses.clone());
-        let before = self.history.step_seconds.len();
-        if before >= SLOW_STEP_AFTER {
-            let mean_before = self.history.step_seconds.iter().sum::<f64>() / before as f64;
-            if dt > SLOW_STEP_FACTOR * mean_before {
-                tracing::warn!(
-                    parent: &self.span,
-                    step = stats.step,
-                    seconds = dt,
-                    mean_seconds = mean_before,
-                    "slow step: {dt:.3} s, {:.1}x the job's mean",
-                    dt / mean_before
-                );
-            }
+        if let Some(mean_before) = slow_step(&self.history.step_seconds, dt) {
+            tracing::warn!(
+                parent: &self.span,
+                step = stats.step,
+                seconds = dt,
+                mean_seconds = mean_before,
+                "slow step: {dt:.3} s, {:.1}x the job's mean",
+                dt / mean_before
+            );
         }
         self.history.step_seconds.push(dt);
         let done_here = self.history.step_seconds.len().max(1) as f64;
@@ -484,4 +489,17 @@ fn write_frame(
         path: path.clone(),
     });
     Ok(path)
+}
+
+#[cfg(test)]
+mod slow_step_tests {
+    use super::slow_step;
+
+    #[test]
+    fn a_step_is_slow_only_after_warm_up_and_well_above_the_mean() {
+        assert_eq!(slow_step(&[0.1, 0.1], 10.0), None, "warm-up");
+        assert_eq!(slow_step(&[0.1, 0.1, 0.1], 0.39), None);
+        let mean = slow_step(&[0.1, 0.1, 0.1], 0.41).unwrap();
+        assert!((mean - 0.1).abs() < 1e-12);
+    }
 }
