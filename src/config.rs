@@ -53,6 +53,23 @@ pub struct Config {
     /// Parsed by `src/webhooks` into its own typed settings.
     #[serde(default)]
     pub webhooks: toml::Table,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event; colours only on a terminal.
+    Text,
+    /// One JSON object per line, with the request and job spans as fields.
+    Json,
 }
 
 #[derive(Debug, Clone, Deserialize)]

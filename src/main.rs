@@ -30,6 +30,8 @@ enum Command {
     /// List, download and convert models.
     #[command(subcommand)]
     Models(cli::models::ModelsCommand),
+    /// Exit 0 when the server answers /healthz, non-zero otherwise (container HEALTHCHECK).
+    Healthcheck(cli::healthcheck::HealthcheckArgs),
     /// Manage API keys.
     #[command(subcommand)]
     Keys(cli::keys::KeysCommand),
@@ -45,7 +47,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    cli::init_tracing();
+    cli::init_tracing(cli::log_format());
     match cli.command {
         Command::Serve(a) => cli::serve::serve(a),
         Command::Worker(a) => cli::serve::worker(a),
@@ -54,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(a) => cli::bench::run(a),
         Command::Models(c) => cli::models::run(c),
         Command::Keys(c) => cli::keys::run(c),
+        Command::Healthcheck(a) => cli::healthcheck::run(a),
         Command::Tokenize(a) => cli::tools::tokenize(a),
         Command::Embed(a) => cli::tools::embed(a),
         Command::Score(a) => cli::tools::score(a),

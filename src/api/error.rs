@@ -82,6 +82,10 @@ impl IntoResponse for ApiError {
         });
         if let Value::Object(map) = &mut body {
             map.extend(self.extra);
+            // The request id ties the answer to the server's log lines.
+            if let Some(id) = super::request_id::current() {
+                map.insert("instance".into(), format!("urn:vqclip:request:{id}").into());
+            }
         }
         let mut response = (self.status, ascii_json(&body.to_string())).into_response();
         let headers = response.headers_mut();

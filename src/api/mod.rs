@@ -12,7 +12,9 @@ mod events;
 mod extract;
 mod jobs;
 mod ops;
+pub mod request_id;
 mod uploads;
+mod web;
 mod webhooks;
 
 use std::sync::Arc;
@@ -143,6 +145,8 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::authenticate,
         ))
+        // The page and /docs are added after the auth layer: they hold no data.
+        .merge(web::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             track_requests,
@@ -156,6 +160,8 @@ pub fn router(state: AppState) -> Router {
             ),
         )
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        // Outermost, so that the panic answer too carries the request id.
+        .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(state)
 }
 

@@ -169,6 +169,24 @@ struct Run<'a, 'm> {
     frames_dir: PathBuf,
     checkpoint_path: PathBuf,
     started: Instant,
+    /// The job's log lines on the render thread; named by its output directory,
+    /// which under the server is the job id.
+    span: tracing::Span,
+}
+
+/// A step this many times slower than the job's mean so far is logged as a warning
+/// (the device is contended, swapping, or a batch grew).
+const SLOW_STEP_FACTOR: f64 = 4.0;
+/// Steps before the slow-step check starts: the first steps include warm-up.
+const SLOW_STEP_AFTER: usize = 3;
+
+/// The mean of the earlier steps when a step of `dt` seconds is slow against them.
+fn slow_step(earlier: &[f64], dt: f64) -> Option<f64> {
+    if earlier.len() < SLOW_STEP_AFTER {
+        return None;
+    }
+    let mean = earlier.iter().sum::<f64>() / earlier.len() as f64;
+    (dt > SLOW_STEP_FACTOR * mean).then_some(mean)
 }
 
 /// Runs jobs that share one model set to the end, stepping those still running
@@ -309,6 +327,12 @@ impl<'a, 'm> Run<'a, 'm> {
             None => History::default(),
         };
         let checkpoint_path = job.out_dir.join("checkpoint.safetensors");
+        let name = job
+            .out_dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let span = tracing::info_span!("render", job = %name);
         let mut run = Run {
             job,
             progress,
@@ -318,6 +342,7 @@ impl<'a, 'm> Run<'a, 'm> {
             checkpoint_path,
             frames_dir,
             started,
+            span,
         };
         if run.session.step_count() == 0 && run.job.spec.save_every > 0 {
             run.write_frame()?;
@@ -331,6 +356,7 @@ impl<'a, 'm> Run<'a, 'm> {
             return Some(self.complete());
         }
         if self.cancel.is_canceled() {
+            self.summary("canceled");
             return Some(Ok(RenderOutcome::Canceled {
                 step: self.session.step_count(),
             }));
@@ -353,6 +379,16 @@ impl<'a, 'm> Run<'a, 'm> {
     fn after_step(&mut self, stats: StepStats, dt: f64) -> Result<(), RenderError> {
         let total = self.job.spec.steps;
         self.history.losses.push(stats.losses.clone());
+        if let Some(mean_before) = slow_step(&self.history.step_seconds, dt) {
+            tracing::warn!(
+                parent: &self.span,
+                step = stats.step,
+                seconds = dt,
+                mean_seconds = mean_before,
+                "slow step: {dt:.3} s, {:.1}x the job's mean",
+                dt / mean_before
+            );
+        }
         self.history.step_seconds.push(dt);
         let done_here = self.history.step_seconds.len().max(1) as f64;
         let mean = self.history.step_seconds.iter().sum::<f64>() / done_here;
@@ -379,6 +415,25 @@ impl<'a, 'm> Run<'a, 'm> {
             });
         }
         Ok(())
+    }
+
+    /// One line per job: what ran, where, and how long it took.
+    fn summary(&self, outcome: &str) {
+        let models = &self.session.models().identities;
+        let clip: Vec<&str> = models.clip.iter().map(|m| m.name.as_str()).collect();
+        let timed = self.history.step_seconds.len();
+        let seconds = self.started.elapsed().as_secs_f64();
+        tracing::info!(
+            parent: &self.span,
+            steps = self.session.step_count(),
+            seconds,
+            step_seconds = self.history.step_seconds.iter().sum::<f64>() / timed.max(1) as f64,
+            device = ?self.session.z().device().location(),
+            vqgan = %models.vqgan.name,
+            clip = %clip.join(","),
+            "render {outcome}: {} steps in {seconds:.1} s",
+            self.session.step_count()
+        );
     }
 
     fn write_frame(&mut self) -> Result<PathBuf, RenderError> {
@@ -410,6 +465,7 @@ impl<'a, 'm> Run<'a, 'm> {
         if checkpoint.exists() {
             std::fs::remove_file(checkpoint).map_err(|e| RenderError::io(checkpoint, e))?;
         }
+        self.summary("completed");
         Ok(RenderOutcome::Completed(Artifacts {
             image: image_path,
             frames,
@@ -433,4 +489,17 @@ fn write_frame(
         path: path.clone(),
     });
     Ok(path)
+}
+
+#[cfg(test)]
+mod slow_step_tests {
+    use super::slow_step;
+
+    #[test]
+    fn a_step_is_slow_only_after_warm_up_and_well_above_the_mean() {
+        assert_eq!(slow_step(&[0.1, 0.1], 10.0), None, "warm-up");
+        assert_eq!(slow_step(&[0.1, 0.1, 0.1], 0.39), None);
+        let mean = slow_step(&[0.1, 0.1, 0.1], 0.41).unwrap();
+        assert!((mean - 0.1).abs() < 1e-12);
+    }
 }

