@@ -194,7 +194,10 @@ pub fn write_mp4(path: &Path, frames: &[PathBuf], fps: f32) -> Result<(), Render
         .bitrate(openh264::encoder::BitRate::from_bps(w * h * 8))
         // openh264 drops frames to hold the bitrate by default; each dropped frame
         // would become a zero-byte sample that players show as a frozen picture.
-        .skip_frames(false);
+        .skip_frames(false)
+        // Bitrate and quality modes need skipping to hold their target (openh264 warns
+        // on every encoder otherwise); buffer-based control adjusts quality instead.
+        .rate_control_mode(openh264::encoder::RateControlMode::Bufferbased);
     let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
         .map_err(|e| encode_err("video", e))?;
 
