@@ -192,7 +192,7 @@ async fn a_restarted_node_requeues_its_dead_workers_jobs_at_once() {
         "[workers]\ncount = 1\nlease_seconds = 60\nheartbeat_seconds = 1\npoll_interval_ms = 100\n",
     );
     let mut first = ServerProcess::spawn(&config, "warn");
-    let id = first.submit(&tiny_spec("node restart", 5000)).await["id"]
+    let id = first.submit(&tiny_spec("node restart", 2000)).await["id"]
         .as_str()
         .unwrap()
         .to_owned();
