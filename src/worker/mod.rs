@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -529,6 +530,14 @@ struct Worker {
     shutdown: CancellationToken,
 }
 
+/// What a running batch's futures report to its loop.
+enum BatchEvent {
+    /// A job's run ended and was recorded.
+    Ended,
+    /// The refill claim: a job to join the batch, or none.
+    Joined(Option<(Job, RenderRequest, Pending)>),
+}
+
 /// How a run ended, from the queue's point of view.
 enum RunEnd {
     Finished(Finish),
@@ -631,49 +640,79 @@ impl Worker {
         if followed.len() > 1 {
             tracing::info!(worker = %self.id, jobs = followed.len(), "rendering a batch");
         }
-        let mut running = FuturesUnordered::new();
         if self.render.requests.send(requests).is_err() {
             for (job, _) in &followed {
                 self.render_thread_gone(job).await;
             }
             return;
         }
+        // Every job's follower and the refill claim are polled together. Awaiting the
+        // claim outside this set (as once done) left the followers unpolled, one of them
+        // possibly inside a write transaction: the claim then waited on a lock that
+        // could not be released, and every writer hit `busy_timeout` (issue 9, defect 1).
+        let mut running: FuturesUnordered<BoxFuture<'_, BatchEvent>> = FuturesUnordered::new();
         for (job, pending) in followed {
-            running.push(self.see_through(job, pending));
+            running.push(Box::pin(async move {
+                self.see_through(job, pending).await;
+                BatchEvent::Ended
+            }));
         }
-        while running.next().await.is_some() {
-            let refill = !running.is_empty()
-                && running.len() < self.ctx.batch_size
-                && !self.shutdown.is_cancelled();
-            if !refill {
-                continue;
-            }
-            let claim = self.ctx.store.claim_alongside(
-                &self.id,
-                &self.device,
-                self.ctx.lease,
-                leader,
-                &BATCH_KEY,
-            );
-            let job = match claim.await {
-                Ok(Some(job)) => job,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(worker = %self.id, "claiming a job to batch: {e}");
-                    continue;
+        let mut claiming = false;
+        while let Some(event) = running.next().await {
+            let ended = match event {
+                BatchEvent::Ended => true,
+                BatchEvent::Joined(joined) => {
+                    claiming = false;
+                    if let Some((job, request, pending)) = joined {
+                        tracing::info!(worker = %self.id, job = %job.id, "job joins the running batch");
+                        // Should the batch have ended meanwhile, the render thread starts a new one.
+                        let sent = self.render.requests.send(vec![request]).is_ok();
+                        running.push(Box::pin(async move {
+                            if sent {
+                                self.see_through(job, pending).await;
+                            } else {
+                                self.render_thread_gone(&job).await;
+                            }
+                            BatchEvent::Ended
+                        }));
+                    }
+                    false
                 }
             };
-            let Some((request, pending)) = self.start_job(&job).await else {
-                continue;
-            };
-            tracing::info!(worker = %self.id, job = %job.id, "job joins the running batch");
-            // Should the batch have ended meanwhile, the render thread starts a new one.
-            if self.render.requests.send(vec![request]).is_err() {
-                self.render_thread_gone(&job).await;
-                continue;
+            // A place freed by an ended job is offered to one compatible queued job.
+            let refill = ended
+                && !claiming
+                && !running.is_empty()
+                && running.len() < self.ctx.batch_size
+                && !self.shutdown.is_cancelled();
+            if refill {
+                claiming = true;
+                running.push(Box::pin(async move {
+                    BatchEvent::Joined(self.claim_to_join(leader).await)
+                }));
             }
-            running.push(self.see_through(job, pending));
         }
+    }
+
+    /// A queued job that can share the running batch's steps, ready to render.
+    async fn claim_to_join(&self, leader: Uuid) -> Option<(Job, RenderRequest, Pending)> {
+        let claim = self.ctx.store.claim_alongside(
+            &self.id,
+            &self.device,
+            self.ctx.lease,
+            leader,
+            &BATCH_KEY,
+        );
+        let job = match claim.await {
+            Ok(Some(job)) => job,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(worker = %self.id, "claiming a job to batch: {e}");
+                return None;
+            }
+        };
+        let (request, pending) = self.start_job(&job).await?;
+        Some((job, request, pending))
     }
 
     /// A claimed job's render request, or `None` when it failed before rendering.
