@@ -535,7 +535,7 @@ enum BatchEvent {
     /// A job's run ended and was recorded.
     Ended,
     /// The refill claim: a job to join the batch, or none.
-    Joined(Option<(Job, RenderRequest, Pending)>),
+    Joined(Option<Box<(Job, RenderRequest, Pending)>>),
 }
 
 /// How a run ended, from the queue's point of view.
@@ -663,7 +663,8 @@ impl Worker {
                 BatchEvent::Ended => true,
                 BatchEvent::Joined(joined) => {
                     claiming = false;
-                    if let Some((job, request, pending)) = joined {
+                    if let Some(joined) = joined {
+                        let (job, request, pending) = *joined;
                         tracing::info!(worker = %self.id, job = %job.id, "job joins the running batch");
                         // Should the batch have ended meanwhile, the render thread starts a new one.
                         let sent = self.render.requests.send(vec![request]).is_ok();
@@ -688,7 +689,7 @@ impl Worker {
             if refill {
                 claiming = true;
                 running.push(Box::pin(async move {
-                    BatchEvent::Joined(self.claim_to_join(leader).await)
+                    BatchEvent::Joined(self.claim_to_join(leader).await.map(Box::new))
                 }));
             }
         }
