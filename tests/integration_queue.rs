@@ -335,3 +335,148 @@ async fn retention_prunes_exactly_old_finished_unpinned_jobs() {
         .unwrap()
         .is_empty());
 }
+
+/// Issue 9, defect 1: a write lock held past `busy_timeout` is saturation (503 with
+/// Retry-After at the API), not a database fault (500).
+#[tokio::test]
+async fn a_locked_database_is_busy_not_broken() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let url = service_support::database_url(dir.path());
+    let s = SqliteStore::connect(&url, Duration::from_millis(100), 2)
+        .await
+        .unwrap();
+    let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let err = s.submit(new_job(None, 0, false), 100).await.unwrap_err();
+    assert!(matches!(err, QueueError::Busy(_)), "{err:?}");
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    s.submit(new_job(None, 0, false), 100).await.unwrap();
+}
+
+/// Issue 9, defect 12: a page carries every queued job's position, read in the same
+/// statement as its rows, numbered as the claim will take them.
+#[tokio::test]
+async fn a_page_lists_consistent_positions_in_one_query() {
+    use vqclip::queue::ListQuery;
+    let (_d, s) = store(KeyBounds::default()).await;
+    let mut jobs = vec![];
+    for i in 0..30 {
+        jobs.push(submit(&s, None, [0, 5, -5][i % 3]).await);
+    }
+    let page = |s: &SqliteStore| {
+        let s = s.clone();
+        async move {
+            let q = ListQuery {
+                limit: 100,
+                ..Default::default()
+            };
+            s.list(&q, &Scope::unrestricted()).await.unwrap()
+        }
+    };
+    for claimed in [0usize, 7] {
+        for _ in 0..claimed {
+            claim(&s).await.unwrap();
+        }
+        let p = page(&s).await;
+        assert_eq!(p.jobs.len(), p.positions.len());
+        let mut queued: Vec<(&Job, u64)> = vec![];
+        for (job, position) in p.jobs.iter().zip(&p.positions) {
+            match job.state {
+                JobState::Queued => {
+                    queued.push((job, position.expect("a queued job has a position")))
+                }
+                _ => assert_eq!(*position, None, "{job:?}"),
+            }
+            // The single-job lookup agrees with the page.
+            assert_eq!(s.position(job).await.unwrap(), *position);
+        }
+        queued.sort_by_key(|(j, _)| (-j.priority, j.seq));
+        let positions: Vec<u64> = queued.iter().map(|(_, p)| *p).collect();
+        let expected: Vec<u64> = (1..=queued.len() as u64).collect();
+        assert_eq!(positions, expected);
+        assert_eq!(queued.len(), 30 - claimed);
+    }
+}
+
+/// Issue 9, defect 6: a transient failure requeues the job behind a backoff, within its
+/// attempts; the last attempt's failure is final.
+#[tokio::test]
+async fn a_transient_failure_is_retried_after_a_backoff_within_the_attempts() {
+    let (_d, s) = store(KeyBounds::default()).await;
+    let job = submit(&s, None, 0).await;
+    let first = claim(&s).await.unwrap();
+    let after = Duration::from_millis(400);
+    let requeued = s
+        .finish(
+            first.id,
+            "w1",
+            Finish::Retry {
+                error: "no network".into(),
+                after,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(requeued.state, JobState::Queued);
+    assert!(
+        claim(&s).await.is_none(),
+        "claimed before its backoff ran out"
+    );
+    tokio::time::sleep(after + Duration::from_millis(100)).await;
+    let second = claim(&s).await.expect("claimable after the backoff");
+    assert_eq!((second.id, second.attempts), (job.id, 2));
+    let last = s
+        .finish(
+            second.id,
+            "w1",
+            Finish::Retry {
+                error: "still no network".into(),
+                after,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(last.state, JobState::Failed, "max_attempts is 2");
+    assert_eq!(last.error.as_deref(), Some("still no network"));
+    let events = s.events_after(job.id, 0, 100).await.unwrap();
+    assert!(events
+        .iter()
+        .any(|e| e.data["state"] == "queued" && e.data["retry_in_seconds"].is_number()));
+    assert_eq!(events.last().unwrap().data["state"], "failed");
+}
+
+/// Issue 9, defect 9: the leases of a worker known to be dead expire at once.
+#[tokio::test]
+async fn a_dead_workers_jobs_are_requeued_without_waiting_for_the_lease() {
+    let (_d, s) = store(KeyBounds::default()).await;
+    let job = submit(&s, None, 0).await;
+    claim(&s).await.unwrap();
+    s.worker_heartbeat("w1", "cpu", Some(job.id)).await.unwrap();
+    assert!(
+        s.rescue_expired().await.unwrap().is_empty(),
+        "the lease is 30 s"
+    );
+    assert_eq!(s.expire_worker("w1").await.unwrap(), 1);
+    let rescued = s.rescue_expired().await.unwrap();
+    assert_eq!(rescued.len(), 1);
+    assert_eq!(rescued[0].state, JobState::Queued);
+    assert!(s.workers().await.unwrap().is_empty());
+}
+
+/// Issue 9, defect 8: a cancel request reaches this process's workers the moment it
+/// commits, and other processes can read the flag cheaply.
+#[tokio::test]
+async fn a_running_jobs_cancel_is_announced_and_readable() {
+    let (_d, s) = store(KeyBounds::default()).await;
+    let job = submit(&s, None, 0).await;
+    claim(&s).await.unwrap();
+    let mut cancels = s.cancellations();
+    assert!(!s.cancel_requested(job.id).await.unwrap());
+    s.cancel(job.id, &Scope::unrestricted()).await.unwrap();
+    assert_eq!(cancels.try_recv().unwrap(), job.id);
+    assert!(s.cancel_requested(job.id).await.unwrap());
+}

@@ -253,3 +253,153 @@ async fn cancel_a_queued_and_a_running_job() {
     assert_eq!(s.job(queued_id).await["attempts"], 0);
     s.stop().await;
 }
+
+/// A job whose steps are slow next to a database write, so that "within one step" can
+/// be told apart from "two steps later".
+fn slow_steps_spec(prompt: &str) -> Value {
+    let mut spec = tiny_spec(prompt, 2000);
+    spec["width"] = json!(64);
+    spec["height"] = json!(64);
+    spec["cutn"] = json!(32);
+    spec["save_every"] = json!(0);
+    spec["checkpoint_every"] = json!(1);
+    spec
+}
+
+/// The step the job was canceled at (its `canceled` event).
+async fn canceled_step(s: &TestServer, id: &str) -> u64 {
+    let done = s.wait_terminal(id, LONG).await;
+    assert_eq!(done["state"], "canceled", "{done}");
+    let events = s.events(id, None, 100_000).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "canceled");
+    last.data["step"].as_u64().unwrap()
+}
+
+/// Issue 9, defects 8 and 13: a running job stops within one step of a cancel made in
+/// this process or in another one, and leaves no checkpoint behind.
+#[tokio::test]
+async fn cancel_stops_a_running_job_within_one_step_and_drops_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let artifacts = vqclip::storage::ArtifactStore::open(&s.config.storage.artifact_dir).unwrap();
+
+    // Through the API of the process that runs the worker.
+    let id = s.submit(&slow_steps_spec("cancel here")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let seen = s.wait_step(&id, 3, LONG).await["progress"]["step"]
+        .as_u64()
+        .unwrap();
+    let r = s.post(&format!("/v1/jobs/{id}/cancel")).await;
+    assert_eq!(r.status(), 200);
+    let step = canceled_step(&s, &id).await;
+    assert!(
+        step <= seen + 1,
+        "canceled at step {step}, asked at step {seen}"
+    );
+    let job_dir = artifacts.job_dir(id.parse().unwrap());
+    assert!(
+        !job_dir.join("checkpoint.safetensors").exists(),
+        "a canceled job keeps no checkpoint"
+    );
+
+    // Through another process's store: no in-process signal, only the database.
+    let other = open_store(dir.path(), 2).await;
+    let id = s.submit(&slow_steps_spec("cancel there")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let seen = s.wait_step(&id, 3, LONG).await["progress"]["step"]
+        .as_u64()
+        .unwrap();
+    use vqclip::queue::{JobStore, Scope};
+    other
+        .cancel(id.parse().unwrap(), &Scope::unrestricted())
+        .await
+        .unwrap();
+    let step = canceled_step(&s, &id).await;
+    assert!(
+        step <= seen + 1,
+        "canceled at step {step}, asked at step {seen}"
+    );
+    other.pool().close().await;
+    s.stop().await;
+}
+
+/// Issue 9, defect 1: while another connection holds the write lock past the busy
+/// timeout, a submit answers 503 with Retry-After, never 500.
+#[tokio::test]
+async fn a_saturated_database_answers_503_with_retry_after() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path(), 0)).await;
+    let mut other = sqlx::SqliteConnection::connect(&database_url(dir.path()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let r = s
+        .client
+        .post(s.url("/v1/jobs"))
+        .json(&tiny_spec("blocked", 2))
+        .send()
+        .await
+        .unwrap();
+    let (headers, p) = problem_response(r, 503).await;
+    assert!(headers.get("retry-after").is_some(), "{headers:?}");
+    assert_eq!(p["type"], "urn:vqclip:problem:database-busy");
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    s.submit(&tiny_spec("unblocked", 2)).await;
+    s.stop().await;
+}
+
+/// Issue 9, defect 12: while a worker takes jobs, every queued job on a page has a
+/// position, and the page's positions are one consistent numbering.
+#[tokio::test]
+async fn listed_positions_stay_consistent_while_jobs_are_claimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path(), 0)).await;
+    for i in 0..80 {
+        let mut spec = tiny_spec(&format!("queued {i}"), 1);
+        spec["priority"] = json!([0, 3, -3][i % 3]);
+        s.submit(&spec).await;
+    }
+    let store = s.store.clone();
+    let claimer = tokio::spawn(async move {
+        use vqclip::queue::JobStore;
+        while store
+            .claim("claimer", "cpu", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_some()
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let mut pages = 0;
+    while !claimer.is_finished() {
+        let page = s.get_json("/v1/jobs?limit=100").await;
+        let mut positions: Vec<u64> = vec![];
+        for job in page["jobs"].as_array().unwrap() {
+            if job["state"] == "queued" {
+                let position = job["position"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("a queued job without a position: {job}"));
+                positions.push(position);
+            } else {
+                assert!(job["position"].is_null(), "{job}");
+            }
+        }
+        positions.sort_unstable();
+        let expected: Vec<u64> = (1..=positions.len() as u64).collect();
+        assert_eq!(positions, expected, "one numbering per page");
+        pages += 1;
+    }
+    claimer.await.unwrap();
+    assert!(pages > 0);
+    s.stop().await;
+}

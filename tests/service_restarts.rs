@@ -180,3 +180,170 @@ async fn separate_worker_process_and_migrate_command() {
     assert!(worker.wait().unwrap().success());
     assert!(api.child.wait().unwrap().success());
 }
+
+/// Issue 9, defect 9: a server restarted after a SIGKILL recognises the leases of its
+/// own dead workers and requeues their jobs at once, not after a full lease, and
+/// `/readyz` lists only the workers that are alive.
+#[tokio::test]
+async fn a_restarted_node_requeues_its_dead_workers_jobs_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_file(
+        dir.path(),
+        "[workers]\ncount = 1\nlease_seconds = 60\nheartbeat_seconds = 1\npoll_interval_ms = 100\n",
+    );
+    let mut first = ServerProcess::spawn(&config, "warn");
+    let id = first.submit(&tiny_spec("node restart", 2000)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    first.wait_step(&id, 2, LONG).await;
+    let old: Vec<String> = first.get_json("/readyz").await["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(old.len(), 1);
+    sigkill(&mut first.child);
+
+    let killed = std::time::Instant::now();
+    let second = ServerProcess::spawn(&config, "warn");
+    loop {
+        let job = second.job(&id).await;
+        if job["attempts"] == 2 && job["state"] == "running" {
+            break;
+        }
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(20),
+            "the dead worker's job waits for its 60 s lease: {job}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let ready = second.get_json("/readyz").await;
+    let live: Vec<&str> = ready["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(live.len(), 1, "{ready}");
+    assert!(!old.iter().any(|o| live.contains(&o.as_str())), "{ready}");
+    let r = second.post(&format!("/v1/jobs/{id}/cancel")).await;
+    assert_eq!(r.status(), 200);
+    second.wait_terminal(&id, LONG).await;
+    second.stop();
+}
+
+/// Removes ANSI colour sequences, so log lines read the same on any terminal setting.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Issue 9, defects 6 and 7: on a machine that cannot download, the first job retries
+/// within its attempts, then fails naming every missing model, the real cause and the
+/// next step without showing server paths; the log says why at WARN with the job id;
+/// `/readyz` and the start-up log say the default models are missing.
+#[tokio::test]
+async fn a_first_run_without_network_explains_itself_and_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("model-cache");
+    let config = dir.path().join("vqclip.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n[database]\nurl = \"{db}\"\n\
+             [storage]\nartifact_dir = \"{d}/artifacts\"\n\
+             [models]\nvqgan = \"{v}\"\nclip = [\"ViT-B/32\", \"ViT-B/16\"]\ncache_dir = \"{c}\"\n\
+             [workers]\ncount = 1\nmax_attempts = 2\nheartbeat_seconds = 1\npoll_interval_ms = 100\n",
+            db = database_url(dir.path()),
+            d = dir.path().display(),
+            v = fixture("vqgan-tiny").display(),
+            c = cache.display(),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("server.log");
+    // Nothing listens on port 1: every download is refused at once.
+    let server = ServerProcess::spawn_with(
+        &config,
+        "info",
+        &[
+            ("HF_ENDPOINT", "http://127.0.0.1:1"),
+            ("VQCLIP_OFFLINE", "0"),
+        ],
+        Some(&log),
+    );
+    let ready = server.get_json("/readyz").await;
+    assert_eq!(ready["models_ready"], false, "{ready}");
+    let clip = ready["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "ViT-B/32")
+        .unwrap_or_else(|| panic!("{ready}"));
+    assert_eq!(clip["present"], false);
+    assert!(!ready.to_string().contains(&cache.display().to_string()));
+
+    let id = server.submit(&tiny_spec("first run", 2)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = server.wait_terminal(&id, LONG).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["attempts"], 2, "retried within its attempts: {done}");
+    let error = done["error"].as_str().unwrap();
+    for needle in [
+        "ViT-B/32",
+        "ViT-B/16",
+        "vqclip models pull",
+        "VQCLIP_OFFLINE",
+    ] {
+        assert!(error.contains(needle), "{needle:?} in {error}");
+    }
+    assert!(error.to_ascii_lowercase().contains("refused"), "{error}");
+    let root = dir.path().display().to_string();
+    assert!(!error.contains(&root), "no server paths: {error}");
+    let events = server.events(&id, None, 1000).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.data["state"] == "queued" && e.data["retry_in_seconds"].is_number()),
+        "{events:?}"
+    );
+    assert!(
+        !serde_json::to_string(&events.iter().map(|e| &e.data).collect::<Vec<_>>())
+            .unwrap()
+            .contains(&root),
+        "no server paths in events"
+    );
+    server.stop();
+
+    let log = plain(&std::fs::read_to_string(&log).unwrap());
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ViT-B/32") && l.contains("default model not in the model cache")),
+        "{log}"
+    );
+    let failed = log
+        .lines()
+        .find(|l| l.contains("job failed") && l.contains(&id))
+        .unwrap_or_else(|| panic!("no failure line for {id}: {log}"));
+    assert!(
+        failed.contains("WARN") || failed.contains("ERROR"),
+        "{failed}"
+    );
+    assert!(failed.contains("refused"), "the reason is logged: {failed}");
+}

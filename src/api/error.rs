@@ -151,6 +151,16 @@ impl From<QueueError> for ApiError {
                 format!("job {id} is {state}; {detail}"),
             )
             .with("state", state.as_str()),
+            e @ QueueError::Busy(_) => {
+                // Saturation, not a fault: the client may retry (issue 9, defect 1).
+                tracing::warn!("answering 503: {e}");
+                let mut problem = ApiError::unavailable(
+                    "the server's database is momentarily saturated; retry after the Retry-After delay",
+                );
+                problem.kind = "database-busy";
+                problem.retry_after = Some(1);
+                problem
+            }
             e => ApiError::internal("the job store", e),
         }
     }

@@ -455,8 +455,8 @@ pub(super) async fn list(
     let query = list_query(raw.as_deref())?;
     let page = st.store.list(&query, &scope).await?;
     let mut jobs = Vec::with_capacity(page.jobs.len());
-    for job in &page.jobs {
-        jobs.push(job_view(job, st.store.position(job).await?, false));
+    for (job, position) in page.jobs.iter().zip(&page.positions) {
+        jobs.push(job_view(job, *position, false));
     }
     Ok(Json(json!({
         "jobs": jobs,

@@ -23,7 +23,8 @@ fn worker_window(st: &AppState) -> Duration {
 }
 
 /// Ready when the database answers and at least one worker (here or in a
-/// `vqclip worker` process) has sent a heartbeat recently.
+/// `vqclip worker` process) has sent a heartbeat recently. Says too whether the
+/// default models are on disk: when they are not, the first job downloads them.
 pub(super) async fn readyz(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
     st.store
         .ping()
@@ -43,7 +44,30 @@ pub(super) async fn readyz(State(st): State<AppState>) -> Result<Json<Value>, Ap
         .iter()
         .map(|w| json!({ "id": w.id, "device": w.device, "job": w.job_id }))
         .collect();
-    Ok(Json(json!({ "status": "ready", "workers": list })))
+    // Names only: the client learns what is missing, not where the server keeps it.
+    let config = st.config.clone();
+    let models = tokio::task::spawn_blocking(move || {
+        crate::worker::default_models_presence(&config)
+            .into_iter()
+            .map(|(kind, spec, presence)| {
+                json!({
+                    "kind": kind.to_string(),
+                    "name": spec,
+                    "present": presence.is_present(),
+                    "status": presence.as_str(),
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| ApiError::internal("checking the default models", e))?;
+    let models_ready = models.iter().all(|m| m["present"] == true);
+    Ok(Json(json!({
+        "status": "ready",
+        "workers": list,
+        "models": models,
+        "models_ready": models_ready,
+    })))
 }
 
 pub(super) async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, ApiError> {

@@ -514,6 +514,26 @@ pub struct ModelCache {
     root: PathBuf,
     offline: bool,
     hub_endpoint: Option<String>,
+    progress: Option<DownloadWatcher>,
+}
+
+/// One step of a model download, for whoever waits on it (a job's events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadProgress {
+    pub model: String,
+    pub file: String,
+    pub bytes: u64,
+    pub total: Option<u64>,
+}
+
+/// Called as model files download (often: every chunk).
+#[derive(Clone)]
+pub struct DownloadWatcher(pub std::sync::Arc<dyn Fn(&DownloadProgress) + Send + Sync>);
+
+impl fmt::Debug for DownloadWatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DownloadWatcher")
+    }
 }
 
 impl ModelCache {
@@ -523,7 +543,14 @@ impl ModelCache {
             root: root.into(),
             offline: false,
             hub_endpoint: None,
+            progress: None,
         }
+    }
+
+    /// The same cache, telling `watcher` how its downloads progress.
+    pub fn with_download_watcher(mut self, watcher: DownloadWatcher) -> Self {
+        self.progress = Some(watcher);
+        self
     }
 
     /// `VQCLIP_MODEL_CACHE`, else `$XDG_CACHE_HOME/vqclip`, else `~/.cache/vqclip`;
@@ -591,7 +618,7 @@ impl ModelCache {
             .collect();
         if required.iter().all(|p| *p) {
             CacheStatus::Complete
-        } else if required.iter().any(|p| *p) || dir.is_dir() {
+        } else if required.iter().any(|p| *p) || holds_data(&dir) {
             CacheStatus::Partial
         } else {
             CacheStatus::Missing
@@ -640,6 +667,147 @@ impl fmt::Display for CacheStatus {
             CacheStatus::Partial => "partial",
             CacheStatus::Missing => "no",
         })
+    }
+}
+
+/// Whether a model directory holds any downloaded bytes. A failed first download
+/// leaves only its empty `.lock` file behind, which is not a partial model.
+fn holds_data(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let is_lock = e.path().extension().is_some_and(|x| x == "lock");
+        !is_lock && e.metadata().is_ok_and(|m| m.len() > 0)
+    })
+}
+
+/// Whether a configured model can be loaded without the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// A local file or directory.
+    Local,
+    /// A catalogue model, complete in the cache.
+    Cached,
+    /// A catalogue model, partly downloaded.
+    Partial,
+    /// A catalogue model not in the cache: the first job downloads it.
+    Missing,
+    /// Neither an existing path nor a catalogue name.
+    Unknown,
+}
+
+impl Presence {
+    pub fn is_present(self) -> bool {
+        matches!(self, Presence::Local | Presence::Cached)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Presence::Local => "local",
+            Presence::Cached => "cached",
+            Presence::Partial => "partial",
+            Presence::Missing => "missing",
+            Presence::Unknown => "unknown",
+        }
+    }
+}
+
+/// Whether `spec` (a name or a path) is ready to load, without touching the network.
+pub fn presence(spec: &str, kind: ModelKind, cache: &ModelCache) -> Presence {
+    if expand_tilde(spec).exists() {
+        return Presence::Local;
+    }
+    match find(spec) {
+        Some(entry) if entry.kind == kind => match cache.status(entry) {
+            CacheStatus::Complete => Presence::Cached,
+            CacheStatus::Partial => Presence::Partial,
+            CacheStatus::Missing => Presence::Missing,
+        },
+        _ => Presence::Unknown,
+    }
+}
+
+/// Why a job's models could not be made ready, worded for the API client: every
+/// model that is missing, the real cause and the next step, without server paths
+/// (the server log has the full errors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelsUnavailable {
+    pub message: String,
+    /// Every failure was the network's: a later attempt may succeed.
+    pub transient: bool,
+}
+
+/// Resolves (downloading when needed and allowed) every model in `specs`, going on
+/// past a failure so that one answer names all that are missing.
+pub fn ensure_models(
+    specs: &[(ModelKind, &str)],
+    cache: &ModelCache,
+) -> Result<(), ModelsUnavailable> {
+    let mut failures = Vec::new();
+    for (kind, spec) in specs {
+        if let Err(e) = resolve(spec, *kind, cache) {
+            tracing::warn!(model = %spec, cache = %cache.root().display(), "model unavailable: {e}");
+            failures.push((*kind, *spec, e));
+        }
+    }
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let transient = failures.iter().all(|(_, _, e)| match e {
+        CatalogueError::Download { attempts, .. } => {
+            !attempts.is_empty() && attempts.iter().all(|(_, a)| a.is_transient())
+        }
+        _ => false,
+    });
+    let mut message = String::from("the models this job needs are not available on the server:");
+    for (kind, spec, e) in &failures {
+        message.push_str(&format!("\n  {kind} model {spec:?}: {}", public_reason(e)));
+    }
+    let names: Vec<&str> = failures
+        .iter()
+        .filter(|(_, _, e)| {
+            matches!(
+                e,
+                CatalogueError::Download { .. } | CatalogueError::Offline { .. }
+            )
+        })
+        .map(|(_, spec, _)| *spec)
+        .collect();
+    if !names.is_empty() {
+        message.push_str(&format!(
+            "\nThe server downloads catalogue models on first use. Its operator can run \
+             `vqclip models pull {}` on the server (or on a machine with network access, then \
+             copy the model cache over), or place the files in the server's model cache by \
+             hand and run with VQCLIP_OFFLINE=1; `vqclip models list` shows what is present \
+             and where each file goes.",
+            names.join(" ")
+        ));
+    }
+    Err(ModelsUnavailable { message, transient })
+}
+
+/// One model's failure without local paths.
+fn public_reason(e: &CatalogueError) -> String {
+    match e {
+        CatalogueError::Offline { .. } => {
+            "not in the model cache, and offline mode is on (HF_HUB_OFFLINE or VQCLIP_OFFLINE)"
+                .into()
+        }
+        CatalogueError::Download { file, attempts, .. } => {
+            let mut causes: Vec<String> = Vec::new();
+            for (_, a) in attempts {
+                let cause = a.public_cause();
+                if !causes.contains(&cause) {
+                    causes.push(cause);
+                }
+            }
+            format!("downloading {file} failed: {}", causes.join("; "))
+        }
+        CatalogueError::PathNotFound(_) => {
+            "no such model file or directory on the server, and not a catalogue name".into()
+        }
+        other => other.to_string(),
     }
 }
 
@@ -896,7 +1064,18 @@ fn fetch_artifacts(
                     sha256: candidate.sha256.map(str::to_owned),
                     url: url.clone(),
                 };
-                match download::fetch_blocking(&remote, &dir.join(candidate.local_name)) {
+                let on_progress = |bytes: u64, total: Option<u64>| {
+                    if let Some(watcher) = &cache.progress {
+                        (watcher.0)(&DownloadProgress {
+                            model: entry.name.to_owned(),
+                            file: candidate.local_name.to_owned(),
+                            bytes,
+                            total,
+                        });
+                    }
+                };
+                let dest = dir.join(candidate.local_name);
+                match download::fetch_blocking_with_progress(&remote, &dest, &on_progress) {
                     Ok(fetched) => {
                         tracing::info!(
                             model = entry.name,
@@ -989,6 +1168,81 @@ mod tests {
         assert_eq!(
             url.as_str(),
             "https://huggingface.co/openai/clip-vit-base-patch32/resolve/refs%2Fpr%2F15/model.safetensors"
+        );
+    }
+
+    #[test]
+    fn an_empty_lock_file_is_not_a_partial_model() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = ModelCache::new(root.path()).with_offline(true);
+        let entry = &CATALOGUE[0];
+        let dir = cache.model_dir(entry);
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = entry.artifacts[0].candidates[0].local_name;
+        // What a failed first download leaves behind.
+        std::fs::write(dir.join(format!("{first}.lock")), b"").unwrap();
+        assert_eq!(cache.status(entry), CacheStatus::Missing);
+        assert_eq!(presence(entry.name, entry.kind, &cache), Presence::Missing);
+        // Bytes of an interrupted download are a partial model.
+        std::fs::write(dir.join(format!("{first}.part")), b"0123").unwrap();
+        assert_eq!(cache.status(entry), CacheStatus::Partial);
+    }
+
+    #[test]
+    fn every_missing_model_is_named_without_server_paths() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = ModelCache::new(root.path()).with_offline(true);
+        let clip = CATALOGUE
+            .iter()
+            .find(|e| e.kind == ModelKind::Clip)
+            .unwrap();
+        let vqgan = CATALOGUE
+            .iter()
+            .find(|e| e.kind == ModelKind::Vqgan)
+            .unwrap();
+        let err = ensure_models(
+            &[(ModelKind::Vqgan, vqgan.name), (ModelKind::Clip, clip.name)],
+            &cache,
+        )
+        .unwrap_err();
+        assert!(!err.transient);
+        for name in [vqgan.name, clip.name] {
+            assert!(err.message.contains(name), "{}", err.message);
+        }
+        assert!(
+            err.message.contains("vqclip models pull"),
+            "{}",
+            err.message
+        );
+        assert!(err.message.contains("VQCLIP_OFFLINE"), "{}", err.message);
+        let root = root.path().display().to_string();
+        assert!(!err.message.contains(&root), "{}", err.message);
+    }
+
+    #[test]
+    fn an_unreachable_source_is_transient_and_says_why() {
+        let root = tempfile::tempdir().unwrap();
+        // Nothing listens on port 1: the connection is refused at once.
+        let cache = ModelCache::new(root.path()).with_hub_endpoint("http://127.0.0.1:1");
+        let err = ensure_models(&[(ModelKind::Clip, "ViT-B/32")], &cache).unwrap_err();
+        assert!(err.transient, "{}", err.message);
+        assert!(err.message.contains("ViT-B/32"), "{}", err.message);
+        assert!(
+            err.message.to_ascii_lowercase().contains("refused"),
+            "the real cause is named: {}",
+            err.message
+        );
+        assert!(
+            err.message.contains("vqclip models pull ViT-B/32"),
+            "{}",
+            err.message
+        );
+        let root = root.path().display().to_string();
+        assert!(!err.message.contains(&root), "{}", err.message);
+        assert_eq!(
+            cache.status(find("ViT-B/32").unwrap()),
+            CacheStatus::Missing,
+            "a failed first download leaves no partial model"
         );
     }
 

@@ -52,7 +52,7 @@ pub enum DownloadError {
     Status { url: String, status: u16 },
     #[error("{url} redirected more than {MAX_REDIRECTS} times or to a bad location")]
     BadRedirect { url: String },
-    #[error("downloading {url} failed: {source}{}", resume_hint(.partial))]
+    #[error("downloading {url} failed: {}{}", cause_chain(.source), resume_hint(.partial))]
     Network {
         url: String,
         partial: Option<PathBuf>,
@@ -80,6 +80,57 @@ pub enum DownloadError {
     },
     #[error("could not start the download runtime: {0}")]
     Runtime(#[source] std::io::Error),
+}
+
+/// The error and every cause under it: reqwest's own message ("error sending request")
+/// hides the one that says what to fix (DNS, connection refused, timeout).
+pub fn cause_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![err.to_string()];
+    let mut next = err.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
+impl DownloadError {
+    /// A failure that may pass by itself (no route, refused, timed out, a server
+    /// error): worth retrying later, unlike a 404 or a checksum mismatch.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DownloadError::Network { .. } | DownloadError::Truncated { .. } => true,
+            DownloadError::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+
+    /// What went wrong, without local paths (for API clients; URLs are public).
+    pub fn public_cause(&self) -> String {
+        match self {
+            DownloadError::Network { source, .. } => {
+                let chain = cause_chain(source);
+                // The first link repeats the URL; the causes after it are the news.
+                match chain.split_once(": ") {
+                    Some((_, causes)) => causes.to_owned(),
+                    None => chain,
+                }
+            }
+            DownloadError::Io { source, .. } => {
+                format!("the model cache could not be written ({source})")
+            }
+            DownloadError::Runtime(e) => format!("the download could not start ({e})"),
+            DownloadError::Truncated {
+                url, got, expected, ..
+            } => {
+                format!("{url} ended after {got} of {expected} bytes")
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 fn resume_hint(partial: &Option<PathBuf>) -> String {
@@ -138,6 +189,18 @@ pub fn is_allowed_url(url: &Url) -> bool {
 /// Concurrent callers (threads or processes) for the same `dest` serialise on a
 /// lock file, so the second one finds the finished file.
 pub fn fetch_blocking(remote: &RemoteFile, dest: &Path) -> Result<Fetched, DownloadError> {
+    fetch_blocking_with_progress(remote, dest, &|_, _| {})
+}
+
+/// Bytes written so far and the total when the server said it.
+pub type OnProgress<'a> = &'a (dyn Fn(u64, Option<u64>) + Sync);
+
+/// As [`fetch_blocking`], reporting progress as chunks arrive.
+pub fn fetch_blocking_with_progress(
+    remote: &RemoteFile,
+    dest: &Path,
+    on_progress: OnProgress<'_>,
+) -> Result<Fetched, DownloadError> {
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|source| DownloadError::Io {
         path: parent.to_path_buf(),
@@ -154,7 +217,7 @@ pub fn fetch_blocking(remote: &RemoteFile, dest: &Path) -> Result<Fetched, Downl
                     .enable_all()
                     .build()
                     .map_err(DownloadError::Runtime)?;
-                runtime.block_on(fetch(remote, dest))
+                runtime.block_on(fetch_with_progress(remote, dest, on_progress))
             })
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
@@ -179,6 +242,15 @@ fn existing(dest: &Path) -> Result<Fetched, DownloadError> {
 /// Downloads `remote` to `dest` (no lock; see [`fetch_blocking`]). Resumes from
 /// `dest.part` when one is there, checks the sha256 and renames into place.
 pub async fn fetch(remote: &RemoteFile, dest: &Path) -> Result<Fetched, DownloadError> {
+    fetch_with_progress(remote, dest, &|_, _| {}).await
+}
+
+/// As [`fetch`], reporting progress as chunks arrive.
+pub async fn fetch_with_progress(
+    remote: &RemoteFile,
+    dest: &Path,
+    on_progress: OnProgress<'_>,
+) -> Result<Fetched, DownloadError> {
     if dest.is_file() {
         return existing(dest);
     }
@@ -264,6 +336,7 @@ pub async fn fetch(remote: &RemoteFile, dest: &Path) -> Result<Fetched, Download
         hasher.update(&chunk);
         written += chunk.len() as u64;
         bar.set_position(written);
+        on_progress(written, total);
     }
     bar.finish_and_clear();
     file.sync_all().map_err(io(&part))?;

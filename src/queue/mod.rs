@@ -22,12 +22,16 @@ use std::time::Duration;
 use uuid::Uuid;
 
 pub use metrics::Metrics;
-pub use sqlite::{KeyBounds, SqliteStore};
+pub use sqlite::{hostname, KeyBounds, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+    /// Every connection waited `busy_timeout` for the write lock (SQLITE_BUSY/LOCKED) or
+    /// for a pooled connection: the database is saturated, not broken; retry shortly.
+    #[error("the database is busy ({0}); retry shortly")]
+    Busy(sqlx::Error),
     #[error("cannot run database migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("the queue is full ({queued} jobs queued, limit {limit}); retry later")]
@@ -48,6 +52,29 @@ pub enum QueueError {
     LeaseLost { job: Uuid, worker: String },
     #[error("corrupt row in the job store: {0}")]
     Corrupt(String),
+}
+
+impl From<sqlx::Error> for QueueError {
+    fn from(err: sqlx::Error) -> QueueError {
+        if is_busy(&err) {
+            QueueError::Busy(err)
+        } else {
+            QueueError::Database(err)
+        }
+    }
+}
+
+/// SQLITE_BUSY (5) and SQLITE_LOCKED (6), in any of their extended forms, and a pool
+/// that had no connection to give within its acquire timeout.
+fn is_busy(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+        _ => false,
+    }
 }
 
 pub type QueueResult<T> = Result<T, QueueError>;
@@ -271,6 +298,9 @@ pub struct Page {
     pub jobs: Vec<Job>,
     /// Pass as `before` to get the next (older) page; `None` on the last page.
     pub next_cursor: Option<i64>,
+    /// Each job's queue position (as [`JobStore::position`]), read in the same query
+    /// as the page, so a job listed as queued always has one.
+    pub positions: Vec<Option<u64>>,
 }
 
 #[derive(Debug, Clone)]
@@ -286,9 +316,21 @@ pub enum CancelOutcome {
 /// How a worker's run of a job ended.
 #[derive(Debug, Clone)]
 pub enum Finish {
-    Succeeded { data: serde_json::Value },
-    Failed { error: String },
-    Canceled { step: u32 },
+    Succeeded {
+        data: serde_json::Value,
+    },
+    Failed {
+        error: String,
+    },
+    Canceled {
+        step: u32,
+    },
+    /// A transient failure (the network, while fetching models): back to the queue, not
+    /// claimable for `after`, unless the job has used all its attempts (then failed).
+    Retry {
+        error: String,
+        after: Duration,
+    },
 }
 
 /// The answer to a lease renewal.
@@ -324,6 +366,9 @@ pub struct WorkerInfo {
     pub device: String,
     pub job_id: Option<Uuid>,
     pub heartbeat_at: DateTime<Utc>,
+    /// The machine and process the worker runs in, as it registered them.
+    pub host: String,
+    pub pid: u32,
 }
 
 pub type QueueFuture<'a, T> = BoxFuture<'a, QueueResult<T>>;
@@ -339,6 +384,12 @@ pub trait JobStore: Send + Sync + 'static {
     /// 1 for the job claimed next; `None` unless queued.
     fn position<'a>(&'a self, job: &'a Job) -> QueueFuture<'a, Option<u64>>;
     fn cancel<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, CancelOutcome>;
+    /// Cancel requests for running jobs made through this store, the moment they commit,
+    /// so a worker in this process stops within the step it is on.
+    fn cancellations(&self) -> tokio::sync::broadcast::Receiver<Uuid>;
+    /// Whether a cancel was requested for the job: one indexed read, cheap enough for a
+    /// worker in another process to ask every few hundred milliseconds.
+    fn cancel_requested(&self, id: Uuid) -> QueueFuture<'_, bool>;
     /// Removes a terminal job and its events; the caller removes its artifacts.
     fn delete<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, Job>;
     /// Retention: removes the terminal jobs (and their events) that finished
@@ -418,6 +469,12 @@ pub trait JobStore: Send + Sync + 'static {
     fn worker_gone<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, ()>;
     /// Workers whose heartbeat is newer than `within`.
     fn live_workers(&self, within: Duration) -> QueueFuture<'_, Vec<WorkerInfo>>;
+    /// Every registered worker, however old its heartbeat.
+    fn workers(&self) -> QueueFuture<'_, Vec<WorkerInfo>>;
+    /// A worker known to be dead (its process is gone): its leases expire now and its
+    /// row goes, so [`JobStore::rescue_expired`] requeues its jobs at once instead of
+    /// after a full lease. Returns how many leases it held.
+    fn expire_worker<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, u64>;
 }
 
 /// The public paths of a job's resources. Events record them, so workers that know no

@@ -41,7 +41,7 @@ fn claim_sql(filter: &str) -> String {
         LEFT JOIN running r ON r.owner = COALESCE(q.owner_key_id, '') \
         LEFT JOIN job_owner_turns t ON t.owner = COALESCE(q.owner_key_id, '') \
         LEFT JOIN api_keys k ON k.id = q.owner_key_id \
-        WHERE q.state = 'queued' {filter} \
+        WHERE q.state = 'queued' AND COALESCE(q.not_before, 0) <= ?4 {filter} \
           AND (COALESCE(k.max_running, ?5) = 0 OR COALESCE(r.n, 0) < COALESCE(k.max_running, ?5)) \
         ORDER BY COALESCE(r.n, 0), COALESCE(t.turn, 0), q.priority DESC, q.seq \
         LIMIT 1) \
@@ -73,6 +73,7 @@ const SCOPE_SQL: &str = "(?1 OR owner_key_id IS ?2)";
 pub struct SqliteStore {
     pool: SqlitePool,
     events: broadcast::Sender<EventNotice>,
+    cancels: broadcast::Sender<Uuid>,
     queued: Arc<Notify>,
     key_bounds: KeyBounds,
 }
@@ -126,9 +127,11 @@ impl SqliteStore {
 
     pub fn from_pool(pool: SqlitePool) -> SqliteStore {
         let (events, _) = broadcast::channel(1024);
+        let (cancels, _) = broadcast::channel(256);
         SqliteStore {
             pool,
             events,
+            cancels,
             queued: Arc::new(Notify::new()),
             key_bounds: KeyBounds::default(),
         }
@@ -279,8 +282,17 @@ impl SqliteStore {
 
     async fn list_impl(&self, q: &ListQuery, scope: &Scope) -> QueueResult<Page> {
         let limit = q.limit.clamp(1, 1000);
+        // Positions come from the same statement (one snapshot) as the rows: a job
+        // listed as queued always has one, and a page costs one query, not one per row.
+        // The window counts as `position_impl` does: within the owner, by priority, then seq.
         let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE {SCOPE_SQL} \
+            "WITH queue AS ( \
+                 SELECT seq AS qseq, ROW_NUMBER() OVER ( \
+                     PARTITION BY COALESCE(owner_key_id, '') ORDER BY priority DESC, seq) AS position \
+                 FROM jobs WHERE state = 'queued') \
+             SELECT {JOB_COLUMNS}, queue.position FROM jobs \
+             LEFT JOIN queue ON queue.qseq = jobs.seq \
+             WHERE {SCOPE_SQL} \
              AND (?3 IS NULL OR state = ?3) AND (?4 IS NULL OR seq < ?4) \
              ORDER BY seq DESC LIMIT ?5"
         );
@@ -296,28 +308,42 @@ impl SqliteStore {
             .iter()
             .map(job_from_row)
             .collect::<QueueResult<Vec<_>>>()?;
+        let mut positions = rows
+            .iter()
+            .map(|r| Ok(r.try_get::<Option<i64>, _>("position")?.map(|p| p as u64)))
+            .collect::<QueueResult<Vec<_>>>()?;
         let next_cursor = if jobs.len() > limit as usize {
             jobs.truncate(limit as usize);
+            positions.truncate(limit as usize);
             jobs.last().map(|j| j.seq)
         } else {
             None
         };
-        Ok(Page { jobs, next_cursor })
+        Ok(Page {
+            jobs,
+            next_cursor,
+            positions,
+        })
     }
 
     async fn position_impl(&self, job: &Job) -> QueueResult<Option<u64>> {
-        let ahead: Option<i64> = sqlx::query_scalar(
-            // Among the owner's own jobs: owners take turns, and another key's
-            // backlog is none of this caller's business.
-            "SELECT (SELECT COUNT(*) FROM jobs WHERE state = 'queued' \
-               AND owner_key_id IS j.owner_key_id \
-               AND (priority > j.priority OR (priority = j.priority AND seq < j.seq))) \
-             FROM jobs j WHERE j.id = ? AND j.state = 'queued'",
+        // Counted for the job as the caller read it, so a job shown as queued always
+        // has a position (even if a worker took it a moment later).
+        if job.state != JobState::Queued {
+            return Ok(None);
+        }
+        // Among the owner's own jobs: owners take turns, and another key's
+        // backlog is none of this caller's business.
+        let ahead: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner_key_id IS ?1 \
+               AND (priority > ?2 OR (priority = ?2 AND seq < ?3))",
         )
-        .bind(job.id.to_string())
-        .fetch_optional(&self.pool)
+        .bind(&job.owner_key_id)
+        .bind(job.priority)
+        .bind(job.seq)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(ahead.map(|n| n as u64 + 1))
+        Ok(Some(ahead as u64 + 1))
     }
 
     async fn cancel_impl(&self, id: Uuid, scope: &Scope) -> QueueResult<CancelOutcome> {
@@ -356,6 +382,7 @@ impl SqliteStore {
                     .fetch_one(&mut *tx)
                     .await?;
                 tx.commit().await?;
+                let _ = self.cancels.send(id);
                 Ok(CancelOutcome::Requested(job_from_row(&row)?))
             }
             JobState::Canceled => Ok(CancelOutcome::AlreadyCanceled(job)),
@@ -510,6 +537,9 @@ impl SqliteStore {
 
     async fn finish_impl(&self, job: Uuid, worker_id: &str, finish: Finish) -> QueueResult<Job> {
         let (state, kind, error, data) = match finish {
+            Finish::Retry { error, after } => {
+                return self.retry_impl(job, worker_id, error, after).await
+            }
             Finish::Succeeded { data } => (JobState::Succeeded, EventKind::Completed, None, data),
             Finish::Failed { error } => (
                 JobState::Failed,
@@ -548,6 +578,61 @@ impl SqliteStore {
         tx.commit().await?;
         self.notify(&event);
         job_from_row(&row)
+    }
+
+    /// Back to the queue after a transient failure, claimable again after `after`;
+    /// failed instead once the job has used its attempts.
+    async fn retry_impl(
+        &self,
+        job: Uuid,
+        worker_id: &str,
+        error: String,
+        after: Duration,
+    ) -> QueueResult<Job> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let now = now_ms();
+        let sql = format!(
+            "UPDATE jobs SET \
+               state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
+               finished_at = CASE WHEN attempts >= max_attempts THEN ?1 ELSE NULL END, \
+               not_before = ?2, error = ?3, updated_at = ?1, \
+               lease_owner = NULL, lease_expires_at = NULL, eta_seconds = NULL \
+             WHERE id = ?4 AND state = 'running' AND lease_owner = ?5 RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(now)
+            .bind(now + after.as_millis() as i64)
+            .bind(&error)
+            .bind(job.to_string())
+            .bind(worker_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| QueueError::LeaseLost {
+                job,
+                worker: worker_id.to_owned(),
+            })?;
+        let updated = job_from_row(&row)?;
+        let (kind, data) = if updated.state == JobState::Failed {
+            (
+                EventKind::Failed,
+                serde_json::json!({ "state": "failed", "error": error }),
+            )
+        } else {
+            (
+                EventKind::State,
+                serde_json::json!({
+                    "state": "queued",
+                    "reason": error,
+                    "retry_in_seconds": after.as_secs_f64(),
+                    "attempt": updated.attempts,
+                    "max_attempts": updated.max_attempts,
+                }),
+            )
+        };
+        let event = Self::insert_event(&mut *tx, job, kind, &data).await?;
+        tx.commit().await?;
+        self.notify(&event);
+        Ok(updated)
     }
 
     async fn release_impl(&self, job: Uuid, worker_id: &str) -> QueueResult<()> {
@@ -756,11 +841,13 @@ impl SqliteStore {
         Ok(())
     }
 
-    async fn live_workers_impl(&self, within: Duration) -> QueueResult<Vec<WorkerInfo>> {
+    async fn live_workers_impl(&self, within: Option<Duration>) -> QueueResult<Vec<WorkerInfo>> {
+        let since = within.map_or(i64::MIN, |w| now_ms() - w.as_millis() as i64);
         let rows = sqlx::query(
-            "SELECT id, device, job_id, heartbeat_at FROM workers WHERE heartbeat_at >= ? ORDER BY id",
+            "SELECT id, device, job_id, heartbeat_at, host, pid FROM workers \
+             WHERE heartbeat_at >= ? ORDER BY id",
         )
-        .bind(now_ms() - within.as_millis() as i64)
+        .bind(since)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -771,13 +858,35 @@ impl SqliteStore {
                     device: row.try_get("device")?,
                     job_id: job.as_deref().map(parse_uuid).transpose()?,
                     heartbeat_at: ts(row.try_get("heartbeat_at")?),
+                    host: row
+                        .try_get::<Option<String>, _>("host")?
+                        .unwrap_or_default(),
+                    pid: row.try_get::<Option<i64>, _>("pid")?.unwrap_or(0) as u32,
                 })
             })
             .collect()
     }
+
+    async fn expire_worker_impl(&self, worker_id: &str) -> QueueResult<u64> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let held = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = 0 WHERE state = 'running' AND lease_owner = ?",
+        )
+        .bind(worker_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("DELETE FROM workers WHERE id = ?")
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(held)
+    }
 }
 
-fn hostname() -> String {
+/// The host name workers register with (`workers.host`).
+pub fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "localhost".into())
@@ -894,6 +1003,19 @@ impl JobStore for SqliteStore {
     fn cancel<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, CancelOutcome> {
         Box::pin(self.cancel_impl(id, scope))
     }
+    fn cancellations(&self) -> broadcast::Receiver<Uuid> {
+        self.cancels.subscribe()
+    }
+    fn cancel_requested(&self, id: Uuid) -> QueueFuture<'_, bool> {
+        Box::pin(async move {
+            let flag: Option<bool> =
+                sqlx::query_scalar("SELECT cancel_requested FROM jobs WHERE id = ?")
+                    .bind(id.to_string())
+                    .fetch_optional(&self.pool)
+                    .await?;
+            Ok(flag.unwrap_or(false))
+        })
+    }
     fn delete<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, Job> {
         Box::pin(self.delete_impl(id, scope))
     }
@@ -1007,7 +1129,13 @@ impl JobStore for SqliteStore {
         })
     }
     fn live_workers(&self, within: Duration) -> QueueFuture<'_, Vec<WorkerInfo>> {
-        Box::pin(self.live_workers_impl(within))
+        Box::pin(self.live_workers_impl(Some(within)))
+    }
+    fn workers(&self) -> QueueFuture<'_, Vec<WorkerInfo>> {
+        Box::pin(self.live_workers_impl(None))
+    }
+    fn expire_worker<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, u64> {
+        Box::pin(self.expire_worker_impl(worker_id))
     }
 }
 

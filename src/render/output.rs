@@ -243,7 +243,13 @@ pub fn write_mp4_with(
     let (w, h) = first.dimensions();
     let config = EncoderConfig::new()
         .max_frame_rate(openh264::encoder::FrameRate::from_hz(fps))
-        .bitrate(openh264::encoder::BitRate::from_bps(w * h * 8));
+        .bitrate(openh264::encoder::BitRate::from_bps(w * h * 8))
+        // openh264 drops frames to hold the bitrate by default; each dropped frame
+        // would become a zero-byte sample that players show as a frozen picture.
+        .skip_frames(false)
+        // Bitrate and quality modes need skipping to hold their target (openh264 warns
+        // on every encoder otherwise); buffer-based control adjusts quality instead.
+        .rate_control_mode(openh264::encoder::RateControlMode::Bufferbased);
     let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
         .map_err(|e| encode_err("video", e))?;
 
@@ -281,8 +287,18 @@ pub fn write_mp4_with(
         let img = cross_fade(from, to, t);
         let yuv =
             YUVBuffer::from_rgb8_source(RgbSliceU8::new(img.as_raw(), (w as usize, h as usize)));
-        let bitstream = encoder.encode(&yuv).map_err(|e| encode_err("video", e))?;
-        let annex_b = bitstream.to_vec();
+        let mut annex_b = encoder
+            .encode(&yuv)
+            .map_err(|e| encode_err("video", e))?
+            .to_vec();
+        if annex_b.is_empty() {
+            // Should the encoder still skip one, a key frame is never skipped.
+            encoder.force_intra_frame();
+            annex_b = encoder
+                .encode(&yuv)
+                .map_err(|e| encode_err("video", e))?
+                .to_vec();
+        }
         let mut sample = Vec::with_capacity(annex_b.len());
         let mut sync = false;
         for nal in split_annex_b(&annex_b) {
@@ -295,6 +311,12 @@ pub fn write_mp4_with(
                     sample.extend_from_slice(nal);
                 }
             }
+        }
+        if sample.is_empty() {
+            return Err(encode_err(
+                "video",
+                format!("the encoder produced no picture for {}", frame.display()),
+            ));
         }
         samples.push((sample, sync));
     }
@@ -580,6 +602,66 @@ mod tests {
         assert_eq!(track.sample_count(), 5);
         assert_eq!(track.duration(), std::time::Duration::from_millis(500));
         assert!((track.frame_rate() - 10.0).abs() < 1e-6);
+    }
+
+    /// Noise is what made the encoder skip frames (smooth gradients compress to nothing):
+    /// every sample must carry a picture and every picture must decode.
+    #[test]
+    fn mp4_of_noisy_frames_keeps_and_decodes_every_frame() {
+        use openh264::decoder::{Decoder, DecoderConfig};
+        use openh264::OpenH264API;
+        use rand::{Rng, SeedableRng};
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let mut frames = Vec::new();
+        for i in 0..12u8 {
+            let img = RgbImage::from_fn(64, 64, |_, _| image::Rgb(rng.gen::<[u8; 3]>()));
+            let p = dir.path().join(format!("{i:05}.png"));
+            write_png(&p, &img, &[]).unwrap();
+            frames.push(p);
+        }
+        let out = dir.path().join("v.mp4");
+        write_mp4(&out, &frames, 10.0).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let size = bytes.len() as u64;
+        let mut reader = mp4::Mp4Reader::read_header(std::io::Cursor::new(bytes), size).unwrap();
+        let track = reader.tracks().values().next().unwrap();
+        let track_id = track.track_id();
+        let count = track.sample_count();
+        assert_eq!(count, 12);
+        let avc = &track.trak.mdia.minf.stbl.stsd.avc1.as_ref().unwrap().avcc;
+        let start = [0u8, 0, 0, 1];
+        let mut head = Vec::new();
+        for nal in avc
+            .sequence_parameter_sets
+            .iter()
+            .chain(&avc.picture_parameter_sets)
+        {
+            head.extend_from_slice(&start);
+            head.extend_from_slice(&nal.bytes);
+        }
+        let mut decoder =
+            Decoder::with_api_config(OpenH264API::from_source(), DecoderConfig::new()).unwrap();
+        let mut decoded = 0;
+        for n in 1..=count {
+            let sample = reader.read_sample(track_id, n).unwrap().unwrap();
+            assert!(!sample.bytes.is_empty(), "sample {n} of {count} is empty");
+            // Length-prefixed NAL units back to Annex B for the decoder.
+            let mut packet = if n == 1 { head.clone() } else { Vec::new() };
+            let mut rest = &sample.bytes[..];
+            while rest.len() >= 4 {
+                let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                packet.extend_from_slice(&start);
+                packet.extend_from_slice(&rest[4..4 + len]);
+                rest = &rest[4 + len..];
+            }
+            if decoder.decode(&packet).unwrap().is_some() {
+                decoded += 1;
+            }
+        }
+        decoded += decoder.flush_remaining().unwrap().len();
+        assert_eq!(decoded, 12, "frames decoded of 12");
     }
 
     #[test]

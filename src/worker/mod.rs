@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -24,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::models::catalogue::ModelCache;
+use crate::models::catalogue::{
+    self, DownloadProgress, DownloadWatcher, ModelCache, ModelKind, Presence,
+};
 use crate::queue::{links, EventKind, Finish, Job, JobStore, Metrics, Progress, QueueError, Scope};
 use crate::render::{
     render_batch_hosted, BatchHost, BatchJob, CancelToken, ImageRef, JobSpec, ModelSet, ModelsSpec,
@@ -73,6 +76,11 @@ pub struct WorkerContext {
     pub poll: Duration,
     /// Jobs rendered together as one batch (`workers.batch_size`); 1 is no packing.
     pub batch_size: usize,
+    /// How often a running job's cancel flag is read, for cancels made by another
+    /// process (this process's own cancels arrive at once).
+    pub cancel_check: Duration,
+    /// The configured default models, reported at start.
+    pub default_models: Vec<(ModelKind, String)>,
 }
 
 impl WorkerContext {
@@ -92,6 +100,94 @@ impl WorkerContext {
             heartbeat: Duration::from_secs(w.heartbeat_seconds),
             poll: Duration::from_millis(w.poll_interval_ms.max(10)),
             batch_size: w.batch_size.max(1),
+            cancel_check: Duration::from_millis(w.poll_interval_ms.clamp(10, 200)),
+            default_models: default_models(config),
+        }
+    }
+}
+
+/// The models a job gets when it names none.
+pub fn default_models(config: &Config) -> Vec<(ModelKind, String)> {
+    std::iter::once((ModelKind::Vqgan, config.models.vqgan.clone()))
+        .chain(
+            config
+                .models
+                .clip
+                .iter()
+                .map(|c| (ModelKind::Clip, c.clone())),
+        )
+        .collect()
+}
+
+/// Whether each default model can be loaded without the network.
+pub fn default_models_presence(config: &Config) -> Vec<(ModelKind, String, Presence)> {
+    let cache = model_cache(config);
+    default_models(config)
+        .into_iter()
+        .map(|(kind, spec)| {
+            let presence = catalogue::presence(&spec, kind, &cache);
+            (kind, spec, presence)
+        })
+        .collect()
+}
+
+/// Worker ids alive in this process. A worker row from this host whose process is
+/// gone, or that claims this process's pid without being in here (the pid of a
+/// restarted container's first process repeats), belongs to a dead run.
+static LIVE_IN_PROCESS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn set_live(id: &str, live: bool) {
+    let mut ids = LIVE_IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
+    ids.retain(|i| i != id);
+    if live {
+        ids.push(id.to_owned());
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Workers of this host that died without saying goodbye (kill -9, a crash): their
+/// leases expire now, so their jobs are requeued at once instead of after a lease.
+async fn reclaim_dead_local_workers(store: &dyn JobStore) {
+    let host = crate::queue::hostname();
+    let own_pid = std::process::id();
+    let workers = match store.workers().await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("listing workers to reclaim: {e}");
+            return;
+        }
+    };
+    for w in workers {
+        if w.host != host {
+            continue;
+        }
+        let dead = if w.pid == own_pid {
+            !LIVE_IN_PROCESS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&w.id)
+        } else {
+            !process_alive(w.pid)
+        };
+        if !dead {
+            continue;
+        }
+        match store.expire_worker(&w.id).await {
+            Ok(held) => tracing::warn!(
+                worker = %w.id,
+                pid = w.pid,
+                jobs = held,
+                "worker of an earlier run on this host is gone; requeueing its jobs now"
+            ),
+            Err(e) => tracing::warn!(worker = %w.id, "reclaiming a dead worker: {e}"),
         }
     }
 }
@@ -112,9 +208,15 @@ impl WorkerPool {
             .iter()
             .map(|d| parse_device(d).map(|dev| (d.trim().to_owned(), dev)))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut tasks = vec![spawn_rescuer(ctx.clone(), shutdown.clone())];
-        for (i, (name, device)) in parsed.into_iter().enumerate() {
+        log_default_models(&ctx);
+        let mut ids = Vec::with_capacity(parsed.len());
+        for i in 0..parsed.len() {
             let id = format!("{}-{}-{i}", hostname_hint(), Uuid::now_v7().simple());
+            set_live(&id, true);
+            ids.push(id);
+        }
+        let mut tasks = vec![spawn_rescuer(ctx.clone(), shutdown.clone())];
+        for (id, (name, device)) in ids.into_iter().zip(parsed) {
             let render = RenderThread::spawn(&id, device, ctx.models.clone())?;
             let worker = Worker {
                 id,
@@ -136,6 +238,21 @@ impl WorkerPool {
     }
 }
 
+fn log_default_models(ctx: &WorkerContext) {
+    for (kind, spec) in &ctx.default_models {
+        let presence = catalogue::presence(spec, *kind, &ctx.models);
+        if presence.is_present() {
+            tracing::info!(kind = %kind, model = %spec, presence = presence.as_str(), "default model ready");
+        } else if ctx.models.is_offline() {
+            tracing::warn!(kind = %kind, model = %spec, presence = presence.as_str(), cache = %ctx.models.root().display(),
+                "default model not in the model cache and offline mode is on: jobs using it fail until `vqclip models pull` puts it there");
+        } else {
+            tracing::warn!(kind = %kind, model = %spec, presence = presence.as_str(), cache = %ctx.models.root().display(),
+                "default model not in the model cache: the first job downloads it (or run `vqclip models pull` now)");
+        }
+    }
+}
+
 fn hostname_hint() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().chars().take(24).collect())
@@ -145,6 +262,7 @@ fn hostname_hint() -> String {
 /// Hands jobs of dead workers back to the queue. Any process with workers runs one.
 fn spawn_rescuer(ctx: WorkerContext, shutdown: CancellationToken) -> JoinHandle<()> {
     tokio::spawn(async move {
+        reclaim_dead_local_workers(ctx.store.as_ref()).await;
         let mut tick = tokio::time::interval(ctx.heartbeat);
         loop {
             tokio::select! {
@@ -155,6 +273,9 @@ fn spawn_rescuer(ctx: WorkerContext, shutdown: CancellationToken) -> JoinHandle<
                 Ok(rescued) => {
                     for r in rescued {
                         tracing::warn!(job = %r.job_id, state = %r.state, attempts = r.attempts, "lease expired; job rescued");
+                        if r.state == crate::queue::JobState::Canceled {
+                            remove_checkpoint(&ctx.artifacts, r.job_id);
+                        }
                     }
                 }
                 Err(e) => tracing::warn!("rescuing expired leases: {e}"),
@@ -163,12 +284,53 @@ fn spawn_rescuer(ctx: WorkerContext, shutdown: CancellationToken) -> JoinHandle<
     })
 }
 
-type RenderReply = Result<RenderOutcome, String>;
+/// Why a render gave no outcome.
+#[derive(Debug, Clone)]
+struct JobFailure {
+    message: String,
+    /// It may pass by itself (the network): requeue with a backoff, not fail.
+    transient: bool,
+}
+
+impl JobFailure {
+    fn permanent(message: impl Into<String>) -> JobFailure {
+        JobFailure {
+            message: message.into(),
+            transient: false,
+        }
+    }
+}
+
+type RenderReply = Result<RenderOutcome, JobFailure>;
+
+/// A canceled job's checkpoint is of no further use; a finished one's the render removes.
+fn remove_checkpoint(artifacts: &ArtifactStore, job: Uuid) {
+    let path = artifacts.job_dir(job).join(CHECKPOINT_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => tracing::debug!(job = %job, "checkpoint removed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(job = %job, path = %path.display(), "removing the checkpoint: {e}")
+        }
+    }
+}
+
+/// The name the render gives a job's resumable checkpoint.
+const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+/// How long a job waits after a transient failure on attempt `attempt`: 5 s, 10 s,
+/// 20 s, … up to a minute.
+fn retry_backoff(attempt: u32) -> Duration {
+    let doublings = attempt.saturating_sub(1).min(4);
+    Duration::from_secs((5u64 << doublings).min(60))
+}
 
 /// One job for the render thread. A worker sends a batch of them at once.
 struct RenderRequest {
     job: RenderJob,
     progress: mpsc::UnboundedSender<ProgressEvent>,
+    /// Model downloads the job waits on.
+    downloads: mpsc::UnboundedSender<DownloadProgress>,
     cancel: CancelToken,
     /// Answered the moment this job ends, while the rest of its batch may go on.
     reply: oneshot::Sender<RenderReply>,
@@ -245,6 +407,7 @@ fn batchable_groups(mut batch: Vec<RenderRequest>) -> Vec<Vec<RenderRequest>> {
 struct BatchOnThread<'r> {
     key: BatchKey,
     replies: Vec<Option<oneshot::Sender<RenderReply>>>,
+    downloads: Vec<mpsc::UnboundedSender<DownloadProgress>>,
     requests: &'r std::sync::mpsc::Receiver<Vec<RenderRequest>>,
     /// Requests for another batch, rendered after this one.
     deferred: &'r mut VecDeque<Vec<RenderRequest>>,
@@ -253,6 +416,7 @@ struct BatchOnThread<'r> {
 impl BatchOnThread<'_> {
     fn join(&mut self, request: RenderRequest) -> BatchJob<'static> {
         self.replies.push(Some(request.reply));
+        self.downloads.push(request.downloads);
         BatchJob::new(Cow::Owned(request.job), request.progress, request.cancel)
     }
 }
@@ -275,7 +439,7 @@ impl BatchHost<'static> for BatchOnThread<'_> {
 
     fn ended(&mut self, index: usize, outcome: Result<RenderOutcome, RenderError>) {
         if let Some(reply) = self.replies.get_mut(index).and_then(Option::take) {
-            let _ = reply.send(outcome.map_err(|e| e.to_string()));
+            let _ = reply.send(outcome.map_err(|e| JobFailure::permanent(e.to_string())));
         }
     }
 }
@@ -294,21 +458,40 @@ fn render_group(
     let mut host = BatchOnThread {
         key: key.clone(),
         replies: Vec::with_capacity(group.len()),
+        downloads: Vec::with_capacity(group.len()),
         requests,
         deferred,
     };
     let jobs: Vec<BatchJob<'static>> = group.into_iter().map(|r| host.join(r)).collect();
     let styles_video = key.3;
     let models_spec = key.0;
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), JobFailure> {
         if loaded.as_ref().map(|(spec, _)| spec) != Some(&models_spec) {
             *loaded = None;
+            // Every model first, so that a job that cannot get them says which are
+            // missing, why and what to do, and downloads show in its events.
+            let watched = cache
+                .clone()
+                .with_download_watcher(download_watcher(host.downloads.clone()));
+            let wanted: Vec<(ModelKind, &str)> =
+                std::iter::once((ModelKind::Vqgan, models_spec.vqgan.as_str()))
+                    .chain(
+                        models_spec
+                            .clip
+                            .iter()
+                            .map(|c| (ModelKind::Clip, c.as_str())),
+                    )
+                    .collect();
+            catalogue::ensure_models(&wanted, &watched).map_err(|u| JobFailure {
+                message: u.message,
+                transient: u.transient,
+            })?;
             let set = ModelSet::load(&models_spec, cache, device)
-                .map_err(|e| format!("loading models: {e}"))?;
+                .map_err(|e| JobFailure::permanent(format!("loading models: {e}")))?;
             *loaded = Some((models_spec.clone(), set));
         }
         let Some((_, models)) = loaded.as_ref() else {
-            return Err("models are not loaded".into());
+            return Err(JobFailure::permanent("models are not loaded"));
         };
         if styles_video {
             for (i, mut entry) in jobs.into_iter().enumerate() {
@@ -326,7 +509,7 @@ fn render_group(
         Ok(())
     }));
     let failure = match result {
-        Ok(Ok(())) => "the render ended without an outcome".to_string(),
+        Ok(Ok(())) => JobFailure::permanent("the render ended without an outcome"),
         Ok(Err(e)) => e,
         Err(panic) => {
             let what = panic
@@ -335,7 +518,7 @@ fn render_group(
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
             *loaded = None;
-            format!("the render crashed: {what}")
+            JobFailure::permanent(format!("the render crashed: {what}"))
         }
     };
     // Jobs the render did not answer (models failed to load, a panic) fail alike.
@@ -344,12 +527,29 @@ fn render_group(
     }
 }
 
+/// Forwards model download progress to every job waiting on it.
+fn download_watcher(jobs: Vec<mpsc::UnboundedSender<DownloadProgress>>) -> DownloadWatcher {
+    DownloadWatcher(Arc::new(move |p: &DownloadProgress| {
+        for job in &jobs {
+            let _ = job.send(p.clone());
+        }
+    }))
+}
+
 struct Worker {
     id: String,
     device: String,
     ctx: WorkerContext,
     render: RenderThread,
     shutdown: CancellationToken,
+}
+
+/// What a running batch's futures report to its loop.
+enum BatchEvent {
+    /// A job's run ended and was recorded.
+    Ended,
+    /// The refill claim: a job to join the batch, or none.
+    Joined(Option<Box<(Job, RenderRequest, Pending)>>),
 }
 
 /// How a run ended, from the queue's point of view.
@@ -405,6 +605,7 @@ impl Worker {
             }
         }
         let _ = self.ctx.store.worker_gone(&self.id).await;
+        set_live(&self.id, false);
         tracing::info!(worker = %self.id, "worker stopped");
     }
 
@@ -453,49 +654,80 @@ impl Worker {
         if followed.len() > 1 {
             tracing::info!(worker = %self.id, jobs = followed.len(), "rendering a batch");
         }
-        let mut running = FuturesUnordered::new();
         if self.render.requests.send(requests).is_err() {
             for (job, _) in &followed {
                 self.render_thread_gone(job).await;
             }
             return;
         }
+        // Every job's follower and the refill claim are polled together. Awaiting the
+        // claim outside this set (as once done) left the followers unpolled, one of them
+        // possibly inside a write transaction: the claim then waited on a lock that
+        // could not be released, and every writer hit `busy_timeout` (issue 9, defect 1).
+        let mut running: FuturesUnordered<BoxFuture<'_, BatchEvent>> = FuturesUnordered::new();
         for (job, pending) in followed {
-            running.push(self.see_through(job, pending));
+            running.push(Box::pin(async move {
+                self.see_through(job, pending).await;
+                BatchEvent::Ended
+            }));
         }
-        while running.next().await.is_some() {
-            let refill = !running.is_empty()
-                && running.len() < self.ctx.batch_size
-                && !self.shutdown.is_cancelled();
-            if !refill {
-                continue;
-            }
-            let claim = self.ctx.store.claim_alongside(
-                &self.id,
-                &self.device,
-                self.ctx.lease,
-                leader,
-                &BATCH_KEY,
-            );
-            let job = match claim.await {
-                Ok(Some(job)) => job,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(worker = %self.id, "claiming a job to batch: {e}");
-                    continue;
+        let mut claiming = false;
+        while let Some(event) = running.next().await {
+            let ended = match event {
+                BatchEvent::Ended => true,
+                BatchEvent::Joined(joined) => {
+                    claiming = false;
+                    if let Some(joined) = joined {
+                        let (job, request, pending) = *joined;
+                        tracing::info!(worker = %self.id, job = %job.id, "job joins the running batch");
+                        // Should the batch have ended meanwhile, the render thread starts a new one.
+                        let sent = self.render.requests.send(vec![request]).is_ok();
+                        running.push(Box::pin(async move {
+                            if sent {
+                                self.see_through(job, pending).await;
+                            } else {
+                                self.render_thread_gone(&job).await;
+                            }
+                            BatchEvent::Ended
+                        }));
+                    }
+                    false
                 }
             };
-            let Some((request, pending)) = self.start_job(&job).await else {
-                continue;
-            };
-            tracing::info!(worker = %self.id, job = %job.id, "job joins the running batch");
-            // Should the batch have ended meanwhile, the render thread starts a new one.
-            if self.render.requests.send(vec![request]).is_err() {
-                self.render_thread_gone(&job).await;
-                continue;
+            // A place freed by an ended job is offered to one compatible queued job.
+            let refill = ended
+                && !claiming
+                && !running.is_empty()
+                && running.len() < self.ctx.batch_size
+                && !self.shutdown.is_cancelled();
+            if refill {
+                claiming = true;
+                running.push(Box::pin(async move {
+                    BatchEvent::Joined(self.claim_to_join(leader).await.map(Box::new))
+                }));
             }
-            running.push(self.see_through(job, pending));
         }
+    }
+
+    /// A queued job that can share the running batch's steps, ready to render.
+    async fn claim_to_join(&self, leader: Uuid) -> Option<(Job, RenderRequest, Pending)> {
+        let claim = self.ctx.store.claim_alongside(
+            &self.id,
+            &self.device,
+            self.ctx.lease,
+            leader,
+            &BATCH_KEY,
+        );
+        let job = match claim.await {
+            Ok(Some(job)) => job,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(worker = %self.id, "claiming a job to batch: {e}");
+                return None;
+            }
+        };
+        let (request, pending) = self.start_job(&job).await?;
+        Some((job, request, pending))
     }
 
     /// A claimed job's render request, or `None` when it failed before rendering.
@@ -539,17 +771,37 @@ impl Worker {
     /// Records how a job's run ended.
     async fn conclude(&self, job: &Job, started: Instant, end: RunEnd) {
         let store = &self.ctx.store;
+        let mut failure = None;
         let outcome = match end {
             RunEnd::Finished(finish) => {
                 let state = match &finish {
                     Finish::Succeeded { .. } => "succeeded",
-                    Finish::Failed { .. } => "failed",
+                    Finish::Failed { error } => {
+                        failure = Some(error.clone());
+                        "failed"
+                    }
+                    Finish::Retry { error, .. } => {
+                        failure = Some(error.clone());
+                        "requeued after a transient failure"
+                    }
                     Finish::Canceled { .. } => "canceled",
                 };
-                self.ctx
-                    .metrics
-                    .job_finished(state, started.elapsed().as_secs_f64());
-                store.finish(job.id, &self.id, finish).await.map(|_| state)
+                let canceled = matches!(finish, Finish::Canceled { .. });
+                let recorded = store.finish(job.id, &self.id, finish).await;
+                let state = match &recorded {
+                    // Out of attempts: the retry became a failure.
+                    Ok(j) if j.state == crate::queue::JobState::Failed => "failed",
+                    _ => state,
+                };
+                if state != "requeued after a transient failure" {
+                    self.ctx
+                        .metrics
+                        .job_finished(state, started.elapsed().as_secs_f64());
+                }
+                if canceled && recorded.is_ok() {
+                    remove_checkpoint(&self.ctx.artifacts, job.id);
+                }
+                recorded.map(|_| state)
             }
             RunEnd::Interrupted { checkpoint, step } => {
                 let saved = match &checkpoint {
@@ -563,11 +815,23 @@ impl Worker {
             }
             RunEnd::LeaseLost => Ok("abandoned (lease lost)"),
         };
-        match outcome {
-            Ok(state) => tracing::info!(worker = %self.id, job = %job.id, "job {state}"),
-            Err(e) => {
-                tracing::warn!(worker = %self.id, job = %job.id, "recording the end of the job: {e}")
-            }
+        match (outcome, failure) {
+            (Ok(state), Some(error)) => tracing::warn!(
+                worker = %self.id,
+                job = %job.id,
+                attempt = job.attempts,
+                max_attempts = job.max_attempts,
+                // Debug keeps a multi-line reason on the one log line.
+                error = ?error,
+                "job {state}"
+            ),
+            (Ok(state), None) => tracing::info!(worker = %self.id, job = %job.id, "job {state}"),
+            (Err(e), failure) => tracing::warn!(
+                worker = %self.id,
+                job = %job.id,
+                error = failure.as_deref().unwrap_or("none"),
+                "recording the end of the job: {e}"
+            ),
         }
     }
 
@@ -624,18 +888,36 @@ impl Worker {
         let Pending {
             out_dir,
             mut progress,
+            mut downloads,
             mut reply,
             cancel,
         } = pending;
         let mut lease_lost = false;
         let mut interrupted = false;
         let mut progress_open = true;
+        let mut downloads_open = true;
+        let mut last_download_note: Option<Instant> = None;
         let mut last_elapsed = 0.0;
         let mut heartbeat = tokio::time::interval(self.ctx.heartbeat);
         heartbeat.tick().await;
+        let mut cancels = self.ctx.store.cancellations();
+        let mut cancels_open = true;
+        let mut cancel_check = tokio::time::interval(self.ctx.cancel_check);
+        cancel_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             tokio::select! {
                 biased;
+                // A cancel made in this process: the render stops before its next step.
+                id = cancels.recv(), if cancels_open && !cancel.is_canceled() => match id {
+                    Ok(id) if id == job.id => cancel.cancel(),
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if matches!(self.ctx.store.cancel_requested(job.id).await, Ok(true)) {
+                            cancel.cancel();
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => cancels_open = false,
+                },
                 event = progress.recv(), if progress_open => match event {
                     Some(event) => {
                         if let Err(e) = self.record(job, &out_dir, event, &cancel, &mut last_elapsed).await {
@@ -651,7 +933,34 @@ impl Worker {
                             lease_lost |= self.lease_error(job, e, &cancel);
                         }
                     }
-                    break answer.unwrap_or_else(|_| Err("the render thread stopped mid-job".into()));
+                    break answer.unwrap_or_else(|_| Err(JobFailure::permanent("the render thread stopped mid-job")));
+                }
+                note = downloads.recv(), if downloads_open => match note {
+                    Some(note) => {
+                        let done = note.total == Some(note.bytes);
+                        let due = last_download_note.is_none_or(|t| t.elapsed() >= DOWNLOAD_NOTE_EVERY);
+                        if done || due {
+                            last_download_note = Some(Instant::now());
+                            let data = json!({
+                                "state": "running",
+                                "phase": "downloading models",
+                                "model": note.model,
+                                "file": note.file,
+                                "bytes": note.bytes,
+                                "total_bytes": note.total,
+                            });
+                            if let Err(e) = self.ctx.store.append_event(job.id, EventKind::State, data).await {
+                                tracing::warn!(worker = %self.id, job = %job.id, "recording download progress: {e}");
+                            }
+                        }
+                    }
+                    None => downloads_open = false,
+                },
+                // A cancel made by another process, read without waiting for a progress write.
+                _ = cancel_check.tick(), if !cancel.is_canceled() => {
+                    if matches!(self.ctx.store.cancel_requested(job.id).await, Ok(true)) {
+                        cancel.cancel();
+                    }
                 }
                 _ = heartbeat.tick() => {
                     let _ = self.ctx.store.worker_heartbeat(&self.id, &self.device, Some(job.id)).await;
@@ -689,7 +998,22 @@ impl Worker {
                 checkpoint: relative(&out_dir, &checkpoint),
                 step,
             },
-            Err(error) => RunEnd::Finished(Finish::Failed { error }),
+            Err(JobFailure {
+                message,
+                transient: true,
+            }) if job.attempts < job.max_attempts => {
+                let after = retry_backoff(job.attempts);
+                RunEnd::Finished(Finish::Retry {
+                    error: format!(
+                        "{message}\nThis looks temporary: attempt {} of {} failed; the job is retried in {} s.",
+                        job.attempts,
+                        job.max_attempts,
+                        after.as_secs()
+                    ),
+                    after,
+                })
+            }
+            Err(JobFailure { message, .. }) => RunEnd::Finished(Finish::Failed { error: message }),
         }
     }
 
@@ -799,10 +1123,14 @@ fn add_video_frame(data: &mut serde_json::Value, spec: &serde_json::Value, step:
     data["frame_step"] = json!(done % per_frame + 1);
 }
 
+/// Download progress is recorded as an event at most this often (and when a file is done).
+const DOWNLOAD_NOTE_EVERY: Duration = Duration::from_millis(500);
+
 /// The worker's side of one job handed to the render thread.
 struct Pending {
     out_dir: std::path::PathBuf,
     progress: mpsc::UnboundedReceiver<ProgressEvent>,
+    downloads: mpsc::UnboundedReceiver<DownloadProgress>,
     reply: oneshot::Receiver<RenderReply>,
     cancel: CancelToken,
 }
@@ -810,6 +1138,7 @@ struct Pending {
 impl Pending {
     fn new(job: RenderJob, cancel_requested: bool) -> (RenderRequest, Pending) {
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+        let (downloads_tx, downloads_rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
         let cancel = CancelToken::new();
         if cancel_requested {
@@ -818,12 +1147,14 @@ impl Pending {
         let pending = Pending {
             out_dir: job.out_dir.clone(),
             progress: progress_rx,
+            downloads: downloads_rx,
             reply: reply_rx,
             cancel: cancel.clone(),
         };
         let request = RenderRequest {
             job,
             progress: progress_tx,
+            downloads: downloads_tx,
             cancel,
             reply: reply_tx,
         };

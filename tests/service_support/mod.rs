@@ -511,3 +511,52 @@ pub async fn problem(r: reqwest::Response, status: u16) -> Value {
     assert!(!p["detail"].as_str().unwrap().is_empty());
     p
 }
+
+impl ServerProcess {
+    /// As [`ServerProcess::spawn`], with extra environment variables and, when
+    /// `stderr_to` is given, the server's log written to that file.
+    pub fn spawn_with(
+        config: &Path,
+        log: &str,
+        env: &[(&str, &str)],
+        stderr_to: Option<&Path>,
+    ) -> ServerProcess {
+        let stderr = match stderr_to {
+            Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+            None => Stdio::inherit(),
+        };
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vqclip"));
+        command
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("VQCLIP_LOG", log)
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("vqclip listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        ServerProcess {
+            child,
+            api: Api {
+                base,
+                client: reqwest::Client::new(),
+            },
+        }
+    }
+}
+
+/// SIGKILL: the process gets no chance to clean up (a crash, an OOM kill).
+pub fn sigkill(child: &mut Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
