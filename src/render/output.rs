@@ -315,7 +315,10 @@ pub fn write_mp4_with(
         if sample.is_empty() {
             return Err(encode_err(
                 "video",
-                format!("the encoder produced no picture for {}", frame.display()),
+                format!(
+                    "the encoder produced no picture for output frame {}",
+                    samples.len()
+                ),
             ));
         }
         samples.push((sample, sync));
