@@ -144,7 +144,10 @@ fn render_command_takes_every_spec_field() {
     assert_eq!(spec["image_prompts"][0]["weight"], 0.5);
     assert_eq!(spec["image_prompts"][0]["stop"], -1.0);
     assert_eq!(spec["noise_prompt_seeds"], serde_json::json!([3, 4]));
-    assert_eq!(spec["noise_prompt_weights"], serde_json::json!([0.25, -0.5]));
+    assert_eq!(
+        spec["noise_prompt_weights"],
+        serde_json::json!([0.25, -0.5])
+    );
     assert_eq!(spec["init_noise"], "gradient");
     assert_eq!(spec["init_regulariser"], "mse_init");
     assert_eq!(spec["optimizer"], "diffgrad");

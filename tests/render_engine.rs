@@ -333,7 +333,10 @@ fn encoded_starts_are_quantised() {
         let dir = tempfile::tempdir().unwrap();
         let job = job(spec(&value.to_string()), dir.path());
         let session = RenderSession::new(&job, models()).unwrap();
-        assert!(on_codebook(session.z()), "{case}: initial z is off the codebook");
+        assert!(
+            on_codebook(session.z()),
+            "{case}: initial z is off the codebook"
+        );
         assert!(on_codebook(&session.checkpoint().z_orig), "{case}");
     }
     // Zoom every step from step 0: each step starts from a fresh quantised encoding,
@@ -349,10 +352,21 @@ fn encoded_starts_are_quantised() {
     for step in 0..3 {
         session.step().unwrap();
         let target = session.checkpoint().z_orig;
-        assert!(on_codebook(&target), "step {step}: zoom target off the codebook");
-        assert!(!on_codebook(session.z()), "step {step}: z should have moved off it");
+        assert!(
+            on_codebook(&target),
+            "step {step}: zoom target off the codebook"
+        );
+        assert!(
+            !on_codebook(session.z()),
+            "step {step}: z should have moved off it"
+        );
         if step == 0 {
-            let moved = (&target - &start).unwrap().abs().unwrap().sum_all().unwrap();
+            let moved = (&target - &start)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap();
             assert!(moved.to_scalar::<f32>().unwrap() > 0.0, "no zoom at step 0");
         }
     }

@@ -603,7 +603,10 @@ mod tests {
             ("&zzz; &; & &#;", "&zzz; &; & &#;"),
             ("&#65BC &#x42z", "ABC Bz"),
             ("&#0;&#128;&#x9d;&#150;", "\u{fffd}€\u{9d}–"),
-            ("&#xD800;&#1114112;&#99999999999999999999999;", "\u{fffd}\u{fffd}\u{fffd}"),
+            (
+                "&#xD800;&#1114112;&#99999999999999999999999;",
+                "\u{fffd}\u{fffd}\u{fffd}",
+            ),
             ("a&#1;b&#x7f;c&#xfffe;d&#9;e", "abcd\te"),
             ("&amp;amp;", "&amp;"),
         ];
@@ -617,7 +620,10 @@ mod tests {
         let cases = [
             ("it\u{2019}s \u{201c}so\u{201d}", "it's \"so\""),
             ("\u{fb01}ne \u{ff21}\u{ff22}", "fine AB"),
-            ("The Mona Lisa doesn\u{e2}\u{20ac}\u{2122}t", "The Mona Lisa doesn't"),
+            (
+                "The Mona Lisa doesn\u{e2}\u{20ac}\u{2122}t",
+                "The Mona Lisa doesn't",
+            ),
             ("red\x1b[31mtext\x1b[0m", "redtext"),
             ("&amp;amp;amp; &EACUTE;", "& \u{c9}"),
             // A line with `<` switches ftfy's entity pass off from there on.

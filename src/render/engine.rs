@@ -539,7 +539,10 @@ fn image_truncated(t: &Tensor) -> Result<image::RgbImage, RenderError> {
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1()?;
-    let bytes = data.iter().map(|v| (v * 255.0).clamp(0.0, 255.0) as u8).collect();
+    let bytes = data
+        .iter()
+        .map(|v| (v * 255.0).clamp(0.0, 255.0) as u8)
+        .collect();
     image::RgbImage::from_raw(w as u32, h as u32, bytes)
         .ok_or_else(|| RenderError::Model("image buffer size mismatch".into()))
 }

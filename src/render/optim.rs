@@ -182,7 +182,10 @@ fn adamp_projection(p: &Tensor, grad: &Tensor, perturb: &Tensor) -> candle_core:
         let g_norm = gv.sqr()?.sum(1)?.sqrt()?;
         let dot = (&gv * &pv)?.sum(1)?;
         let cosine = ((dot.abs()? / (g_norm + ADAMP_EPS)?)? / (&p_norm + ADAMP_EPS)?)?;
-        let max: f64 = cosine.max(0)?.to_dtype(candle_core::DType::F64)?.to_scalar()?;
+        let max: f64 = cosine
+            .max(0)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar()?;
         let width = pv.dim(1)? as f64;
         if max < ADAMP_DELTA / width.sqrt() {
             let p_n = p.broadcast_div(&(p_norm + ADAMP_EPS)?.reshape(expand.as_slice())?)?;
@@ -251,7 +254,11 @@ mod tests {
     fn diffgrad_matches_torch_optimizer() {
         assert_close(
             &run(OptimizerKind::Diffgrad),
-            &[-0.07846159106833607, -0.3013861146492471, 1.4776574797560647],
+            &[
+                -0.07846159106833607,
+                -0.3013861146492471,
+                1.4776574797560647,
+            ],
         );
     }
 
@@ -267,11 +274,17 @@ mod tests {
             (&[1, 2, 2, 2], along, &ADAMP[1]),
             (&[2, 2, 2], ortho, &ADAMP[2]),
         ] {
-            assert_close(&run_shaped(OptimizerKind::Adamp, shape, orthogonal), expected);
+            assert_close(
+                &run_shaped(OptimizerKind::Adamp, shape, orthogonal),
+                expected,
+            );
         }
         // The projection really ran: the orthogonal case is not Adam's result.
         let adam = run_shaped(OptimizerKind::Adam, &[1, 2, 2, 2], ortho);
-        assert!(adam.iter().zip(&ADAMP[0]).any(|(a, b)| (a - b).abs() > 1e-3));
+        assert!(adam
+            .iter()
+            .zip(&ADAMP[0])
+            .any(|(a, b)| (a - b).abs() > 1e-3));
     }
 
     /// Eight steps on an 8-element parameter of `shape`: g_t = b·t + p, or, when

@@ -906,16 +906,20 @@ mod tests {
     #[test]
     fn noise_prompt_pairs_need_equal_counts_and_one_form() {
         let limits = Limits::default();
-        let s = spec(
-            r#"{"noise_prompt_seeds": [3, 4], "noise_prompt_weights": [0.5, -1]}"#,
-        );
+        let s = spec(r#"{"noise_prompt_seeds": [3, 4], "noise_prompt_weights": [0.5, -1]}"#);
         s.validate(&limits).unwrap();
         let all = s.all_noise_prompts();
         assert_eq!(
             all,
             vec![
-                NoisePromptSpec { seed: 3, weight: 0.5 },
-                NoisePromptSpec { seed: 4, weight: -1.0 }
+                NoisePromptSpec {
+                    seed: 3,
+                    weight: 0.5
+                },
+                NoisePromptSpec {
+                    seed: 4,
+                    weight: -1.0
+                }
             ]
         );
         for (json, field) in [
