@@ -526,8 +526,9 @@ fn encode_quantized(
 ) -> Result<Tensor, RenderError> {
     let x = output::image_to_tensor(img, device)?;
     let z = models.vqgan.encode(&x.affine(2.0, -1.0)?)?;
-    let (z_q, _) = models.vqgan.quantize(&z)?;
-    Ok(z_q.detach().to_dtype(DType::F32)?)
+    let (_, indices) = models.vqgan.quantize(&z)?;
+    // The rows themselves: taming's `z + (z_q - z).detach()` equals them to an ulp.
+    Ok(models.vqgan.embed_indices(&indices)?.to_dtype(DType::F32)?)
 }
 
 /// generate.py's `out.mul(255).clamp(0, 255)...astype(np.uint8)`: truncated, not rounded.
