@@ -78,16 +78,23 @@ fn input_png() -> Tensor {
         .unwrap()
 }
 
+/// Ids equal OpenAI's tokenizer (clip-anytorch, what generate.py uses) on prompts that its
+/// ftfy and HTML cleaning rewrites: curly quotes, entities, full-width forms, ligatures,
+/// mojibake, emoji, CJK, combining marks, control characters, tabs and CRLF, long prompts.
 #[test]
-fn token_ids_match_hf_clip_tokenizer() {
+fn token_ids_match_openai_clip_tokenizer() {
     let tok = ClipTokenizer::bundled().unwrap();
     let reference = reference_json();
     let cases = reference["tokenizer"]["cases"].as_array().unwrap();
-    assert!(cases.len() >= 10);
-    let mut saw_truncation = false;
+    assert!(cases.len() >= 50, "only {} cases", cases.len());
+    let (mut saw_truncation, mut cleaning_mattered) = (false, 0);
     for case in cases {
         let text = case["text"].as_str().unwrap();
         let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let openai: Vec<u32> = serde_json::from_value(case["openai_ids"].clone()).unwrap();
+        let hf: Vec<u32> = serde_json::from_value(case["hf_ids"].clone()).unwrap();
+        // `ids` is OpenAI's list up to its end marker, padded with end-of-text.
+        assert_eq!(&want[..openai.len()], &openai[..], "fixture for {text:?}");
         let got = tok.encode(text).unwrap();
         assert_eq!(got.ids, want, "ids for {text:?}");
         assert_eq!(
@@ -96,10 +103,15 @@ fn token_ids_match_hf_clip_tokenizer() {
             "truncated for {text:?}"
         );
         saw_truncation |= got.truncated;
+        cleaning_mattered += usize::from(hf != openai);
     }
     assert!(
         saw_truncation,
         "the cases must include a prompt longer than 77 tokens"
+    );
+    assert!(
+        cleaning_mattered >= 30,
+        "only {cleaning_mattered} cases where OpenAI's cleaning changes the ids"
     );
 }
 

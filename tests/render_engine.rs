@@ -300,6 +300,100 @@ fn story_phrases_change_every_n_steps() {
     assert!(losses[2] < 0.0 && losses[3] < 0.0, "{losses:?}");
 }
 
+/// Whether every latent vector of z (1, C, h, w) is a codebook row (to float rounding).
+fn on_codebook(z: &candle_core::Tensor) -> bool {
+    let (z_q, _) = models().vqgan.quantize(z).unwrap();
+    let diff = (z - z_q)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    diff < 1e-6
+}
+
+/// taming's `VQModel.encode` returns the quantised latent, and generate.py starts there:
+/// for an init image, for init noise, and after every zoom step (where `mse_init` then
+/// pulls too).
+#[test]
+fn encoded_starts_are_quantised() {
+    let init = image::RgbImage::from_fn(16, 16, |x, y| {
+        image::Rgb([(x * 16) as u8, (y * 16) as u8, 90])
+    });
+    let init = png_data_url(&init);
+    for case in [
+        format!(r#"{{"init_image": "{init}"}}"#),
+        r#"{"init_noise": "pixels"}"#.to_owned(),
+        r#"{"init_noise": "gradient"}"#.to_owned(),
+    ] {
+        let mut value: serde_json::Value = serde_json::from_str(&case).unwrap();
+        value["prompts"] = "a lighthouse".into();
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(spec(&value.to_string()), dir.path());
+        let session = RenderSession::new(&job, models()).unwrap();
+        assert!(
+            on_codebook(session.z()),
+            "{case}: initial z is off the codebook"
+        );
+        assert!(on_codebook(&session.checkpoint().z_orig), "{case}");
+    }
+    // Zoom every step from step 0: each step starts from a fresh quantised encoding,
+    // which is also the mse_init target.
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(
+        r#"{"prompts": "a lighthouse", "zoom": {"every": 1, "scale": 0.9},
+            "init_weight": 1.0, "init_regulariser": "mse_init"}"#,
+    );
+    let job = job(s, dir.path());
+    let mut session = RenderSession::new(&job, models()).unwrap();
+    let start = session.checkpoint().z_orig;
+    for step in 0..3 {
+        session.step().unwrap();
+        let target = session.checkpoint().z_orig;
+        assert!(
+            on_codebook(&target),
+            "step {step}: zoom target off the codebook"
+        );
+        assert!(
+            !on_codebook(session.z()),
+            "step {step}: z should have moved off it"
+        );
+        if step == 0 {
+            let moved = (&target - &start)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            assert!(moved.to_scalar::<f32>().unwrap() > 0.0, "no zoom at step 0");
+        }
+    }
+}
+
+/// A zoom render writes generate.py's zoom-video frame before every zoom step, from
+/// step 0, whatever `zoom.start` and `save_every` say.
+#[test]
+fn zoom_writes_a_frame_at_every_zoom_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(
+        r#"{"prompts": "a lighthouse", "steps": 6, "save_every": 0,
+            "zoom": {"every": 3, "start": 3, "scale": 1.005}, "video": {"enabled": false}}"#,
+    );
+    match run(s, dir.path()) {
+        RenderOutcome::Completed(art) => {
+            let names: Vec<String> = art
+                .frames
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(names, ["00000.png", "00003.png", "00006.png"]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn every_optimizer_cut_method_and_init_runs() {
     let init = image::RgbImage::from_fn(16, 16, |x, y| {
@@ -312,6 +406,8 @@ fn every_optimizer_cut_method_and_init_runs() {
         r#"{"optimizer": "adamax"}"#.to_owned(),
         r#"{"optimizer": "rmsprop"}"#.to_owned(),
         r#"{"optimizer": "radam"}"#.to_owned(),
+        r#"{"optimizer": "diffgrad"}"#.to_owned(),
+        r#"{"optimizer": "adamp"}"#.to_owned(),
         r#"{"cut_method": "original", "cut_pow": 2.0}"#.to_owned(),
         r#"{"augments": ["Ji", "Sh", "Gn", "Pe", "Ro", "Af", "Et", "Ts", "Cr", "Er", "Re"]}"#
             .to_owned(),

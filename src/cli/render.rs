@@ -9,11 +9,12 @@ use base64::Engine as _;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use vqclip::models::catalogue::ModelCache;
+use vqclip::render::prompts::parse_prompt;
 use vqclip::render::video::{read_frame_dir, read_mp4, style_video};
 use vqclip::render::{
-    render, Augment, CancelToken, CutMethod, ImagePromptSpec, JobSpec, Limits, ModelSet,
-    OptimizerKind, ProgressEvent, PromptsSpec, RenderJob, RenderOutcome, SourceVideo, VideoLimits,
-    VideoStyleSpec,
+    render, Augment, CancelToken, CutMethod, ImagePromptSpec, InitNoise, InitRegulariser, JobSpec,
+    Limits, ModelSet, OptimizerKind, ProgressEvent, PromptsSpec, RenderJob, RenderOutcome,
+    SourceVideo, VideoLimits, VideoStyleSpec, ZoomSpec,
 };
 
 #[derive(clap::Args)]
@@ -31,14 +32,27 @@ struct RenderFlags {
     /// Text prompts in generate.py syntax: "text:weight:stop | text2:-0.5", `^` between story phrases.
     #[arg(long, short = 'p')]
     prompt: Option<String>,
-    /// An image file to use as a prompt (repeatable).
-    #[arg(long = "image-prompt")]
-    image_prompts: Vec<PathBuf>,
+    /// Image prompts in generate.py syntax: "path:weight:stop", `|` between several
+    /// (repeatable).
+    #[arg(long = "image-prompt", visible_alias = "image-prompts")]
+    image_prompts: Vec<String>,
+    /// Noise prompt seeds (generate.py's -nps), one weight each in --noise-prompt-weights.
+    #[arg(long, num_args = 1..)]
+    noise_prompt_seeds: Vec<u64>,
+    /// Noise prompt weights (generate.py's -npw), as many as --noise-prompt-seeds.
+    #[arg(long, num_args = 1.., allow_negative_numbers = true)]
+    noise_prompt_weights: Vec<f32>,
     /// An image file whose encoding is the starting point.
     #[arg(long)]
     init_image: Option<PathBuf>,
+    /// Start from an encoded noise image instead: pixels or gradient.
+    #[arg(long)]
+    init_noise: Option<String>,
     #[arg(long)]
     init_weight: Option<f32>,
+    /// decay_zero (generate.py's) or mse_init (Crowson's notebook).
+    #[arg(long)]
+    init_regulariser: Option<String>,
     #[arg(long)]
     width: Option<u32>,
     #[arg(long)]
@@ -49,7 +63,7 @@ struct RenderFlags {
     seed: Option<u64>,
     #[arg(long)]
     lr: Option<f32>,
-    /// adam, adamw, adagrad, adamax, rmsprop or radam.
+    /// adam, adamw, adagrad, adamax, rmsprop, radam, diffgrad or adamp.
     #[arg(long)]
     optimizer: Option<String>,
     #[arg(long)]
@@ -71,6 +85,27 @@ struct RenderFlags {
     /// Skip the MP4.
     #[arg(long)]
     no_video: bool,
+    /// Story mode: the next `^` phrase of --prompt every this many steps.
+    #[arg(long)]
+    change_prompt_every: Option<u32>,
+    /// Zoom video (generate.py's -zvid) with default settings; any --zoom-* flag implies it.
+    #[arg(long)]
+    zoom: bool,
+    /// First step that zooms (frames are still written before it).
+    #[arg(long)]
+    zoom_start: Option<u32>,
+    /// Zoom (and write a zoom frame) every this many steps (generate.py's -zse).
+    #[arg(long)]
+    zoom_every: Option<u32>,
+    /// Crop width/scale about the centre: below 1 zooms out, above 1 in (default 0.99).
+    #[arg(long)]
+    zoom_scale: Option<f32>,
+    /// Pixels to shift right (negative: left) per zoom step, wrapping round.
+    #[arg(long, allow_negative_numbers = true)]
+    zoom_shift_x: Option<i32>,
+    /// Pixels to shift down (negative: up) per zoom step, wrapping round.
+    #[arg(long, allow_negative_numbers = true)]
+    zoom_shift_y: Option<i32>,
     #[arg(long)]
     checkpoint_every: Option<u32>,
     /// CLIP model: catalogue name (ViT-B/32) or a HF CLIP directory; repeat for an ensemble.
@@ -280,6 +315,29 @@ fn data_url(path: &Path) -> anyhow::Result<String> {
     ))
 }
 
+/// The spec's zoom defaults (generate.py's), from the one place they are written.
+fn default_zoom() -> ZoomSpec {
+    serde_json::from_str("{}").expect("an empty zoom object deserialises")
+}
+
+/// generate.py's `-ip` value: `|`-separated `path:weight:stop`, each file read into an
+/// inline image. Only numeric fields are peeled from the right, so `C:\x.png` stays a path.
+fn image_prompts(value: &str) -> anyhow::Result<Vec<ImagePromptSpec>> {
+    value
+        .split('|')
+        .map(|part| {
+            let prompt = parse_prompt(part).map_err(|(rule, detail)| {
+                anyhow::anyhow!("--image-prompt {part:?}: {rule}; {detail}")
+            })?;
+            Ok(ImagePromptSpec {
+                image: data_url(Path::new(&prompt.text))?,
+                weight: prompt.weight,
+                stop: prompt.stop,
+            })
+        })
+        .collect()
+}
+
 fn parse_enum<T: serde::de::DeserializeOwned>(what: &str, value: &str) -> anyhow::Result<T> {
     serde_json::from_value(serde_json::Value::String(value.to_owned()))
         .with_context(|| format!("unknown {what} {value:?}"))
@@ -298,15 +356,46 @@ fn build_spec(args: &RenderFlags) -> anyhow::Result<JobSpec> {
     if let Some(p) = &args.prompt {
         spec.prompts = PromptsSpec::Syntax(p.clone());
     }
-    for path in &args.image_prompts {
-        spec.image_prompts.push(ImagePromptSpec {
-            image: data_url(path)?,
-            weight: 1.0,
-            stop: None,
-        });
+    for value in &args.image_prompts {
+        spec.image_prompts.extend(image_prompts(value)?);
+    }
+    if !args.noise_prompt_seeds.is_empty() || !args.noise_prompt_weights.is_empty() {
+        // Paired and count-checked by the spec's validation, which names the flag's field.
+        spec.noise_prompt_seeds = args.noise_prompt_seeds.clone();
+        spec.noise_prompt_weights = args.noise_prompt_weights.clone();
     }
     if let Some(path) = &args.init_image {
         spec.init_image = Some(data_url(path)?);
+    }
+    if let Some(n) = &args.init_noise {
+        spec.init_noise = Some(parse_enum::<InitNoise>("init noise", &n.to_lowercase())?);
+    }
+    if let Some(r) = &args.init_regulariser {
+        spec.init_regulariser = parse_enum::<InitRegulariser>("init regulariser", r)?;
+    }
+    let zoom_flags = args.zoom_start.is_some()
+        || args.zoom_every.is_some()
+        || args.zoom_scale.is_some()
+        || args.zoom_shift_x.is_some()
+        || args.zoom_shift_y.is_some();
+    if args.zoom || zoom_flags {
+        let mut zoom = spec.zoom.take().unwrap_or_else(default_zoom);
+        if let Some(v) = args.zoom_start {
+            zoom.start = v;
+        }
+        if let Some(v) = args.zoom_every {
+            zoom.every = v;
+        }
+        if let Some(v) = args.zoom_scale {
+            zoom.scale = v;
+        }
+        if let Some(v) = args.zoom_shift_x {
+            zoom.shift_x = v;
+        }
+        if let Some(v) = args.zoom_shift_y {
+            zoom.shift_y = v;
+        }
+        spec.zoom = Some(zoom);
     }
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = args.$field { spec.$field = v; } )* };
@@ -320,7 +409,8 @@ fn build_spec(args: &RenderFlags) -> anyhow::Result<JobSpec> {
         cutn,
         cut_pow,
         save_every,
-        checkpoint_every
+        checkpoint_every,
+        change_prompt_every
     );
     if args.seed.is_some() {
         spec.seed = args.seed;

@@ -344,7 +344,9 @@ impl<'a, 'm> Run<'a, 'm> {
             started,
             span,
         };
-        if run.session.step_count() == 0 && run.job.spec.save_every > 0 {
+        if run.session.step_count() == 0
+            && (run.job.spec.save_every > 0 || run.session.zoom_frame_due())
+        {
             run.write_frame()?;
         }
         Ok(run)
@@ -401,7 +403,10 @@ impl<'a, 'm> Run<'a, 'm> {
             eta_s: mean * f64::from(total.saturating_sub(stats.step)),
         });
         let save_every = self.job.spec.save_every;
-        if save_every > 0 && stats.step.is_multiple_of(save_every) {
+        // A zoom render also gets generate.py's zoom-video frame before every zoom step.
+        if (save_every > 0 && stats.step.is_multiple_of(save_every))
+            || self.session.zoom_frame_due()
+        {
             self.write_frame()?;
         }
         let every = self.job.spec.checkpoint_every;

@@ -244,8 +244,9 @@ impl<'m> RenderSession<'m> {
         }
 
         let dim = clip.config().projection_dim;
-        let mut noise = Vec::with_capacity(job.spec.noise_prompts.len());
-        for prompt in &job.spec.noise_prompts {
+        let noise_prompts = job.spec.all_noise_prompts();
+        let mut noise = Vec::with_capacity(noise_prompts.len());
+        for prompt in &noise_prompts {
             let mut g = ChaCha20Rng::seed_from_u64(prompt.seed);
             let v: Vec<f32> = (0..dim).map(|_| StandardNormal.sample(&mut g)).collect();
             noise.push(Target {
@@ -271,10 +272,7 @@ impl<'m> RenderSession<'m> {
         device: &Device,
     ) -> Result<Tensor, RenderError> {
         let vqgan = &models.vqgan;
-        let encode = |img: image::RgbImage| -> Result<Tensor, RenderError> {
-            let x = output::image_to_tensor(&img, device)?;
-            Ok(vqgan.encode(&x.affine(2.0, -1.0)?)?.detach())
-        };
+        let encode = |img: image::RgbImage| encode_quantized(models, &img, device);
         let (w, h) = (width as u32, height as u32);
         if let Some(reference) = &job.spec.init_image {
             let img = load_image(job, reference)?;
@@ -282,9 +280,14 @@ impl<'m> RenderSession<'m> {
         }
         match job.spec.init_noise {
             Some(InitNoise::Pixels) => {
+                // numpy's randint(0, 255): 255 itself never comes up.
                 let mut img = image::RgbImage::new(w, h);
                 for p in img.pixels_mut() {
-                    *p = image::Rgb([rng.gen(), rng.gen(), rng.gen()]);
+                    *p = image::Rgb([
+                        rng.gen_range(0..255),
+                        rng.gen_range(0..255),
+                        rng.gen_range(0..255),
+                    ]);
                 }
                 encode(img)
             }
@@ -373,10 +376,20 @@ impl<'m> RenderSession<'m> {
         &self.z
     }
 
-    /// What a step does before the forward pass: the zoom video's re-encode when due.
+    /// Whether the coming step is a zoom step: generate.py writes a zoom-video frame of the
+    /// current image at each one (from step 0, before `zoom.start` too), then zooms.
+    pub(crate) fn zoom_frame_due(&self) -> bool {
+        self.spec
+            .zoom
+            .as_ref()
+            .is_some_and(|zoom| self.step.is_multiple_of(zoom.every))
+    }
+
+    /// What a step does before the forward pass: the zoom video's re-encode when due,
+    /// from step 0 on as in generate.py.
     pub(crate) fn begin_step(&mut self) -> Result<(), RenderError> {
         if let Some(zoom) = self.spec.zoom.clone() {
-            if self.step >= zoom.start && self.step.is_multiple_of(zoom.every) && self.step > 0 {
+            if self.step >= zoom.start && self.zoom_frame_due() {
                 self.zoom(zoom.scale, zoom.shift_x, zoom.shift_y)?;
             }
         }
@@ -489,12 +502,11 @@ impl<'m> RenderSession<'m> {
     }
 
     /// generate.py's zoom video step: zoom the current image about its centre, shift
-    /// it (wrapping), re-encode it as the new z and restart the optimiser.
+    /// it (wrapping), re-encode and quantise it as the new z, restart the optimiser.
     fn zoom(&mut self, scale: f32, shift_x: i32, shift_y: i32) -> Result<(), RenderError> {
-        let img = output::tensor_to_image(&self.image()?)?;
-        let img = output::zoom_and_shift(&img, scale, shift_x, shift_y);
-        let x = output::image_to_tensor(&img, &self.device)?;
-        let z = self.models.vqgan.encode(&x.affine(2.0, -1.0)?)?.detach();
+        let img = image_truncated(&self.image()?)?;
+        let img = zoom_and_shift(&img, scale, shift_x, shift_y);
+        let z = encode_quantized(self.models, &img, &self.device)?;
         self.z = Var::from_tensor(&z)?;
         self.z_orig = z.clone();
         self.optimizer = Optimizer::new(self.spec.optimizer, f64::from(self.spec.lr), &z)?;
@@ -558,6 +570,89 @@ impl<'m> RenderSession<'m> {
             rng: self.rng.clone(),
         }
     }
+}
+
+/// taming's `VQModel.encode` as generate.py uses it: the image in [-1, 1] through the
+/// encoder, then snapped to the codebook, so optimisation (and `mse_init`) starts from the
+/// quantised latent.
+fn encode_quantized(
+    models: &ModelSet,
+    img: &image::RgbImage,
+    device: &Device,
+) -> Result<Tensor, RenderError> {
+    let x = output::image_to_tensor(img, device)?;
+    // taming's choice of rows for every model kind (GumbelVQ picks by its `proj` logits).
+    let (_, indices) = models.vqgan.encode_quantized(&x.affine(2.0, -1.0)?)?;
+    // The rows themselves: taming's `z + (z_q - z).detach()` equals them to an ulp.
+    Ok(models.vqgan.embed_indices(&indices)?.to_dtype(DType::F32)?)
+}
+
+/// generate.py's `out.mul(255).clamp(0, 255)...astype(np.uint8)`: truncated, not rounded.
+fn image_truncated(t: &Tensor) -> Result<image::RgbImage, RenderError> {
+    let (_, _, h, w) = t.dims4()?;
+    let data: Vec<f32> = t
+        .squeeze(0)?
+        .permute((1, 2, 0))?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let bytes = data
+        .iter()
+        .map(|v| (v * 255.0).clamp(0.0, 255.0) as u8)
+        .collect();
+    image::RgbImage::from_raw(w as u32, h as u32, bytes)
+        .ok_or_else(|| RenderError::Model("image buffer size mismatch".into()))
+}
+
+/// The box Pillow's `crop` takes for generate.py's `zoom_at(img, w/2, h/2, scale)`:
+/// `centre ± side / (2·scale)`, each edge rounded half-to-even as Python's `round`.
+/// It may reach past the image (a scale below 1 zooms out). Returns (x0, x1) along a side.
+pub(crate) fn zoom_crop_span(side: u32, scale: f32) -> (i64, i64) {
+    let centre = f64::from(side) / 2.0;
+    // generate.py parses the scale as a Python float: the f64 nearest the decimal the user
+    // wrote, which the f32's shortest decimal form gives back (1.2f32 widened is 1.20000005,
+    // and would round 6 px at 1.2 to a 5 px crop instead of 6).
+    let scale: f64 = scale.to_string().parse().unwrap_or(f64::from(scale));
+    let half = f64::from(side) / (scale * 2.0);
+    let round = |v: f64| v.round_ties_even() as i64;
+    (round(centre - half), round(centre + half))
+}
+
+/// generate.py's zoom: Pillow's `crop` of [`zoom_crop_span`] (outside the image is
+/// black), resized back with Lanczos, then `ImageChops.offset` (a wrapping shift).
+/// The resampling is the `image` crate's Lanczos3, so a pixel may differ from Pillow's by
+/// a level; the crop box is Pillow's exactly.
+pub(crate) fn zoom_and_shift(
+    img: &image::RgbImage,
+    scale: f32,
+    shift_x: i32,
+    shift_y: i32,
+) -> image::RgbImage {
+    let (w, h) = img.dimensions();
+    let zoomed = if scale != 1.0 {
+        let (x0, x1) = zoom_crop_span(w, scale);
+        let (y0, y1) = zoom_crop_span(h, scale);
+        let (cw, ch) = ((x1 - x0).max(1) as u32, (y1 - y0).max(1) as u32);
+        let crop = image::RgbImage::from_fn(cw, ch, |x, y| {
+            let (sx, sy) = (x0 + i64::from(x), y0 + i64::from(y));
+            if (0..i64::from(w)).contains(&sx) && (0..i64::from(h)).contains(&sy) {
+                *img.get_pixel(sx as u32, sy as u32)
+            } else {
+                image::Rgb([0, 0, 0])
+            }
+        });
+        image::imageops::resize(&crop, w, h, image::imageops::FilterType::Lanczos3)
+    } else {
+        img.clone()
+    };
+    if shift_x == 0 && shift_y == 0 {
+        return zoomed;
+    }
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let sx = (i64::from(x) - i64::from(shift_x)).rem_euclid(i64::from(w)) as u32;
+        let sy = (i64::from(y) - i64::from(shift_y)).rem_euclid(i64::from(h)) as u32;
+        *zoomed.get_pixel(sx, sy)
+    })
 }
 
 /// The cutout batch CLIP sees: crops, then (except for `original`) augmentations
@@ -698,6 +793,34 @@ pub fn render(
 mod tests {
     use super::*;
     use crate::render::gradcheck::check_gradient;
+
+    /// Pillow's crop box for generate.py's `zoom_at`, rounded half-to-even as Python does.
+    #[test]
+    fn zoom_crop_matches_generate_py_rounding() {
+        // 512 / 2.01 = 254.726...: edges 1.27 and 510.73 round to 1 and 511, 510 px.
+        assert_eq!(zoom_crop_span(512, 1.005), (1, 511));
+        // Zooming out reaches past the image: 512 / 1.98 = 258.59..., -2.59 and 514.59.
+        assert_eq!(zoom_crop_span(512, 0.99), (-3, 515));
+        assert_eq!(zoom_crop_span(512, 2.0), (128, 384));
+        assert_eq!(zoom_crop_span(16, 1.0), (0, 16));
+        assert_eq!(zoom_crop_span(10, 0.8), (-1, 11));
+        // 6 / 2.4 = 2.5: edges 0.5 and 5.5 go to the even neighbours 0 and 6.
+        assert_eq!(zoom_crop_span(6, 1.2), (0, 6));
+    }
+
+    #[test]
+    fn zoom_below_one_zooms_out_with_black_and_shift_wraps() {
+        let white = image::RgbImage::from_pixel(16, 16, image::Rgb([255, 255, 255]));
+        let out = zoom_and_shift(&white, 0.5, 0, 0);
+        assert_eq!(out.dimensions(), (16, 16));
+        // The crop is 32 px with the image in its middle: black border, white centre.
+        assert!(out.get_pixel(0, 0)[0] < 10, "{:?}", out.get_pixel(0, 0));
+        assert!(out.get_pixel(8, 8)[0] > 245, "{:?}", out.get_pixel(8, 8));
+        let ramp = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([x as u8, y as u8, 0]));
+        let shifted = zoom_and_shift(&ramp, 1.0, 2, -1);
+        assert_eq!(shifted.get_pixel(2, 0), ramp.get_pixel(0, 1));
+        assert_eq!(shifted.get_pixel(0, 7), ramp.get_pixel(6, 0));
+    }
 
     fn embeds(n: usize, d: usize, phase: f32) -> Tensor {
         let v: Vec<f32> = (0..n * d)

@@ -14,9 +14,16 @@ const ADAM_EPS: f64 = 1e-8;
 const ADAMW_DECAY: f64 = 1e-2;
 const ADAGRAD_EPS: f64 = 1e-10;
 const RMSPROP_ALPHA: f64 = 0.99;
+/// generate.py builds DiffGrad with `eps=1e-9, weight_decay=1e-9` ("playing for reasons").
+const DIFFGRAD_EPS: f64 = 1e-9;
+const DIFFGRAD_DECAY: f64 = 1e-9;
+/// torch_optimizer.AdamP's defaults (generate.py passes only the learning rate).
+const ADAMP_DELTA: f64 = 0.1;
+const ADAMP_EPS: f64 = 1e-8;
 
 /// An optimiser's state: the step count and its moment buffers, in a fixed order
-/// (first moment, then second; Adagrad and RMSprop keep one buffer).
+/// (first moment, then second; Adagrad and RMSprop keep one buffer; DiffGrad adds the
+/// previous gradient as a third).
 #[derive(Debug, Clone)]
 pub struct OptimizerState {
     pub step: u64,
@@ -35,6 +42,7 @@ impl Optimizer {
     pub fn new(kind: OptimizerKind, lr: f64, param: &Tensor) -> candle_core::Result<Self> {
         let n_buffers = match kind {
             OptimizerKind::Adagrad | OptimizerKind::Rmsprop => 1,
+            OptimizerKind::Diffgrad => 3,
             _ => 2,
         };
         let buffers = (0..n_buffers)
@@ -116,6 +124,37 @@ impl Optimizer {
                     (p - m_hat.affine(lr, 0.0)?)?
                 }
             }
+            OptimizerKind::Diffgrad => {
+                // torch_optimizer.DiffGrad: Adam whose step is damped where the gradient
+                // barely changed since the last step; the decay is added to the gradient.
+                let grad = (grad + (p * DIFFGRAD_DECAY)?)?;
+                let previous = self.state.buffers[2].clone();
+                let (m, v) = self.update_moments(&grad)?;
+                let bc1 = 1.0 - BETA1.powi(t);
+                let bc2 = 1.0 - BETA2.powi(t);
+                let denom = (v.sqrt()? + DIFFGRAD_EPS)?;
+                let diff = (&previous - &grad)?.abs()?;
+                // 1 / (1 + exp(-|Δg|)), the friction coefficient.
+                let dfc = ((diff.neg()?.exp()? + 1.0)?).recip()?;
+                self.state.buffers.push(grad);
+                let step_size = lr * bc2.sqrt() / bc1;
+                (p - ((m * dfc)? / denom)?.affine(step_size, 0.0)?)?
+            }
+            OptimizerKind::Adamp => {
+                let (m, v) = self.update_moments(grad)?;
+                let bc1 = 1.0 - BETA1.powi(t);
+                let bc2 = 1.0 - BETA2.powi(t);
+                let denom = ((v.sqrt()? / bc2.sqrt())? + ADAMP_EPS)?;
+                let perturb = (m / denom)?;
+                // With no weight decay (generate.py's AdamP), the projection's wd_ratio
+                // has nothing to scale, so only the perturbation changes.
+                let perturb = if p.rank() > 1 {
+                    adamp_projection(p, grad, &perturb)?
+                } else {
+                    perturb
+                };
+                (p - perturb.affine(lr / bc1, 0.0)?)?
+            }
         };
         param.set(&new)
     }
@@ -127,6 +166,36 @@ impl Optimizer {
         self.state.buffers = vec![m.clone(), v.clone()];
         Ok((m, v))
     }
+}
+
+/// AdamP's projection: where the gradient is nearly orthogonal to the weights (by
+/// channel, then over the whole tensor), remove the radial part of the update, so
+/// that it changes the direction of the weights rather than their norm.
+fn adamp_projection(p: &Tensor, grad: &Tensor, perturb: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = p.dims().to_vec();
+    let mut expand = vec![1usize; dims.len()];
+    for rows in [dims[0], 1] {
+        expand[0] = rows;
+        let view = |x: &Tensor| x.reshape((rows, ()));
+        let (pv, gv) = (view(p)?, view(grad)?);
+        let p_norm = pv.sqr()?.sum(1)?.sqrt()?;
+        let g_norm = gv.sqr()?.sum(1)?.sqrt()?;
+        let dot = (&gv * &pv)?.sum(1)?;
+        let cosine = ((dot.abs()? / (g_norm + ADAMP_EPS)?)? / (&p_norm + ADAMP_EPS)?)?;
+        let max: f64 = cosine
+            .max(0)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar()?;
+        let width = pv.dim(1)? as f64;
+        if max < ADAMP_DELTA / width.sqrt() {
+            let p_n = p.broadcast_div(&(p_norm + ADAMP_EPS)?.reshape(expand.as_slice())?)?;
+            let radial = view(&(&p_n * perturb)?)?
+                .sum(1)?
+                .reshape(expand.as_slice())?;
+            return perturb - p_n.broadcast_mul(&radial)?;
+        }
+    }
+    Ok(perturb.clone())
 }
 
 #[cfg(test)]
@@ -178,6 +247,77 @@ mod tests {
     fn radam_matches_torch() {
         assert_close(&run(OptimizerKind::Radam), &TORCH[5]);
     }
+
+    /// DiffGrad with generate.py's eps and weight decay; expected values from
+    /// torch_optimizer 0.3.0 (`make_fixtures.py optimisers` prints them).
+    #[test]
+    fn diffgrad_matches_torch_optimizer() {
+        assert_close(
+            &run(OptimizerKind::Diffgrad),
+            &[
+                -0.07846159106833607,
+                -0.3013861146492471,
+                1.4776574797560647,
+            ],
+        );
+    }
+
+    /// AdamP on z's shape (1, C, h, w) and on (2, C, h): with a gradient nearly orthogonal to
+    /// the weights, the projection removes the radial part of the update; a 1-D parameter
+    /// and a gradient along the weights leave it plain Adam.
+    #[test]
+    fn adamp_matches_torch_optimizer() {
+        assert_close(&run(OptimizerKind::Adamp), &TORCH[0]);
+        let (ortho, along) = (true, false);
+        for (shape, orthogonal, expected) in [
+            (&[1usize, 2, 2, 2][..], ortho, &ADAMP[0]),
+            (&[1, 2, 2, 2], along, &ADAMP[1]),
+            (&[2, 2, 2], ortho, &ADAMP[2]),
+        ] {
+            assert_close(
+                &run_shaped(OptimizerKind::Adamp, shape, orthogonal),
+                expected,
+            );
+        }
+        // The projection really ran: the orthogonal case is not Adam's result.
+        let adam = run_shaped(OptimizerKind::Adam, &[1, 2, 2, 2], ortho);
+        assert!(adam
+            .iter()
+            .zip(&ADAMP[0])
+            .any(|(a, b)| (a - b).abs() > 1e-3));
+    }
+
+    /// Eight steps on an 8-element parameter of `shape`: g_t = b·t + p, or, when
+    /// `orthogonal`, b·t with its part along p removed plus 0.001·p.
+    fn run_shaped(kind: OptimizerKind, shape: &[usize], orthogonal: bool) -> Vec<f64> {
+        let dev = &Device::Cpu;
+        let p0 = [0.5f64, -1.0, 2.0, 0.25, -0.75, 1.5, -0.5, 1.0];
+        let base = [1.0f64, 0.5, -0.25, 2.0, -1.0, 0.75, 0.3, -1.5];
+        let p = Var::from_tensor(&Tensor::new(&p0, dev).unwrap().reshape(shape).unwrap()).unwrap();
+        let b = Tensor::new(&base, dev).unwrap().reshape(shape).unwrap();
+        let mut opt = Optimizer::new(kind, 0.1, p.as_tensor()).unwrap();
+        let dot = |x: &Tensor, y: &Tensor| -> f64 {
+            (x * y).unwrap().sum_all().unwrap().to_scalar().unwrap()
+        };
+        for t in 1..=8 {
+            let q = p.as_tensor().clone();
+            let bt = (&b * t as f64).unwrap();
+            let g = if orthogonal {
+                let along = dot(&bt, &q) / dot(&q, &q);
+                ((&bt - (&q * along).unwrap()).unwrap() + (&q * 0.001).unwrap()).unwrap()
+            } else {
+                (&bt + &q).unwrap()
+            };
+            opt.step(&p, &g).unwrap();
+        }
+        p.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[rustfmt::skip]
+    const ADAMP: [[f64; 8]; 3] = [
+[-0.3074343636382155, -1.5387409605220317, 1.7298510936254305, -0.5323000567811431, 0.08155070895632649, 0.5985072311358313, -1.0252169419196018, 1.6579619117247044],
+[-0.2937645281331275, -1.2699007989938833, 1.3587770649508126, -0.5356644191232522, 0.046937896151382046, 0.6946047193285385, -0.895698369876604, 1.7534339977279574],
+[-0.3358465517645709, -1.526514758840365, 1.6721176499059045, -0.5504260255529775, 0.03344908868391003, 0.6799656390291773, -1.0132943756269863, 1.6873876246686297]];
 
     #[rustfmt::skip]
     const TORCH: [[f64; 3]; 6] = [

@@ -29,6 +29,15 @@ pub struct JobSpec {
     pub image_prompts: Vec<ImagePromptSpec>,
     #[serde(default)]
     pub noise_prompts: Vec<NoisePromptSpec>,
+    /// generate.py's `-nps`: noise prompt seeds, paired in order with
+    /// `noise_prompt_weights`. generate.py pairs them with `zip`, silently dropping the
+    /// unpaired; vqclip requires one weight per seed and rejects other counts (422), and
+    /// rejects mixing these with `noise_prompts`. They render as `noise_prompts` would.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub noise_prompt_seeds: Vec<u64>,
+    /// generate.py's `-npw`: one weight per entry of `noise_prompt_seeds`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub noise_prompt_weights: Vec<f32>,
     /// An image reference (see [`ImageRef`]) whose VQGAN encoding is the starting z.
     #[serde(default)]
     pub init_image: Option<String>,
@@ -75,7 +84,11 @@ pub struct JobSpec {
     pub video_style: Option<VideoStyleSpec>,
     #[serde(default)]
     pub zoom: Option<ZoomSpec>,
-    /// Story mode: move to the next `^` phrase every this many steps; 0 keeps the first.
+    /// Story mode: move to the next `^` phrase every this many steps (wrapping round after
+    /// the last, as generate.py does); 0 keeps the first. Image and noise prompts stay in
+    /// force through every phrase. generate.py rebuilds its prompt list from the text
+    /// phrase alone at the first change, dropping them; vqclip keeps them, since a client
+    /// that sent them meant them for the whole render.
     #[serde(default)]
     pub change_prompt_every: u32,
     #[serde(default)]
@@ -211,6 +224,10 @@ pub enum OptimizerKind {
     Adamax,
     Rmsprop,
     Radam,
+    /// torch_optimizer's DiffGrad with generate.py's `eps=1e-9, weight_decay=1e-9`.
+    Diffgrad,
+    /// torch_optimizer's AdamP with its defaults.
+    Adamp,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -675,6 +692,44 @@ impl JobSpec {
         Ok(())
     }
 
+    /// Every noise prompt, from either shape: `noise_prompts`, or the pairs of
+    /// `noise_prompt_seeds` and `noise_prompt_weights` (validation guarantees one form and
+    /// equal counts).
+    pub fn all_noise_prompts(&self) -> Vec<NoisePromptSpec> {
+        let paired = self
+            .noise_prompt_seeds
+            .iter()
+            .zip(&self.noise_prompt_weights)
+            .map(|(&seed, &weight)| NoisePromptSpec { seed, weight });
+        self.noise_prompts.iter().cloned().chain(paired).collect()
+    }
+
+    fn validate_noise_pairs(&self) -> Result<(), SpecError> {
+        let (seeds, weights) = (
+            self.noise_prompt_seeds.len(),
+            self.noise_prompt_weights.len(),
+        );
+        if seeds != weights {
+            return Err(SpecError::new(
+                "noise_prompt_weights",
+                "must give exactly one weight per entry of noise_prompt_seeds",
+                format!(
+                    "got {seeds} seeds and {weights} weights; generate.py's zip would silently \
+                     drop the unpaired ones, so vqclip refuses rather than guess"
+                ),
+            ));
+        }
+        if seeds > 0 && !self.noise_prompts.is_empty() {
+            return Err(SpecError::new(
+                "noise_prompt_seeds",
+                "cannot be combined with noise_prompts",
+                "give noise prompts either as noise_prompts [{seed, weight}] or as \
+                 noise_prompt_seeds with noise_prompt_weights",
+            ));
+        }
+        Ok(())
+    }
+
     /// Parses the text prompts (generate.py syntax or list) into phrases.
     pub fn prompt_set(&self) -> Result<PromptSet, SpecError> {
         prompts::prompt_set(&self.prompts)
@@ -682,8 +737,10 @@ impl JobSpec {
 
     fn validate_prompts(&self, limits: &Limits) -> Result<PromptSet, SpecError> {
         let set = self.prompt_set()?;
+        self.validate_noise_pairs()?;
+        let noise = self.all_noise_prompts();
         let text_count: usize = set.phrases.iter().map(Vec::len).sum();
-        let total = text_count + self.image_prompts.len() + self.noise_prompts.len();
+        let total = text_count + self.image_prompts.len() + noise.len();
         if total == 0 {
             return Err(SpecError::new(
                 "prompts",
@@ -698,7 +755,7 @@ impl JobSpec {
                 format!(
                     "got {text_count} text (all story phrases), {} image and {} noise prompts",
                     self.image_prompts.len(),
-                    self.noise_prompts.len()
+                    noise.len()
                 ),
             ));
         }
@@ -729,6 +786,9 @@ impl JobSpec {
                 -1e3,
                 1e3,
             )?;
+        }
+        for (i, &weight) in self.noise_prompt_weights.iter().enumerate() {
+            check_finite_range(&format!("noise_prompt_weights[{i}]"), weight, -1e3, 1e3)?;
         }
         Ok(set)
     }
@@ -1113,6 +1173,53 @@ mod tests {
         spec(&format!(r#"{{"prompts": "{fits}"}}"#))
             .validate(&Limits::default())
             .unwrap();
+    }
+
+    #[test]
+    fn noise_prompt_pairs_need_equal_counts_and_one_form() {
+        let limits = Limits::default();
+        let s = spec(r#"{"noise_prompt_seeds": [3, 4], "noise_prompt_weights": [0.5, -1]}"#);
+        s.validate(&limits).unwrap();
+        let all = s.all_noise_prompts();
+        assert_eq!(
+            all,
+            vec![
+                NoisePromptSpec {
+                    seed: 3,
+                    weight: 0.5
+                },
+                NoisePromptSpec {
+                    seed: 4,
+                    weight: -1.0
+                }
+            ]
+        );
+        for (json, field) in [
+            (
+                r#"{"noise_prompt_seeds": [3, 4], "noise_prompt_weights": [0.5]}"#,
+                "noise_prompt_weights",
+            ),
+            (r#"{"noise_prompt_seeds": [3]}"#, "noise_prompt_weights"),
+            (
+                r#"{"prompts": "a", "noise_prompt_weights": [1]}"#,
+                "noise_prompt_weights",
+            ),
+            (
+                r#"{"noise_prompts": [{"seed": 1}], "noise_prompt_seeds": [2], "noise_prompt_weights": [1]}"#,
+                "noise_prompt_seeds",
+            ),
+            (
+                r#"{"noise_prompt_seeds": [2], "noise_prompt_weights": [1e9]}"#,
+                "noise_prompt_weights[0]",
+            ),
+        ] {
+            let err = spec(json).validate(&limits).unwrap_err();
+            assert_eq!(err.field, field, "{json}: {err}");
+        }
+        let err = spec(r#"{"noise_prompt_seeds": [3, 4], "noise_prompt_weights": [0.5]}"#)
+            .validate(&limits)
+            .unwrap_err();
+        assert!(err.detail.contains("2 seeds and 1 weights"), "{err}");
     }
 
     #[test]
