@@ -472,9 +472,14 @@ pub(super) async fn cancel(
     PathParams(id): PathParams<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = match st.store.cancel(job_id(&id)?, &scope).await? {
-        CancelOutcome::Canceled(j)
-        | CancelOutcome::Requested(j)
-        | CancelOutcome::AlreadyCanceled(j) => j,
+        CancelOutcome::Canceled(j) => {
+            // A queued job may hold a checkpoint from a graceful shutdown; it never resumes.
+            if let Err(e) = st.artifacts.remove_checkpoint(j.id) {
+                tracing::warn!(job = %j.id, "removing the checkpoint: {e}");
+            }
+            j
+        }
+        CancelOutcome::Requested(j) | CancelOutcome::AlreadyCanceled(j) => j,
     };
     Ok(Json(job_view(&job, None, false)))
 }

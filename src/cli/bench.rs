@@ -42,7 +42,7 @@ pub struct BenchArgs {
     /// Comma-separated augment codes (generate.py's), empty for none.
     #[arg(long, default_value = "Af,Pe,Ji,Er")]
     augments: String,
-    /// cutout method: latest | original
+    /// cutout method: latest | original | updated | nrupdated | updatedpooling
     #[arg(long, default_value = "latest")]
     cut_method: String,
     /// A catalogue CLIP name (random weights of that architecture) or a model directory.

@@ -70,7 +70,8 @@ struct RenderFlags {
     cutn: Option<u32>,
     #[arg(long)]
     cut_pow: Option<f32>,
-    /// `original` (Crowson's random crops) or `latest` (pooled cutouts + augments).
+    /// `original` (Crowson's random crops), `latest` (pooled cutouts + augments), or
+    /// generate.py's `updated`, `nrupdated`, `updatedpooling`.
     #[arg(long)]
     cut_method: Option<String>,
     /// Comma-separated generate.py codes, e.g. Af,Pe,Ji,Er; empty for none.

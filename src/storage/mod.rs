@@ -24,6 +24,9 @@ pub enum StorageError {
 
 type Result<T> = std::result::Result<T, StorageError>;
 
+/// The name the render gives a job's resumable checkpoint.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
     move |source| StorageError::Io {
         path: path.to_owned(),
@@ -129,6 +132,16 @@ impl ArtifactStore {
         let dir = self.job_dir(job);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&dir)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes a job's resumable checkpoint: a canceled job never resumes, and a job that
+    /// has none is fine.
+    pub fn remove_checkpoint(&self, job: Uuid) -> Result<()> {
+        let path = self.job_dir(job).join(CHECKPOINT_FILE);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
             _ => Ok(()),
         }
     }

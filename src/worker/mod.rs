@@ -305,18 +305,11 @@ type RenderReply = Result<RenderOutcome, JobFailure>;
 
 /// A canceled job's checkpoint is of no further use; a finished one's the render removes.
 fn remove_checkpoint(artifacts: &ArtifactStore, job: Uuid) {
-    let path = artifacts.job_dir(job).join(CHECKPOINT_FILE);
-    match std::fs::remove_file(&path) {
+    match artifacts.remove_checkpoint(job) {
         Ok(()) => tracing::debug!(job = %job, "checkpoint removed"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(job = %job, path = %path.display(), "removing the checkpoint: {e}")
-        }
+        Err(e) => tracing::warn!(job = %job, "removing the checkpoint: {e}"),
     }
 }
-
-/// The name the render gives a job's resumable checkpoint.
-const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
 /// How long a job waits after a transient failure on attempt `attempt`: 5 s, 10 s,
 /// 20 s, … up to a minute.
