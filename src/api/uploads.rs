@@ -314,7 +314,12 @@ pub(super) async fn upload(
         created_at: chrono::Utc::now(),
     };
     st.store.insert_upload(upload.clone()).await?;
-    let body = json!({
+    Ok(created(&upload, None))
+}
+
+/// The 201 answer to an upload; a video's adds its frame count and rate.
+fn created(upload: &Upload, video: Option<(usize, f32)>) -> Response {
+    let mut body = json!({
         "id": upload.id,
         "ref": format!("upload:{}", upload.id),
         "content_type": upload.content_type,
@@ -324,12 +329,16 @@ pub(super) async fn upload(
         "sha256": upload.sha256,
         "created_at": upload.created_at,
     });
-    Ok((
+    if let Some((frames, fps)) = video {
+        body["frames"] = json!(frames);
+        body["fps"] = json!(fps);
+    }
+    (
         StatusCode::CREATED,
         [(header::CACHE_CONTROL, "no-store")],
         Json(body),
     )
-        .into_response())
+        .into_response()
 }
 
 /// The video limits of a deployment: frames (`limits.max_video_frames`) and frame
@@ -390,24 +399,7 @@ async fn upload_video(
         created_at: chrono::Utc::now(),
     };
     st.store.insert_upload(upload.clone()).await?;
-    let body = json!({
-        "id": upload.id,
-        "ref": format!("upload:{}", upload.id),
-        "content_type": upload.content_type,
-        "width": upload.width,
-        "height": upload.height,
-        "frames": info.frames,
-        "fps": info.fps,
-        "bytes": upload.bytes,
-        "sha256": upload.sha256,
-        "created_at": upload.created_at,
-    });
-    Ok((
-        StatusCode::CREATED,
-        [(header::CACHE_CONTROL, "no-store")],
-        Json(body),
-    )
-        .into_response())
+    Ok(created(&upload, Some((info.frames, info.fps))))
 }
 
 #[cfg(test)]

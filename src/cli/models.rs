@@ -146,16 +146,7 @@ fn convert(input: &Path, output: &Path) -> anyhow::Result<()> {
              checkpoint; it may not be a taming VQGAN"
         );
     }
-    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    // Write beside the target and rename, so a failed write never leaves a
-    // truncated file where a loader would pick it up.
-    let tmp = output.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(&kept, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, output).with_context(|| format!("writing {}", output.display()))?;
+    save_safetensors(&kept, output)?;
     println!(
         "wrote {} ({} tensors; dropped {} {})",
         output.display(),
@@ -209,14 +200,7 @@ fn convert_openai_clip(
     // Check that it builds before writing anything.
     clip_openai::config_from_state_dict(&clip_openai::shapes(&kept))
         .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
-    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let tmp = output.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(&kept, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, output).with_context(|| format!("writing {}", output.display()))?;
+    save_safetensors(&kept, output)?;
     println!(
         "wrote {} (OpenAI CLIP, {} tensors; dropped {} scalars)",
         output.display(),
@@ -247,4 +231,20 @@ fn write_first_stage_yaml(net2net: &Path, dest: &Path) -> anyhow::Result<()> {
     doc.insert("model".into(), first);
     let out = serde_yaml::to_string(&doc)?;
     std::fs::write(dest, out).with_context(|| format!("writing {}", dest.display()))
+}
+
+/// Writes `tensors` beside `output` and renames, so a failed write never leaves a
+/// truncated file where a loader would pick it up.
+fn save_safetensors(
+    tensors: &HashMap<String, candle_core::Tensor>,
+    output: &Path,
+) -> anyhow::Result<()> {
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let tmp = output.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(tensors, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, output).with_context(|| format!("writing {}", output.display()))
 }
