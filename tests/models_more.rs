@@ -3,6 +3,7 @@
 //! ResNet CLIP from a TorchScript `.pt` (fixtures from `make_fixtures.py make_more_models`).
 
 mod fixture_support;
+mod shape_support;
 
 use std::collections::HashMap;
 
@@ -378,55 +379,13 @@ mod real_size {
     //! for exactly those tensors.
 
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use shape_support::{requested, Shapes};
     use vqclip::models::architectures;
     use vqclip::models::clip_openai;
-
-    type Shapes = HashMap<String, Vec<usize>>;
 
     fn upstream() -> HashMap<String, Shapes> {
         let file = std::fs::File::open(fixture("upstream-shapes-more.json.gz")).unwrap();
         serde_json::from_reader(flate2::read::GzDecoder::new(file)).unwrap()
-    }
-
-    /// Records every tensor a model asks for and hands back a broadcast zero.
-    #[derive(Default, Clone)]
-    struct Recorder(Arc<Mutex<Shapes>>);
-
-    impl candle_nn::var_builder::SimpleBackend for Recorder {
-        fn get(
-            &self,
-            s: candle_core::Shape,
-            name: &str,
-            _: candle_nn::Init,
-            dtype: DType,
-            dev: &Device,
-        ) -> candle_core::Result<Tensor> {
-            self.0
-                .lock()
-                .unwrap()
-                .insert(name.to_owned(), s.dims().to_vec());
-            Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-        }
-
-        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-            candle_core::bail!("unexpected unchecked get of {name}")
-        }
-
-        fn contains_tensor(&self, _: &str) -> bool {
-            true
-        }
-    }
-
-    fn requested(build: impl Fn(candle_nn::VarBuilder)) -> Shapes {
-        let recorder = Recorder::default();
-        build(candle_nn::VarBuilder::from_backend(
-            Box::new(recorder.clone()),
-            DType::F32,
-            Device::Cpu,
-        ));
-        let shapes = recorder.0.lock().unwrap().clone();
-        shapes
     }
 
     fn assert_same(what: &str, ours: &Shapes, upstream: &Shapes) {

@@ -2,12 +2,14 @@
 //! VQModel) on the fixtures written by `tests/fixtures/make_fixtures.py`.
 
 mod fixture_support;
+mod shape_support;
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
 use fixture_support::fixture;
 use serde_json::Value;
+use shape_support::requested;
 use vqclip::models::{Clip, ClipConfig, ClipTokenizer, ModelError, Vqgan};
 
 /// f32 parity bound: max |ours - reference| relative to max |reference|.
@@ -338,47 +340,6 @@ fn loading_errors_say_what_is_missing() {
         .err()
         .unwrap();
     assert!(matches!(err, ModelError::Missing { .. }), "{err}");
-}
-
-/// A weights source that records every tensor a model asks for and hands back a broadcast
-/// zero, so real-size architectures can be checked without memory or weights.
-#[derive(Default, Clone)]
-struct Recorder(std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<usize>>>>);
-
-impl candle_nn::var_builder::SimpleBackend for Recorder {
-    fn get(
-        &self,
-        s: candle_core::Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.0
-            .lock()
-            .unwrap()
-            .insert(name.to_owned(), s.dims().to_vec());
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("unexpected unchecked get of {name}")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
-fn requested(build: impl Fn(candle_nn::VarBuilder)) -> HashMap<String, Vec<usize>> {
-    let recorder = Recorder::default();
-    build(candle_nn::VarBuilder::from_backend(
-        Box::new(recorder.clone()),
-        DType::F32,
-        Device::Cpu,
-    ));
-    let names = recorder.0.lock().unwrap().clone();
-    names
 }
 
 fn assert_same_tensors(

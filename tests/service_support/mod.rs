@@ -365,30 +365,7 @@ impl ServerProcess {
     /// Starts `vqclip serve --config config` with `VQCLIP_LOG=log` and waits for the
     /// "listening" line, whose address becomes `base`.
     pub fn spawn(config: &Path, log: &str) -> ServerProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vqclip"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("VQCLIP_LOG", log)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("vqclip listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        ServerProcess {
-            child,
-            api: Api {
-                base,
-                client: reqwest::Client::new(),
-            },
-        }
+        ServerProcess::spawn_with(config, log, &[], None)
     }
 
     /// SIGTERM, then asserts the graceful exit succeeded.
