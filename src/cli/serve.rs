@@ -118,7 +118,7 @@ fn watch_signals(shutdown: CancellationToken) {
     });
 }
 
-fn start_workers(
+async fn start_workers(
     config: &Config,
     store: Arc<SqliteStore>,
     artifacts: ArtifactStore,
@@ -126,11 +126,7 @@ fn start_workers(
     shutdown: CancellationToken,
 ) -> anyhow::Result<WorkerPool> {
     let ctx = WorkerContext::new(store, artifacts, metrics, config);
-    Ok(WorkerPool::start(
-        ctx,
-        &config.workers.worker_devices(),
-        shutdown,
-    )?)
+    Ok(WorkerPool::start(ctx, &config.workers.worker_devices(), shutdown).await?)
 }
 
 pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -160,7 +156,8 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             artifacts.clone(),
             metrics.clone(),
             shutdown.clone(),
-        )?;
+        )
+        .await?;
         println!("vqclip listening on http://{addr}");
         tracing::info!(
             "{} worker(s) on {:?}; database {}; artifacts in {}",
@@ -250,7 +247,8 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
             artifacts,
             Arc::new(Metrics::default()),
             shutdown,
-        )?;
+        )
+        .await?;
         pool.join().await;
         store.pool().close().await;
         Ok(())

@@ -198,8 +198,10 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    /// Starts one worker per device. Devices are checked before anything starts.
-    pub fn start(
+    /// Starts one worker per device. Devices are checked before anything starts, and
+    /// every worker has written its first heartbeat when this returns, so `/readyz`
+    /// counts it from the moment the API answers.
+    pub async fn start(
         ctx: WorkerContext,
         devices: &[String],
         shutdown: CancellationToken,
@@ -218,6 +220,9 @@ impl WorkerPool {
         let mut tasks = vec![spawn_rescuer(ctx.clone(), shutdown.clone())];
         for (id, (name, device)) in ids.into_iter().zip(parsed) {
             let render = RenderThread::spawn(&id, device, ctx.models.clone())?;
+            if let Err(e) = ctx.store.worker_heartbeat(&id, &name, None).await {
+                tracing::warn!(worker = %id, "first heartbeat: {e}");
+            }
             let worker = Worker {
                 id,
                 device: name,
