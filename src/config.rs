@@ -47,12 +47,12 @@ pub struct Config {
     pub models: ModelsConfig,
     pub limits: LimitsConfig,
     pub retention: RetentionConfig,
-    /// Parsed by `src/auth` into its own typed settings.
+    /// `[auth]`: the auth room's own settings type, composed here.
     #[serde(default)]
-    pub auth: toml::Table,
-    /// Parsed by `src/webhooks` into its own typed settings.
+    pub auth: crate::auth::AuthConfig,
+    /// `[webhooks]`: the webhooks room's own settings type, composed here.
     #[serde(default)]
-    pub webhooks: toml::Table,
+    pub webhooks: crate::webhooks::WebhookConfig,
     pub logging: LoggingConfig,
 }
 
@@ -130,24 +130,10 @@ impl WorkersConfig {
 pub struct ModelsConfig {
     pub vqgan: String,
     pub clip: Vec<String>,
+    /// Resolved with the environment by `models::catalogue::cache_root` (through
+    /// `render::models`), the one resolver.
     pub cache_dir: String,
     pub dirs: Vec<PathBuf>,
-}
-
-impl ModelsConfig {
-    /// The model cache directory: the setting, else `$VQCLIP_MODEL_CACHE`, else `~/.cache/vqclip`.
-    pub fn cache_dir(&self) -> PathBuf {
-        if !self.cache_dir.is_empty() {
-            return PathBuf::from(&self.cache_dir);
-        }
-        if let Some(dir) = std::env::var_os("VQCLIP_MODEL_CACHE") {
-            return PathBuf::from(dir);
-        }
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_default();
-        home.join(".cache").join("vqclip")
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -221,16 +207,6 @@ impl Config {
         Ok(config)
     }
 
-    /// The `[auth]` section, typed by `src/auth`.
-    pub fn auth_settings(&self) -> Result<crate::auth::AuthConfig, ConfigError> {
-        crate::auth::AuthConfig::from_table(&self.auth).map_err(ConfigError::Invalid)
-    }
-
-    /// The `[webhooks]` section, typed by `src/webhooks`.
-    pub fn webhook_settings(&self) -> Result<crate::webhooks::WebhookConfig, ConfigError> {
-        crate::webhooks::WebhookConfig::from_table(&self.webhooks).map_err(ConfigError::Invalid)
-    }
-
     /// The compiled-in defaults alone.
     pub fn defaults() -> Config {
         Self::load_from(None, std::iter::empty(), &Overrides::default())
@@ -260,8 +236,6 @@ impl Config {
                 "models.clip must name at least one CLIP model".into(),
             ));
         }
-        self.auth_settings()?;
-        self.webhook_settings()?;
         if self.server.max_connections == 0 || self.server.header_read_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "server.max_connections and server.header_read_timeout_ms must be at least 1"
@@ -410,6 +384,51 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_rooms_settings_are_documented_with_their_defaults() {
+        // config/default.toml documents exactly the defaults the rooms' own types have.
+        let c = Config::defaults();
+        assert_eq!(c.auth, crate::auth::AuthConfig::default());
+        assert_eq!(c.webhooks, crate::webhooks::WebhookConfig::default());
+    }
+
+    #[test]
+    fn environment_variables_reach_the_rooms_typed_settings() {
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("VQCLIP_WEBHOOKS_SECRET", "whsec_c2VjcmV0"),
+                ("VQCLIP_WEBHOOKS_ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#),
+                ("VQCLIP_WEBHOOKS_MAX_ATTEMPTS", "3"),
+                ("VQCLIP_AUTH_MAX_QUEUED_PER_KEY", "7"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.webhooks.secret, "whsec_c2VjcmV0");
+        assert_eq!(c.webhooks.max_attempts, 3);
+        assert_eq!(
+            c.webhooks.allowed_networks,
+            vec!["127.0.0.0/8".parse().unwrap()]
+        );
+        assert_eq!(c.auth.max_queued_per_key, 7);
+        // A bad value fails at load, naming the setting.
+        let err = Config::load_from(
+            None,
+            env(&[("VQCLIP_WEBHOOKS_ALLOWED_NETWORKS", r#"["nope"]"#)]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not a CIDR"), "{err}");
+        let err = Config::load_from(
+            None,
+            env(&[("VQCLIP_AUTH_BURST", "many")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("VQCLIP_AUTH_BURST"), "{err}");
     }
 
     #[test]

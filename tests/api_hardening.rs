@@ -328,7 +328,7 @@ async fn empty_uploads_are_refused_as_the_schema_says() {
         .unwrap();
     problem(r, 400).await;
     // The schema says the same: a non-empty image, a required file field.
-    let spec: serde_yaml::Value = serde_yaml::from_str(
+    let spec: serde_yaml_ng::Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap(),
     )
     .unwrap();

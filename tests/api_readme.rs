@@ -1,7 +1,7 @@
 //! The README's JSON examples agree with `openapi.yaml`: every field a README response
 //! shows exists in the schema, and every request body it sends is a valid JobSpec shape.
 
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 fn root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -74,7 +74,7 @@ fn submitted_specs(readme: &str) -> Vec<serde_json::Value> {
 fn readme_json_examples_match_the_schema() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     let spec: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(root().join("openapi.yaml")).unwrap())
+        serde_yaml_ng::from_str(&std::fs::read_to_string(root().join("openapi.yaml")).unwrap())
             .unwrap();
     let responses = shown_responses(&readme);
     assert!(!responses.is_empty(), "the README shows no response");

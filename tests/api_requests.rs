@@ -8,7 +8,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use service_support::*;
-use vqclip::queue::{Finish, JobStore};
+use vqclip::queue::{Finish, Leases};
 
 async fn server() -> (tempfile::TempDir, TestServer) {
     let dir = tempfile::tempdir().unwrap();

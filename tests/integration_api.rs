@@ -99,8 +99,8 @@ async fn problem(r: reqwest::Response, status: StatusCode) -> (HeaderMap, Value)
 
 fn fast_keys(mut c: vqclip::config::Config) -> vqclip::config::Config {
     // Polling in these tests is faster than the default rate.
-    c.auth.insert("requests_per_second".into(), 1000.0.into());
-    c.auth.insert("burst".into(), 1000.into());
+    c.auth.requests_per_second = 1000.0;
+    c.auth.burst = 1000;
     c
 }
 
@@ -292,15 +292,12 @@ async fn a_job_webhook_is_delivered_signed_and_listed() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), 1);
-    config.webhooks.insert("secret".into(), SECRET.into());
-    config
-        .webhooks
-        .insert("allowed_networks".into(), vec!["127.0.0.0/8"].into());
-    config.webhooks.insert("poll_interval_ms".into(), 50.into());
+    config.webhooks.secret = SECRET.into();
+    config.webhooks.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
+    config.webhooks.poll_interval_ms = std::time::Duration::from_millis(50);
     let s = TestServer::start(config.clone()).await;
     // The sender, as `vqclip serve` runs it beside the API.
-    let engine =
-        WebhookEngine::new(s.store.pool().clone(), config.webhook_settings().unwrap()).unwrap();
+    let engine = WebhookEngine::new(s.store.pool().clone(), config.webhooks.clone()).unwrap();
     let stop = CancellationToken::new();
     let sender = engine.spawn(stop.clone());
     let anon = As { s: &s, key: None };
@@ -378,7 +375,7 @@ async fn browsers_get_cors_answers_with_keys_on() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = fast_keys(test_config(dir.path(), 0));
     config.server.cors_allowed_origins = vec!["https://app.example".into()];
-    config.auth.insert("metrics".into(), "open".into());
+    config.auth.metrics = vqclip::auth::MetricsAccess::Open;
     let s = TestServer::start(config).await;
     let key = Keys::of(&s)
         .create("web", false, LimitOverrides::default())

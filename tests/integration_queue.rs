@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use service_support::open_store;
 use vqclip::auth::{KeyStore, LimitOverrides, NewKey};
-use vqclip::queue::retention::prune_once;
 use vqclip::queue::{
-    Finish, Job, JobState, JobStore, KeyBounds, NewJob, QueueError, Scope, SqliteStore, Submitted,
+    Events, Finish, Job, JobState, Jobs, KeyBounds, Leases, NewJob, QueueError, Scope, SqliteStore,
+    Submitted, Workers,
 };
 use vqclip::storage::ArtifactStore;
+use vqclip::worker::retention::prune_once;
 
 const LEASE: Duration = Duration::from_secs(30);
 

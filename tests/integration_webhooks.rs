@@ -9,7 +9,7 @@ use sqlx::SqlitePool;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use vqclip::queue::{JobStore, NewJob, SqliteStore};
+use vqclip::queue::{Events, Jobs, NewJob, SqliteStore};
 use vqclip::webhooks::{
     verify, DeliveryStatus, EventKind, OutgoingEvent, VerifyError, WebhookConfig, WebhookEngine,
     WebhookError, WebhookSpec,

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use service_support::*;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use vqclip::queue::{EventKind, Job, JobStore, Metrics, Scope};
+use vqclip::queue::{EventKind, Events, Job, JobStore, Jobs, Metrics, Scope};
 use vqclip::storage::ArtifactStore;
 use vqclip::worker::{WorkerContext, WorkerPool};
 
@@ -62,6 +62,10 @@ async fn run(specs: &[Value], batch_size: usize, cancel_running: Option<usize>) 
         s.store.clone() as Arc<dyn JobStore>,
         ArtifactStore::open(&config.storage.artifact_dir).unwrap(),
         Arc::new(Metrics::default()),
+        vqclip::worker::ArtifactUrls {
+            artifact: vqclip::api::links::artifact,
+            frame: vqclip::api::links::frame,
+        },
         &config,
     );
     let shutdown = CancellationToken::new();

@@ -210,7 +210,7 @@ async fn two_workers_serve_by_priority_then_fifo() {
     s.stop().await;
 }
 
-use vqclip::queue::JobStore;
+use vqclip::queue::Workers as _;
 
 #[tokio::test]
 async fn cancel_a_queued_and_a_running_job() {
@@ -314,7 +314,7 @@ async fn cancel_stops_a_running_job_within_one_step_and_drops_its_checkpoint() {
     let seen = s.wait_step(&id, 3, LONG).await["progress"]["step"]
         .as_u64()
         .unwrap();
-    use vqclip::queue::{JobStore, Scope};
+    use vqclip::queue::{Jobs, Scope};
     other
         .cancel(id.parse().unwrap(), &Scope::unrestricted())
         .await
@@ -370,7 +370,7 @@ async fn listed_positions_stay_consistent_while_jobs_are_claimed() {
     }
     let store = s.store.clone();
     let claimer = tokio::spawn(async move {
-        use vqclip::queue::JobStore;
+        use vqclip::queue::Leases;
         while store
             .claim("claimer", "cpu", Duration::from_secs(60))
             .await

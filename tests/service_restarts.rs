@@ -8,7 +8,7 @@ use std::process::Command;
 
 use serde_json::json;
 use service_support::*;
-use vqclip::queue::{JobStore, Scope};
+use vqclip::queue::{Jobs, Scope};
 
 #[tokio::test]
 async fn queued_jobs_survive_a_restart() {

@@ -11,7 +11,7 @@ use mp4::Metadata as _;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use service_support::*;
-use vqclip::queue::JobStore as _;
+use vqclip::queue::Jobs as _;
 
 /// An MP4 of `n` noisy `w` x `h` frames at `fps`, made with the render's encoder.
 fn noisy_mp4(dir: &Path, n: u32, (w, h): (u32, u32), fps: f32) -> Vec<u8> {

@@ -11,8 +11,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 
 use super::extract::{job_id, Caller, PathParams};
+use super::links;
 use super::{ApiError, AppState};
-use crate::queue::{links, Job, JobState};
+use crate::queue::{Job, JobState};
 
 async fn finished_job(
     st: &AppState,

@@ -50,13 +50,17 @@ pub(super) async fn authenticate(
     next.run(request).await
 }
 
+/// The HTTP answer to an auth error: the auth room knows keys, the API knows statuses.
 fn problem(e: AuthError) -> Response {
-    let status = e.status();
-    let kind = match &e {
-        AuthError::MissingKey | AuthError::MalformedHeader => "unauthorized",
-        AuthError::InvalidKey | AuthError::RevokedKey(_) => "invalid-key",
-        AuthError::AdminOnly => "forbidden",
-        AuthError::RateLimited { .. } => "rate-limited",
+    let (status, kind) = match &e {
+        AuthError::MissingKey | AuthError::MalformedHeader => {
+            (StatusCode::UNAUTHORIZED, "unauthorized")
+        }
+        AuthError::InvalidKey | AuthError::RevokedKey(_) => {
+            (StatusCode::UNAUTHORIZED, "invalid-key")
+        }
+        AuthError::AdminOnly => (StatusCode::FORBIDDEN, "forbidden"),
+        AuthError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited"),
         AuthError::Key(_) => return ApiError::internal("checking the API key", e).into_response(),
     };
     let mut p = ApiError::new(status, kind, e.to_string());

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::Router;
-use bytes::Bytes;
+use hyper::body::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};

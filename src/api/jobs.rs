@@ -9,12 +9,10 @@ use sha2::{Digest, Sha256};
 
 use super::extract::{job_id, parse_json, require_json, Body, Caller, PathParams};
 use super::uploads::{check_image_within_budget, DecodeBudget, ImageLimits};
-use super::{ApiError, AppState};
+use super::{links, ApiError, AppState};
 use crate::config::Config;
 use crate::models::ClipTokenizer;
-use crate::queue::{
-    links, CancelOutcome, Job, JobState, ListQuery, NewJob, QueueError, Scope, Submitted,
-};
+use crate::queue::{CancelOutcome, Job, JobState, ListQuery, NewJob, QueueError, Scope, Submitted};
 use crate::render::spec::ModelPolicy;
 use crate::render::{ImageRef, JobSpec, Limits};
 use std::sync::OnceLock;
@@ -84,7 +82,7 @@ fn model_policy(config: &Config) -> ModelPolicy {
     let fixed = std::iter::once(m.vqgan.clone())
         .chain(m.clip.iter().cloned())
         .collect();
-    let mut dirs = vec![m.cache_dir()];
+    let mut dirs = vec![crate::render::models::cache_root(&m.cache_dir)];
     dirs.extend(m.dirs.iter().cloned());
     ModelPolicy::new(fixed, &dirs)
 }

@@ -11,6 +11,8 @@ mod error;
 mod events;
 mod extract;
 mod jobs;
+pub mod links;
+pub mod metrics;
 mod ops;
 pub mod request_id;
 mod uploads;
@@ -44,7 +46,10 @@ pub struct AppState {
     pub store: Arc<dyn JobStore>,
     pub artifacts: ArtifactStore,
     pub config: Arc<Config>,
+    /// The workers' job-run series (shared with the workers in this process).
     pub metrics: Arc<Metrics>,
+    /// This API's request series.
+    pub http_metrics: Arc<metrics::HttpMetrics>,
     /// API keys and per-key rate limits; with no key created, everyone is let in.
     pub auth: Arc<Authenticator>,
     /// Checks job webhooks at submission and keeps their delivery history.
@@ -205,7 +210,7 @@ async fn track_requests(State(state): State<AppState>, request: Request, next: N
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let response = next.run(request).await;
-    state.metrics.http_request(
+    state.http_metrics.request(
         method.as_str(),
         &route,
         response.status().as_u16(),

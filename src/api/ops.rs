@@ -92,6 +92,7 @@ pub(super) async fn metrics(State(st): State<AppState>) -> Result<impl IntoRespo
         "# HELP vqclip_workers Live workers (heartbeat within 3 intervals), and those running a job.\n# TYPE vqclip_workers gauge\nvqclip_workers{{status=\"live\"}} {}\nvqclip_workers{{status=\"busy\"}} {busy}",
         workers.len()
     );
+    st.http_metrics.render(&mut out);
     st.metrics.render(&mut out);
     Ok((
         [(

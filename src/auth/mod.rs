@@ -66,13 +66,6 @@ impl Default for AuthConfig {
 }
 
 impl AuthConfig {
-    /// Reads the `[auth]` table of the service configuration.
-    pub fn from_table(table: &toml::Table) -> Result<Self, String> {
-        toml::Value::Table(table.clone())
-            .try_into()
-            .map_err(|e: toml::de::Error| format!("[auth]: {}", e.message()))
-    }
-
     /// The limits of a key without overrides.
     pub fn limits(&self) -> KeyLimits {
         KeyLimits {
@@ -124,19 +117,6 @@ pub fn retry_secs(d: Duration) -> u64 {
 }
 
 impl AuthError {
-    pub fn status(&self) -> http::StatusCode {
-        use http::StatusCode;
-        match self {
-            AuthError::MissingKey
-            | AuthError::MalformedHeader
-            | AuthError::InvalidKey
-            | AuthError::RevokedKey(_) => StatusCode::UNAUTHORIZED,
-            AuthError::AdminOnly => StatusCode::FORBIDDEN,
-            AuthError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            AuthError::Key(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
     /// The `Retry-After` value in seconds, for 429s.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
@@ -262,19 +242,14 @@ mod tests {
             "required = true\nrequests_per_second = 2.5\nmax_queued_per_key = 3\nmetrics = \"key\""
                 .parse()
                 .unwrap();
-        let c = AuthConfig::from_table(&t).unwrap();
+        let c: AuthConfig = toml::Value::Table(t).try_into().unwrap();
         assert!(c.required);
         assert_eq!(c.metrics, MetricsAccess::Key);
         assert_eq!(c.limits().max_queued, 3);
         assert_eq!(c.limits().requests_per_second, 2.5);
         assert_eq!(c.burst, AuthConfig::default().burst);
-        // config/default.toml documents exactly these defaults.
-        let documented = AuthConfig::from_table(&crate::config::Config::defaults().auth).unwrap();
-        assert_eq!(documented, AuthConfig::default());
-        let bad: toml::Table = "max_queued = 3".parse().unwrap();
-        assert!(AuthConfig::from_table(&bad)
-            .unwrap_err()
-            .contains("max_queued"));
+        let bad = toml::from_str::<AuthConfig>("max_queued = 3");
+        assert!(bad.unwrap_err().to_string().contains("max_queued"));
     }
 
     #[test]

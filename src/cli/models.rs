@@ -214,8 +214,8 @@ fn convert_openai_clip(
 fn write_first_stage_yaml(net2net: &Path, dest: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(net2net)
         .with_context(|| format!("reading {}", net2net.display()))?;
-    let root: serde_yaml::Value =
-        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", net2net.display()))?;
+    let root: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).with_context(|| format!("parsing {}", net2net.display()))?;
     let first = root
         .get("model")
         .and_then(|m| m.get("params"))
@@ -227,9 +227,9 @@ fn write_first_stage_yaml(net2net: &Path, dest: &Path) -> anyhow::Result<()> {
                 net2net.display()
             )
         })?;
-    let mut doc = serde_yaml::Mapping::new();
+    let mut doc = serde_yaml_ng::Mapping::new();
     doc.insert("model".into(), first);
-    let out = serde_yaml::to_string(&doc)?;
+    let out = serde_yaml_ng::to_string(&doc)?;
     std::fs::write(dest, out).with_context(|| format!("writing {}", dest.display()))
 }
 

@@ -151,8 +151,29 @@ struct RenderFlags {
 /// Set by SIGINT: finish the step, write a checkpoint, exit.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_sigint(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+/// Sets [`INTERRUPTED`] on every SIGINT (Ctrl-C), from a small runtime on its own thread:
+/// the render loop itself is synchronous. The handler is in place when this returns.
+fn watch_sigint() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("starting the signal watcher")?;
+    let mut sigint = {
+        let _context = runtime.enter();
+        signal(SignalKind::interrupt()).context("watching for Ctrl-C")?
+    };
+    std::thread::Builder::new()
+        .name("sigint".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                while sigint.recv().await.is_some() {
+                    INTERRUPTED.store(true, Ordering::SeqCst);
+                }
+            })
+        })
+        .context("starting the signal watcher")?;
+    Ok(())
 }
 
 pub fn run(args: RenderArgs) -> anyhow::Result<()> {
@@ -196,10 +217,7 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
         _ => u64::from(job.spec.steps),
     };
 
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-    }
+    watch_sigint()?;
     let cancel = CancelToken::new();
     let bar = ProgressBar::new(total_steps);
     bar.set_style(

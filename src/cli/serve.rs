@@ -8,11 +8,11 @@ use tokio_util::sync::CancellationToken;
 use vqclip::api::{self, AppState};
 use vqclip::auth::Authenticator;
 use vqclip::config::{Config, Overrides};
-use vqclip::queue::retention::spawn_pruner;
-use vqclip::queue::{JobStore, KeyBounds, Metrics, SqliteStore};
+use vqclip::queue::{Events, JobStore, KeyBounds, Metrics, SqliteStore};
 use vqclip::storage::ArtifactStore;
 use vqclip::webhooks::WebhookEngine;
-use vqclip::worker::{WorkerContext, WorkerPool};
+use vqclip::worker::retention::spawn_pruner;
+use vqclip::worker::{ArtifactUrls, WorkerContext, WorkerPool};
 
 #[derive(clap::Args)]
 pub struct CommonArgs {
@@ -83,10 +83,9 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
     .await
     .with_context(|| format!("opening the database {}", db.url))?;
     // Claims (here and in `vqclip worker`) honour the per-key running bound.
-    let auth = config.auth_settings()?;
     let store = store.with_key_bounds(KeyBounds {
-        max_queued: auth.max_queued_per_key,
-        max_running: auth.max_running_per_key,
+        max_queued: config.auth.max_queued_per_key,
+        max_running: config.auth.max_running_per_key,
     });
     Ok(Arc::new(store))
 }
@@ -125,7 +124,12 @@ async fn start_workers(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<WorkerPool> {
-    let ctx = WorkerContext::new(store, artifacts, metrics, config);
+    // Events record the API's spelling of artifact URLs, whichever process writes them.
+    let urls = ArtifactUrls {
+        artifact: api::links::artifact,
+        frame: api::links::frame,
+    };
+    let ctx = WorkerContext::new(store, artifacts, metrics, urls, config);
     Ok(WorkerPool::start(ctx, &config.workers.worker_devices(), shutdown).await?)
 }
 
@@ -168,9 +172,9 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
         );
         let auth = Arc::new(Authenticator::new(
             store.pool().clone(),
-            config.auth_settings()?,
+            config.auth.clone(),
         ));
-        let webhooks = WebhookEngine::new(store.pool().clone(), config.webhook_settings()?)?;
+        let webhooks = WebhookEngine::new(store.pool().clone(), config.webhooks.clone())?;
         let sender = webhooks.spawn(shutdown.clone());
         wake_on_events(&store, &webhooks, shutdown.clone());
         let pruner = spawn_pruner(
@@ -185,6 +189,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             artifacts,
             config: Arc::new(config),
             metrics,
+            http_metrics: Arc::default(),
             auth,
             webhooks,
             shutdown: shutdown.clone(),

@@ -508,6 +508,28 @@ fn attempts_message(attempts: &[(String, DownloadError)]) -> String {
         .collect::<String>()
 }
 
+/// The model cache directory, resolved in one place for the server, the workers and the
+/// command line: `setting` (`models.cache_dir`) when not empty, else `VQCLIP_MODEL_CACHE`,
+/// else `$XDG_CACHE_HOME/vqclip`, else `~/.cache/vqclip` (else `.vqclip-cache` without a
+/// home directory).
+pub fn cache_root(setting: &str) -> PathBuf {
+    Some(setting)
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("VQCLIP_MODEL_CACHE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .filter(|v| !v.is_empty())
+                .map(|d| PathBuf::from(d).join("vqclip"))
+        })
+        .or_else(|| home_dir().map(|h| h.join(".cache").join("vqclip")))
+        .unwrap_or_else(|| PathBuf::from(".vqclip-cache"))
+}
+
 /// Where models are cached, and whether the network may be used to fill it.
 #[derive(Debug, Clone)]
 pub struct ModelCache {
@@ -553,21 +575,17 @@ impl ModelCache {
         self
     }
 
-    /// `VQCLIP_MODEL_CACHE`, else `$XDG_CACHE_HOME/vqclip`, else `~/.cache/vqclip`;
-    /// offline when `HF_HUB_OFFLINE` or `VQCLIP_OFFLINE` is set to a true value.
+    /// The cache at [`cache_root`] with no setting; offline when `HF_HUB_OFFLINE` or
+    /// `VQCLIP_OFFLINE` is set to a true value.
     pub fn from_env() -> Self {
-        let root = std::env::var_os("VQCLIP_MODEL_CACHE")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("XDG_CACHE_HOME")
-                    .filter(|v| !v.is_empty())
-                    .map(|d| PathBuf::from(d).join("vqclip"))
-            })
-            .or_else(|| home_dir().map(|h| h.join(".cache").join("vqclip")))
-            .unwrap_or_else(|| PathBuf::from(".vqclip-cache"));
+        Self::configured("")
+    }
+
+    /// The cache at [`cache_root`] of `setting` (`models.cache_dir`); offline as
+    /// [`ModelCache::from_env`].
+    pub fn configured(setting: &str) -> Self {
         let offline = env_flag("HF_HUB_OFFLINE") || env_flag("VQCLIP_OFFLINE");
-        Self::new(root).with_offline(offline)
+        Self::new(cache_root(setting)).with_offline(offline)
     }
 
     pub fn with_offline(mut self, offline: bool) -> Self {

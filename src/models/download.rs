@@ -504,18 +504,11 @@ impl FileLock {
                 path: path.to_path_buf(),
                 source,
             })?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::io::AsRawFd;
-            // SAFETY: flock on a descriptor we own; released when the file closes.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if rc != 0 {
-                return Err(DownloadError::Io {
-                    path: path.to_path_buf(),
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-        }
+        // An advisory lock (flock on unix), released when the file closes.
+        file.lock().map_err(|source| DownloadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(Self { _file: file })
     }
 }

@@ -87,7 +87,8 @@ impl VqganYaml {
     /// Parses a taming `model.yaml` (`model: {target, params: {...}}`), or a bare `params` map.
     /// `VQModel`, `GumbelVQ` and `Net2NetTransformer` (its `first_stage_config`) are accepted.
     pub fn from_yaml_str(text: &str) -> std::result::Result<Self, String> {
-        let root: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        let root: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
         let (target, params, weights_prefix) = match root.get("model") {
             Some(model) => {
                 let target = model
@@ -132,7 +133,7 @@ impl VqganYaml {
                 ))
             }
         };
-        let mut config: VqganConfig = serde_yaml::from_value(params).map_err(|e| {
+        let mut config: VqganConfig = serde_yaml_ng::from_value(params).map_err(|e| {
             format!("expected model.params with embed_dim, n_embed and ddconfig: {e}")
         })?;
         config.quantizer = quantizer;

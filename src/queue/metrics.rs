@@ -1,6 +1,7 @@
-//! Timings observed by workers and read by `/metrics`: a small hand-written registry in
-//! the Prometheus text format. It sits beside the job store because both the API and
-//! the workers already depend on it.
+//! Job-run timings observed by workers and read by `/metrics`: a small hand-written
+//! registry in the Prometheus text format. It sits beside the job store because both the
+//! API and the workers already depend on it; the API's own HTTP series live in
+//! `api::metrics` and reuse [`Histogram`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -66,17 +67,12 @@ const STEP_BOUNDS: &[f64] = &[
 const JOB_BOUNDS: &[f64] = &[
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
-const HTTP_BOUNDS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
 
-/// Everything this process measures.
+/// What this process's workers measure of the jobs they run.
 #[derive(Debug)]
 pub struct Metrics {
     pub step_duration: Histogram,
     pub job_duration: Histogram,
-    http_requests: Mutex<BTreeMap<(String, String, u16), u64>>,
-    pub http_duration: Histogram,
     finished: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -85,23 +81,12 @@ impl Default for Metrics {
         Metrics {
             step_duration: Histogram::new(STEP_BOUNDS),
             job_duration: Histogram::new(JOB_BOUNDS),
-            http_requests: Mutex::new(BTreeMap::new()),
-            http_duration: Histogram::new(HTTP_BOUNDS),
             finished: Mutex::new(BTreeMap::new()),
         }
     }
 }
 
 impl Metrics {
-    /// `route` is the matched route template, so ids do not explode the label set.
-    pub fn http_request(&self, method: &str, route: &str, status: u16, seconds: f64) {
-        let mut m = self.http_requests.lock().unwrap_or_else(|e| e.into_inner());
-        *m.entry((method.to_owned(), route.to_owned(), status))
-            .or_default() += 1;
-        drop(m);
-        self.http_duration.observe(seconds);
-    }
-
     /// A job run by this process's workers ended in `state`.
     pub fn job_finished(&self, state: &'static str, seconds: f64) {
         *self
@@ -115,26 +100,6 @@ impl Metrics {
 
     /// The process-local series; the caller adds the gauges it reads from the store.
     pub fn render(&self, out: &mut String) {
-        out.push_str(
-            "# HELP vqclip_http_requests_total HTTP requests by method, route and status.\n",
-        );
-        out.push_str("# TYPE vqclip_http_requests_total counter\n");
-        for ((method, route, status), n) in self
-            .http_requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "vqclip_http_requests_total{{method=\"{method}\",route=\"{}\",status=\"{status}\"}} {n}",
-                route.replace('"', "")
-            );
-        }
-        out.push_str("# HELP vqclip_http_request_duration_seconds Time to answer an HTTP request (SSE: to open the stream).\n");
-        out.push_str("# TYPE vqclip_http_request_duration_seconds histogram\n");
-        self.http_duration
-            .render(out, "vqclip_http_request_duration_seconds", "");
         out.push_str("# HELP vqclip_step_duration_seconds Time of one optimisation step.\n");
         out.push_str("# TYPE vqclip_step_duration_seconds histogram\n");
         self.step_duration

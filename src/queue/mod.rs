@@ -1,6 +1,9 @@
 //! The job store: job states, claiming with leases, persisted events and uploads.
 //!
-//! [`JobStore`] is the seam; [`SqliteStore`] implements it. Nothing here knows candle or
+//! [`JobStore`] is the seam: five traits, one per concern ([`Jobs`], [`Leases`],
+//! [`Events`], [`Uploads`], [`Workers`]); [`SqliteStore`] implements them in `sqlite/`, one
+//! file per concern, and a second backend does the same in a folder of its own. SQL never
+//! leaves the backend's folder. Nothing here knows candle, HTTP, the artifact storage or
 //! the render engine: a job's spec is opaque JSON that the worker interprets.
 //!
 //! State machine:
@@ -12,7 +15,6 @@
 //! ```
 
 pub mod metrics;
-pub mod retention;
 mod sqlite;
 
 use chrono::{DateTime, Utc};
@@ -22,7 +24,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 pub use metrics::Metrics;
-pub use sqlite::{hostname, KeyBounds, SqliteStore};
+pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -373,8 +375,27 @@ pub struct WorkerInfo {
 
 pub type QueueFuture<'a, T> = BoxFuture<'a, QueueResult<T>>;
 
-/// The job store. Every state change is a database write; nothing lives only in memory.
-pub trait JobStore: Send + Sync + 'static {
+/// Per-API-key bounds on queued and running jobs, for keys that do not set their own
+/// (`api_keys.max_queued`, `api_keys.max_running`). 0 is no bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyBounds {
+    pub max_queued: u32,
+    pub max_running: u32,
+}
+
+/// The host name workers register with (`workers.host`).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+// The store is five traits, one per concern, so that each backend implements them in one
+// file per concern (`sqlite/jobs.rs`, `sqlite/leases.rs`, ...) with no forwarding layer.
+// Every state change is a database write; nothing lives only in memory.
+
+/// Jobs as clients see them: submission, reads, cancel, deletion and retention.
+pub trait Jobs: Send + Sync + 'static {
     /// Inserts a queued job unless `max_queued` jobs are already queued. With an
     /// idempotency key already used by the same owner, returns that job instead.
     fn submit(&self, job: NewJob, max_queued: u64) -> QueueFuture<'_, Submitted>;
@@ -384,19 +405,18 @@ pub trait JobStore: Send + Sync + 'static {
     /// 1 for the job claimed next; `None` unless queued.
     fn position<'a>(&'a self, job: &'a Job) -> QueueFuture<'a, Option<u64>>;
     fn cancel<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, CancelOutcome>;
-    /// Cancel requests for running jobs made through this store, the moment they commit,
-    /// so a worker in this process stops within the step it is on.
-    fn cancellations(&self) -> tokio::sync::broadcast::Receiver<Uuid>;
-    /// Whether a cancel was requested for the job: one indexed read, cheap enough for a
-    /// worker in another process to ask every few hundred milliseconds.
-    fn cancel_requested(&self, id: Uuid) -> QueueFuture<'_, bool>;
     /// Removes a terminal job and its events; the caller removes its artifacts.
     fn delete<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, Job>;
     /// Retention: removes the terminal jobs (and their events) that finished
     /// before `cutoff`, except those with `keep`; returns their ids so the
     /// caller can remove their artifacts.
     fn prune_finished_before(&self, cutoff: DateTime<Utc>) -> QueueFuture<'_, Vec<Uuid>>;
+    fn counts_by_state(&self) -> QueueFuture<'_, Vec<(JobState, u64)>>;
+    fn ping(&self) -> QueueFuture<'_, ()>;
+}
 
+/// A worker's side of a job: claiming, the lease and its renewal, progress and the end.
+pub trait Leases: Send + Sync + 'static {
     /// Atomically takes the next queued job (priority, then first in first out).
     fn claim<'a>(
         &'a self,
@@ -404,18 +424,20 @@ pub trait JobStore: Send + Sync + 'static {
         device: &'a str,
         lease: Duration,
     ) -> QueueFuture<'a, Option<Job>>;
-    /// As [`JobStore::claim`] (same order, same per-key bounds), among only the queued
+    /// As [`Leases::claim`] (same order, same per-key bounds), among only the queued
     /// jobs whose spec agrees with job `leader`'s at every JSON path in `same`, e.g.
-    /// `["$.width", "$.height", "$.models"]`. A worker packing a batch takes each job
-    /// after the first this way: one atomic claim per job.
+    /// `["$.width", "$.height", "$.models"]` (render's batch key names them). A worker
+    /// packing a batch takes each job after the first this way: one atomic claim per job.
     fn claim_alongside<'a>(
         &'a self,
         worker_id: &'a str,
         device: &'a str,
         lease: Duration,
         leader: Uuid,
-        same: &'a [&'a str],
+        same: &'a [String],
     ) -> QueueFuture<'a, Option<Job>>;
+    /// Woken whenever a job is queued (or requeued) by this process.
+    fn job_queued(&self) -> std::sync::Arc<tokio::sync::Notify>;
     fn renew<'a>(
         &'a self,
         job: Uuid,
@@ -437,29 +459,39 @@ pub trait JobStore: Send + Sync + 'static {
         checkpoint: &'a str,
         step: u32,
     ) -> QueueFuture<'a, ()>;
+    fn finish<'a>(&'a self, job: Uuid, worker_id: &'a str, finish: Finish) -> QueueFuture<'a, Job>;
+    /// Graceful shutdown: back to the queue without spending an attempt.
+    fn release<'a>(&'a self, job: Uuid, worker_id: &'a str) -> QueueFuture<'a, ()>;
+    /// Requeues (or fails, at max attempts) running jobs whose lease has expired.
+    fn rescue_expired(&self) -> QueueFuture<'_, Vec<Rescued>>;
+    /// Cancel requests for running jobs made through this store, the moment they commit,
+    /// so a worker in this process stops within the step it is on.
+    fn cancellations(&self) -> tokio::sync::broadcast::Receiver<Uuid>;
+    /// Whether a cancel was requested for the job: one indexed read, cheap enough for a
+    /// worker in another process to ask every few hundred milliseconds.
+    fn cancel_requested(&self, id: Uuid) -> QueueFuture<'_, bool>;
+}
+
+/// A job's persisted events, in id order, and the wake-up when one commits.
+pub trait Events: Send + Sync + 'static {
     fn append_event(
         &self,
         job: Uuid,
         kind: EventKind,
         data: serde_json::Value,
     ) -> QueueFuture<'_, JobEvent>;
-    fn finish<'a>(&'a self, job: Uuid, worker_id: &'a str, finish: Finish) -> QueueFuture<'a, Job>;
-    /// Graceful shutdown: back to the queue without spending an attempt.
-    fn release<'a>(&'a self, job: Uuid, worker_id: &'a str) -> QueueFuture<'a, ()>;
-    /// Requeues (or fails, at max attempts) running jobs whose lease has expired.
-    fn rescue_expired(&self) -> QueueFuture<'_, Vec<Rescued>>;
-
     fn events_after(&self, job: Uuid, after: i64, limit: u32) -> QueueFuture<'_, Vec<JobEvent>>;
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<EventNotice>;
-    /// Woken whenever a job is queued (or requeued) by this process.
-    fn job_queued(&self) -> std::sync::Arc<tokio::sync::Notify>;
+}
 
-    fn counts_by_state(&self) -> QueueFuture<'_, Vec<(JobState, u64)>>;
-    fn ping(&self) -> QueueFuture<'_, ()>;
-
+/// Uploaded init and target images' records (their bytes are artifacts).
+pub trait Uploads: Send + Sync + 'static {
     fn insert_upload(&self, upload: Upload) -> QueueFuture<'_, ()>;
     fn get_upload<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, Upload>;
+}
 
+/// The worker registry: heartbeats, and the dead workers whose leases are handed back.
+pub trait Workers: Send + Sync + 'static {
     fn worker_heartbeat<'a>(
         &'a self,
         worker_id: &'a str,
@@ -472,26 +504,13 @@ pub trait JobStore: Send + Sync + 'static {
     /// Every registered worker, however old its heartbeat.
     fn workers(&self) -> QueueFuture<'_, Vec<WorkerInfo>>;
     /// A worker known to be dead (its process is gone): its leases expire now and its
-    /// row goes, so [`JobStore::rescue_expired`] requeues its jobs at once instead of
+    /// row goes, so [`Leases::rescue_expired`] requeues its jobs at once instead of
     /// after a full lease. Returns how many leases it held.
     fn expire_worker<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, u64>;
 }
 
-/// The public paths of a job's resources. Events record them, so workers that know no
-/// HTTP and the API that serves them agree on one spelling.
-pub mod links {
-    use uuid::Uuid;
+/// The whole job store, as the API and the workers hold it (`Arc<dyn JobStore>`):
+/// every backend that implements the five concerns is one.
+pub trait JobStore: Jobs + Leases + Events + Uploads + Workers {}
 
-    pub fn job(id: Uuid) -> String {
-        format!("/v1/jobs/{id}")
-    }
-
-    /// `name` is one of `image.png`, `video.mp4`, `metadata.json`, `frames`, `events`.
-    pub fn artifact(id: Uuid, name: &str) -> String {
-        format!("/v1/jobs/{id}/{name}")
-    }
-
-    pub fn frame(id: Uuid, step: u32) -> String {
-        format!("/v1/jobs/{id}/frames/{step}.png")
-    }
-}
+impl<T: Jobs + Leases + Events + Uploads + Workers> JobStore for T {}

@@ -7,109 +7,43 @@
 //! receives from the summed loss is the gradient of its own loss, and a job ends where
 //! it would have ended alone, up to float rounding in batch-sized kernels.
 //!
-//! [`step_batch`] is the one implementation of a step: [`RenderSession::step`] is a
-//! batch of one. [`render_batch`] is the one driver: [`super::render`] is a batch of one.
+//! [`super::step_batch`] (in `engine.rs`, beside the session it steps) is the one
+//! implementation of a step: [`RenderSession::step`] is a batch of one. [`render_batch`]
+//! is the one driver: [`render`] is a batch of one.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
-
+use super::batch_key::BatchKey;
 use super::checkpoint::Checkpoint;
-use super::engine::{unit, History, RenderSession, StepStats};
+use super::engine::{step_batch, RenderSession, StepStats};
+use super::history::History;
 use super::job::{Artifacts, RenderError, RenderJob, RenderOutcome};
 use super::models::ModelSet;
 use super::output;
 use super::progress::{CancelToken, ProgressEvent, ProgressSink};
 
-/// Why `sessions` cannot share a step, if they cannot: they must use the very same
-/// loaded models and latents of one shape (the same size in tokens).
-pub fn check_batchable(sessions: &[&mut RenderSession<'_>]) -> Result<(), RenderError> {
-    let Some((first, rest)) = sessions.split_first() else {
-        return Err(RenderError::Incompatible(
-            "a batch needs at least one job".into(),
-        ));
-    };
-    for (i, other) in rest.iter().enumerate() {
-        let i = i + 1;
-        if !std::ptr::eq(first.models(), other.models()) {
-            return Err(RenderError::Incompatible(format!(
-                "job {i} uses another model set than job 0; only jobs rendered with the same loaded VQGAN and CLIPs can be batched"
-            )));
-        }
-        if first.z().dims() != other.z().dims() {
-            return Err(RenderError::Incompatible(format!(
-                "job {i} renders {}x{} (latent {:?}) but job 0 renders {}x{} (latent {:?}); only jobs of one size can be batched",
-                other.spec().width,
-                other.spec().height,
-                other.z().dims(),
-                first.spec().width,
-                first.spec().height,
-                first.z().dims(),
-            )));
+/// Runs a job to the end (or until told to stop), writing everything under
+/// `job.out_dir`: `image.png`, `frames/NNNNN.png`, `video.mp4`, `metadata.json` and,
+/// every `checkpoint_every` steps, `checkpoint.safetensors`. A batch of one.
+pub fn render(
+    job: &RenderJob,
+    models: &ModelSet,
+    progress: &mut dyn ProgressSink,
+    cancel: &CancelToken,
+) -> Result<RenderOutcome, RenderError> {
+    /// Lends the caller's sink to the batch for the length of the render.
+    struct Lent<'a>(&'a mut dyn ProgressSink);
+    impl ProgressSink for Lent<'_> {
+        fn event(&mut self, ev: ProgressEvent) {
+            self.0.event(ev)
         }
     }
-    Ok(())
-}
-
-/// One optimisation step for every session, as one batch: the zs are concatenated,
-/// quantised and decoded together; each job cuts and augments its own image with its
-/// own RNG; each CLIP sees every job's cutouts in one batch; each job's loss is its
-/// solo step's loss; the losses are summed for one backward; then each job's own
-/// optimiser updates and clamps its z. Returns each job's statistics, in order.
-pub fn step_batch(sessions: &mut [&mut RenderSession<'_>]) -> Result<Vec<StepStats>, RenderError> {
-    check_batchable(sessions)?;
-    for session in sessions.iter_mut() {
-        session.begin_step()?;
-    }
-    let models = sessions[0].models();
-    let zs: Vec<&Tensor> = sessions.iter().map(|s| s.z_var().as_tensor()).collect();
-    let images = sessions[0].synth(&Tensor::cat(&zs, 0)?)?;
-
-    // Per job, per CLIP: the unit embeddings of its cutouts.
-    let mut embeds: Vec<Vec<Tensor>> = vec![Vec::with_capacity(models.clips.len()); sessions.len()];
-    for (k, clip) in models.clips.iter().enumerate() {
-        // Jobs may differ in cutn and cut method; their cutouts simply stack.
-        let mut counts = Vec::with_capacity(sessions.len());
-        let mut cutouts = Vec::with_capacity(sessions.len());
-        for (j, session) in sessions.iter_mut().enumerate() {
-            let batch = session.cut(k, &images.narrow(0, j, 1)?)?;
-            counts.push(batch.dim(0)?);
-            cutouts.push(batch);
-        }
-        let all = unit(
-            &clip
-                .encode_image(&clip.normalize_pixels(&Tensor::cat(&cutouts, 0)?)?)?
-                .to_dtype(DType::F32)?,
-        )?;
-        let mut offset = 0;
-        for (j, n) in counts.into_iter().enumerate() {
-            embeds[j].push(all.narrow(0, offset, n)?);
-            offset += n;
-        }
-    }
-
-    // Per job, its loss terms as one vector; the job's loss is their sum.
-    let mut terms = Vec::with_capacity(sessions.len());
-    for (session, embeds) in sessions.iter().zip(&embeds) {
-        terms.push(Tensor::stack(&session.loss_terms(embeds)?, 0)?);
-    }
-    let totals = terms
-        .iter()
-        .map(|t| t.sum_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    // No job's loss depends on another's z, so each z's gradient from the sum is the
-    // gradient of its own loss.
-    let grads = Tensor::stack(&totals, 0)?.sum_all()?.backward()?;
-    // One read-back for every job's losses, after the backward pass is queued.
-    let counts: Vec<usize> = terms.iter().map(|t| t.elem_count()).collect();
-    let mut values = Tensor::cat(&terms, 0)?.to_vec1::<f32>()?.into_iter();
-    sessions
-        .iter_mut()
-        .zip(counts)
-        .map(|(session, n)| session.finish_step(&grads, values.by_ref().take(n).collect()))
-        .collect()
+    let entry = BatchJob::new(Cow::Borrowed(job), Lent(progress), cancel.clone());
+    render_batch(vec![entry], models)
+        .pop()
+        .unwrap_or_else(|| Err(RenderError::Model("the render returned no outcome".into())))
 }
 
 /// One job of a batched render: what it is, where its progress goes, what stops it.
@@ -137,8 +71,8 @@ impl<'a> BatchJob<'a> {
 /// The side of a batched render that lives outside it: it may add jobs between
 /// steps (a worker refilling its batch as jobs end) and hears each job's end.
 pub trait BatchHost<'a> {
-    /// Jobs to add to the batch before its next step. Ones of another size than the
-    /// batch's are refused with [`RenderError::Incompatible`].
+    /// Jobs to add to the batch before its next step. Ones whose [`BatchKey`] differs
+    /// from the batch's are refused with [`RenderError::Incompatible`].
     fn admit(&mut self) -> Vec<BatchJob<'a>>;
     /// A job ended; `index` counts the jobs given first, then those admitted, in order.
     fn ended(&mut self, index: usize, outcome: Result<RenderOutcome, RenderError>);
@@ -194,7 +128,7 @@ fn slow_step(earlier: &[f64], dt: f64) -> Option<f64> {
 /// frames, checkpoints, cancellation (a canceled job leaves the batch; the others go
 /// on) and outputs under its own `out_dir`. Returns each job's outcome, in order.
 ///
-/// Jobs of another size than the first's are refused with
+/// Jobs whose [`BatchKey`] differs from the first's are refused with
 /// [`RenderError::Incompatible`]; give them to a separate call.
 pub fn render_batch(
     jobs: Vec<BatchJob<'_>>,
@@ -223,21 +157,20 @@ pub fn render_batch_hosted<'a, 'm>(
     host: &mut dyn BatchHost<'a>,
 ) {
     let mut runs: Vec<Option<Run<'a, 'm>>> = Vec::with_capacity(jobs.len());
-    let mut shape: Option<Vec<usize>> = None;
+    let mut key: Option<BatchKey> = None;
     let mut admit = |jobs: Vec<BatchJob<'a>>,
                      runs: &mut Vec<Option<Run<'a, 'm>>>,
                      host: &mut dyn BatchHost<'a>| {
         for entry in jobs {
             let index = runs.len();
             let run = Run::start(entry, models).and_then(|r| {
-                let dims = r.session.z().dims().to_vec();
-                match &shape {
-                    Some(s) if *s != dims => Err(RenderError::Incompatible(format!(
-                        "{}x{} differs from the batch's size; render it in a batch of its own",
-                        r.job.spec.width, r.job.spec.height
+                let joining = BatchKey::of(&r.job.spec);
+                match key.as_ref().and_then(|k| k.mismatch(&joining)) {
+                    Some(why) => Err(RenderError::Incompatible(format!(
+                        "{why}; render it in a batch of its own"
                     ))),
-                    _ => {
-                        shape = Some(dims);
+                    None => {
+                        key.get_or_insert(joining);
                         Ok(r)
                     }
                 }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use rand_chacha::ChaCha20Rng;
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::engine::History;
+use super::history::History;
 use super::job::{RenderError, RenderJob};
 use super::optim::OptimizerState;
 use super::spec::JobSpec;

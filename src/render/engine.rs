@@ -11,14 +11,14 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::augment::{apply_all, AugmentParams, Augmentations};
+use super::batch_key::BatchKey;
 use super::checkpoint::Checkpoint;
 use super::cutouts::{resample_crops, Crop, CutoutNoise, Cutouts};
-use super::job::{RenderError, RenderJob, RenderOutcome};
+use super::job::{RenderError, RenderJob};
 use super::models::ModelSet;
 use super::ops::{asin, clamp_with_grad, stop_below};
 use super::optim::Optimizer;
 use super::output;
-use super::progress::{CancelToken, ProgressSink};
 use super::prompts::PromptSet;
 use super::spec::{CutMethod, ImageRef, InitNoise, InitRegulariser, JobSpec};
 
@@ -361,7 +361,7 @@ impl<'m> RenderSession<'m> {
     /// It is the batched step with a batch of one, so a job steps the same way alone
     /// or sharing a batch.
     pub fn step(&mut self) -> Result<StepStats, RenderError> {
-        let mut stats = super::batch::step_batch(&mut [self])?;
+        let mut stats = step_batch(&mut [self])?;
         stats
             .pop()
             .ok_or_else(|| RenderError::Model("a step of one job returned no statistics".into()))
@@ -756,37 +756,86 @@ fn load_image(job: &RenderJob, reference: &str) -> Result<image::RgbImage, Rende
     Ok(img.to_rgb8())
 }
 
-/// Per-step record kept for `metadata.json` and carried through checkpoints.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct History {
-    pub losses: Vec<Vec<f32>>,
-    pub step_seconds: Vec<f64>,
-}
-
-/// Runs a job to the end (or until told to stop), writing everything under
-/// `job.out_dir`: `image.png`, `frames/NNNNN.png`, `video.mp4`, `metadata.json` and,
-/// every `checkpoint_every` steps, `checkpoint.safetensors`. A batch of one.
-pub fn render(
-    job: &RenderJob,
-    models: &ModelSet,
-    progress: &mut dyn ProgressSink,
-    cancel: &CancelToken,
-) -> Result<RenderOutcome, RenderError> {
-    /// Lends the caller's sink to the batch for the length of the render.
-    struct Lent<'a>(&'a mut dyn ProgressSink);
-    impl ProgressSink for Lent<'_> {
-        fn event(&mut self, ev: super::progress::ProgressEvent) {
-            self.0.event(ev)
+/// Why `sessions` cannot share a step, if they cannot: they must use the very same
+/// loaded models and agree on the [`BatchKey`].
+pub fn check_batchable(sessions: &[&mut RenderSession<'_>]) -> Result<(), RenderError> {
+    let Some((first, rest)) = sessions.split_first() else {
+        return Err(RenderError::Incompatible(
+            "a batch needs at least one job".into(),
+        ));
+    };
+    let key = BatchKey::of(first.spec());
+    for (i, other) in rest.iter().enumerate() {
+        let i = i + 1;
+        if !std::ptr::eq(first.models(), other.models()) {
+            return Err(RenderError::Incompatible(format!(
+                "job {i} uses another model set than job 0; only jobs rendered with the same loaded VQGAN and CLIPs can be batched"
+            )));
+        }
+        if let Some(why) = key.mismatch(&BatchKey::of(other.spec())) {
+            return Err(RenderError::Incompatible(format!("job {i}: {why}")));
         }
     }
-    let entry = super::batch::BatchJob::new(
-        std::borrow::Cow::Borrowed(job),
-        Lent(progress),
-        cancel.clone(),
-    );
-    super::batch::render_batch(vec![entry], models)
-        .pop()
-        .unwrap_or_else(|| Err(RenderError::Model("the render returned no outcome".into())))
+    Ok(())
+}
+
+/// One optimisation step for every session, as one batch: the zs are concatenated,
+/// quantised and decoded together; each job cuts and augments its own image with its
+/// own RNG; each CLIP sees every job's cutouts in one batch; each job's loss is its
+/// solo step's loss; the losses are summed for one backward; then each job's own
+/// optimiser updates and clamps its z. Returns each job's statistics, in order.
+pub fn step_batch(sessions: &mut [&mut RenderSession<'_>]) -> Result<Vec<StepStats>, RenderError> {
+    check_batchable(sessions)?;
+    for session in sessions.iter_mut() {
+        session.begin_step()?;
+    }
+    let models = sessions[0].models();
+    let zs: Vec<&Tensor> = sessions.iter().map(|s| s.z_var().as_tensor()).collect();
+    let images = sessions[0].synth(&Tensor::cat(&zs, 0)?)?;
+
+    // Per job, per CLIP: the unit embeddings of its cutouts.
+    let mut embeds: Vec<Vec<Tensor>> = vec![Vec::with_capacity(models.clips.len()); sessions.len()];
+    for (k, clip) in models.clips.iter().enumerate() {
+        // Jobs may differ in cutn and cut method; their cutouts simply stack.
+        let mut counts = Vec::with_capacity(sessions.len());
+        let mut cutouts = Vec::with_capacity(sessions.len());
+        for (j, session) in sessions.iter_mut().enumerate() {
+            let batch = session.cut(k, &images.narrow(0, j, 1)?)?;
+            counts.push(batch.dim(0)?);
+            cutouts.push(batch);
+        }
+        let all = unit(
+            &clip
+                .encode_image(&clip.normalize_pixels(&Tensor::cat(&cutouts, 0)?)?)?
+                .to_dtype(DType::F32)?,
+        )?;
+        let mut offset = 0;
+        for (j, n) in counts.into_iter().enumerate() {
+            embeds[j].push(all.narrow(0, offset, n)?);
+            offset += n;
+        }
+    }
+
+    // Per job, its loss terms as one vector; the job's loss is their sum.
+    let mut terms = Vec::with_capacity(sessions.len());
+    for (session, embeds) in sessions.iter().zip(&embeds) {
+        terms.push(Tensor::stack(&session.loss_terms(embeds)?, 0)?);
+    }
+    let totals = terms
+        .iter()
+        .map(|t| t.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    // No job's loss depends on another's z, so each z's gradient from the sum is the
+    // gradient of its own loss.
+    let grads = Tensor::stack(&totals, 0)?.sum_all()?.backward()?;
+    // One read-back for every job's losses, after the backward pass is queued.
+    let counts: Vec<usize> = terms.iter().map(|t| t.elem_count()).collect();
+    let mut values = Tensor::cat(&terms, 0)?.to_vec1::<f32>()?.into_iter();
+    sessions
+        .iter_mut()
+        .zip(counts)
+        .map(|(session, n)| session.finish_step(&grads, values.by_ref().take(n).collect()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -6,11 +6,13 @@
 
 pub mod augment;
 pub mod batch;
+pub mod batch_key;
 pub mod checkpoint;
 pub mod cutouts;
 pub mod engine;
 #[cfg(test)]
 mod gradcheck;
+pub mod history;
 pub mod job;
 pub mod models;
 pub mod ops;
@@ -21,10 +23,10 @@ pub mod prompts;
 pub mod spec;
 pub mod video;
 
-pub use batch::{
-    check_batchable, render_batch, render_batch_hosted, step_batch, BatchHost, BatchJob,
-};
-pub use engine::{render, RenderSession, StepStats};
+pub use batch::{render, render_batch, render_batch_hosted, BatchHost, BatchJob};
+pub use batch_key::BatchKey;
+pub use engine::{check_batchable, step_batch, RenderSession, StepStats};
+pub use history::History;
 pub use job::{Artifacts, RenderError, RenderJob, RenderOutcome};
 pub use models::{ModelIdentities, ModelIdentity, ModelSet};
 pub use progress::{CancelToken, NoProgress, ProgressEvent, ProgressSink};

@@ -8,7 +8,14 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::models::catalogue::{self, ModelCache};
+use crate::models::catalogue;
+
+// What the workers need of the model catalogue reaches them through render, the room
+// they depend on: devices, the cache (one resolver of its directory) and model presence.
+pub use crate::models::catalogue::{
+    cache_root, ensure_models, parse_device, presence, DownloadProgress, DownloadWatcher,
+    ModelCache, ModelKind, ModelsUnavailable, Presence,
+};
 use crate::models::{Clip, Vqgan};
 
 use super::job::RenderError;

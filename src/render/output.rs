@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use image::{imageops::FilterType, RgbImage};
 use serde::Serialize;
 
-use super::engine::History;
+use super::history::History;
 use super::job::{RenderError, RenderJob};
 use super::models::{ModelIdentities, ModelSet};
 use super::spec::{ImageRef, JobSpec};

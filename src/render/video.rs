@@ -18,7 +18,8 @@ use std::time::Instant;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use super::engine::{History, RenderSession};
+use super::engine::RenderSession;
+use super::history::History;
 use super::job::{Artifacts, RenderError, RenderJob, RenderOutcome};
 use super::models::ModelSet;
 use super::output;

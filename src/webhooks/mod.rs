@@ -106,13 +106,6 @@ impl Default for WebhookConfig {
 }
 
 impl WebhookConfig {
-    /// Reads the `[webhooks]` table of the service configuration.
-    pub fn from_table(table: &toml::Table) -> Result<Self, String> {
-        toml::Value::Table(table.clone())
-            .try_into()
-            .map_err(|e: toml::de::Error| format!("[webhooks]: {}", e.message()))
-    }
-
     pub fn target_policy(&self) -> TargetPolicy {
         TargetPolicy {
             allow_private: self.allow_private_targets,
@@ -204,48 +197,8 @@ mod tests {
             .target_policy()
             .refusal("127.0.0.1".parse().unwrap())
             .is_none());
-        // config/default.toml documents exactly these defaults.
-        let documented =
-            WebhookConfig::from_table(&crate::config::Config::defaults().webhooks).unwrap();
-        assert_eq!(documented, WebhookConfig::default());
         let bad = toml::from_str::<WebhookConfig>("allowed_networks = [\"nope\"]");
         assert!(bad.unwrap_err().to_string().contains("not a CIDR"));
-    }
-
-    #[test]
-    fn environment_variables_reach_the_typed_settings() {
-        use crate::config::{Config, ConfigError, Overrides};
-        let env = |pairs: &[(&str, &str)]| {
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<Vec<_>>()
-        };
-        let c = Config::load_from(
-            None,
-            env(&[
-                ("VQCLIP_WEBHOOKS_SECRET", "whsec_c2VjcmV0"),
-                ("VQCLIP_WEBHOOKS_ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#),
-                ("VQCLIP_WEBHOOKS_MAX_ATTEMPTS", "3"),
-                ("VQCLIP_AUTH_MAX_QUEUED_PER_KEY", "7"),
-            ]),
-            &Overrides::default(),
-        )
-        .unwrap();
-        let w = c.webhook_settings().unwrap();
-        assert_eq!(w.secret, "whsec_c2VjcmV0");
-        assert_eq!(w.max_attempts, 3);
-        assert_eq!(w.allowed_networks, vec!["127.0.0.0/8".parse().unwrap()]);
-        assert_eq!(c.auth_settings().unwrap().max_queued_per_key, 7);
-        // A bad value fails at load, naming the setting.
-        let err = Config::load_from(
-            None,
-            env(&[("VQCLIP_WEBHOOKS_ALLOWED_NETWORKS", r#"["nope"]"#)]),
-            &Overrides::default(),
-        )
-        .unwrap_err();
-        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
-        assert!(err.to_string().contains("not a CIDR"), "{err}");
     }
 
     #[test]

@@ -25,15 +25,27 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::models::catalogue::{
-    self, DownloadProgress, DownloadWatcher, ModelCache, ModelKind, Presence,
+use crate::queue::{EventKind, Finish, Job, JobStore, Metrics, Progress, QueueError, Scope};
+use crate::render::models::{
+    self as catalogue, DownloadProgress, DownloadWatcher, ModelCache, ModelKind, Presence,
 };
-use crate::queue::{links, EventKind, Finish, Job, JobStore, Metrics, Progress, QueueError, Scope};
 use crate::render::{
-    render_batch_hosted, BatchHost, BatchJob, CancelToken, ImageRef, JobSpec, ModelSet, ModelsSpec,
-    ProgressEvent, RenderError, RenderJob, RenderOutcome,
+    render_batch_hosted, BatchHost, BatchJob, BatchKey, CancelToken, ImageRef, JobSpec, ModelSet,
+    ModelsSpec, ProgressEvent, RenderError, RenderJob, RenderOutcome,
 };
 use crate::storage::ArtifactStore;
+
+pub mod retention;
+
+/// Where clients fetch a job's artifacts, as events record it. The API owns that
+/// spelling (`api::links`); the command line hands it to the workers, which know no HTTP.
+#[derive(Debug, Clone, Copy)]
+pub struct ArtifactUrls {
+    /// A job's artifact by name: `image.png`, `metadata.json`, `frames`, `video.mp4`.
+    pub artifact: fn(Uuid, &str) -> String,
+    /// One frame, by the step it was taken after.
+    pub frame: fn(Uuid, u32) -> String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -46,7 +58,7 @@ pub enum WorkerError {
 /// `cpu`, `cuda:N` or `auto`, parsed as the CLI parses `--device`. A build without the
 /// `cuda` feature refuses `cuda:N` up front rather than failing on the first job.
 pub fn parse_device(name: &str) -> Result<Device, WorkerError> {
-    crate::models::catalogue::parse_device(name).map_err(|e| WorkerError::Device {
+    catalogue::parse_device(name).map_err(|e| WorkerError::Device {
         device: name.to_owned(),
         reason: e.to_string(),
     })
@@ -54,14 +66,7 @@ pub fn parse_device(name: &str) -> Result<Device, WorkerError> {
 
 /// The model cache the workers read: `models.cache_dir`, else the environment's.
 pub fn model_cache(config: &Config) -> ModelCache {
-    let from_env = ModelCache::from_env();
-    match config.models.cache_dir.as_str() {
-        "" => from_env,
-        dir => {
-            let offline = from_env.is_offline();
-            ModelCache::new(dir).with_offline(offline)
-        }
-    }
+    ModelCache::configured(&config.models.cache_dir)
 }
 
 /// What each worker needs besides its device.
@@ -70,6 +75,7 @@ pub struct WorkerContext {
     pub store: Arc<dyn JobStore>,
     pub artifacts: ArtifactStore,
     pub metrics: Arc<Metrics>,
+    pub urls: ArtifactUrls,
     pub models: ModelCache,
     pub lease: Duration,
     pub heartbeat: Duration,
@@ -88,6 +94,7 @@ impl WorkerContext {
         store: Arc<dyn JobStore>,
         artifacts: ArtifactStore,
         metrics: Arc<Metrics>,
+        urls: ArtifactUrls,
         config: &Config,
     ) -> WorkerContext {
         let w = &config.workers;
@@ -95,6 +102,7 @@ impl WorkerContext {
             store,
             artifacts,
             metrics,
+            urls,
             models: model_cache(config),
             lease: Duration::from_secs(w.lease_seconds),
             heartbeat: Duration::from_secs(w.heartbeat_seconds),
@@ -144,13 +152,14 @@ fn set_live(id: &str, live: bool) {
     }
 }
 
+/// Whether process `pid` of this host still exists (a zombie counts). Read from `/proc`,
+/// so elsewhere every process is taken for alive and its jobs wait for their leases.
 fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: signal 0 only checks that the process exists and may be signalled.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    if cfg!(target_os = "linux") {
+        std::path::Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
 }
 
 /// Workers of this host that died without saying goodbye (kill -9, a crash): their
@@ -379,14 +388,14 @@ fn render_loop(
     }
 }
 
-/// What jobs must share to render as one batch (the claim's `BATCH_KEY`); the last
-/// is whether they style a video (rendered one after another, never batched).
-type BatchKey = (ModelsSpec, u32, u32, bool);
-
 fn batch_key(r: &RenderRequest) -> BatchKey {
-    let s = &r.job.spec;
-    (s.models.clone(), s.width, s.height, s.video_style.is_some())
+    BatchKey::of(&r.job.spec)
 }
+
+/// The stored spec's fields the batch claim compares: render's [`BatchKey`], spelled as
+/// JSON paths once per process.
+static BATCH_KEY_PATHS: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(BatchKey::json_paths);
 
 /// The claim packs only jobs of one size and one model set; should anything else
 /// arrive together, it renders in a batch of its own rather than failing.
@@ -461,8 +470,8 @@ fn render_group(
         deferred,
     };
     let jobs: Vec<BatchJob<'static>> = group.into_iter().map(|r| host.join(r)).collect();
-    let styles_video = key.3;
-    let models_spec = key.0;
+    let styles_video = key.styles_video();
+    let models_spec = key.models;
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), JobFailure> {
         if loaded.as_ref().map(|(spec, _)| spec) != Some(&models_spec) {
             *loaded = None;
@@ -617,7 +626,7 @@ impl Worker {
                 &self.device,
                 self.ctx.lease,
                 batch[0].id,
-                &BATCH_KEY,
+                &BATCH_KEY_PATHS,
             );
             match claim.await {
                 Ok(Some(job)) => batch.push(job),
@@ -714,7 +723,7 @@ impl Worker {
             &self.device,
             self.ctx.lease,
             leader,
-            &BATCH_KEY,
+            &BATCH_KEY_PATHS,
         );
         let job = match claim.await {
             Ok(Some(job)) => job,
@@ -979,7 +988,7 @@ impl Worker {
         }
         match result {
             Ok(RenderOutcome::Completed(artifacts)) => {
-                let link = |name| links::artifact(job.id, name);
+                let link = |name| (self.ctx.urls.artifact)(job.id, name);
                 RunEnd::Finished(Finish::Succeeded {
                     data: json!({
                         "state": "succeeded",
@@ -1080,7 +1089,7 @@ impl Worker {
                 }
             }
             ProgressEvent::Frame { step, .. } => {
-                let url = links::frame(job.id, step);
+                let url = (self.ctx.urls.frame)(job.id, step);
                 store
                     .append_event(
                         job.id,
@@ -1098,10 +1107,6 @@ impl Worker {
         Ok(())
     }
 }
-
-/// The spec fields jobs must share to render as one batch: the latent's shape, the
-/// loaded models, and no video styling (or the same).
-const BATCH_KEY: [&str; 4] = ["$.width", "$.height", "$.models", "$.video_style"];
 
 /// A video-styling job's progress also says which frame (0-based, of `frames`) and
 /// which step of that frame (1-based) the job is at.

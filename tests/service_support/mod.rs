@@ -79,8 +79,16 @@ impl TestServer {
         let pool = if devices.is_empty() {
             None
         } else {
-            let ctx =
-                WorkerContext::new(store.clone(), artifacts.clone(), metrics.clone(), &config);
+            let ctx = WorkerContext::new(
+                store.clone(),
+                artifacts.clone(),
+                metrics.clone(),
+                vqclip::worker::ArtifactUrls {
+                    artifact: api::links::artifact,
+                    frame: api::links::frame,
+                },
+                &config,
+            );
             Some(
                 WorkerPool::start(ctx, &devices, shutdown.clone())
                     .await
@@ -91,18 +99,17 @@ impl TestServer {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let auth = Arc::new(vqclip::auth::Authenticator::new(
             store.pool().clone(),
-            config.auth_settings().unwrap(),
+            config.auth.clone(),
         ));
-        let webhooks = vqclip::webhooks::WebhookEngine::new(
-            store.pool().clone(),
-            config.webhook_settings().unwrap(),
-        )
-        .unwrap();
+        let webhooks =
+            vqclip::webhooks::WebhookEngine::new(store.pool().clone(), config.webhooks.clone())
+                .unwrap();
         let state = AppState {
             store: store.clone() as Arc<dyn JobStore>,
             artifacts,
             config: Arc::new(config.clone()),
             metrics,
+            http_metrics: Arc::default(),
             auth,
             webhooks,
             shutdown: shutdown.clone(),

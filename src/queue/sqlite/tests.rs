@@ -393,7 +393,13 @@ async fn submit_spec(s: &SqliteStore, priority: i32, spec: serde_json::Value) ->
     }
 }
 
-const BATCH_KEY: [&str; 3] = ["$.width", "$.height", "$.models"];
+/// Paths for candidates to agree on. The claim takes any; the worker hands it render's
+/// batch key (`BatchKey::json_paths`), which the queue never imports.
+fn agree_on() -> Vec<String> {
+    ["$.width", "$.height", "$.models"]
+        .map(String::from)
+        .to_vec()
+}
 
 #[tokio::test]
 async fn claims_alongside_take_only_jobs_agreeing_with_the_leader() {
@@ -412,7 +418,7 @@ async fn claims_alongside_take_only_jobs_agreeing_with_the_leader() {
     );
     let mut taken = vec![];
     while let Some(j) = s
-        .claim_alongside("w1", "cpu", LEASE, leader.id, &BATCH_KEY)
+        .claim_alongside("w1", "cpu", LEASE, leader.id, &agree_on())
         .await
         .unwrap()
     {
@@ -458,7 +464,7 @@ async fn concurrent_claims_alongside_take_each_job_once() {
             let id = format!("w{w}");
             let mut got = vec![];
             while let Some(j) = s
-                .claim_alongside(&id, "cpu", LEASE, leader.id, &BATCH_KEY)
+                .claim_alongside(&id, "cpu", LEASE, leader.id, &agree_on())
                 .await
                 .unwrap()
             {

@@ -1,5 +1,7 @@
-//! Retention: a background task prunes finished jobs, their events, webhook
-//! deliveries and artifacts once they are older than `retention.max_age_hours`.
+//! Retention: a background task asks the queue to prune the finished jobs (their events
+//! and webhook deliveries go with them) older than `retention.max_age_hours`, then has
+//! the artifact store delete theirs. It lives beside the workers, the room that already
+//! holds both the queue and the storage, so that neither needs the other.
 //! Jobs submitted with `"keep": true` are never pruned, and queued or running
 //! jobs never are (only terminal states qualify).
 
@@ -11,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{JobStore, QueueError};
+use crate::queue::{JobStore, QueueError};
 use crate::storage::ArtifactStore;
 
 /// Removes what finished more than `max_age` ago. Returns the pruned job ids.
