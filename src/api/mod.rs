@@ -12,6 +12,7 @@ mod events;
 mod extract;
 mod jobs;
 mod ops;
+pub mod request;
 pub mod request_id;
 mod uploads;
 mod web;
