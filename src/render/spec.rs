@@ -1375,4 +1375,43 @@ mod tests {
             Limits::default().max_prompt_tokens
         );
     }
+
+    #[test]
+    fn a_stored_validation_of_this_version_is_trusted_and_any_other_redone() {
+        let mut doc = serde_json::json!({"prompts": "a cat", "priority": 3, "keep": true,
+                                         "webhook": null});
+        let fresh = spec(r#"{"prompts": "a cat"}"#)
+            .validate(&Limits::default())
+            .unwrap();
+        // Trusted as stored: the stored prompts win over the spec's text, which is
+        // not parsed again.
+        let mut stored = fresh.clone();
+        stored.prompts.phrases[0][0].text = "as stored".into();
+        doc["validated"] = serde_json::to_value(&stored).unwrap();
+        let read = |doc: &serde_json::Value| {
+            serde_json::from_value::<StoredSpec>(doc.clone())
+                .unwrap()
+                .into_validated()
+                .unwrap()
+        };
+        assert_eq!(read(&doc).1.prompts.phrases[0][0].text, "as stored");
+        // Another version, a shape this build does not know, or none: validated again.
+        for validated in [
+            serde_json::json!({"version": 0, "prompts": {"phrases": []}}),
+            serde_json::json!({"version": VALIDATION_VERSION, "prompts": "?"}),
+            serde_json::Value::Null,
+        ] {
+            doc["validated"] = validated;
+            let (spec, v) = read(&doc);
+            assert_eq!(v, fresh);
+            assert_eq!(spec.prompts, PromptsSpec::Syntax("a cat".into()));
+        }
+        // A stored spec that no longer validates says why.
+        doc["width"] = serde_json::json!(500);
+        let err = serde_json::from_value::<StoredSpec>(doc)
+            .unwrap()
+            .into_validated()
+            .unwrap_err();
+        assert_eq!(err.field, "width");
+    }
 }
