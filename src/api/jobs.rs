@@ -4,18 +4,17 @@ use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::extract::{job_id, parse_json, require_json, Body, Caller, PathParams};
+use super::request::{self, JobRequest, RequestDefaults, ValidJob};
 use super::uploads::{check_image_within_budget, DecodeBudget, ImageLimits};
 use super::{links, ApiError, AppState};
 use crate::config::Config;
-use crate::models::ClipTokenizer;
 use crate::queue::{CancelOutcome, Job, JobState, ListQuery, NewJob, QueueError, Scope, Submitted};
 use crate::render::spec::ModelPolicy;
-use crate::render::{ImageRef, JobSpec, Limits};
-use std::sync::OnceLock;
+use crate::render::{ImageSource, Limits};
 
 /// The JSON shape of a job. `spec` is left out of list pages to keep them small.
 pub(super) fn job_view(job: &Job, position: Option<u64>, with_spec: bool) -> Value {
@@ -58,7 +57,7 @@ pub(super) fn job_view(job: &Job, position: Option<u64>, with_spec: bool) -> Val
         "links": link_map,
     });
     if with_spec {
-        view["spec"] = job.spec.clone();
+        view["spec"] = request::echo(&job.spec);
     }
     view
 }
@@ -87,18 +86,20 @@ fn model_policy(config: &Config) -> ModelPolicy {
     ModelPolicy::new(fixed, &dirs)
 }
 
+/// What a request leaves out, the deployment fills in.
+fn request_defaults(config: &Config) -> RequestDefaults {
+    RequestDefaults {
+        vqgan: config.models.vqgan.clone(),
+        clip: config.models.clip.clone(),
+        checkpoint_every: config.workers.checkpoint_every,
+    }
+}
+
 /// `GET /v1/limits`: the bounds this server puts on jobs and uploads, and the models a
 /// job may name. They are the server's configuration, so they differ between servers.
 pub(super) async fn limits_view(State(st): State<AppState>) -> Json<Value> {
-    use crate::models::catalogue::{ModelKind, CATALOGUE};
     let l = &st.config.limits;
-    let names = |kind: ModelKind| -> Vec<&str> {
-        CATALOGUE
-            .iter()
-            .filter(|e| e.kind == kind)
-            .map(|e| e.name)
-            .collect()
-    };
+    let (vqgan, clip) = ModelPolicy::catalogue();
     Json(json!({
         "max_width": l.max_side,
         "max_height": l.max_side,
@@ -112,113 +113,33 @@ pub(super) async fn limits_view(State(st): State<AppState>) -> Json<Value> {
         "max_body_bytes": st.config.server.max_body_bytes,
         "max_upload_bytes": st.config.server.max_upload_bytes,
         "models": {
-            "vqgan": names(ModelKind::Vqgan),
-            "clip": names(ModelKind::Clip),
+            "vqgan": vqgan,
+            "clip": clip,
         },
     }))
 }
 
-/// Fills what the job left to the deployment (models, checkpoint interval), then
-/// deserializes and validates it.
-fn spec_from_json(raw: &Value, config: &Config) -> Result<JobSpec, ApiError> {
-    let Value::Object(fields) = raw else {
-        return Err(ApiError::unprocessable(
-            "invalid-spec",
-            "the job spec must be a JSON object, e.g. {\"prompts\": \"a red apple\"}",
-        ));
-    };
-    let mut fields = fields.clone();
-    let models = fields
-        .entry("models")
-        .or_insert_with(|| Value::Object(Map::new()));
-    if let Value::Object(m) = models {
-        m.entry("vqgan")
-            .or_insert_with(|| json!(config.models.vqgan));
-        m.entry("clip").or_insert_with(|| json!(config.models.clip));
-    }
-    fields
-        .entry("checkpoint_every")
-        .or_insert_with(|| json!(config.workers.checkpoint_every));
-    let mut spec: JobSpec = serde_json::from_value(Value::Object(fields))
-        .map_err(|e| ApiError::unprocessable("invalid-spec", format!("job spec: {e}")))?;
-    spec.validate(&limits(config)).map_err(|e| {
-        ApiError::unprocessable("invalid-spec", e.to_string())
-            .with("field", e.field.clone())
-            .with("rule", e.rule.clone())
-    })?;
-    spec.check_models(&model_policy(config)).map_err(|e| {
-        // The log may name paths; the answer names only what the client sent.
-        tracing::info!("refused job models: {e}");
-        ApiError::unprocessable("invalid-spec", e.to_string())
-            .with("field", e.field.clone())
-            .with("rule", e.rule.clone())
-    })?;
-    check_prompt_lengths(&spec)?;
-    // Drawn here so that every attempt, and a resume, renders the same image.
-    // Below 2^32 so that JavaScript clients read it exactly.
-    spec.seed
-        .get_or_insert_with(|| rand::random::<u32>().into());
-    Ok(spec)
-}
-
-/// CLIP reads 77 tokens. A longer prompt is rejected rather than truncated: a silently
-/// shortened prompt renders something the client did not ask for.
-fn check_prompt_lengths(spec: &JobSpec) -> Result<(), ApiError> {
-    static TOKENIZER: OnceLock<Result<ClipTokenizer, String>> = OnceLock::new();
-    let tokenizer = TOKENIZER
-        .get_or_init(|| ClipTokenizer::bundled().map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| ApiError::internal("loading the CLIP tokenizer", e))?;
-    let prompts = spec.prompt_set().map_err(|e| {
-        ApiError::unprocessable("invalid-spec", e.to_string())
-            .with("field", e.field.clone())
-            .with("rule", e.rule.clone())
-    })?;
-    for (i, phrase) in prompts.phrases.iter().enumerate() {
-        for prompt in phrase {
-            let tokens = tokenizer
-                .encode(&prompt.text)
-                .map_err(|e| ApiError::internal("tokenizing a prompt", e))?;
-            if tokens.truncated {
-                return Err(ApiError::unprocessable(
-                    "invalid-spec",
-                    format!(
-                        "prompts: phrase {i}, {:?}, is longer than CLIP's 77 tokens (start and end tokens included); shorten it or split it with `|`",
-                        prompt.text.chars().take(60).collect::<String>()
-                    ),
-                )
-                .with("field", "prompts")
-                .with("rule", "at most 77 CLIP tokens"));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Every image a spec names must exist (uploads) or be a valid image (inline).
+/// Every image a spec names must exist (uploads) or be a valid image (inline). The
+/// source video of `video_style` is checked by [`check_video`].
 async fn check_images(
     st: &AppState,
     scope: &Scope,
     budget: &DecodeBudget,
-    spec: &JobSpec,
+    job: &ValidJob,
 ) -> Result<(), ApiError> {
-    let refs = spec
-        .image_prompts
+    let images = job
+        .validated
+        .images
         .iter()
-        .enumerate()
-        .map(|(i, p)| (format!("image_prompts[{i}].image"), p.image.as_str()))
-        .chain(
-            spec.init_image
-                .as_deref()
-                .map(|s| ("init_image".to_owned(), s)),
-        );
-    for (field, reference) in refs {
+        .filter(|i| i.field != "video_style.video");
+    for image in images {
+        let field = &image.field;
         let bad = |detail: String| {
             ApiError::unprocessable("invalid-spec", format!("{field}: {detail}"))
                 .with("field", field.clone())
         };
-        match ImageRef::parse(reference).map_err(bad)? {
-            ImageRef::Upload(id) => match st.store.get_upload(id, scope).await {
+        match &image.source {
+            ImageSource::Upload(id) => match st.store.get_upload(*id, scope).await {
                 Ok(upload) if upload.content_type == "video/mp4" => {
                     return Err(bad(format!(
                         "upload {id} is a video; videos are styled with video_style.video"
@@ -232,9 +153,9 @@ async fn check_images(
                 }
                 Err(e) => return Err(e.into()),
             },
-            ImageRef::Inline { bytes, .. } => {
+            ImageSource::Inline { bytes, .. } => {
                 let limits = ImageLimits::from(&st.config.limits);
-                check_image_within_budget(bytes, limits, budget)
+                check_image_within_budget(bytes.clone(), limits, budget)
                     .await?
                     .1
                     .map_err(|e| bad(e.to_string()))?;
@@ -249,8 +170,9 @@ async fn check_images(
 async fn check_video(
     st: &AppState,
     scope: &Scope,
-    spec: &JobSpec,
+    job: &ValidJob,
 ) -> Result<Option<u32>, ApiError> {
+    let spec = &job.request.spec;
     let Some(style) = &spec.video_style else {
         return Ok(None);
     };
@@ -270,8 +192,14 @@ async fn check_video(
             .with("max", limits.max_frames as u64));
         }
     }
-    let id = match ImageRef::parse(&style.video) {
-        Ok(ImageRef::Upload(id)) => id,
+    let source = job
+        .validated
+        .images
+        .iter()
+        .find(|i| i.field == "video_style.video")
+        .map(|i| &i.source);
+    let id = match source {
+        Some(ImageSource::Upload(id)) => *id,
         _ => {
             return Err(bad(
                 "video_style.video",
@@ -311,14 +239,11 @@ async fn check_video(
 }
 
 /// A webhook needs a signing secret on the server and a public target (SSRF).
-async fn check_webhook(st: &AppState, spec: &JobSpec) -> Result<(), ApiError> {
-    let Some(hook) = &spec.webhook else {
+async fn check_webhook(st: &AppState, request: &JobRequest) -> Result<(), ApiError> {
+    let Some(hook) = &request.webhook else {
         return Ok(());
     };
-    let hook: crate::webhooks::WebhookSpec = serde_json::to_value(hook)
-        .and_then(serde_json::from_value)
-        .map_err(|e| ApiError::internal("reading the webhook spec", e))?;
-    st.webhooks.validate(&hook).await.map_err(|e| {
+    st.webhooks.validate(hook).await.map_err(|e| {
         let field = match e {
             crate::webhooks::WebhookError::NoSecret => "webhook",
             _ => "webhook.url",
@@ -350,21 +275,22 @@ pub(super) async fn submit(
     require_json(&headers)?;
     let raw = parse_json(&body)?;
     let key = idempotency_key(&headers)?;
-    let spec = spec_from_json(&raw, &st.config)?;
-    check_images(&st, &scope, &budget, &spec).await?;
-    let video_steps = check_video(&st, &scope, &spec).await?;
-    check_webhook(&st, &spec).await?;
+    let job = JobRequest::from_json(&raw, &request_defaults(&st.config))?
+        .validate(&limits(&st.config), &model_policy(&st.config))?;
+    check_images(&st, &scope, &budget, &job).await?;
+    let video_steps = check_video(&st, &scope, &job).await?;
+    check_webhook(&st, &job.request).await?;
     let new = NewJob {
-        spec: stored_spec(&spec)?,
-        priority: spec.priority,
-        keep: spec.keep,
-        total_steps: video_steps.unwrap_or(spec.steps),
+        spec: job.document()?,
+        priority: job.request.priority,
+        keep: job.request.keep,
+        total_steps: video_steps.unwrap_or(job.request.spec.steps),
         owner_key_id: scope.owner_key_id.clone(),
         idempotency_key: key,
         request_hash: hex::encode(Sha256::digest(raw.to_string().as_bytes())),
         max_attempts: st.config.workers.max_attempts,
         warnings: vec![],
-        seed: spec.seed,
+        seed: Some(job.seed),
     };
     let submitted = st
         .store
@@ -494,12 +420,4 @@ pub(super) async fn delete_job(
         tracing::error!(job = %job.id, "removing artifacts: {e}");
     }
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// The spec as stored and echoed back. Going through text keeps f32 fields as the user
-/// wrote them (`0.1`, not the f64 widening `0.10000000149011612`).
-fn stored_spec(spec: &JobSpec) -> Result<Value, ApiError> {
-    serde_json::to_string(spec)
-        .and_then(|text| serde_json::from_str(&text))
-        .map_err(|e| ApiError::internal("storing the spec", e))
 }

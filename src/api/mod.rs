@@ -14,6 +14,7 @@ mod jobs;
 pub mod links;
 pub mod metrics;
 mod ops;
+pub mod request;
 pub mod request_id;
 mod uploads;
 mod web;

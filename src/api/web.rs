@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::{ApiError, AppState};
-use crate::models::catalogue::{ModelKind, CATALOGUE};
+use crate::render::spec::ModelPolicy;
 
 const INDEX_HTML: &str = include_str!("web/index.html");
 const APP_JS: &str = include_str!("web/app.js");
@@ -77,13 +77,7 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
 /// What the form offers: the catalogue's models, the server's defaults and limits,
 /// and whether keys are on (so that the page asks for one before the first 401).
 async fn page_config(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let names = |kind: ModelKind| -> Vec<&str> {
-        CATALOGUE
-            .iter()
-            .filter(|e| e.kind == kind)
-            .map(|e| e.name)
-            .collect()
-    };
+    let (vqgan, clip) = ModelPolicy::catalogue();
     let keys = st
         .auth
         .enabled()
@@ -93,8 +87,8 @@ async fn page_config(State(st): State<AppState>) -> Result<Json<Value>, ApiError
     Ok(Json(json!({
         "keys": keys || st.auth.config().required,
         "models": {
-            "vqgan": names(ModelKind::Vqgan),
-            "clip": names(ModelKind::Clip),
+            "vqgan": vqgan,
+            "clip": clip,
             "default_vqgan": m.vqgan,
             "default_clip": m.clip,
         },

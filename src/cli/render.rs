@@ -179,14 +179,8 @@ fn watch_sigint() -> anyhow::Result<()> {
 pub fn run(args: RenderArgs) -> anyhow::Result<()> {
     let args = *args.flags;
     let spec = build_spec(&args)?;
-    spec.validate(&Limits {
-        max_pixels: u64::MAX,
-        max_side: u32::MAX,
-        max_steps: u32::MAX,
-        max_cutn: u32::MAX,
-        ..Limits::default()
-    })
-    .context("invalid job")?;
+    // The command line is its own deployment: only CLIP's context bounds it.
+    let validated = spec.validate(&Limits::unbounded()).context("invalid job")?;
     let device = parse_device(&args.device)?;
     let cache = ModelCache::from_env();
     eprintln!(
@@ -198,7 +192,8 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let mut job = RenderJob::new(spec, &args.out);
+    let seed = spec.seed.unwrap_or_else(rand::random);
+    let mut job = RenderJob::validated(spec, validated, seed, &args.out);
     job.resume = args.resume.clone();
     eprintln!("seed {}", job.seed);
     let source = match &job.spec.video_style {

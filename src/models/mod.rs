@@ -21,7 +21,7 @@ pub mod weights;
 
 pub use clip::{Clip, ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use error::ModelError;
-pub use tokenizer::{ClipTokenizer, Tokenized};
+pub use tokenizer::{encode_count, ClipTokenizer, Tokenized};
 pub use vqgan::{Quantizer, Vqgan, VqganConfig, VqganYaml};
 
 #[cfg(test)]

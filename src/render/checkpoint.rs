@@ -190,17 +190,19 @@ impl Checkpoint {
 }
 
 /// sha256 of the spec's render parameters: everything but the step count (a job may
-/// be resumed with more steps), the seed (checked on its own, since the resolved seed
-/// may live outside the spec) and the service's job-level fields.
+/// be resumed with more steps) and the seed (checked on its own, since the resolved
+/// seed may live outside the spec).
 pub fn spec_fingerprint(spec: &JobSpec) -> String {
     use sha2::{Digest, Sha256};
     let mut render_part = spec.clone();
     render_part.steps = 0;
     render_part.seed = None;
-    render_part.priority = 0;
-    render_part.keep = false;
-    render_part.webhook = None;
-    let json = serde_json::to_vec(&render_part).unwrap_or_default();
+    let mut json = serde_json::to_vec(&render_part).unwrap_or_default();
+    // The spec used to carry the service's fields, hashed at these neutral values;
+    // hashing them still keeps checkpoints written before the split resumable.
+    if json.pop() == Some(b'}') {
+        json.extend_from_slice(br#","priority":0,"keep":false,"webhook":null}"#);
+    }
     hex::encode(Sha256::digest(json))
 }
 

@@ -102,7 +102,7 @@ impl<'m> RenderSession<'m> {
     pub fn new(job: &RenderJob, models: &'m ModelSet) -> Result<Self, RenderError> {
         let spec = job.spec.clone();
         let device = models.device().clone();
-        let prompts = spec.prompt_set()?;
+        let prompts = job.prompts()?.clone();
         let vqgan = &models.vqgan;
         let f = vqgan.downsample_factor();
         let (toks_x, toks_y) = (spec.width as usize / f, spec.height as usize / f);

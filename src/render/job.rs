@@ -5,12 +5,16 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::{JobSpec, SpecError};
+use super::prompts::{self, PromptSet};
+use super::spec::{JobSpec, SpecError, Validated};
 
 /// Everything `render` needs besides the models.
 #[derive(Debug, Clone)]
 pub struct RenderJob {
     pub spec: JobSpec,
+    /// The spec's text prompts, parsed once by whoever built the job; a spec whose
+    /// prompts do not parse keeps the reason, and its render fails with it.
+    pub(crate) prompts: Result<PromptSet, SpecError>,
     /// The seed actually used: `spec.seed`, or one the caller drew and recorded.
     pub seed: u64,
     /// Where `image.png`, `frames/`, `video.mp4`, `metadata.json` and checkpoints go.
@@ -23,16 +27,43 @@ pub struct RenderJob {
 }
 
 impl RenderJob {
-    /// A job with the spec's seed, or a fresh random one when the spec has none.
+    /// A job from a spec nobody validated (tests, benchmarks): its prompts are parsed
+    /// here. The seed is the spec's, or a fresh random one when the spec has none.
     pub fn new(spec: JobSpec, out_dir: impl Into<PathBuf>) -> Self {
+        let prompts = prompts::prompt_set(&spec.prompts);
         let seed = spec.seed.unwrap_or_else(rand::random);
         Self {
             spec,
+            prompts,
             seed,
             out_dir: out_dir.into(),
             resume: None,
             inputs: HashMap::new(),
         }
+    }
+
+    /// A job from a validated spec: nothing is parsed again.
+    pub fn validated(
+        spec: JobSpec,
+        validated: Validated,
+        seed: u64,
+        out_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            spec,
+            prompts: Ok(validated.prompts),
+            seed,
+            out_dir: out_dir.into(),
+            resume: None,
+            inputs: HashMap::new(),
+        }
+    }
+
+    /// The parsed text prompts.
+    pub fn prompts(&self) -> Result<&PromptSet, RenderError> {
+        self.prompts
+            .as_ref()
+            .map_err(|e| RenderError::Spec(e.clone()))
     }
 }
 

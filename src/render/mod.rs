@@ -7,6 +7,7 @@
 pub mod augment;
 pub mod batch;
 pub mod batch_key;
+mod check;
 pub mod checkpoint;
 pub mod cutouts;
 pub mod engine;
@@ -32,8 +33,9 @@ pub use models::{ModelIdentities, ModelIdentity, ModelSet};
 pub use progress::{CancelToken, NoProgress, ProgressEvent, ProgressSink};
 pub use prompts::{PromptSet, TextPrompt};
 pub use spec::{
-    Augment, CutMethod, ImagePromptSpec, ImageRef, InitNoise, InitRegulariser, JobSpec, Limits,
-    ModelsSpec, NoisePromptSpec, OptimizerKind, PromptsSpec, SpecError, TextPromptSpec, VideoSpec,
-    VideoStyleSpec, WebhookEvent, WebhookSpec, ZoomSpec, SPEC_VERSION,
+    Augment, CutMethod, ImageInput, ImagePromptSpec, ImageRef, ImageSource, InitNoise,
+    InitRegulariser, JobSpec, Limits, ModelsSpec, NoisePromptSpec, OptimizerKind, PromptsSpec,
+    SpecError, TextPromptSpec, Validated, VideoSpec, VideoStyleSpec, ZoomSpec, SPEC_VERSION,
+    VALIDATION_VERSION,
 };
 pub use video::{SourceVideo, VideoError, VideoInfo, VideoLimits};

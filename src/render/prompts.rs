@@ -7,9 +7,51 @@
 //! is read as text, since times and aspect ratios are far likelier than a weight
 //! written that way; write `photo 2:2.0` (or use the list form) to weight such a prompt.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::{Deserialize, Serialize};
 
-use super::spec::{PromptsSpec, SpecError};
+use super::check::SpecError;
+
+/// Text prompts in either of the two accepted shapes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PromptsSpec {
+    /// generate.py syntax: `|` between prompts, `^` between story phrases.
+    Syntax(String),
+    /// Explicit prompts: one phrase, no story.
+    List(Vec<TextPromptSpec>),
+}
+
+impl Default for PromptsSpec {
+    fn default() -> Self {
+        PromptsSpec::List(Vec::new())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextPromptSpec {
+    pub text: String,
+    #[serde(default = "default_weight")]
+    pub weight: f32,
+    /// The loss for this prompt is not pushed below `stop` (generate.py's third field).
+    #[serde(default)]
+    pub stop: Option<f32>,
+}
+
+fn default_weight() -> f32 {
+    1.0
+}
+
+/// Prompts parsed since the process started. A job's prompts are parsed once, when it
+/// is validated; tests read this to hold every later hop to that.
+static PARSES: AtomicU64 = AtomicU64::new(0);
+
+/// How many prompts this process has parsed (text or list form).
+pub fn parse_count() -> u64 {
+    PARSES.load(Ordering::Relaxed)
+}
 
 /// One text prompt after parsing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +87,7 @@ pub fn prompt_set(spec: &PromptsSpec) -> Result<PromptSet, SpecError> {
         PromptsSpec::List(list) => {
             let mut phrase = Vec::with_capacity(list.len());
             for (i, p) in list.iter().enumerate() {
+                PARSES.fetch_add(1, Ordering::Relaxed);
                 if p.text.trim().is_empty() {
                     return Err(SpecError::new(
                         format!("prompts[{i}].text"),
@@ -99,6 +142,7 @@ pub fn parse_story(s: &str) -> Result<PromptSet, SpecError> {
 
 /// Parses one `text[:weight[:stop]]`. Errors are (rule, detail).
 pub fn parse_prompt(s: &str) -> Result<TextPrompt, (String, String)> {
+    PARSES.fetch_add(1, Ordering::Relaxed);
     let s = s.trim();
     if s.is_empty() {
         return Err((

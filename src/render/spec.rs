@@ -4,13 +4,15 @@
 //! renders what generate.py would. Unknown fields are rejected so that a typo
 //! (`"step": 10`) fails loudly instead of silently rendering 500 steps.
 
-use std::fmt;
 use std::sync::OnceLock;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+pub use super::check::SpecError;
+use super::check::{check_finite_range, check_range};
 use super::prompts::{self, PromptSet};
+pub use super::prompts::{PromptsSpec, TextPromptSpec};
 
 /// The only spec version this build understands.
 pub const SPEC_VERSION: u32 = 1;
@@ -97,16 +99,6 @@ pub struct JobSpec {
     /// (a graceful shutdown still writes one).
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u32,
-
-    // Job-level fields: the service reads these, the renderer ignores them.
-    /// Higher runs first; -100..=100.
-    #[serde(default)]
-    pub priority: i32,
-    /// Keep artifacts past the retention period.
-    #[serde(default)]
-    pub keep: bool,
-    #[serde(default)]
-    pub webhook: Option<WebhookSpec>,
 }
 
 fn default_version() -> u32 {
@@ -142,33 +134,6 @@ impl Default for JobSpec {
         // Deserialising `{}` is the single source of truth for defaults.
         serde_json::from_str("{}").expect("the empty spec deserialises")
     }
-}
-
-/// Text prompts in either of the two accepted shapes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum PromptsSpec {
-    /// generate.py syntax: `|` between prompts, `^` between story phrases.
-    Syntax(String),
-    /// Explicit prompts: one phrase, no story.
-    List(Vec<TextPromptSpec>),
-}
-
-impl Default for PromptsSpec {
-    fn default() -> Self {
-        PromptsSpec::List(Vec::new())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TextPromptSpec {
-    pub text: String,
-    #[serde(default = "default_weight")]
-    pub weight: f32,
-    /// The loss for this prompt is not pushed below `stop` (generate.py's third field).
-    #[serde(default)]
-    pub stop: Option<f32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -417,33 +382,6 @@ impl Default for ModelsSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookSpec {
-    pub url: String,
-    #[serde(default = "default_webhook_events")]
-    pub events: Vec<WebhookEvent>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WebhookEvent {
-    State,
-    Progress,
-    Frame,
-    Completed,
-    Failed,
-    Canceled,
-}
-
-fn default_webhook_events() -> Vec<WebhookEvent> {
-    vec![
-        WebhookEvent::Completed,
-        WebhookEvent::Failed,
-        WebhookEvent::Canceled,
-    ]
-}
-
 /// Where an image in a spec comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageRef {
@@ -517,67 +455,128 @@ impl Default for Limits {
     }
 }
 
-/// A spec field that broke a rule. `Display` reads
-/// `width: must be a multiple of 16; got 500, allowed 16..=2048`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
-#[error("{field}: {rule}; {detail}")]
-pub struct SpecError {
-    /// JSON path of the field, e.g. `prompts[1].weight`.
-    pub field: String,
-    /// The rule, phrased as what the value must be.
-    pub rule: String,
-    /// What was received and what is allowed.
-    pub detail: String,
-}
-
-impl SpecError {
-    pub fn new(
-        field: impl Into<String>,
-        rule: impl Into<String>,
-        detail: impl Into<String>,
-    ) -> Self {
+impl Limits {
+    /// No bounds but CLIP's context: for specs that are not a client's request (the
+    /// command line, a job the service already accepted).
+    pub fn unbounded() -> Self {
         Self {
-            field: field.into(),
-            rule: rule.into(),
-            detail: detail.into(),
+            max_pixels: u64::MAX,
+            max_side: u32::MAX,
+            max_steps: u32::MAX,
+            max_cutn: u32::MAX,
+            max_prompts: usize::MAX,
+            ..Self::default()
         }
     }
 }
 
-fn check_range<T: PartialOrd + fmt::Display + Copy>(
-    field: &str,
-    value: T,
-    lo: T,
-    hi: T,
-) -> Result<(), SpecError> {
-    if value < lo || value > hi {
-        return Err(SpecError::new(
-            field,
-            format!("must be between {lo} and {hi}"),
-            format!("got {value}, allowed {lo}..={hi}"),
-        ));
-    }
-    Ok(())
+/// The version of [`Validated`] this build writes and trusts. A stored job whose
+/// validation has another version, or none (jobs stored before it was kept), is
+/// validated again before it renders. Raise it whenever `Validated` or the rules that
+/// produce it change.
+pub const VALIDATION_VERSION: u32 = 1;
+
+/// What validating a spec worked out: kept beside the spec, so that no later hop
+/// parses, tokenizes or resolves it again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Validated {
+    pub version: u32,
+    /// The text prompts, parsed.
+    pub prompts: PromptSet,
+    /// CLIP tokens of each text prompt, start and end markers included, in the order
+    /// a client counts them (`prompts[i]`).
+    pub token_counts: Vec<usize>,
+    /// Every image the spec names, resolved.
+    pub images: Vec<ImageInput>,
 }
 
-fn check_finite_range(field: &str, value: f32, lo: f32, hi: f32) -> Result<(), SpecError> {
-    if !value.is_finite() {
-        return Err(SpecError::new(
-            field,
-            "must be a finite number",
-            format!("got {value}"),
-        ));
+impl Validated {
+    /// The images stored by `POST /v1/uploads` that the render needs, with the
+    /// reference each is named by in the spec.
+    pub fn uploads(&self) -> impl Iterator<Item = (&str, uuid::Uuid)> {
+        self.images.iter().filter_map(|i| match i.source {
+            ImageSource::Upload(id) => Some((i.reference.as_str(), id)),
+            ImageSource::Inline { .. } => None,
+        })
     }
-    check_range(field, value, lo, hi)
+}
+
+/// One image a spec names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageInput {
+    /// The spec field: `image_prompts[0].image`, `init_image` or `video_style.video`.
+    pub field: String,
+    /// As written in the spec, trimmed; the renderer's inputs are keyed by it.
+    pub reference: String,
+    pub source: ImageSource,
+}
+
+/// Where an image comes from, once its reference is parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageSource {
+    Upload(uuid::Uuid),
+    Inline {
+        media_type: String,
+        /// Decoded by validation, for the checks made before the job is stored. Not
+        /// stored: the spec's data URL already holds them.
+        #[serde(skip)]
+        bytes: Vec<u8>,
+    },
+}
+
+impl From<ImageRef> for ImageSource {
+    fn from(r: ImageRef) -> Self {
+        match r {
+            ImageRef::Upload(id) => ImageSource::Upload(id),
+            ImageRef::Inline { media_type, bytes } => ImageSource::Inline { media_type, bytes },
+        }
+    }
+}
+
+/// A job's document as the service stores it, read for rendering: the spec, the
+/// service's own fields beside it (left unread here), and what validation at submit
+/// worked out (absent in jobs stored before it was kept).
+#[derive(Debug, Clone, Deserialize)]
+pub struct StoredSpec {
+    #[serde(flatten)]
+    pub spec: JobSpec,
+    /// Read as it stands: a document of another version may not have this shape.
+    #[serde(default)]
+    validated: Option<serde_json::Value>,
+}
+
+impl StoredSpec {
+    /// The key the validation is stored under, beside the spec's own fields.
+    pub const VALIDATED_KEY: &'static str = "validated";
+
+    /// The spec with what validation worked out. A document validated by this
+    /// version is trusted as it is; any other (older, or from a newer build after a
+    /// rollback) is validated again. The service accepted the job already, so only
+    /// CLIP's context bounds it now.
+    pub fn into_validated(self) -> Result<(JobSpec, Validated), SpecError> {
+        let current = self
+            .validated
+            .filter(|v| {
+                v.get("version").and_then(|v| v.as_u64()) == Some(VALIDATION_VERSION.into())
+            })
+            .and_then(|v| serde_json::from_value::<Validated>(v).ok());
+        let validated = match current {
+            Some(v) => v,
+            None => self.spec.validate(&Limits::unbounded())?,
+        };
+        Ok((self.spec, validated))
+    }
 }
 
 impl JobSpec {
-    /// Checks every field against `limits` without loading a model.
+    /// Checks every field against `limits` without loading a model, and returns what
+    /// the checks worked out (parsed prompts, token counts, image sources).
     ///
     /// A text prompt longer than CLIP's 77-token context is rejected, not truncated:
     /// a silently shortened prompt renders something the client did not ask for, and
     /// the API can only say so loudly by refusing the job (HTTP 400).
-    pub fn validate(&self, limits: &Limits) -> Result<(), SpecError> {
+    pub fn validate(&self, limits: &Limits) -> Result<Validated, SpecError> {
         if self.version != SPEC_VERSION {
             return Err(SpecError::new(
                 "version",
@@ -600,8 +599,8 @@ impl JobSpec {
             ));
         }
         check_finite_range("lr", self.lr, 0.0, 10.0)?;
-        let prompt_set = self.validate_prompts(limits)?;
-        self.validate_init()?;
+        let (prompt_set, token_counts, mut images) = self.validate_prompts(limits)?;
+        images.extend(self.validate_init()?);
         if self.change_prompt_every > 0 && prompt_set.phrases.len() < 2 {
             return Err(SpecError::new(
                 "change_prompt_every",
@@ -618,6 +617,15 @@ impl JobSpec {
         }
         if let Some(style) = &self.video_style {
             self.validate_video_style(style, limits)?;
+            // Left unresolved when it is not an upload: the command line names a file
+            // or directory here, and the API refuses anything but an upload.
+            if let Ok(ImageRef::Upload(id)) = ImageRef::parse(&style.video) {
+                images.push(ImageInput {
+                    field: "video_style.video".into(),
+                    reference: style.video.trim().to_owned(),
+                    source: ImageSource::Upload(id),
+                });
+            }
         }
         if let Some(zoom) = &self.zoom {
             check_range("zoom.every", zoom.every, 1, u32::MAX)?;
@@ -636,31 +644,12 @@ impl JobSpec {
             )?;
         }
         self.validate_models()?;
-        check_range("priority", self.priority, -100, 100)?;
-        if let Some(hook) = &self.webhook {
-            let parsed = url::Url::parse(&hook.url).map_err(|e| {
-                SpecError::new(
-                    "webhook.url",
-                    "must be an absolute URL",
-                    format!("{e}: {:?}", hook.url),
-                )
-            })?;
-            if !matches!(parsed.scheme(), "http" | "https") {
-                return Err(SpecError::new(
-                    "webhook.url",
-                    "must use http or https",
-                    format!("got scheme {:?}", parsed.scheme()),
-                ));
-            }
-            if hook.events.is_empty() {
-                return Err(SpecError::new(
-                    "webhook.events",
-                    "must name at least one event",
-                    "got an empty list; leave it out for completed, failed and canceled",
-                ));
-            }
-        }
-        Ok(())
+        Ok(Validated {
+            version: VALIDATION_VERSION,
+            prompts: prompt_set,
+            token_counts,
+            images,
+        })
     }
 
     fn validate_size(&self, limits: &Limits) -> Result<(), SpecError> {
@@ -730,13 +719,12 @@ impl JobSpec {
         Ok(())
     }
 
-    /// Parses the text prompts (generate.py syntax or list) into phrases.
-    pub fn prompt_set(&self) -> Result<PromptSet, SpecError> {
-        prompts::prompt_set(&self.prompts)
-    }
-
-    fn validate_prompts(&self, limits: &Limits) -> Result<PromptSet, SpecError> {
-        let set = self.prompt_set()?;
+    /// The parsed prompts, their token counts and the image prompts' sources.
+    fn validate_prompts(
+        &self,
+        limits: &Limits,
+    ) -> Result<(PromptSet, Vec<usize>, Vec<ImageInput>), SpecError> {
+        let set = prompts::prompt_set(&self.prompts)?;
         self.validate_noise_pairs()?;
         let noise = self.all_noise_prompts();
         let text_count: usize = set.phrases.iter().map(Vec::len).sum();
@@ -759,6 +747,7 @@ impl JobSpec {
                 ),
             ));
         }
+        let mut token_counts = Vec::with_capacity(text_count);
         for (p, phrase) in set.phrases.iter().enumerate() {
             for (i, prompt) in phrase.iter().enumerate() {
                 let field = format!("prompts[{}]", phrase_index(p, i, &set));
@@ -766,14 +755,20 @@ impl JobSpec {
                 if let Some(stop) = prompt.stop {
                     check_finite_range(&format!("{field}.stop"), stop, -10.0, 10.0)?;
                 }
-                check_token_length(&field, &prompt.text, limits)?;
+                token_counts.push(check_token_length(&field, &prompt.text, limits)?);
             }
         }
+        let mut images = Vec::with_capacity(self.image_prompts.len());
         for (i, prompt) in self.image_prompts.iter().enumerate() {
             let field = format!("image_prompts[{i}]");
-            ImageRef::parse(&prompt.image).map_err(|e| {
+            let image = ImageRef::parse(&prompt.image).map_err(|e| {
                 SpecError::new(format!("{field}.image"), "must be an image reference", e)
             })?;
+            images.push(ImageInput {
+                field: format!("{field}.image"),
+                reference: prompt.image.trim().to_owned(),
+                source: image.into(),
+            });
             check_finite_range(&format!("{field}.weight"), prompt.weight, -1e3, 1e3)?;
             if let Some(stop) = prompt.stop {
                 check_finite_range(&format!("{field}.stop"), stop, -10.0, 10.0)?;
@@ -790,23 +785,28 @@ impl JobSpec {
         for (i, &weight) in self.noise_prompt_weights.iter().enumerate() {
             check_finite_range(&format!("noise_prompt_weights[{i}]"), weight, -1e3, 1e3)?;
         }
-        Ok(set)
+        Ok((set, token_counts, images))
     }
 
-    fn validate_init(&self) -> Result<(), SpecError> {
+    fn validate_init(&self) -> Result<Option<ImageInput>, SpecError> {
         check_finite_range("init_weight", self.init_weight, 0.0, 1e3)?;
-        if let Some(image) = &self.init_image {
-            ImageRef::parse(image)
-                .map_err(|e| SpecError::new("init_image", "must be an image reference", e))?;
-            if self.init_noise.is_some() {
-                return Err(SpecError::new(
-                    "init_noise",
-                    "cannot be combined with init_image",
-                    "remove one of init_image and init_noise",
-                ));
-            }
+        let Some(image) = &self.init_image else {
+            return Ok(None);
+        };
+        let source = ImageRef::parse(image)
+            .map_err(|e| SpecError::new("init_image", "must be an image reference", e))?;
+        if self.init_noise.is_some() {
+            return Err(SpecError::new(
+                "init_noise",
+                "cannot be combined with init_image",
+                "remove one of init_image and init_noise",
+            ));
         }
-        Ok(())
+        Ok(Some(ImageInput {
+            field: "init_image".into(),
+            reference: image.trim().to_owned(),
+            source: source.into(),
+        }))
     }
 
     fn validate_video(&self) -> Result<(), SpecError> {
@@ -935,6 +935,20 @@ impl ModelPolicy {
             .is_ok_and(|p| self.dirs.iter().any(|d| p.starts_with(d)))
     }
 
+    /// The catalogue's models by kind, as `GET /v1/limits` and the web page list
+    /// them: `(vqgan, clip)`.
+    pub fn catalogue() -> (Vec<&'static str>, Vec<&'static str>) {
+        use crate::models::catalogue::{ModelKind, CATALOGUE};
+        let names = |kind: ModelKind| -> Vec<&'static str> {
+            CATALOGUE
+                .iter()
+                .filter(|e| e.kind == kind)
+                .map(|e| e.name)
+                .collect()
+        };
+        (names(ModelKind::Vqgan), names(ModelKind::Clip))
+    }
+
     fn known(kind: crate::models::catalogue::ModelKind) -> String {
         crate::models::catalogue::CATALOGUE
             .iter()
@@ -993,7 +1007,8 @@ fn tokenizer() -> Result<&'static crate::models::ClipTokenizer, SpecError> {
         .map_err(|e| SpecError::new("prompts", "could not be tokenized", e.clone()))
 }
 
-fn check_token_length(field: &str, text: &str, limits: &Limits) -> Result<(), SpecError> {
+/// The prompt's CLIP token count, start and end markers included.
+fn check_token_length(field: &str, text: &str, limits: &Limits) -> Result<usize, SpecError> {
     let body = tokenizer()?.encode_body(text).map_err(|e| {
         SpecError::new(
             format!("{field}.text"),
@@ -1013,7 +1028,7 @@ fn check_token_length(field: &str, text: &str, limits: &Limits) -> Result<(), Sp
             format!("got {count} tokens; shorten the prompt or split it with `|`"),
         ));
     }
-    Ok(())
+    Ok(count)
 }
 
 #[cfg(test)]
@@ -1084,7 +1099,6 @@ mod tests {
         assert_eq!(s.save_every, 50);
         assert_eq!(s.models.clip, vec!["ViT-B/32"]);
         assert_eq!(s.models.vqgan, "vqgan_imagenet_f16_16384");
-        assert!(s.webhook.is_none());
         s.validate(&Limits::default()).unwrap();
     }
 
@@ -1120,7 +1134,6 @@ mod tests {
             ),
             (r#"{"prompts": "a", "height": 4096}"#, "height"),
             (r#"{"prompts": "a", "lr": 0}"#, "lr"),
-            (r#"{"prompts": "a", "priority": 101}"#, "priority"),
             (r#"{"prompts": "a", "video": {"fps": 0}}"#, "video.fps"),
             (r#"{"prompts": "a", "models": {"clip": []}}"#, "models.clip"),
             (r#"{"prompts": "a|:2"}"#, "prompts[1]"),
@@ -1130,10 +1143,6 @@ mod tests {
                 "change_prompt_every",
             ),
             (r#"{"prompts": "a", "init_image": "nope"}"#, "init_image"),
-            (
-                r#"{"prompts": "a", "webhook": {"url": "ftp://x"}}"#,
-                "webhook.url",
-            ),
             (
                 r#"{"image_prompts": [{"image": "data:text/plain;base64,aGk="}]}"#,
                 "image_prompts[0].image",
@@ -1318,21 +1327,91 @@ mod tests {
     }
 
     #[test]
-    fn list_prompts_and_webhook_round_trip() {
+    fn list_prompts_round_trip() {
         let s = spec(
-            r#"{"prompts": [{"text": "a: b", "weight": -0.5, "stop": -1}],
-                "webhook": {"url": "https://example.com/h", "events": ["progress", "completed"]},
-                "priority": -3, "keep": true, "zoom": {"every": 5}}"#,
+            r#"{"prompts": [{"text": "a: b", "weight": -0.5, "stop": -1}], "zoom": {"every": 5}}"#,
         );
         s.validate(&Limits::default()).unwrap();
         let back: JobSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
-        assert_eq!(
-            s.webhook.unwrap().events,
-            vec![WebhookEvent::Progress, WebhookEvent::Completed]
-        );
-        let hook: WebhookSpec = serde_json::from_str(r#"{"url": "https://x"}"#).unwrap();
-        assert_eq!(hook.events.len(), 3);
         assert_eq!(s.zoom.unwrap().scale, 0.99);
+        // Service fields belong to the API's request, not to the render spec.
+        let err = serde_json::from_str::<JobSpec>(r#"{"prompts": "a", "priority": 1}"#);
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn validation_keeps_what_it_worked_out() {
+        let id = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        let s = spec(&format!(
+            r#"{{"prompts": "a red apple:2 ^ a pear", "change_prompt_every": 3,
+                "image_prompts": [{{"image": " upload:{id} "}}],
+                "init_image": "data:image/png;base64,iVBORw0KGgo="}}"#
+        ));
+        let v = s.validate(&Limits::default()).unwrap();
+        assert_eq!(v.version, VALIDATION_VERSION);
+        assert_eq!(v.prompts.phrases.len(), 2);
+        assert_eq!(v.prompts.phrases[0][0].weight, 2.0);
+        // "a red apple" is three body tokens, "a pear" two; both plus start and end.
+        assert_eq!(v.token_counts, vec![5, 4]);
+        let uploads: Vec<_> = v.uploads().collect();
+        assert_eq!(
+            uploads,
+            vec![(format!("upload:{id}").as_str(), id.parse().unwrap())]
+        );
+        assert_eq!(v.images[1].field, "init_image");
+        assert!(
+            matches!(&v.images[1].source, ImageSource::Inline { media_type, bytes } if media_type == "image/png" && bytes.len() == 8)
+        );
+        // Stored and read back, it is the same but for the inline bytes.
+        let back: Validated = serde_json::from_value(serde_json::to_value(&v).unwrap()).unwrap();
+        assert_eq!(back.prompts, v.prompts);
+        assert_eq!(back.images[0], v.images[0]);
+        assert!(
+            matches!(&back.images[1].source, ImageSource::Inline { bytes, .. } if bytes.is_empty())
+        );
+        assert_eq!(
+            Limits::unbounded().max_prompt_tokens,
+            Limits::default().max_prompt_tokens
+        );
+    }
+
+    #[test]
+    fn a_stored_validation_of_this_version_is_trusted_and_any_other_redone() {
+        let mut doc = serde_json::json!({"prompts": "a cat", "priority": 3, "keep": true,
+                                         "webhook": null});
+        let fresh = spec(r#"{"prompts": "a cat"}"#)
+            .validate(&Limits::default())
+            .unwrap();
+        // Trusted as stored: the stored prompts win over the spec's text, which is
+        // not parsed again.
+        let mut stored = fresh.clone();
+        stored.prompts.phrases[0][0].text = "as stored".into();
+        doc["validated"] = serde_json::to_value(&stored).unwrap();
+        let read = |doc: &serde_json::Value| {
+            serde_json::from_value::<StoredSpec>(doc.clone())
+                .unwrap()
+                .into_validated()
+                .unwrap()
+        };
+        assert_eq!(read(&doc).1.prompts.phrases[0][0].text, "as stored");
+        // Another version, a shape this build does not know, or none: validated again.
+        for validated in [
+            serde_json::json!({"version": 0, "prompts": {"phrases": []}}),
+            serde_json::json!({"version": VALIDATION_VERSION, "prompts": "?"}),
+            serde_json::Value::Null,
+        ] {
+            doc["validated"] = validated;
+            let (spec, v) = read(&doc);
+            assert_eq!(v, fresh);
+            assert_eq!(spec.prompts, PromptsSpec::Syntax("a cat".into()));
+        }
+        // A stored spec that no longer validates says why.
+        doc["width"] = serde_json::json!(500);
+        let err = serde_json::from_value::<StoredSpec>(doc)
+            .unwrap()
+            .into_validated()
+            .unwrap_err();
+        assert_eq!(err.field, "width");
     }
 }

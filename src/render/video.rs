@@ -523,6 +523,7 @@ pub fn style_video(
         inputs.insert(init_key.clone(), png_bytes(&init)?);
         let frame_job = RenderJob {
             spec: frame_spec(&job.spec, &init_key, per_frame as u32),
+            prompts: job.prompts.clone(),
             seed: job.seed,
             out_dir: out.clone(),
             resume: None,

@@ -51,6 +51,43 @@ impl WebhookSpec {
     pub fn wants(&self, kind: EventKind) -> bool {
         self.events.contains(&kind)
     }
+
+    /// What makes a subscription malformed whatever the server's settings: the URL
+    /// must be absolute http(s) and at least one event named. The target's address
+    /// is checked when the job is submitted ([`WebhookEngine::validate`]).
+    pub fn check(&self) -> Result<(), SubscriptionError> {
+        let parsed = url::Url::parse(&self.url).map_err(|e| SubscriptionError {
+            field: "webhook.url",
+            rule: "must be an absolute URL",
+            detail: format!("{e}: {:?}", self.url),
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(SubscriptionError {
+                field: "webhook.url",
+                rule: "must use http or https",
+                detail: format!("got scheme {:?}", parsed.scheme()),
+            });
+        }
+        if self.events.is_empty() {
+            return Err(SubscriptionError {
+                field: "webhook.events",
+                rule: "must name at least one event",
+                detail: "got an empty list; leave it out for completed, failed and canceled".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A malformed `webhook` on a job. `Display` reads `webhook.url: must use http or
+/// https; got scheme "ftp"`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {rule}; {detail}")]
+pub struct SubscriptionError {
+    /// JSON path of the field in the job request.
+    pub field: &'static str,
+    pub rule: &'static str,
+    pub detail: String,
 }
 
 /// `[webhooks]` in the configuration.
@@ -179,6 +216,34 @@ mod tests {
     fn spec_rejects_unknown_events_and_fields() {
         assert!(serde_json::from_str::<WebhookSpec>(r#"{"url":"x","events":["done"]}"#).is_err());
         assert!(serde_json::from_str::<WebhookSpec>(r#"{"url":"x","secret":"s"}"#).is_err());
+    }
+
+    #[test]
+    fn check_names_the_field_that_is_wrong() {
+        let spec = |json: &str| serde_json::from_str::<WebhookSpec>(json).unwrap();
+        spec(r#"{"url":"https://example.com/h","events":["progress"]}"#)
+            .check()
+            .unwrap();
+        for (json, field, rule) in [
+            (
+                r#"{"url":"ftp://x"}"#,
+                "webhook.url",
+                "must use http or https",
+            ),
+            (
+                r#"{"url":"/relative"}"#,
+                "webhook.url",
+                "must be an absolute URL",
+            ),
+            (
+                r#"{"url":"https://x","events":[]}"#,
+                "webhook.events",
+                "must name at least one event",
+            ),
+        ] {
+            let err = spec(json).check().unwrap_err();
+            assert_eq!((err.field, err.rule), (field, rule), "{json}");
+        }
     }
 
     #[test]

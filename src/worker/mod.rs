@@ -29,9 +29,10 @@ use crate::queue::{EventKind, Finish, Job, JobStore, Metrics, Progress, QueueErr
 use crate::render::models::{
     self as catalogue, DownloadProgress, DownloadWatcher, ModelCache, ModelKind, Presence,
 };
+use crate::render::spec::StoredSpec;
 use crate::render::{
-    render_batch_hosted, BatchHost, BatchJob, BatchKey, CancelToken, ImageRef, JobSpec, ModelSet,
-    ModelsSpec, ProgressEvent, RenderError, RenderJob, RenderOutcome,
+    render_batch_hosted, BatchHost, BatchJob, BatchKey, CancelToken, ModelSet, ModelsSpec,
+    ProgressEvent, RenderError, RenderJob, RenderOutcome,
 };
 use crate::storage::ArtifactStore;
 
@@ -844,49 +845,42 @@ impl Worker {
 
     /// Everything the render needs: the spec, its images, where to write, where to resume.
     async fn prepare(&self, job: &Job) -> Result<RenderJob, String> {
-        let spec: JobSpec = serde_json::from_value(job.spec.clone())
-            .map_err(|e| format!("the stored job spec cannot be read by this version: {e}"))?;
+        // Validated at submit; validated again only if stored by another version.
+        let (spec, validated) = <StoredSpec as serde::Deserialize>::deserialize(&job.spec)
+            .map_err(|e| format!("the stored job spec cannot be read by this version: {e}"))?
+            .into_validated()
+            .map_err(|e| format!("the stored job spec is not valid for this version: {e}"))?;
         let out_dir = self
             .ctx
             .artifacts
             .create_job_dir(job.id)
             .map_err(|e| e.to_string())?;
         let mut inputs = HashMap::new();
-        let refs = spec
-            .image_prompts
-            .iter()
-            .map(|p| p.image.clone())
-            .chain(spec.init_image.clone())
-            .chain(spec.video_style.as_ref().map(|v| v.video.trim().to_owned()));
-        for reference in refs {
-            if let Ok(ImageRef::Upload(id)) = ImageRef::parse(&reference) {
-                let upload = self
-                    .ctx
-                    .store
-                    .get_upload(id, &Scope::unrestricted())
-                    .await
-                    .map_err(|e| format!("{reference}: {e}"))?;
-                let bytes = self
-                    .ctx
-                    .artifacts
-                    .read_upload(&upload.file_name)
-                    .map_err(|e| format!("{reference}: {e}"))?;
-                inputs.insert(reference, bytes);
-            }
+        for (reference, id) in validated.uploads() {
+            let upload = self
+                .ctx
+                .store
+                .get_upload(id, &Scope::unrestricted())
+                .await
+                .map_err(|e| format!("{reference}: {e}"))?;
+            let bytes = self
+                .ctx
+                .artifacts
+                .read_upload(&upload.file_name)
+                .map_err(|e| format!("{reference}: {e}"))?;
+            inputs.insert(reference.to_owned(), bytes);
         }
         let resume = job
             .checkpoint
             .as_ref()
             .map(|c| out_dir.join(c))
             .filter(|p| p.is_file());
+        // Drawn at submit; only jobs stored before that have neither.
         let seed = job.seed.or(spec.seed).unwrap_or_else(rand::random);
-        Ok(RenderJob {
-            spec,
-            seed,
-            out_dir,
-            resume,
-            inputs,
-        })
+        let mut render = RenderJob::validated(spec, validated, seed, out_dir);
+        render.resume = resume;
+        render.inputs = inputs;
+        Ok(render)
     }
 
     /// Follows one job of a batch until the render thread answers for it: records its
@@ -1190,7 +1184,7 @@ mod tests {
     }
 
     fn request(width: u32, clip: &str) -> RenderRequest {
-        let spec: JobSpec = serde_json::from_value(json!({
+        let spec: crate::render::JobSpec = serde_json::from_value(json!({
             "prompts": "x", "width": width, "height": 32,
             "models": { "vqgan": "v", "clip": [clip] }
         }))
