@@ -49,7 +49,7 @@ async fn run(specs: &[Value], batch_size: usize, cancel_running: Option<usize>) 
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), 0);
     config.workers.batch_size = batch_size;
-    let s = TestServer::start(config.clone()).await;
+    let s = InProcessServer::start(config.clone()).await;
     let mut ids = Vec::new();
     for spec in specs {
         let job = s.submit(spec).await;

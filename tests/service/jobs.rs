@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 #[tokio::test]
 async fn happy_path_submit_follow_sse_fetch_artifacts() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 1)).await;
     let mut spec = tiny_spec("a wooden banana temple", 6);
     spec["width"] = json!(48);
     spec["height"] = json!(32);
@@ -140,7 +140,7 @@ async fn happy_path_submit_follow_sse_fetch_artifacts() {
 #[tokio::test]
 async fn sse_resume_has_no_gaps_and_no_duplicates() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 1)).await;
     let job = s.submit(&tiny_spec("resume me", 8)).await;
     let id = job["id"].as_str().unwrap().to_owned();
     let mut seen = s.events(&id, None, 4).await;
@@ -160,7 +160,7 @@ async fn sse_resume_has_no_gaps_and_no_duplicates() {
 async fn two_workers_serve_by_priority_then_fifo() {
     let dir = tempfile::tempdir().unwrap();
     // Queue everything before any worker runs, then start two workers on the same database.
-    let s = TestServer::start(test_config(dir.path(), 0)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 0)).await;
     let mut ids = vec![];
     for (i, priority) in [0, 5, 0, 9, 5, 0].into_iter().enumerate() {
         let mut spec = tiny_spec(&format!("job {i}"), 3);
@@ -178,7 +178,7 @@ async fn two_workers_serve_by_priority_then_fifo() {
     }
     s.stop().await;
 
-    let s = TestServer::start(test_config(dir.path(), 2)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 2)).await;
     for (_, id) in &ids {
         assert_eq!(s.wait_terminal(id, LONG).await["state"], "succeeded");
     }
@@ -213,7 +213,7 @@ use vqclip::queue::JobStore;
 #[tokio::test]
 async fn cancel_a_queued_and_a_running_job() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 1)).await;
     let running = s.submit(&tiny_spec("long", 2000)).await;
     let queued = s.submit(&tiny_spec("waiting", 4)).await;
     let running_id = running["id"].as_str().unwrap();
@@ -265,7 +265,7 @@ fn slow_steps_spec(prompt: &str) -> Value {
 }
 
 /// The step the job was canceled at (its `canceled` event).
-async fn canceled_step(s: &TestServer, id: &str) -> u64 {
+async fn canceled_step(s: &InProcessServer, id: &str) -> u64 {
     let done = s.wait_terminal(id, LONG).await;
     assert_eq!(done["state"], "canceled", "{done}");
     let events = s.events(id, None, 100_000).await;
@@ -279,7 +279,7 @@ async fn canceled_step(s: &TestServer, id: &str) -> u64 {
 #[tokio::test]
 async fn cancel_stops_a_running_job_within_one_step_and_drops_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 1)).await;
     let artifacts = vqclip::storage::ArtifactStore::open(&s.config.storage.artifact_dir).unwrap();
 
     // Through the API of the process that runs the worker.
@@ -332,7 +332,7 @@ async fn cancel_stops_a_running_job_within_one_step_and_drops_its_checkpoint() {
 async fn a_saturated_database_answers_503_with_retry_after() {
     use sqlx::Connection;
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(test_config(dir.path(), 0)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 0)).await;
     let mut other = sqlx::SqliteConnection::connect(&database_url(dir.path()))
         .await
         .unwrap();
@@ -360,7 +360,7 @@ async fn a_saturated_database_answers_503_with_retry_after() {
 #[tokio::test]
 async fn listed_positions_stay_consistent_while_jobs_are_claimed() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(test_config(dir.path(), 0)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 0)).await;
     for i in 0..80 {
         let mut spec = tiny_spec(&format!("queued {i}"), 1);
         spec["priority"] = json!([0, 3, -3][i % 3]);

@@ -11,7 +11,7 @@ use vqclip::queue::{JobStore, Scope};
 #[tokio::test]
 async fn queued_jobs_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(test_config(dir.path(), 0)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 0)).await;
     let mut ids = vec![];
     for i in 0..3 {
         ids.push(
@@ -22,7 +22,7 @@ async fn queued_jobs_survive_a_restart() {
         );
     }
     s.stop().await;
-    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 1)).await;
     for id in &ids {
         assert_eq!(s.wait_terminal(id, LONG).await["state"], "succeeded");
     }
@@ -32,7 +32,7 @@ async fn queued_jobs_survive_a_restart() {
 #[tokio::test]
 async fn graceful_shutdown_checkpoints_requeues_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 1)).await;
     let mut spec = tiny_spec("interrupted", 24);
     spec["checkpoint_every"] = json!(4);
     let id = s.submit(&spec).await["id"].as_str().unwrap().to_owned();
@@ -61,7 +61,7 @@ async fn graceful_shutdown_checkpoints_requeues_and_resumes() {
         .is_file());
     store2.pool().close().await;
 
-    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 1)).await;
     let done = s.wait_terminal(&id, LONG).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["attempts"], 1);

@@ -67,7 +67,9 @@ pub fn test_config(dir: &Path, workers: usize) -> Config {
     c
 }
 
-pub struct TestServer {
+/// The API and its worker pool on the test's own runtime, against the real store and
+/// artifact directory (`ServerProcess` is the built binary instead).
+pub struct InProcessServer {
     pub api: Api,
     pub store: Arc<SqliteStore>,
     pub config: Config,
@@ -76,8 +78,8 @@ pub struct TestServer {
     pool: Option<WorkerPool>,
 }
 
-impl TestServer {
-    pub async fn start(config: Config) -> TestServer {
+impl InProcessServer {
+    pub async fn start(config: Config) -> InProcessServer {
         let store = Arc::new(
             SqliteStore::connect(&config.database.url, Duration::from_secs(5), 8)
                 .await
@@ -119,7 +121,7 @@ impl TestServer {
             shutdown: shutdown.clone(),
         };
         let server = tokio::spawn(api::serve(listener, state));
-        TestServer {
+        InProcessServer {
             api: Api {
                 base,
                 client: reqwest::Client::builder()
@@ -146,7 +148,7 @@ impl TestServer {
     }
 }
 
-impl std::ops::Deref for TestServer {
+impl std::ops::Deref for InProcessServer {
     type Target = Api;
     fn deref(&self) -> &Api {
         &self.api

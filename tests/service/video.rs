@@ -29,7 +29,7 @@ fn noisy_mp4(dir: &Path, n: u32, (w, h): (u32, u32), fps: f32) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
-async fn upload(s: &TestServer, body: Vec<u8>, content_type: &str) -> reqwest::Response {
+async fn upload(s: &InProcessServer, body: Vec<u8>, content_type: &str) -> reqwest::Response {
     s.client
         .post(s.url("/v1/uploads"))
         .header("content-type", content_type)
@@ -39,7 +39,7 @@ async fn upload(s: &TestServer, body: Vec<u8>, content_type: &str) -> reqwest::R
         .unwrap()
 }
 
-async fn submit_raw(s: &TestServer, spec: &Value) -> reqwest::Response {
+async fn submit_raw(s: &InProcessServer, spec: &Value) -> reqwest::Response {
     s.client
         .post(s.url("/v1/jobs"))
         .json(spec)
@@ -59,7 +59,7 @@ fn video_spec(video: &str) -> Value {
 #[tokio::test]
 async fn an_uploaded_mp4_is_styled_frame_by_frame_with_progress_frames_and_video() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 1)).await;
     let mp4 = noisy_mp4(dir.path(), 4, (32, 32), 12.0);
     let r = upload(&s, mp4, "video/mp4").await;
     assert_eq!(r.status(), 201);
@@ -132,7 +132,7 @@ async fn bad_videos_and_bad_video_specs_are_4xx_problems() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), 0);
     config.limits.max_video_frames = 3;
-    let s = TestServer::start(config).await;
+    let s = InProcessServer::start(config).await;
 
     let p = problem(upload(&s, b"not a video".to_vec(), "video/mp4").await, 422).await;
     assert_eq!(p["type"], "urn:vqclip:problem:invalid-video");
@@ -229,7 +229,7 @@ async fn bad_videos_and_bad_video_specs_are_4xx_problems() {
 #[tokio::test]
 async fn a_video_job_handed_back_at_shutdown_resumes_at_its_next_frame() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 1)).await;
     let r = upload(&s, noisy_mp4(dir.path(), 6, (32, 32), 10.0), "video/mp4").await;
     assert_eq!(r.status(), 201);
     let video_ref = r.json::<Value>().await.unwrap()["ref"]
@@ -258,7 +258,7 @@ async fn a_video_job_handed_back_at_shutdown_resumes_at_its_next_frame() {
     );
     store2.pool().close().await;
 
-    let s = TestServer::start(test_config(dir.path(), 1)).await;
+    let s = InProcessServer::start(test_config(dir.path(), 1)).await;
     let done = s.wait_terminal(&id, LONG).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     let events = s.events(&id, None, 100_000).await;

@@ -12,17 +12,17 @@ async fn server(
     header_ms: u64,
     keep_alive_s: u64,
     max_connections: usize,
-) -> (tempfile::TempDir, TestServer) {
+) -> (tempfile::TempDir, InProcessServer) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), 0);
     config.server.header_read_timeout_ms = header_ms;
     config.server.keep_alive_timeout_seconds = keep_alive_s;
     config.server.max_connections = max_connections;
-    let s = TestServer::start(config).await;
+    let s = InProcessServer::start(config).await;
     (dir, s)
 }
 
-async fn connect(s: &TestServer) -> TcpStream {
+async fn connect(s: &InProcessServer) -> TcpStream {
     TcpStream::connect(s.base.strip_prefix("http://").unwrap())
         .await
         .unwrap()

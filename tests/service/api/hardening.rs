@@ -10,15 +10,15 @@ use serde_json::{json, Value};
 async fn server(
     workers: usize,
     tune: impl FnOnce(&mut vqclip::config::Config),
-) -> (tempfile::TempDir, TestServer) {
+) -> (tempfile::TempDir, InProcessServer) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), workers);
     tune(&mut config);
-    let s = TestServer::start(config).await;
+    let s = InProcessServer::start(config).await;
     (dir, s)
 }
 
-async fn submit_raw(s: &TestServer, spec: &Value) -> reqwest::Response {
+async fn submit_raw(s: &InProcessServer, spec: &Value) -> reqwest::Response {
     s.client
         .post(s.url("/v1/jobs"))
         .json(spec)

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::support::{
-    assert_signed, problem_response, test_config, tiny_spec, Receiver, TestServer,
+    assert_signed, problem_response, test_config, tiny_spec, InProcessServer, Receiver,
 };
 use axum::http::HeaderMap;
 use reqwest::StatusCode;
@@ -20,7 +20,7 @@ struct Keys {
 }
 
 impl Keys {
-    fn of(s: &TestServer) -> Keys {
+    fn of(s: &InProcessServer) -> Keys {
         Keys {
             store: KeyStore::new(s.store.pool().clone()),
         }
@@ -38,7 +38,7 @@ impl Keys {
 
 /// Requests with a key (or none).
 struct As<'a> {
-    s: &'a TestServer,
+    s: &'a InProcessServer,
     key: Option<&'a str>,
 }
 
@@ -105,7 +105,7 @@ fn fast_keys(mut c: vqclip::config::Config) -> vqclip::config::Config {
 #[tokio::test]
 async fn keys_isolate_jobs_and_revoked_keys_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(fast_keys(test_config(dir.path(), 1))).await;
+    let s = InProcessServer::start(fast_keys(test_config(dir.path(), 1))).await;
     // Keys are off until the first one exists.
     let anon = As { s: &s, key: None };
     assert_eq!(anon.get("/v1/jobs").await.status(), StatusCode::OK);
@@ -227,7 +227,7 @@ async fn keys_isolate_jobs_and_revoked_keys_are_refused() {
 async fn rate_and_queue_bounds_answer_429_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     // No workers: jobs stay queued.
-    let s = TestServer::start(fast_keys(test_config(dir.path(), 0))).await;
+    let s = InProcessServer::start(fast_keys(test_config(dir.path(), 0))).await;
     let keys = Keys::of(&s);
     let slow = keys
         .create(
@@ -295,7 +295,7 @@ async fn a_job_webhook_is_delivered_signed_and_listed() {
         .webhooks
         .insert("allowed_networks".into(), vec!["127.0.0.0/8"].into());
     config.webhooks.insert("poll_interval_ms".into(), 50.into());
-    let s = TestServer::start(config.clone()).await;
+    let s = InProcessServer::start(config.clone()).await;
     // The sender, as `vqclip serve` runs it beside the API.
     let engine =
         WebhookEngine::new(s.store.pool().clone(), config.webhook_settings().unwrap()).unwrap();
@@ -377,7 +377,7 @@ async fn browsers_get_cors_answers_with_keys_on() {
     let mut config = fast_keys(test_config(dir.path(), 0));
     config.server.cors_allowed_origins = vec!["https://app.example".into()];
     config.auth.insert("metrics".into(), "open".into());
-    let s = TestServer::start(config).await;
+    let s = InProcessServer::start(config).await;
     let key = Keys::of(&s)
         .create("web", false, LimitOverrides::default())
         .await;

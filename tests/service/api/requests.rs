@@ -8,17 +8,17 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use vqclip::queue::{Finish, JobStore};
 
-async fn server() -> (tempfile::TempDir, TestServer) {
+async fn server() -> (tempfile::TempDir, InProcessServer) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), 0);
     config.server.max_body_bytes = 64 * 1024;
     config.server.max_upload_bytes = 256 * 1024;
     config.limits.max_queued_jobs = 50;
-    let s = TestServer::start(config).await;
+    let s = InProcessServer::start(config).await;
     (dir, s)
 }
 
-async fn post_json(s: &TestServer, spec: Value) -> reqwest::Response {
+async fn post_json(s: &InProcessServer, spec: Value) -> reqwest::Response {
     s.client
         .post(s.url("/v1/jobs"))
         .json(&spec)
@@ -337,7 +337,7 @@ async fn positions_listing_and_a_full_queue() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), 0);
     config.limits.max_queued_jobs = 4;
-    let s = TestServer::start(config).await;
+    let s = InProcessServer::start(config).await;
     let mut ids = vec![];
     for priority in [0, 10, 0, 10] {
         let mut spec = tiny_spec("p", 4);
@@ -500,7 +500,7 @@ async fn operations_endpoints() {
 #[tokio::test]
 async fn cors_headers_only_for_configured_origins() {
     let dir = tempfile::tempdir().unwrap();
-    let plain = TestServer::start(test_config(dir.path(), 0)).await;
+    let plain = InProcessServer::start(test_config(dir.path(), 0)).await;
     let r = plain
         .get_from_origin("/healthz", "https://app.example")
         .await;
@@ -509,7 +509,7 @@ async fn cors_headers_only_for_configured_origins() {
 
     let mut config = test_config(dir.path(), 0);
     config.server.cors_allowed_origins = vec!["https://app.example".into()];
-    let s = TestServer::start(config).await;
+    let s = InProcessServer::start(config).await;
     let r = s.get_from_origin("/healthz", "https://app.example").await;
     assert_eq!(
         r.headers()["access-control-allow-origin"],
