@@ -15,13 +15,14 @@ pub mod error;
 pub mod layers;
 pub mod ops;
 pub mod preprocess;
+pub mod text_counter;
 pub mod tokenizer;
 pub mod vqgan;
 pub mod weights;
 
 pub use clip::{Clip, ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use error::ModelError;
-pub use tokenizer::{encode_count, ClipTokenizer, Tokenized};
+pub use tokenizer::{ClipTokenizer, Tokenized, TOKENIZED};
 pub use vqgan::{Quantizer, Vqgan, VqganConfig, VqganYaml};
 
 #[cfg(test)]

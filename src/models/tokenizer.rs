@@ -21,14 +21,9 @@ pub const CONTEXT_LENGTH: usize = 77;
 const START_OF_TEXT: &str = "<|startoftext|>";
 const END_OF_TEXT: &str = "<|endoftext|>";
 
-/// Texts tokenized since the process started, by any tokenizer; tests read it to
-/// check that a job's prompts are tokenized once when it is submitted.
-static ENCODES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How many texts this process has tokenized.
-pub fn encode_count() -> u64 {
-    ENCODES.load(std::sync::atomic::Ordering::Relaxed)
-}
+/// Texts tokenized by any tokenizer, by marker: tests read it to check that a job's
+/// prompts are tokenized once, when it is submitted.
+pub static TOKENIZED: super::text_counter::TextCounter = super::text_counter::TextCounter::new();
 
 static BUNDLED_BPE: &[u8] = include_bytes!("data/bpe_simple_vocab_16e6.txt.gz");
 
@@ -261,7 +256,7 @@ impl ClipTokenizer {
 
     /// The ids of the text alone, without markers, padding or truncation.
     pub fn encode_body(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        ENCODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        TOKENIZED.note(text);
         let cleaned = clean(text);
         let mut ids = Vec::new();
         for piece in self.pattern.find_iter(&cleaned) {

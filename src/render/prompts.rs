@@ -7,8 +7,6 @@
 //! is read as text, since times and aspect ratios are far likelier than a weight
 //! written that way; write `photo 2:2.0` (or use the list form) to weight such a prompt.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use serde::{Deserialize, Serialize};
 
 use super::check::SpecError;
@@ -44,14 +42,10 @@ fn default_weight() -> f32 {
     1.0
 }
 
-/// Prompts parsed since the process started. A job's prompts are parsed once, when it
-/// is validated; tests read this to hold every later hop to that.
-static PARSES: AtomicU64 = AtomicU64::new(0);
-
-/// How many prompts this process has parsed (text or list form).
-pub fn parse_count() -> u64 {
-    PARSES.load(Ordering::Relaxed)
-}
+/// Prompts parsed (text or list form), by marker. A job's prompts are parsed once, when
+/// it is validated; tests watch a marker in their prompts to hold every later hop to that.
+pub static PARSED: crate::models::text_counter::TextCounter =
+    crate::models::text_counter::TextCounter::new();
 
 /// One text prompt after parsing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,7 +81,7 @@ pub fn prompt_set(spec: &PromptsSpec) -> Result<PromptSet, SpecError> {
         PromptsSpec::List(list) => {
             let mut phrase = Vec::with_capacity(list.len());
             for (i, p) in list.iter().enumerate() {
-                PARSES.fetch_add(1, Ordering::Relaxed);
+                PARSED.note(&p.text);
                 if p.text.trim().is_empty() {
                     return Err(SpecError::new(
                         format!("prompts[{i}].text"),
@@ -142,7 +136,7 @@ pub fn parse_story(s: &str) -> Result<PromptSet, SpecError> {
 
 /// Parses one `text[:weight[:stop]]`. Errors are (rule, detail).
 pub fn parse_prompt(s: &str) -> Result<TextPrompt, (String, String)> {
-    PARSES.fetch_add(1, Ordering::Relaxed);
+    PARSED.note(s);
     let s = s.trim();
     if s.is_empty() {
         return Err((
