@@ -72,7 +72,7 @@ impl TestServer {
                 .await
                 .unwrap(),
         );
-        let artifacts = ArtifactStore::open(&config.storage.artifact_dir).unwrap();
+        let artifacts = ArtifactStore::from_config(&config.storage).unwrap();
         let metrics = Arc::new(Metrics::default());
         let shutdown = CancellationToken::new();
         let devices = config.workers.worker_devices();
@@ -81,7 +81,11 @@ impl TestServer {
         } else {
             let ctx =
                 WorkerContext::new(store.clone(), artifacts.clone(), metrics.clone(), &config);
-            Some(WorkerPool::start(ctx, &devices, shutdown.clone()).unwrap())
+            Some(
+                WorkerPool::start(ctx, &devices, shutdown.clone())
+                    .await
+                    .unwrap(),
+            )
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
