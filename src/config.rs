@@ -97,7 +97,17 @@ pub struct DatabaseConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
+    /// Empty: the local directory `artifact_dir`; or `file:///dir`, or `s3://bucket/prefix`.
+    pub url: String,
     pub artifact_dir: PathBuf,
+    /// Where the render writes before files go to a remote store; empty: `artifact_dir`.
+    pub scratch_dir: PathBuf,
+    pub s3_endpoint: String,
+    pub s3_region: String,
+    pub s3_access_key_id: String,
+    pub s3_secret_access_key: String,
+    pub s3_allow_http: bool,
+    pub s3_virtual_hosted_style: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -112,6 +122,8 @@ pub struct WorkersConfig {
     pub poll_interval_ms: u64,
     pub checkpoint_every: u32,
     pub batch_size: usize,
+    /// Where `vqclip worker` serves `/metrics` and `/healthz`; empty: not served.
+    pub metrics_bind: String,
 }
 
 impl WorkersConfig {

@@ -1,19 +1,20 @@
-//! Artifact downloads. Every file is served with its content type, an `ETag`
-//! (answering `If-None-Match` with 304) and single byte ranges (206/416), which video
-//! players need for seeking.
+//! Artifact downloads, streamed from the artifact store (a directory or a bucket). Every
+//! file is served with its content type, the store's `ETag` (answering `If-None-Match`
+//! with 304) and single byte ranges (206/416), which video players need for seeking. The
+//! body is passed on chunk by chunk, so memory stays bounded whatever the file's size.
 
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
 
 use super::extract::{job_id, Caller, PathParams};
 use super::links;
 use super::{ApiError, AppState};
 use crate::queue::{Job, JobState};
+use crate::storage::Artifact;
 
 async fn finished_job(
     st: &AppState,
@@ -40,14 +41,14 @@ async fn finished_file(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let job = finished_job(&st, &scope, &id).await?;
-    let path = st.artifacts.artifact_path(job.id, name).map_err(|e| match e {
+    let artifact = st.artifacts.artifact(job.id, name).await.map_err(|e| match e {
         crate::storage::StorageError::Missing(_) if name == "video.mp4" => ApiError::not_found(format!(
             "job {} has no video: it was disabled (video.enabled = false) or there were fewer than two frames",
             job.id
         )),
         e => e.into(),
     })?;
-    serve_file(path, content_type, &headers).await
+    serve_artifact(&st, artifact, content_type, &headers).await
 }
 
 pub(super) async fn image(
@@ -84,7 +85,7 @@ pub(super) async fn frames(
     PathParams(id): PathParams<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let job = st.store.get(job_id(&id)?, &scope).await?;
-    let frames = st.artifacts.frames(job.id)?;
+    let frames = st.artifacts.frames(job.id).await?;
     let list: Vec<_> = frames
         .iter()
         .map(|f| json!({ "step": f.step, "url": links::frame(job.id, f.step) }))
@@ -113,8 +114,8 @@ pub(super) async fn frame(
     let step = digits
         .parse::<u32>()
         .map_err(|_| ApiError::not_found(format!("job {} has no frame {frame}", job.id)))?;
-    let path = st.artifacts.frame(job.id, step)?;
-    serve_file(path, "image/png", &headers).await
+    let artifact = st.artifacts.frame(job.id, step).await?;
+    serve_artifact(&st, artifact, "image/png", &headers).await
 }
 
 /// `If-None-Match` uses the weak comparison (RFC 9110 §13.1.2): `W/"x"` matches `"x"`.
@@ -177,30 +178,22 @@ fn parse_range(headers: &HeaderMap, len: u64, etag: &str) -> Range {
     }
 }
 
-pub(super) async fn serve_file(
-    path: PathBuf,
+async fn serve_artifact(
+    st: &AppState,
+    artifact: Artifact,
     content_type: &'static str,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let meta = tokio::fs::metadata(&path)
-        .await
-        .map_err(|e| ApiError::internal("reading an artifact", e))?;
-    let len = meta.len();
-    let modified = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    let etag = format!("\"{len:x}-{modified:x}\"");
-    let etag_value = HeaderValue::from_str(&etag).map_err(|e| ApiError::internal("an ETag", e))?;
+    let (len, etag) = (artifact.size, artifact.etag.as_str());
+    let etag_value = HeaderValue::from_str(etag).map_err(|e| ApiError::internal("an ETag", e))?;
     let matches = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| none_match(v, &etag));
+        .is_some_and(|v| none_match(v, etag));
     if matches {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
     }
-    let (status, start, end) = match parse_range(headers, len, &etag) {
+    let (status, start, end) = match parse_range(headers, len, etag) {
         Range::Full => (StatusCode::OK, 0, len.saturating_sub(1)),
         Range::Part(s, e) => (StatusCode::PARTIAL_CONTENT, s, e),
         Range::Unsatisfiable => {
@@ -217,19 +210,12 @@ pub(super) async fn serve_file(
         }
     };
     let count = if len == 0 { 0 } else { end - start + 1 };
-    let body = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-        let mut file = std::fs::File::open(&path)?;
-        file.seek(SeekFrom::Start(start))?;
-        let mut buf = Vec::with_capacity(count as usize);
-        file.take(count).read_to_end(&mut buf)?;
-        Ok(buf)
-    })
-    .await
-    .map_err(|e| ApiError::internal("reading an artifact", e))?
-    .map_err(|e| ApiError::internal("reading an artifact", e))?;
-    let mut response = (status, body).into_response();
+    let range = (status == StatusCode::PARTIAL_CONTENT).then_some(start..end + 1);
+    let chunks = st.artifacts.read(&artifact, range).await?;
+    let mut response = (status, Body::from_stream(chunks)).into_response();
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
     h.insert(header::ETAG, etag_value);
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if status == StatusCode::PARTIAL_CONTENT {

@@ -223,14 +223,12 @@ async fn check_video(
             format!("upload {id} is {}, not video/mp4", upload.content_type),
         ));
     }
-    let artifacts = st.artifacts.clone();
-    let info = tokio::task::spawn_blocking(move || {
-        let bytes = artifacts.read_upload(&upload.file_name)?;
-        Ok::<_, crate::storage::StorageError>(crate::render::video::probe_mp4(&bytes, &limits))
-    })
-    .await
-    .map_err(|e| ApiError::internal("reading a video upload", e))??
-    .map_err(super::uploads::video_problem)?;
+    let bytes = st.artifacts.read_upload(&upload.file_name).await?;
+    let info =
+        tokio::task::spawn_blocking(move || crate::render::video::probe_mp4(&bytes, &limits))
+            .await
+            .map_err(|e| ApiError::internal("reading a video upload", e))?
+            .map_err(super::uploads::video_problem)?;
     let frames = style
         .max_frames
         .map_or(info.frames, |m| (m as usize).min(info.frames));
@@ -398,7 +396,7 @@ pub(super) async fn cancel(
     let job = match st.store.cancel(job_id(&id)?, &scope).await? {
         CancelOutcome::Canceled(j) => {
             // A queued job may hold a checkpoint from a graceful shutdown; it never resumes.
-            if let Err(e) = st.artifacts.remove_checkpoint(j.id) {
+            if let Err(e) = st.artifacts.remove_checkpoint(j.id).await {
                 tracing::warn!(job = %j.id, "removing the checkpoint: {e}");
             }
             j
@@ -414,7 +412,7 @@ pub(super) async fn delete_job(
     PathParams(id): PathParams<String>,
 ) -> Result<StatusCode, ApiError> {
     let job = st.store.delete(job_id(&id)?, &scope).await?;
-    if let Err(e) = st.artifacts.remove_job(job.id) {
+    if let Err(e) = st.artifacts.delete_job(job.id).await {
         // The job is gone; leftover files are logged for the operator rather than
         // turning a completed delete into an error.
         tracing::error!(job = %job.id, "removing artifacts: {e}");

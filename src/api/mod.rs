@@ -39,6 +39,7 @@ use crate::webhooks::WebhookEngine;
 
 pub use error::ApiError;
 pub use extract::Caller;
+pub use ops::worker_router;
 pub use uploads::{validate_image, ImageCheck, ImageLimits};
 
 /// What every handler can reach. Cheap to clone.

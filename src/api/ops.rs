@@ -1,15 +1,18 @@
 //! Health, readiness, Prometheus metrics and the OpenAPI document.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::routing::get;
+use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::{ApiError, AppState};
+use crate::queue::Metrics;
 
 /// The committed spec, served as is.
 pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
@@ -68,6 +71,29 @@ pub(super) async fn readyz(State(st): State<AppState>) -> Result<Json<Value>, Ap
         "models": models,
         "models_ready": models_ready,
     })))
+}
+
+/// The routes a `vqclip worker` process serves on `workers.metrics_bind`: `/healthz`, and
+/// `/metrics` with that process's own series (job and step timings). The store-wide
+/// gauges (queue depth, live workers) come from the API nodes, once, not from each worker.
+pub fn worker_router(metrics: Arc<Metrics>) -> Router {
+    let scrape = move || {
+        let metrics = metrics.clone();
+        async move {
+            let mut out = String::new();
+            metrics.render(&mut out);
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                out,
+            )
+        }
+    };
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(scrape))
 }
 
 pub(super) async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, ApiError> {

@@ -298,10 +298,9 @@ pub(super) async fn upload(
     let artifacts = st.artifacts.clone();
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let size = bytes.len() as u64;
-    let file_name =
-        tokio::task::spawn_blocking(move || artifacts.put_upload(id, extension, &bytes))
-            .await
-            .map_err(|e| ApiError::internal("storing an upload", e))??;
+    let file_name = artifacts
+        .put_upload(id, extension, bytes::Bytes::from(bytes))
+        .await?;
     let upload = Upload {
         id,
         owner_key_id: scope.owner_key_id.clone(),
@@ -384,9 +383,9 @@ async fn upload_video(
     let artifacts = st.artifacts.clone();
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let size = bytes.len() as u64;
-    let file_name = tokio::task::spawn_blocking(move || artifacts.put_upload(id, "mp4", &bytes))
-        .await
-        .map_err(|e| ApiError::internal("storing an upload", e))??;
+    let file_name = artifacts
+        .put_upload(id, "mp4", bytes::Bytes::from(bytes))
+        .await?;
     let upload = Upload {
         id,
         owner_key_id: scope.owner_key_id.clone(),

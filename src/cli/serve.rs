@@ -145,7 +145,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     )?;
     runtime()?.block_on(async move {
         let store = open_store(&config).await?;
-        let artifacts = ArtifactStore::open(&config.storage.artifact_dir)?;
+        let artifacts = ArtifactStore::from_config(&config.storage)?;
         let metrics = Arc::new(Metrics::default());
         // Bound before the workers start, so a busy port fails before any job is claimed.
         let listener = tokio::net::TcpListener::bind(config.server.bind)
@@ -168,7 +168,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             config.workers.worker_devices().len(),
             config.workers.worker_devices(),
             config.database.url,
-            config.storage.artifact_dir.display()
+            artifacts.location()
         );
         let auth = Arc::new(Authenticator::new(
             store.pool().clone(),
@@ -243,21 +243,52 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     }
     runtime()?.block_on(async move {
         let store = open_store(&config).await?;
-        let artifacts = ArtifactStore::open(&config.storage.artifact_dir)?;
+        let artifacts = ArtifactStore::from_config(&config.storage)?;
         let shutdown = CancellationToken::new();
         watch_signals(shutdown.clone());
-        let pool = start_workers(
-            &config,
-            store.clone(),
-            artifacts,
-            Arc::new(Metrics::default()),
-            shutdown,
-        )
-        .await?;
+        let metrics = Arc::new(Metrics::default());
+        let endpoint = serve_worker_metrics(&config, metrics.clone(), shutdown.clone()).await?;
+        let pool = start_workers(&config, store.clone(), artifacts, metrics, shutdown).await?;
         pool.join().await;
+        if let Some(endpoint) = endpoint {
+            let _ = endpoint.await;
+        }
         store.pool().close().await;
         Ok(())
     })
+}
+
+/// `/metrics` and `/healthz` of a worker process, on `workers.metrics_bind` when set.
+/// Bound before any job is claimed, so a busy port fails the start.
+async fn serve_worker_metrics(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let bind = config.workers.metrics_bind.trim();
+    if bind.is_empty() {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = bind.parse().with_context(|| {
+        format!("workers.metrics_bind {bind:?} is not an address such as 0.0.0.0:9464")
+    })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} (workers.metrics_bind)"))?;
+    println!(
+        "vqclip worker metrics on http://{}/metrics",
+        listener.local_addr()?
+    );
+    let app = api::worker_router(metrics);
+    Ok(Some(tokio::spawn(async move {
+        let stop = shutdown.cancelled_owned();
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::warn!("worker metrics endpoint: {e}");
+        }
+    })))
 }
 
 pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {

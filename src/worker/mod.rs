@@ -289,7 +289,7 @@ fn spawn_rescuer(ctx: WorkerContext, shutdown: CancellationToken) -> JoinHandle<
                     for r in rescued {
                         tracing::warn!(job = %r.job_id, state = %r.state, attempts = r.attempts, "lease expired; job rescued");
                         if r.state == crate::queue::JobState::Canceled {
-                            remove_checkpoint(&ctx.artifacts, r.job_id);
+                            remove_checkpoint(&ctx.artifacts, r.job_id).await;
                         }
                     }
                 }
@@ -319,8 +319,8 @@ impl JobFailure {
 type RenderReply = Result<RenderOutcome, JobFailure>;
 
 /// A canceled job's checkpoint is of no further use; a finished one's the render removes.
-fn remove_checkpoint(artifacts: &ArtifactStore, job: Uuid) {
-    match artifacts.remove_checkpoint(job) {
+async fn remove_checkpoint(artifacts: &ArtifactStore, job: Uuid) {
+    match artifacts.remove_checkpoint(job).await {
         Ok(()) => tracing::debug!(job = %job, "checkpoint removed"),
         Err(e) => tracing::warn!(job = %job, "removing the checkpoint: {e}"),
     }
@@ -807,14 +807,28 @@ impl Worker {
                         .job_finished(state, started.elapsed().as_secs_f64());
                 }
                 if canceled && recorded.is_ok() {
-                    remove_checkpoint(&self.ctx.artifacts, job.id);
+                    remove_checkpoint(&self.ctx.artifacts, job.id).await;
+                }
+                // Requeued jobs keep theirs: they may resume here.
+                if recorded.as_ref().is_ok_and(|j| j.state.is_terminal()) {
+                    if let Err(e) = self.ctx.artifacts.drop_scratch(job.id).await {
+                        tracing::warn!(job = %job.id, "removing the scratch copy: {e}");
+                    }
                 }
                 recorded.map(|_| state)
             }
             RunEnd::Interrupted { checkpoint, step } => {
+                // The checkpoint and frames go to the store before the queue hears of
+                // them, so whichever machine claims the job next can resume it.
+                let stored = self.ctx.artifacts.persist_job(job.id).await;
+                if let Err(e) = &stored {
+                    tracing::warn!(worker = %self.id, job = %job.id, "storing the checkpoint: {e}");
+                }
                 let saved = match &checkpoint {
-                    Some(c) => store.set_checkpoint(job.id, &self.id, c, step).await,
-                    None => Ok(()),
+                    Some(c) if stored.is_ok() => {
+                        store.set_checkpoint(job.id, &self.id, c, step).await
+                    }
+                    _ => Ok(()),
                 };
                 match saved {
                     Ok(()) => store.release(job.id, &self.id).await.map(|_| "requeued"),
@@ -867,8 +881,21 @@ impl Worker {
                 .ctx
                 .artifacts
                 .read_upload(&upload.file_name)
+                .await
                 .map_err(|e| format!("{reference}: {e}"))?;
             inputs.insert(reference.to_owned(), bytes);
+        }
+        // A job that ran elsewhere resumes from what that machine stored.
+        if job.checkpoint.is_some() {
+            match self.ctx.artifacts.restore_job(job.id).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(worker = %self.id, job = %job.id, files = n, "fetched the job's checkpoint and frames from the artifact store")
+                }
+                Err(e) => {
+                    tracing::warn!(worker = %self.id, job = %job.id, "fetching the checkpoint: {e}; starting over")
+                }
+            }
         }
         let resume = job
             .checkpoint
@@ -905,7 +932,7 @@ impl Worker {
         let mut cancels_open = true;
         let mut cancel_check = tokio::time::interval(self.ctx.cancel_check);
         cancel_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let result = loop {
+        let mut result = loop {
             tokio::select! {
                 biased;
                 // A cancel made in this process: the render stops before its next step.
@@ -979,6 +1006,20 @@ impl Worker {
         };
         if lease_lost {
             return RunEnd::LeaseLost;
+        }
+        // Succeeded is reported only once image, video, metadata and frames are stored;
+        // a store that fails now may work on the next attempt.
+        if matches!(result, Ok(RenderOutcome::Completed(_))) {
+            let stored = match self.ctx.artifacts.persist_job(job.id).await {
+                Ok(_) => self.ctx.artifacts.remove_checkpoint(job.id).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = stored {
+                result = Err(JobFailure {
+                    message: format!("storing the job's artifacts: {e}"),
+                    transient: true,
+                });
+            }
         }
         match result {
             Ok(RenderOutcome::Completed(artifacts)) => {
@@ -1082,7 +1123,12 @@ impl Worker {
                     cancel.cancel();
                 }
             }
-            ProgressEvent::Frame { step, .. } => {
+            ProgressEvent::Frame { step, path } => {
+                // An event names only a frame the store holds.
+                if let Err(e) = self.ctx.artifacts.persist(job.id, &path).await {
+                    tracing::warn!(worker = %self.id, job = %job.id, step, "storing a frame: {e}");
+                    return Ok(());
+                }
                 let url = (self.ctx.urls.frame)(job.id, step);
                 store
                     .append_event(
@@ -1093,6 +1139,11 @@ impl Worker {
                     .await?;
             }
             ProgressEvent::Checkpoint { path, step } => {
+                // The queue points at a checkpoint only once the store holds it.
+                if let Err(e) = self.ctx.artifacts.persist(job.id, &path).await {
+                    tracing::warn!(worker = %self.id, job = %job.id, step, "storing a checkpoint: {e}");
+                    return Ok(());
+                }
                 if let Some(rel) = relative(out_dir, &path) {
                     store.set_checkpoint(job.id, &self.id, &rel, step).await?;
                 }

@@ -30,7 +30,7 @@ pub async fn prune_once(
         .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
     let pruned = store.prune_finished_before(cutoff).await?;
     for id in &pruned {
-        if let Err(e) = artifacts.remove_job(*id) {
+        if let Err(e) = artifacts.delete_job(*id).await {
             tracing::warn!(job = %id, error = %e, "pruned job's artifacts could not be removed");
         }
     }

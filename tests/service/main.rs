@@ -20,6 +20,8 @@ mod load;
 mod queue;
 mod restarts;
 mod serve;
+mod storage_api;
+mod storage_backends;
 mod submit_parses;
 mod video;
 mod webhooks;

@@ -1,6 +1,8 @@
 //! A real vqclip server on an ephemeral 127.0.0.1 port, with a temporary directory and
 //! the tiny random-weight models in tests/fixtures. Shared by every service test.
 
+pub mod s3;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -85,7 +87,7 @@ impl InProcessServer {
                 .await
                 .unwrap(),
         );
-        let artifacts = ArtifactStore::open(&config.storage.artifact_dir).unwrap();
+        let artifacts = ArtifactStore::from_config(&config.storage).unwrap();
         let metrics = Arc::new(Metrics::default());
         let shutdown = CancellationToken::new();
         let devices = config.workers.worker_devices();
