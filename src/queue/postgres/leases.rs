@@ -132,7 +132,9 @@ impl PgStore {
             .bind(device)
             .bind(now)
             .bind(self.key_bounds.max_running as i64);
-        if let Some((leader, paths)) = alongside {
+        // PostgreSQL refuses parameters a statement does not use: with no paths to agree
+        // on, the leader is not referenced and not bound.
+        if let Some((leader, paths)) = alongside.filter(|(_, paths)| !paths.is_empty()) {
             query = query.bind(leader.to_string());
             for path in paths {
                 query = query.bind(path);

@@ -110,10 +110,9 @@ async fn workers_are_listed_by_heartbeat_and_dead_ones_forgotten() {
 
 /// 8 claimers, 500 queued jobs: owner `a` queues a backlog of 200 first, then `b`, `c` and `d`
 /// 100 each, all with mixed priorities. Each job is claimed exactly once; in the order the
-/// claims committed, owners take turns (no owner runs ahead of another by more than the claims
-/// that can be in flight at once, although `a`'s backlog came first), and each owner's jobs
-/// come by priority, then first in, first out (each claim takes one of the owner's best jobs
-/// not taken by a claim in flight).
+/// claims committed, owners take turns (none is passed over while `a`'s backlog waits), and each
+/// owner's jobs come by priority, then first in, first out (each claim takes one of the owner's
+/// best jobs not taken by a claim in flight).
 #[tokio::test]
 async fn eight_claimers_take_500_jobs_each_once_in_fair_priority_order() {
     const CLAIMERS: usize = 8;
@@ -167,25 +166,25 @@ async fn eight_claimers_take_500_jobs_each_once_in_fair_priority_order() {
     .unwrap();
     assert_eq!(rows.len(), 500);
     let mut per_owner: HashMap<Option<String>, Vec<(i32, i64)>> = HashMap::new();
-    let mut counts: HashMap<Option<String>, usize> = HashMap::new();
-    for (i, (owner, priority, seq)) in rows.iter().enumerate() {
+    for (owner, priority, seq) in &rows {
         per_owner
             .entry(owner.clone())
             .or_default()
             .push((*priority, *seq));
-        *counts.entry(owner.clone()).or_default() += 1;
-        // Until the smaller owners run out (100 each), owners stay level.
-        if i < 350 {
-            let max = ["a", "b", "c", "d"]
-                .iter()
-                .map(|o| counts.get(&Some(o.to_string())).copied().unwrap_or(0))
-                .collect::<Vec<_>>();
-            let spread = max.iter().max().unwrap() - max.iter().min().unwrap();
-            assert!(
-                spread <= 2 * CLAIMERS,
-                "claim {i}: owners' claims {max:?} are not taking turns"
-            );
-        }
+    }
+    // Owners take turns: until the smaller owners run out (about claim 400), every owner has a
+    // claim in every 40 consecutive ones, although `a`'s backlog was queued first (by priority
+    // and FIFO alone, `a`'s 67 top-priority jobs would come first). The turn goes to the owner
+    // served least recently; claims in flight at once may serve one owner several times in a
+    // row (each takes the next job the others have not locked), so the window is wider than 4.
+    for (i, window) in rows[..350].windows(40).enumerate() {
+        let seen: HashSet<_> = window.iter().map(|r| r.0.clone()).collect();
+        assert_eq!(
+            seen.len(),
+            4,
+            "claims {i}..{}: an owner was passed over",
+            i + 40
+        );
     }
     for (owner, order) in &per_owner {
         let mut sorted = order.clone();
