@@ -452,45 +452,49 @@ async fn submits_per_second<S: JobStore + Clone>(s: S, clients: usize) -> f64 {
     (clients * EACH) as f64 / start.elapsed().as_secs_f64()
 }
 
-/// From an event committed through node `a` to a reader on node `b` that waits as the SSE
-/// stream does (a notice, else its 500 ms poll) and then reads the events after its cursor:
-/// median and p99 over 100 events, in milliseconds.
+/// From an event committed through node `a` to a reader on node `b` that runs as the SSE
+/// stream does (it waits for a notice, else its 500 ms poll, then reads the events after its
+/// cursor): median and p99 over 100 events, in milliseconds.
 async fn wake_latency<S: JobStore + Clone>(a: S, b: S) -> (f64, f64) {
     const POLL: Duration = Duration::from_millis(500);
-    let job = submit(&a, 0).await;
+    const EVENTS: usize = 100;
+    // The earlier measures left their jobs queued: no queue bound here.
+    let job = a.submit(new_job(0), u64::MAX).await.unwrap().job().clone();
     let mut notices = b.subscribe();
-    let mut last = b
-        .events_after(job.id, 0, 1000)
-        .await
-        .unwrap()
-        .last()
-        .unwrap()
-        .id;
-    let mut samples = vec![];
-    for i in 0..100 {
-        // Spread the writes over the poll period, as real events are.
-        tokio::time::sleep(Duration::from_millis(37 + (i * 53) % 250)).await;
-        let start = std::time::Instant::now();
-        let a2 = a.clone();
-        let writer = tokio::spawn(async move {
-            a2.append_event(job.id, EventKind::Frame, serde_json::json!({ "i": i }))
-                .await
-                .unwrap();
-        });
-        loop {
-            let fresh = b.events_after(job.id, last, 1000).await.unwrap();
-            if let Some(e) = fresh.last() {
+    let first = b.events_after(job.id, 0, 1000).await.unwrap();
+    let mut last = first.last().unwrap().id;
+    // The reader runs on its own, as a stream does: its poll phase is independent of the writes.
+    let reader = tokio::spawn(async move {
+        let mut seen = Vec::with_capacity(EVENTS);
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while seen.len() < EVENTS {
+            for e in b.events_after(job.id, last, 1000).await.unwrap() {
                 last = e.id;
-                break;
+                seen.push(std::time::Instant::now());
             }
             tokio::select! {
                 _ = notices.recv() => {}
-                _ = tokio::time::sleep(POLL) => {}
+                _ = poll.tick() => {}
             }
         }
-        samples.push(start.elapsed().as_secs_f64() * 1000.0);
-        writer.await.unwrap();
+        seen
+    });
+    let mut started = Vec::with_capacity(EVENTS);
+    for i in 0..EVENTS {
+        // Spread over the poll period, as real events are.
+        tokio::time::sleep(Duration::from_millis(37 + (i as u64 * 53) % 250)).await;
+        started.push(std::time::Instant::now());
+        a.append_event(job.id, EventKind::Frame, serde_json::json!({ "i": i }))
+            .await
+            .unwrap();
     }
+    let seen = reader.await.unwrap();
+    let mut samples: Vec<f64> = seen
+        .iter()
+        .zip(&started)
+        .map(|(s, t)| s.duration_since(*t).as_secs_f64() * 1000.0)
+        .collect();
     samples.sort_by(|x, y| x.partial_cmp(y).unwrap());
-    (samples[49], samples[98])
+    (samples[EVENTS / 2 - 1], samples[EVENTS * 99 / 100 - 1])
 }
