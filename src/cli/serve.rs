@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use vqclip::api::{self, AppState};
 use vqclip::auth::Authenticator;
 use vqclip::config::{Config, Overrides};
-use vqclip::queue::{Events, JobStore, KeyBounds, Metrics, PgStore, SqliteStore};
+use vqclip::queue::{JobStore, KeyBounds, Metrics, PgStore, SqliteStore};
 use vqclip::storage::ArtifactStore;
 use vqclip::webhooks::WebhookEngine;
 use vqclip::worker::retention::spawn_pruner;

@@ -90,6 +90,7 @@ impl PgStore {
             .listen_all(["vqclip_queued", "vqclip_events", "vqclip_cancels"])
             .await?;
         tokio::spawn(listen(
+            pool.clone(),
             listener,
             events.clone(),
             cancels.clone(),
@@ -124,6 +125,7 @@ impl PgStore {
 /// by itself after a dropped connection; what was sent meanwhile is lost, which the pollers
 /// (workers, SSE streams) cover.
 async fn listen(
+    pool: PgPool,
     mut listener: PgListener,
     events: broadcast::Sender<EventNotice>,
     cancels: broadcast::Sender<Uuid>,
@@ -138,6 +140,8 @@ async fn listen(
         };
         let note = match received {
             Ok(note) => note,
+            // The store is closing (shutdown, `vqclip migrate`): nothing left to listen for.
+            Err(_) if pool.is_closed() => return,
             Err(e) => {
                 tracing::warn!("PostgreSQL LISTEN connection: {e}; retrying");
                 tokio::select! {
