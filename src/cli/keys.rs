@@ -72,6 +72,12 @@ async fn open(db: &DbArgs) -> anyhow::Result<KeyStore> {
     };
     let config = Config::load(db.config.as_deref(), &overrides)?;
     let d = &config.database;
+    if d.url.starts_with("postgres://") || d.url.starts_with("postgresql://") {
+        anyhow::bail!(
+            "API keys are stored on SQLite only for now; `vqclip keys` cannot use {}",
+            d.url.split('@').next_back().unwrap_or_default()
+        );
+    }
     let store = SqliteStore::connect(
         &d.url,
         Duration::from_millis(d.busy_timeout_ms),

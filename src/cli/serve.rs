@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use vqclip::api::{self, AppState};
 use vqclip::auth::Authenticator;
 use vqclip::config::{Config, Overrides};
-use vqclip::queue::{Events, JobStore, KeyBounds, Metrics, SqliteStore};
+use vqclip::queue::{JobStore, KeyBounds, Metrics, PgStore, SqliteStore};
 use vqclip::storage::ArtifactStore;
 use vqclip::webhooks::WebhookEngine;
 use vqclip::worker::retention::spawn_pruner;
@@ -73,8 +73,47 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
+/// The job store `database.url` names: `sqlite://…` (one machine, the default) or
+/// `postgres://…` (several API and worker nodes on one database).
+#[derive(Clone)]
+enum Store {
+    Sqlite(Arc<SqliteStore>),
+    Postgres(Arc<PgStore>),
+}
+
+impl Store {
+    fn jobs(&self) -> Arc<dyn JobStore> {
+        match self {
+            Store::Sqlite(s) => s.clone(),
+            Store::Postgres(s) => s.clone(),
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            Store::Sqlite(s) => s.pool().close().await,
+            Store::Postgres(s) => s.pool().close().await,
+        }
+    }
+}
+
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let db = &config.database;
+    // Claims (here and in `vqclip worker`) honour the per-key running bound.
+    let bounds = KeyBounds {
+        max_queued: config.auth.max_queued_per_key,
+        max_running: config.auth.max_running_per_key,
+    };
+    if is_postgres(&db.url) {
+        let store = PgStore::connect(&db.url, db.max_connections)
+            .await
+            .with_context(|| format!("opening the PostgreSQL database {}", redact(&db.url)))?;
+        return Ok(Store::Postgres(Arc::new(store.with_key_bounds(bounds))));
+    }
     let store = SqliteStore::connect(
         &db.url,
         std::time::Duration::from_millis(db.busy_timeout_ms),
@@ -82,12 +121,19 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
     )
     .await
     .with_context(|| format!("opening the database {}", db.url))?;
-    // Claims (here and in `vqclip worker`) honour the per-key running bound.
-    let store = store.with_key_bounds(KeyBounds {
-        max_queued: config.auth.max_queued_per_key,
-        max_running: config.auth.max_running_per_key,
-    });
-    Ok(Arc::new(store))
+    Ok(Store::Sqlite(Arc::new(store.with_key_bounds(bounds))))
+}
+
+/// A database URL for logs and errors, without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or_default();
+            format!("{}{user}{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// The first SIGINT/SIGTERM asks for a graceful stop; a second one exits at once.
@@ -119,7 +165,7 @@ fn watch_signals(shutdown: CancellationToken) {
 
 async fn start_workers(
     config: &Config,
-    store: Arc<SqliteStore>,
+    store: Arc<dyn JobStore>,
     artifacts: ArtifactStore,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -145,6 +191,15 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     )?;
     runtime()?.block_on(async move {
         let store = open_store(&config).await?;
+        // API keys and webhook deliveries still live behind SQLite pools (auth, webhooks);
+        // until they have stores of their own on PostgreSQL, API nodes need SQLite.
+        let Store::Sqlite(sqlite) = &store else {
+            anyhow::bail!(
+                "vqclip serve cannot run on PostgreSQL yet: API keys and webhook deliveries \
+                 are stored on SQLite only; `vqclip worker` and `vqclip migrate` do run on it"
+            );
+        };
+        let sqlite = sqlite.clone();
         let artifacts = ArtifactStore::from_config(&config.storage)?;
         let metrics = Arc::new(Metrics::default());
         // Bound before the workers start, so a busy port fails before any job is claimed.
@@ -156,7 +211,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
         watch_signals(shutdown.clone());
         let pool = start_workers(
             &config,
-            store.clone(),
+            store.jobs(),
             artifacts.clone(),
             metrics.clone(),
             shutdown.clone(),
@@ -167,25 +222,25 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             "{} worker(s) on {:?}; database {}; artifacts in {}",
             config.workers.worker_devices().len(),
             config.workers.worker_devices(),
-            config.database.url,
+            redact(&config.database.url),
             artifacts.location()
         );
         let auth = Arc::new(Authenticator::new(
-            store.pool().clone(),
+            sqlite.pool().clone(),
             config.auth.clone(),
         ));
-        let webhooks = WebhookEngine::new(store.pool().clone(), config.webhooks.clone())?;
+        let webhooks = WebhookEngine::new(sqlite.pool().clone(), config.webhooks.clone())?;
         let sender = webhooks.spawn(shutdown.clone());
-        wake_on_events(&store, &webhooks, shutdown.clone());
+        wake_on_events(store.jobs(), &webhooks, shutdown.clone());
         let pruner = spawn_pruner(
-            store.clone() as Arc<dyn JobStore>,
+            store.jobs(),
             artifacts.clone(),
             std::time::Duration::from_secs(config.retention.max_age_hours * 3600),
             std::time::Duration::from_secs(config.retention.prune_interval_seconds),
             shutdown.clone(),
         );
         let state = AppState {
-            store: store.clone() as Arc<dyn JobStore>,
+            store: store.jobs(),
             artifacts,
             config: Arc::new(config),
             metrics,
@@ -203,7 +258,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
         if let Some(p) = pruner {
             let _ = p.await;
         }
-        store.pool().close().await;
+        store.close().await;
         tracing::info!("stopped");
         Ok(())
     })
@@ -211,7 +266,11 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
 
 /// Events committed in this process wake the webhook sender at once; those from
 /// `vqclip worker` processes are picked up by its polling.
-fn wake_on_events(store: &SqliteStore, webhooks: &Arc<WebhookEngine>, shutdown: CancellationToken) {
+fn wake_on_events(
+    store: Arc<dyn JobStore>,
+    webhooks: &Arc<WebhookEngine>,
+    shutdown: CancellationToken,
+) {
     let mut notices = store.subscribe();
     let webhooks = webhooks.clone();
     tokio::spawn(async move {
@@ -248,12 +307,12 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         watch_signals(shutdown.clone());
         let metrics = Arc::new(Metrics::default());
         let endpoint = serve_worker_metrics(&config, metrics.clone(), shutdown.clone()).await?;
-        let pool = start_workers(&config, store.clone(), artifacts, metrics, shutdown).await?;
+        let pool = start_workers(&config, store.jobs(), artifacts, metrics, shutdown).await?;
         pool.join().await;
         if let Some(endpoint) = endpoint {
             let _ = endpoint.await;
         }
-        store.pool().close().await;
+        store.close().await;
         Ok(())
     })
 }
@@ -295,8 +354,8 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
     let config = load_config(&a.common, Overrides::default())?;
     runtime()?.block_on(async move {
         let store = open_store(&config).await?;
-        store.pool().close().await;
-        println!("database {} is migrated", config.database.url);
+        store.close().await;
+        println!("database {} is migrated", redact(&config.database.url));
         Ok(())
     })
 }

@@ -2,7 +2,7 @@
 //!
 //! [`JobStore`] is the seam: five traits, one per concern ([`Jobs`], [`Leases`],
 //! [`Events`], [`Uploads`], [`Workers`]); [`SqliteStore`] implements them in `sqlite/`, one
-//! file per concern, and a second backend does the same in a folder of its own. SQL never
+//! file per concern, and [`PgStore`] does the same in `postgres/` (several nodes, one database). SQL never
 //! leaves the backend's folder. Nothing here knows candle, HTTP, the artifact storage or
 //! the render engine: a job's spec is opaque JSON that the worker interprets.
 //!
@@ -15,7 +15,10 @@
 //! ```
 
 pub mod metrics;
+mod postgres;
 mod sqlite;
+#[cfg(test)]
+pub(crate) mod suite;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
@@ -24,6 +27,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 pub use metrics::Metrics;
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +70,22 @@ impl From<sqlx::Error> for QueueError {
     }
 }
 
-/// SQLITE_BUSY (5) and SQLITE_LOCKED (6), in any of their extended forms, and a pool
-/// that had no connection to give within its acquire timeout.
+/// SQLITE_BUSY (5) and SQLITE_LOCKED (6), in any of their extended forms; on PostgreSQL a
+/// serialization failure, a deadlock, a lock not available, too many connections or a server
+/// starting up; and a pool that had no connection to give within its acquire timeout.
 fn is_busy(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db)
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some() =>
+        {
+            matches!(
+                db.code().as_deref(),
+                Some("40001" | "40P01" | "55P03" | "53300" | "57P03")
+            )
+        }
         sqlx::Error::Database(db) => db
             .code()
             .and_then(|c| c.parse::<i32>().ok())

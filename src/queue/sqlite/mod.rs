@@ -71,7 +71,7 @@ impl SqliteStore {
     }
 
     pub async fn migrate(pool: &SqlitePool) -> QueueResult<()> {
-        sqlx::migrate!().run(pool).await?;
+        sqlx::migrate!("./migrations/sqlite").run(pool).await?;
         Ok(())
     }
 
