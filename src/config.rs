@@ -112,6 +112,8 @@ pub struct WorkersConfig {
     pub poll_interval_ms: u64,
     pub checkpoint_every: u32,
     pub batch_size: usize,
+    /// Threads of the CPU ops of every worker in this process (0: one per core).
+    pub cpu_threads: usize,
 }
 
 impl WorkersConfig {
