@@ -65,7 +65,9 @@ async fn run(specs: &[Value], batch_size: usize, cancel_running: Option<usize>) 
         &config,
     );
     let shutdown = CancellationToken::new();
-    let pool = WorkerPool::start(ctx, &["cpu".to_owned()], shutdown.clone()).unwrap();
+    let pool = WorkerPool::start(ctx, &["cpu".to_owned()], shutdown.clone())
+        .await
+        .unwrap();
     if let Some(i) = cancel_running {
         s.wait_state(&ids[i], "running", LONG).await;
         let r = s.post(&format!("/v1/jobs/{}/cancel", ids[i])).await;

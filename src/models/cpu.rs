@@ -564,7 +564,7 @@ pub(crate) struct LayerNormKernel {
 impl LayerNormKernel {
     fn check(&self, len: usize, dims: &[usize]) -> Result<usize> {
         let d = self.gamma.len();
-        if d == 0 || self.beta.len() != d || dims.last() != Some(&d) || len % d != 0 {
+        if d == 0 || self.beta.len() != d || dims.last() != Some(&d) || !len.is_multiple_of(d) {
             candle_core::bail!("layer norm kernel: {dims:?} against {d} weights")
         }
         Ok(d)

@@ -81,7 +81,11 @@ impl TestServer {
         } else {
             let ctx =
                 WorkerContext::new(store.clone(), artifacts.clone(), metrics.clone(), &config);
-            Some(WorkerPool::start(ctx, &devices, shutdown.clone()).unwrap())
+            Some(
+                WorkerPool::start(ctx, &devices, shutdown.clone())
+                    .await
+                    .unwrap(),
+            )
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
