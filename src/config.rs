@@ -124,6 +124,8 @@ pub struct WorkersConfig {
     pub batch_size: usize,
     /// Where `vqclip worker` serves `/metrics` and `/healthz`; empty: not served.
     pub metrics_bind: String,
+    /// Threads of the CPU ops of every worker in this process (0: one per core).
+    pub cpu_threads: usize,
 }
 
 impl WorkersConfig {

@@ -15,6 +15,7 @@ job-steps/s and peak memory, so a run can report vqclip and PyTorch side by side
 """
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -154,6 +155,11 @@ def features(out):
     return out if torch.is_tensor(out) else out.pooler_output
 
 
+def peak_rss():
+    """The process's peak resident set in bytes (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512)
@@ -246,7 +252,8 @@ def main():
                compile=a.compile, augments=a.augments, clip=a.clip, vqgan=a.vqgan,
                steps=a.steps, warmup=a.warmup, median_ms_per_step=med,
                steps_per_s=1000 / med, job_steps_per_s=1000 * a.batch / med,
-               peak_memory_bytes=torch.cuda.max_memory_allocated(dev) if cuda else None)
+               peak_memory_bytes=torch.cuda.max_memory_allocated(dev) if cuda else peak_rss(),
+               peak_memory_kind="device" if cuda else "rss")
     if a.json:
         print(json.dumps(res))
     else:

@@ -54,6 +54,9 @@ pub struct BenchArgs {
     /// cpu | cuda:N | auto
     #[arg(long, default_value = "auto")]
     device: String,
+    /// CPU threads for every op (0: one per core, or RAYON_NUM_THREADS).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -96,6 +99,17 @@ struct BenchReport {
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
+    }
+    if args.threads > 0 {
+        // Before any other thread exists, so setting the environment is sound; candle
+        // reads it for the split of each matmul.
+        std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+        if !vqclip::models::cpu::set_threads(args.threads) {
+            bail!(
+                "could not size the CPU thread pool to {} threads",
+                args.threads
+            );
+        }
     }
     let device = catalogue::parse_device(&args.device)?;
     set_precision(args.precision, &device)?;

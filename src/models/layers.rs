@@ -19,8 +19,12 @@
 //! A layer whose weights carry a gradient (a `Var`) always takes the autograd path, so weight
 //! gradients are never dropped silently.
 
+use std::sync::Arc;
+
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
+
+use super::cpu::{self, GroupNormKernel, LayerNormKernel};
 
 use super::ops::{
     attach_input_grad, conv2d_input_grad, group_norm_input_grad, layer_norm_input_grad,
@@ -35,6 +39,17 @@ pub use super::ops::{
 /// of `x` wants a gradient and none of the layer's `weights` does.
 fn input_grad_only(x: &Tensor, weights: &[&Tensor]) -> bool {
     layer_ops() == LayerOps::InputGradOnly && x.track_op() && weights.iter().all(|w| !w.track_op())
+}
+
+/// Whether `x`'s layer runs on the CPU kernels of [`super::cpu`]: f32 on the CPU, frozen
+/// contiguous weights, and the input-grad-only seam (the autograd reference keeps candle's
+/// ops throughout, so tests can compare the two).
+fn cpu_kernels(x: &Tensor, weights: &[&Tensor]) -> bool {
+    layer_ops() == LayerOps::InputGradOnly
+        && cpu::is_cpu_f32(x)
+        && weights
+            .iter()
+            .all(|w| cpu::is_cpu_f32(w) && !w.track_op() && w.is_contiguous())
 }
 
 /// 2-D convolution (PyTorch `nn.Conv2d` weights: `weight` (out, in, k, k), optional `bias`).
@@ -99,6 +114,28 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// The stride-1 conv on the CPU kernel, forward and input gradient, with no copy of the
+    /// weights: the kernel reads them in place.
+    fn forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
+        let (weight, bias, padding) = (self.weight.clone(), self.bias.clone(), self.padding);
+        let (grad_weight, flipped) = (self.weight.clone(), self.flipped.clone());
+        cpu::cpu_layer(
+            "cpu-conv2d",
+            x,
+            move |xs, dims| {
+                cpu::with_f32(&weight, |w| match &bias {
+                    Some(b) => cpu::with_f32(b, |b| {
+                        cpu::conv2d_stride1(xs, dims, w, weight.dims(), Some(b), padding)
+                    }),
+                    None => cpu::conv2d_stride1(xs, dims, w, weight.dims(), None, padding),
+                })
+            },
+            move |_x, grad_y| conv2d_input_grad(grad_y, &grad_weight, &flipped, padding),
+        )
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut weights = vec![&self.weight];
@@ -106,6 +143,9 @@ impl Module for Conv2d {
         let kernel = self.weight.dim(2)?;
         let flippable = self.stride == 1 && self.padding < kernel;
         let patchify = self.stride == kernel && self.padding == 0;
+        if flippable && cpu_kernels(x, &weights) {
+            return self.forward_cpu(x);
+        }
         // Other strides (the encoder's downsampling, off the render loop) keep candle's backward.
         if !((flippable || patchify) && input_grad_only(x, &weights)) {
             return self.forward_plain(x);
@@ -172,6 +212,9 @@ impl GroupNorm {
                 Ok(y)
             }
         };
+        if cpu_kernels(x, &[&self.weight, &self.bias]) {
+            return self.forward_cpu(x, silu);
+        }
         if !input_grad_only(x, &[&self.weight, &self.bias]) {
             return plain(x);
         }
@@ -190,6 +233,31 @@ impl GroupNorm {
         attach_input_grad(name, x, y, move |x, grad_y| {
             group_norm_input_grad(x, grad_y, &params, silu)
         })
+    }
+
+    fn forward_cpu(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let kernel = Arc::new(GroupNormKernel {
+            gamma: cpu::to_f32_vec(&self.weight)?,
+            beta: cpu::to_f32_vec(&self.bias)?,
+            groups: self.num_groups,
+            eps: self.eps,
+            silu,
+        });
+        let grad_kernel = kernel.clone();
+        cpu::cpu_layer(
+            "cpu-group-norm",
+            x,
+            move |xs, dims| kernel.forward(xs, dims),
+            move |x, grad_y| {
+                let k = grad_kernel.clone();
+                cpu::cpu_binary(
+                    "cpu-group-norm-input-grad",
+                    x,
+                    grad_y,
+                    move |xs, d, g, _| k.input_grad(xs, d, g),
+                )
+            },
+        )
     }
 
     fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
@@ -216,6 +284,20 @@ impl Module for GroupNorm {
 /// Nearest-neighbour upsampling by exactly 2 in both spatial dims (`F.interpolate(scale_factor=2)`).
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let (_b, _c, h, w) = x.dims4()?;
+    if cpu_kernels(x, &[]) {
+        return cpu::cpu_layer(
+            "cpu-upsample-nearest2x",
+            x,
+            cpu::upsample_nearest2x,
+            |_x, grad_y| {
+                cpu::cpu_unary(
+                    "cpu-upsample-nearest2x-input-grad",
+                    grad_y,
+                    cpu::upsample_nearest2x_grad,
+                )
+            },
+        );
+    }
     if !input_grad_only(x, &[]) {
         return x.upsample_nearest2d(2 * h, 2 * w);
     }
@@ -256,6 +338,30 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut weights = vec![&self.weight];
         weights.extend(&self.bias);
+        if cpu_kernels(x, &weights) {
+            let (weight, bias) = (self.weight.clone(), self.bias.clone());
+            let grad_weight = self.weight.clone();
+            return cpu::cpu_layer(
+                "cpu-linear",
+                x,
+                move |xs, dims| {
+                    cpu::with_f32(&weight, |w| match &bias {
+                        Some(b) => {
+                            cpu::with_f32(b, |b| cpu::linear(xs, dims, w, weight.dims(), Some(b)))
+                        }
+                        None => cpu::linear(xs, dims, w, weight.dims(), None),
+                    })
+                },
+                move |_x, grad_y| {
+                    let weight = grad_weight.clone();
+                    cpu::cpu_unary("cpu-linear-input-grad", grad_y, move |g, dims| {
+                        cpu::with_f32(&weight, |w| {
+                            cpu::linear_input_grad(g, dims, w, weight.dims())
+                        })
+                    })
+                },
+            );
+        }
         if !input_grad_only(x, &weights) {
             return self.forward_plain(x);
         }
@@ -305,6 +411,28 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if cpu_kernels(x, &[&self.weight, &self.bias]) {
+            let kernel = Arc::new(LayerNormKernel {
+                gamma: cpu::to_f32_vec(&self.weight)?,
+                beta: cpu::to_f32_vec(&self.bias)?,
+                eps: self.eps,
+            });
+            let grad_kernel = kernel.clone();
+            return cpu::cpu_layer(
+                "cpu-layer-norm",
+                x,
+                move |xs, dims| kernel.forward(xs, dims),
+                move |x, grad_y| {
+                    let k = grad_kernel.clone();
+                    cpu::cpu_binary(
+                        "cpu-layer-norm-input-grad",
+                        x,
+                        grad_y,
+                        move |xs, d, g, _| k.input_grad(xs, d, g),
+                    )
+                },
+            );
+        }
         if !input_grad_only(x, &[&self.weight, &self.bias]) {
             return self.forward_plain(x);
         }
@@ -362,6 +490,22 @@ pub enum Activation {
 impl Module for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Self::QuickGelu if cpu_kernels(x, &[]) => {
+                let k = QUICK_GELU_SLOPE as f32;
+                cpu::cpu_layer(
+                    "cpu-quick-gelu",
+                    x,
+                    move |xs, dims| cpu::quick_gelu(xs, dims, k),
+                    move |x, grad_y| {
+                        cpu::cpu_binary(
+                            "cpu-quick-gelu-input-grad",
+                            x,
+                            grad_y,
+                            move |xs, d, g, _| cpu::quick_gelu_grad(xs, d, g, k),
+                        )
+                    },
+                )
+            }
             Self::QuickGelu if input_grad_only(x, &[]) => {
                 let plain = x
                     .detach()
@@ -384,6 +528,9 @@ pub fn attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    if mask.is_none() && cpu_kernels(q, &[]) && cpu::is_cpu_f32(k) && cpu::is_cpu_f32(v) {
+        return cpu::attention(q, k, v, scale);
+    }
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,

@@ -10,6 +10,7 @@ pub mod catalogue;
 pub mod clip;
 pub mod clip_openai;
 pub mod clip_resnet;
+pub mod cpu;
 pub mod download;
 pub mod error;
 pub mod layers;

@@ -25,6 +25,8 @@ use candle_core::{
     Tensor, D,
 };
 
+use super::cpu;
+
 /// How the layer seam builds its graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerOps {
@@ -70,6 +72,11 @@ thread_local! {
 /// test or a profile confirm which path ran, which the results alone cannot show.
 pub fn input_grad_layers_attached() -> u64 {
     ATTACHED.with(Cell::get)
+}
+
+/// Counts one more layer on the input-gradient-only path (see [`input_grad_layers_attached`]).
+pub(crate) fn count_input_grad_layer() {
+    ATTACHED.with(|n| n.set(n.get() + 1));
 }
 
 /// The path the layer seam takes on this thread: a [`with_layer_ops`] override if one is
@@ -186,7 +193,7 @@ pub fn attach_input_grad(
     } else {
         y.copy()?
     };
-    ATTACHED.with(|n| n.set(n.get() + 1));
+    count_input_grad_layer();
     x.apply_op1(InputGradient {
         name,
         output: Mutex::new(Some(y)),
@@ -233,6 +240,15 @@ pub fn conv2d_input_grad(
         candle_core::bail!(
             "conv2d input gradient needs a square kernel wider than its padding, got {kh}x{kw} with padding {padding}"
         )
+    }
+    if cpu::is_cpu_f32(grad_y) && cpu::is_cpu_f32(weight) {
+        let kernel = flipped.get(weight)?;
+        let pad = kh - 1 - padding;
+        return cpu::cpu_unary("cpu-conv2d-input-grad", grad_y, move |g, dims| {
+            cpu::with_f32(&kernel, |k| {
+                cpu::conv2d_stride1(g, dims, k, kernel.dims(), None, pad)
+            })
+        });
     }
     if kh == 1 {
         // A 1x1 conv is a matmul over channels; its input gradient is the transposed matmul.

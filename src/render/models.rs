@@ -16,6 +16,8 @@ pub use crate::models::catalogue::{
     cache_root, ensure_models, parse_device, presence, DownloadProgress, DownloadWatcher,
     ModelCache, ModelKind, ModelsUnavailable, Presence,
 };
+/// The CPU ops' thread pool, sized once by the workers (`workers.cpu_threads`).
+pub use crate::models::cpu::{set_threads as set_cpu_threads, threads as cpu_threads};
 use crate::models::{Clip, Vqgan};
 
 use super::job::RenderError;

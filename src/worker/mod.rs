@@ -88,6 +88,8 @@ pub struct WorkerContext {
     pub cancel_check: Duration,
     /// The configured default models, reported at start.
     pub default_models: Vec<(ModelKind, String)>,
+    /// `workers.cpu_threads`: the CPU op thread pool's size (0: one thread per core).
+    pub cpu_threads: usize,
 }
 
 impl WorkerContext {
@@ -111,6 +113,7 @@ impl WorkerContext {
             batch_size: w.batch_size.max(1),
             cancel_check: Duration::from_millis(w.poll_interval_ms.clamp(10, 200)),
             default_models: default_models(config),
+            cpu_threads: w.cpu_threads,
         }
     }
 }
@@ -221,6 +224,13 @@ impl WorkerPool {
             .map(|d| parse_device(d).map(|dev| (d.trim().to_owned(), dev)))
             .collect::<Result<Vec<_>, _>>()?;
         log_default_models(&ctx);
+        if ctx.cpu_threads > 0 && !catalogue::set_cpu_threads(ctx.cpu_threads) {
+            tracing::warn!(
+                "workers.cpu_threads = {}: the CPU thread pool was already running with {} threads",
+                ctx.cpu_threads,
+                catalogue::cpu_threads()
+            );
+        }
         let mut ids = Vec::with_capacity(parsed.len());
         for i in 0..parsed.len() {
             let id = format!("{}-{}-{i}", hostname_hint(), Uuid::now_v7().simple());

@@ -7,6 +7,7 @@ mod support;
 mod catalogue;
 mod catalogue_cli;
 mod grad;
+mod kernels;
 mod layer_ops;
 mod more;
 mod parity;

@@ -172,13 +172,17 @@ async fn listen(
     }
 }
 
+/// An event by its job and id.
+type EventKey = (Uuid, i64);
+
 /// The most recent events announced in this process (bounded: a notice older than this many
-/// events would at worst be announced twice, which subscribers read past by id).
+/// events would at worst be announced twice, which subscribers read past by id): a set to
+/// look them up, and their order to forget the oldest.
 #[derive(Default)]
 pub(super) struct Announced {
     recent: std::sync::Mutex<(
-        std::collections::HashSet<(Uuid, i64)>,
-        std::collections::VecDeque<(Uuid, i64)>,
+        std::collections::HashSet<EventKey>,
+        std::collections::VecDeque<EventKey>,
     )>,
 }
 
