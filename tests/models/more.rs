@@ -4,36 +4,12 @@
 
 use std::collections::HashMap;
 
-use crate::support::fixture;
+use crate::support::{assert_close, fixture};
 use candle_core::{DType, Device, Tensor, Var};
 use vqclip::models::{Clip, Quantizer, Vqgan};
 
-const TOLERANCE: f32 = 1e-4;
-
 fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("reference_models.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn relative_error(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims(), "shape mismatch");
-    let ours = ours.to_dtype(DType::F32).unwrap();
-    let reference = reference.to_dtype(DType::F32).unwrap();
-    let diff = (ours - &reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    let scale = reference.abs().unwrap().max_all().unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
-}
-
-fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
-    let err = relative_error(ours, reference);
-    assert!(
-        err <= TOLERANCE,
-        "{what}: relative error {err:e} > {TOLERANCE:e}"
-    );
 }
 
 fn as_u32(t: &Tensor) -> Vec<u32> {

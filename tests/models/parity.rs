@@ -3,14 +3,11 @@
 
 use std::collections::HashMap;
 
-use crate::support::fixture;
 use crate::support::shapes::requested;
+use crate::support::{assert_close, fixture, relative_error};
 use candle_core::{DType, Device, Tensor, D};
 use serde_json::Value;
 use vqclip::models::{Clip, ClipConfig, ClipTokenizer, ModelError, Vqgan};
-
-/// f32 parity bound: max |ours - reference| relative to max |reference|.
-const TOLERANCE: f32 = 1e-4;
 
 fn reference_tensors() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("reference.safetensors"), &Device::Cpu).unwrap()
@@ -18,28 +15,6 @@ fn reference_tensors() -> HashMap<String, Tensor> {
 
 fn reference_json() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("reference.json")).unwrap()).unwrap()
-}
-
-fn relative_error(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims(), "shape mismatch");
-    let ours = ours.to_dtype(DType::F32).unwrap();
-    let reference = reference.to_dtype(DType::F32).unwrap();
-    let diff = (ours - &reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    let scale = reference.abs().unwrap().max_all().unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
-}
-
-fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
-    let err = relative_error(ours, reference);
-    assert!(
-        err <= TOLERANCE,
-        "{what}: relative error {err:e} > {TOLERANCE:e}"
-    );
 }
 
 fn json_matrix(v: &Value) -> Tensor {

@@ -8,6 +8,8 @@ pub mod shapes;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use candle_core::{DType, Tensor};
+
 /// A file or folder in tests/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -34,4 +36,31 @@ pub fn succeeded(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// f32 parity bound: max |ours - reference| relative to max |reference|.
+pub const TOLERANCE: f32 = 1e-4;
+
+/// Max |ours - reference| relative to max |reference|, in f32.
+pub fn relative_error(ours: &Tensor, reference: &Tensor) -> f32 {
+    assert_eq!(ours.dims(), reference.dims(), "shape mismatch");
+    let ours = ours.to_dtype(DType::F32).unwrap();
+    let reference = reference.to_dtype(DType::F32).unwrap();
+    let diff = (ours - &reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    let scale = reference.abs().unwrap().max_all().unwrap();
+    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+}
+
+/// Fails with `what` when `ours` is not within [`TOLERANCE`] of `reference`.
+pub fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
+    let err = relative_error(ours, reference);
+    assert!(
+        err <= TOLERANCE,
+        "{what}: relative error {err:e} > {TOLERANCE:e}"
+    );
 }
