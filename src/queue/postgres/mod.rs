@@ -24,6 +24,7 @@ use super::*;
 mod events;
 mod jobs;
 mod leases;
+mod revisions;
 mod uploads;
 mod workers;
 
