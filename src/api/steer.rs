@@ -30,7 +30,11 @@ pub(super) fn revision_view(r: &JobRevision) -> Value {
 }
 
 /// The job's revisions and fork links, added to its view.
-pub(super) async fn add_steering(st: &AppState, job: &Job, view: &mut Value) -> Result<(), ApiError> {
+pub(super) async fn add_steering(
+    st: &AppState,
+    job: &Job,
+    view: &mut Value,
+) -> Result<(), ApiError> {
     let revisions = st.store.revisions(job.id).await?;
     let lineage = st.store.lineage(job.id).await?;
     let link = |l: &ForkLink| json!({ "id": l.job, "step": l.step, "href": links::job(l.job) });
@@ -49,20 +53,28 @@ fn steerable(changes: &Value, at: &str) -> Result<Map<String, Value>, ApiError> 
     let Some(fields) = changes.as_object() else {
         return Err(unprocessable(
             at,
-            "must be a JSON object of the fields to change, e.g. {\"prompts\": \"a blue apple\"}".into(),
+            "must be a JSON object of the fields to change, e.g. {\"prompts\": \"a blue apple\"}"
+                .into(),
         ));
     };
     if let Some(other) = fields.keys().find(|k| !STEERABLE.contains(&k.as_str())) {
         return Err(unprocessable(
             other,
-            format!("cannot be changed on a job; the fields that can are {}", STEERABLE.join(", ")),
+            format!(
+                "cannot be changed on a job; the fields that can are {}",
+                STEERABLE.join(", ")
+            ),
         ));
     }
     Ok(fields.clone())
 }
 
 /// `changes` merged onto a stored document's request, validated as at submit.
-fn merged(st: &AppState, document: &Value, changes: &Map<String, Value>) -> Result<ValidJob, ApiError> {
+fn merged(
+    st: &AppState,
+    document: &Value,
+    changes: &Map<String, Value>,
+) -> Result<ValidJob, ApiError> {
     let mut request = request::echo(document);
     if request.get("video_style").is_some_and(|v| !v.is_null()) {
         return Err(unprocessable(
@@ -130,7 +142,10 @@ pub(super) async fn steer(
     if let Some(fork) = current.get(request::FORK_KEY) {
         document[request::FORK_KEY] = fork.clone();
     }
-    let revision = st.store.steer(id, &scope, Value::Object(fields), document).await?;
+    let revision = st
+        .store
+        .steer(id, &scope, Value::Object(fields), document)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(revision_view(&revision))).into_response())
 }
 
@@ -181,7 +196,11 @@ pub(super) async fn fork(
             "from_step",
             format!(
                 "no frame with saved state at step {step}; the nearest saved steps are {}",
-                if listed.is_empty() { "none (the job has saved no frame yet)".into() } else { listed.join(", ") }
+                if listed.is_empty() {
+                    "none (the job has saved no frame yet)".into()
+                } else {
+                    listed.join(", ")
+                }
             ),
         )
         .with("nearest", near));
@@ -195,7 +214,15 @@ pub(super) async fn fork(
     let valid = merged(&st, source, &changes)?;
     check_steps(&valid, step)?;
     check_images(&st, &scope, &budget, &valid).await?;
-    let child = submit_fork(&st, &scope, &valid, &raw, ForkLink { job: id, step }, wanted.reset_optimizer).await?;
+    let child = submit_fork(
+        &st,
+        &scope,
+        &valid,
+        &raw,
+        ForkLink { job: id, step },
+        wanted.reset_optimizer,
+    )
+    .await?;
     if let Err(e) = st.artifacts.copy_fork_point(id, step, child.id).await {
         // The worker that claims the fork makes the copy itself.
         tracing::warn!(job = %child.id, parent = %id, step, "copying the fork point: {e}");

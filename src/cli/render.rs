@@ -14,9 +14,9 @@ use vqclip::render::checkpoint::Checkpoint;
 use vqclip::render::prompts::parse_prompt;
 use vqclip::render::video::{read_frame_dir, read_mp4, style_video};
 use vqclip::render::{
-    render, Augment, CancelToken, CutMethod, ForkStart, ImagePromptSpec, InitNoise, InitRegulariser, JobSpec,
-    Limits, ModelSet, OptimizerKind, ProgressEvent, PromptsSpec, RenderJob, RenderOutcome,
-    SourceVideo, VideoLimits, VideoStyleSpec, ZoomSpec,
+    render, Augment, CancelToken, CutMethod, ForkStart, ImagePromptSpec, InitNoise,
+    InitRegulariser, JobSpec, Limits, ModelSet, OptimizerKind, ProgressEvent, PromptsSpec,
+    RenderJob, RenderOutcome, SourceVideo, VideoLimits, VideoStyleSpec, ZoomSpec,
 };
 
 #[derive(clap::Args)]
@@ -172,7 +172,11 @@ fn fork_start(arg: &str, reset_optimizer: bool) -> anyhow::Result<ForkStart> {
         anyhow::bail!(
             "--fork {arg}: no saved state at step {step} ({} is missing); saved steps: {}",
             path.display(),
-            if saved.is_empty() { "none".to_string() } else { saved.join(", ") }
+            if saved.is_empty() {
+                "none".to_string()
+            } else {
+                saved.join(", ")
+            }
         );
     }
     Ok(ForkStart {

@@ -419,15 +419,30 @@ pub async fn revisions_are_numbered_applied_once_and_refused_when_finished<S: Jo
     let doc = |p: &str| serde_json::json!({ "prompts": p });
     // Another key's job is not there to steer.
     let other = s
-        .steer(job.id, &Scope::key("someone"), serde_json::json!({}), doc("a"))
+        .steer(
+            job.id,
+            &Scope::key("someone"),
+            serde_json::json!({}),
+            doc("a"),
+        )
         .await;
     assert!(matches!(other, Err(QueueError::NotFound(_))), "{other:?}");
     let r1 = s
-        .steer(job.id, &all, serde_json::json!({ "prompts": "a" }), doc("a"))
+        .steer(
+            job.id,
+            &all,
+            serde_json::json!({ "prompts": "a" }),
+            doc("a"),
+        )
         .await
         .unwrap();
     let r2 = s
-        .steer(job.id, &all, serde_json::json!({ "prompts": "b" }), doc("b"))
+        .steer(
+            job.id,
+            &all,
+            serde_json::json!({ "prompts": "b" }),
+            doc("b"),
+        )
         .await
         .unwrap();
     assert_eq!((r1.number, r2.number), (1, 2));
@@ -439,7 +454,10 @@ pub async fn revisions_are_numbered_applied_once_and_refused_when_finished<S: Jo
     let lost = s
         .revision_applied(job.id, "w2", 1, 0, serde_json::json!({}))
         .await;
-    assert!(matches!(lost, Err(QueueError::LeaseLost { .. })), "{lost:?}");
+    assert!(
+        matches!(lost, Err(QueueError::LeaseLost { .. })),
+        "{lost:?}"
+    );
     let data = serde_json::json!({ "revision": 1, "step": 4 });
     s.revision_applied(job.id, "w1", 1, 4, data.clone())
         .await
@@ -468,7 +486,13 @@ pub async fn revisions_are_numbered_applied_once_and_refused_when_finished<S: Jo
         .unwrap();
     let late = s.steer(job.id, &all, serde_json::json!({}), doc("c")).await;
     assert!(
-        matches!(late, Err(QueueError::Conflict { state: JobState::Canceled, .. })),
+        matches!(
+            late,
+            Err(QueueError::Conflict {
+                state: JobState::Canceled,
+                ..
+            })
+        ),
         "{late:?}"
     );
 }
@@ -497,13 +521,31 @@ pub async fn forks_link_both_ways_and_outlive_their_parent<S: JobStore + Clone>(
     assert_eq!(
         lineage.forks,
         vec![
-            ForkLink { job: a.id, step: 10 },
-            ForkLink { job: b.id, step: 20 }
+            ForkLink {
+                job: a.id,
+                step: 10
+            },
+            ForkLink {
+                job: b.id,
+                step: 20
+            }
         ]
     );
     let of_a = s.lineage(a.id).await.unwrap();
-    assert_eq!(of_a.parent, Some(ForkLink { job: parent.id, step: 10 }));
-    assert_eq!(of_a.forks, vec![ForkLink { job: c.id, step: 30 }]);
+    assert_eq!(
+        of_a.parent,
+        Some(ForkLink {
+            job: parent.id,
+            step: 10
+        })
+    );
+    assert_eq!(
+        of_a.forks,
+        vec![ForkLink {
+            job: c.id,
+            step: 30
+        }]
+    );
 
     // The parent goes; its forks still name it.
     let all = Scope::unrestricted();
@@ -511,7 +553,10 @@ pub async fn forks_link_both_ways_and_outlive_their_parent<S: JobStore + Clone>(
     s.delete(parent.id, &all).await.unwrap();
     assert_eq!(
         s.lineage(a.id).await.unwrap().parent,
-        Some(ForkLink { job: parent.id, step: 10 })
+        Some(ForkLink {
+            job: parent.id,
+            step: 10
+        })
     );
     // A fork that goes leaves its parent's list.
     s.cancel(c.id, &all).await.unwrap();

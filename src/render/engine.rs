@@ -146,8 +146,10 @@ impl<'m> RenderSession<'m> {
         let augmentations = Augmentations::for_method(spec.cut_method, &spec.augments);
         // Prompt set-up draws from its own stream so a resumed job, which skips the
         // initial z, still sees the very same target embeddings.
+        let no_inputs = Inputs::new();
+        let revision_inputs = in_force.map_or(&no_inputs, |r| &r.inputs);
         let targets = Self::all_targets(
-            job,
+            (&[&job.inputs, revision_inputs], job.seed),
             (&spec, &prompts, revision),
             models,
             (&cutouts, &augmentations),
@@ -208,18 +210,18 @@ impl<'m> RenderSession<'m> {
 
     /// Every CLIP's targets for `spec`'s prompts, from the set-up stream of `revision`.
     fn all_targets(
-        job: &RenderJob,
+        (inputs, seed): (&[&Inputs], u64),
         (spec, prompts, revision): (&JobSpec, &PromptSet, u32),
         models: &ModelSet,
         (cutouts, augmentations): (&[Cutouts], &Augmentations),
         size: (usize, usize),
         device: &Device,
     ) -> Result<Vec<ClipTargets>, RenderError> {
-        let mut setup_rng = ChaCha20Rng::seed_from_u64(setup_seed(job.seed, revision));
+        let mut setup_rng = ChaCha20Rng::seed_from_u64(setup_seed(seed, revision));
         let mut targets = Vec::with_capacity(models.clips.len());
         for (k, clip) in models.clips.iter().enumerate() {
             targets.push(Self::encode_targets(
-                job,
+                inputs,
                 spec,
                 prompts,
                 clip,
@@ -246,7 +248,7 @@ impl<'m> RenderSession<'m> {
         let cutouts = cutouts_for(&spec, self.models);
         let augmentations = Augmentations::for_method(spec.cut_method, &spec.augments);
         self.targets = Self::all_targets(
-            job,
+            (&[&job.inputs, &revision.inputs], self.seed),
             (&spec, &revision.prompts, revision.number),
             self.models,
             (&cutouts, &augmentations),
@@ -269,7 +271,7 @@ impl<'m> RenderSession<'m> {
 
     #[allow(clippy::too_many_arguments)]
     fn encode_targets(
-        job: &RenderJob,
+        inputs: &[&Inputs],
         spec: &JobSpec,
         prompts: &PromptSet,
         clip: &crate::models::Clip,
@@ -305,7 +307,7 @@ impl<'m> RenderSession<'m> {
         // augmentations the render uses, at the render's area.
         let mut images = Vec::with_capacity(spec.image_prompts.len());
         for prompt in &spec.image_prompts {
-            let img = load_image(job, &prompt.image)?;
+            let img = load_image(inputs, &prompt.image)?;
             let img = output::resize_keep_area(&img, width as u32, height as u32);
             let x = output::image_to_tensor(&img, device)?;
             let batch = make_cutouts(cutouts, augmentations, &x, rng)?;
@@ -349,7 +351,7 @@ impl<'m> RenderSession<'m> {
         let encode = |img: image::RgbImage| encode_quantized(models, &img, device);
         let (w, h) = (width as u32, height as u32);
         if let Some(reference) = &job.spec.init_image {
-            let img = load_image(job, reference)?;
+            let img = load_image(&[&job.inputs], reference)?;
             return encode(output::resize_exact(&img, w, h));
         }
         match job.spec.init_noise {
@@ -822,7 +824,11 @@ fn prompt_loss(embeds: &Tensor, target: &Target) -> candle_core::Result<Tensor> 
 }
 
 /// The bytes of an image a spec refers to.
-fn load_image(job: &RenderJob, reference: &str) -> Result<image::RgbImage, RenderError> {
+/// Image bytes by the reference a spec names them with (see [`RenderJob::inputs`]).
+type Inputs = std::collections::HashMap<String, Vec<u8>>;
+
+/// The bytes of an image a spec refers to, looked up in `inputs` in order.
+fn load_image(inputs: &[&Inputs], reference: &str) -> Result<image::RgbImage, RenderError> {
     let input_err = |reason: String| RenderError::Input {
         reference: reference.chars().take(80).collect(),
         reason,
@@ -836,7 +842,7 @@ fn load_image(job: &RenderJob, reference: &str) -> Result<image::RgbImage, Rende
                 id.to_string(),
             ];
             keys.iter()
-                .find_map(|k| job.inputs.get(k))
+                .find_map(|k| inputs.iter().find_map(|i| i.get(k)))
                 .cloned()
                 .ok_or_else(|| input_err("the upload was not provided to the renderer".into()))?
         }

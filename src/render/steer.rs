@@ -7,6 +7,7 @@
 //! step, and the later ones again at exactly their steps, so a steered run stays
 //! reproducible from its seed and its revision list.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -44,6 +45,9 @@ pub struct Revision {
     pub prompts: PromptSet,
     /// The fields the client sent, as sent: what metadata and events show.
     pub changes: serde_json::Value,
+    /// Image bytes for the `upload:<id>` references this revision brings in, keyed as
+    /// [`super::RenderJob::inputs`] is.
+    pub inputs: HashMap<String, Vec<u8>>,
 }
 
 /// A revision as `metadata.json` lists it.
@@ -162,7 +166,10 @@ mod tests {
         steered.steps = 99;
         assert!(check_steerable(&base, &steered).is_ok());
         steered.width = 64;
-        assert_eq!(check_steerable(&base, &steered).unwrap_err().field, "revision");
+        assert_eq!(
+            check_steerable(&base, &steered).unwrap_err().field,
+            "revision"
+        );
     }
 
     #[test]
@@ -176,6 +183,7 @@ mod tests {
                 spec: JobSpec::default(),
                 prompts: PromptSet::default(),
                 changes: serde_json::json!({}),
+                inputs: HashMap::new(),
             });
         }
         let taken: Vec<u32> = inbox.take().iter().map(|r| r.number).collect();

@@ -889,28 +889,16 @@ impl Worker {
             .await
             .map_err(|e| format!("reading the job's revisions: {e}"))?;
         let mut revisions = Vec::with_capacity(stored.len());
-        let mut images = validated.uploads().map(|(r, id)| (r.to_owned(), id)).collect::<Vec<_>>();
+        let mut images = validated
+            .uploads()
+            .map(|(r, id)| (r.to_owned(), id))
+            .collect::<Vec<_>>();
         for r in &stored {
             let (revision, checked) = render_revision(r)?;
             images.extend(checked.uploads().map(|(r, id)| (r.to_owned(), id)));
             revisions.push(revision);
         }
-        let mut inputs = HashMap::new();
-        for (reference, id) in images {
-            let upload = self
-                .ctx
-                .store
-                .get_upload(id, &Scope::unrestricted())
-                .await
-                .map_err(|e| format!("{reference}: {e}"))?;
-            let bytes = self
-                .ctx
-                .artifacts
-                .read_upload(&upload.file_name)
-                .await
-                .map_err(|e| format!("{reference}: {e}"))?;
-            inputs.insert(reference, bytes);
-        }
+        let inputs = self.read_uploads(images).await?;
         let lineage = self
             .ctx
             .store
@@ -932,7 +920,12 @@ impl Worker {
                     .artifacts
                     .copy_fork_point(parent.job, parent.step, job.id)
                     .await
-                    .map_err(|e| format!("the fork point (job {}, step {}): {e}", parent.job, parent.step))?;
+                    .map_err(|e| {
+                        format!(
+                            "the fork point (job {}, step {}): {e}",
+                            parent.job, parent.step
+                        )
+                    })?;
             }
         }
         // A job that ran elsewhere (or a fork) starts from what the store holds.
@@ -976,6 +969,72 @@ impl Worker {
         Ok(render)
     }
 
+    /// The bytes of the uploads a spec names, keyed by the reference as written.
+    async fn read_uploads(
+        &self,
+        uploads: Vec<(String, Uuid)>,
+    ) -> Result<HashMap<String, Vec<u8>>, String> {
+        let mut inputs = HashMap::new();
+        for (reference, id) in uploads {
+            let upload = self
+                .ctx
+                .store
+                .get_upload(id, &Scope::unrestricted())
+                .await
+                .map_err(|e| format!("{reference}: {e}"))?;
+            let bytes = self
+                .ctx
+                .artifacts
+                .read_upload(&upload.file_name)
+                .await
+                .map_err(|e| format!("{reference}: {e}"))?;
+            inputs.insert(reference, bytes);
+        }
+        Ok(inputs)
+    }
+
+    /// Hands a running render the revisions made since the last look, each once, with
+    /// the uploads they name.
+    async fn feed_revisions(&self, job: &Job, feed: &mut SteerFeed) {
+        let revisions = match self.ctx.store.revisions(job.id).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(worker = %self.id, job = %job.id, "reading revisions: {e}");
+                return;
+            }
+        };
+        let known = feed.known;
+        for r in revisions
+            .iter()
+            .filter(|r| r.number > known && r.step.is_none())
+        {
+            let revision = match render_revision(r) {
+                Ok((mut revision, validated)) => {
+                    let uploads = validated
+                        .uploads()
+                        .map(|(r, id)| (r.to_owned(), id))
+                        .collect();
+                    match self.read_uploads(uploads).await {
+                        Ok(inputs) => {
+                            revision.inputs = inputs;
+                            Ok(revision)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match revision {
+                Ok(revision) => feed.steering.send(revision),
+                // Validated at PATCH by this service; skipped rather than failing the job.
+                Err(e) => {
+                    tracing::warn!(worker = %self.id, job = %job.id, "skipping revision {}: {e}", r.number)
+                }
+            }
+            feed.known = r.number;
+        }
+    }
+
     /// Follows one job of a batch until the render thread answers for it: records its
     /// progress, renews its lease, passes on cancellation and shutdown.
     async fn follow(&self, job: &Job, pending: Pending) -> RunEnd {
@@ -1000,7 +1059,10 @@ impl Worker {
         let mut cancels_open = true;
         let mut cancel_check = tokio::time::interval(self.ctx.cancel_check);
         cancel_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut steered = SteerFeed::new(steering, known_revision);
+        let mut steered = SteerFeed {
+            steering,
+            known: known_revision,
+        };
         let mut result = loop {
             tokio::select! {
                 biased;
@@ -1059,10 +1121,7 @@ impl Worker {
                     if matches!(self.ctx.store.cancel_requested(job.id).await, Ok(true)) {
                         cancel.cancel();
                     }
-                    match self.ctx.store.revisions(job.id).await {
-                        Ok(revisions) => steered.feed(&revisions),
-                        Err(e) => tracing::warn!(worker = %self.id, job = %job.id, "reading revisions: {e}"),
-                    }
+                    self.feed_revisions(job, &mut steered).await;
                 }
                 _ = heartbeat.tick() => {
                     let _ = self.ctx.store.worker_heartbeat(&self.id, &self.device, Some(job.id)).await;
@@ -1327,31 +1386,15 @@ fn render_revision(r: &JobRevision) -> Result<(Revision, Validated), String> {
         spec,
         prompts: validated.prompts.clone(),
         changes: r.changes.clone(),
+        inputs: HashMap::new(),
     };
     Ok((revision, validated))
 }
 
-/// Hands a running render the revisions it has not seen yet, each once.
+/// Where a running render's new revisions go, and the last one it was given.
 struct SteerFeed {
     steering: Steering,
     known: u32,
-}
-
-impl SteerFeed {
-    fn new(steering: Steering, known: u32) -> Self {
-        Self { steering, known }
-    }
-
-    fn feed(&mut self, revisions: &[JobRevision]) {
-        for r in revisions.iter().filter(|r| r.number > self.known && r.step.is_none()) {
-            match render_revision(r) {
-                Ok((revision, _)) => self.steering.send(revision),
-                // Validated at PATCH by this service; skipped rather than failing the job.
-                Err(e) => tracing::warn!("skipping {e}"),
-            }
-            self.known = r.number;
-        }
-    }
 }
 
 /// Checkpoints are stored relative to the job directory, so the artifact root can move.

@@ -55,6 +55,7 @@ fn revision(step: Option<u32>) -> Revision {
         prompts: prompt_set(&revised.prompts).unwrap(),
         spec: revised,
         changes: serde_json::json!({"prompts": "a green lighthouse", "lr": 0.2, "cutn": 6}),
+        inputs: Default::default(),
     }
 }
 
@@ -77,7 +78,10 @@ fn a_run_steered_at_step_10_equals_one_resumed_at_20_with_the_same_revision() {
         events.push(ev);
     };
     let outcome = render(&job, models(), &mut sink, &CancelToken::new()).unwrap();
-    assert!(matches!(outcome, RenderOutcome::Completed(_)), "{outcome:?}");
+    assert!(
+        matches!(outcome, RenderOutcome::Completed(_)),
+        "{outcome:?}"
+    );
     let order: Vec<String> = events
         .iter()
         .filter_map(|e| match e {
@@ -119,25 +123,34 @@ fn a_run_steered_at_step_10_equals_one_resumed_at_20_with_the_same_revision() {
         }
     };
     let outcome = render(&job, models(), &mut sink, &cancel).unwrap();
-    let RenderOutcome::Interrupted { step: 20, checkpoint } = outcome else {
+    let RenderOutcome::Interrupted {
+        step: 20,
+        checkpoint,
+    } = outcome
+    else {
         panic!("expected an interruption at step 20, got {outcome:?}");
     };
     // The checkpoint was written under the revision: without it, it is refused.
     let mut unsteered = RenderJob::new(base(), replay.path());
     unsteered.resume = Some(checkpoint.clone());
     let err = render(&unsteered, models(), &mut NoProgress, &CancelToken::new()).unwrap_err();
-    assert!(err.to_string().contains("different render parameters"), "{err}");
+    assert!(
+        err.to_string().contains("different render parameters"),
+        "{err}"
+    );
 
     job.resume = Some(checkpoint);
     let outcome = render(&job, models(), &mut NoProgress, &CancelToken::new()).unwrap();
-    assert!(matches!(outcome, RenderOutcome::Completed(_)), "{outcome:?}");
+    assert!(
+        matches!(outcome, RenderOutcome::Completed(_)),
+        "{outcome:?}"
+    );
     assert_eq!(
         bytes(live.path(), "image.png"),
         bytes(replay.path(), "image.png")
     );
     for dir in [live.path(), replay.path()] {
-        let meta: serde_json::Value =
-            serde_json::from_slice(&bytes(dir, "metadata.json")).unwrap();
+        let meta: serde_json::Value = serde_json::from_slice(&bytes(dir, "metadata.json")).unwrap();
         assert_eq!(
             meta["revisions"],
             serde_json::json!([{"number": 1, "step": 10,
@@ -163,7 +176,10 @@ fn steering_the_steps_below_the_current_one_ends_the_job_there() {
         }
     };
     let outcome = render(&job, models(), &mut sink, &CancelToken::new()).unwrap();
-    assert!(matches!(outcome, RenderOutcome::Completed(_)), "{outcome:?}");
+    assert!(
+        matches!(outcome, RenderOutcome::Completed(_)),
+        "{outcome:?}"
+    );
     assert_eq!(last, 5);
 }
 
@@ -180,7 +196,8 @@ fn a_revision_may_not_change_the_size() {
 
 #[test]
 fn a_fork_from_step_10_without_changes_reaches_the_parents_z_at_step_20() {
-    let s = spec(serde_json::json!({"prompts": "a castle|fog:-0.3", "steps": 20, "save_every": 10}));
+    let s =
+        spec(serde_json::json!({"prompts": "a castle|fog:-0.3", "steps": 20, "save_every": 10}));
     let parent = tempfile::tempdir().unwrap();
     render(
         &RenderJob::new(s.clone(), parent.path()),
@@ -190,7 +207,10 @@ fn a_fork_from_step_10_without_changes_reaches_the_parents_z_at_step_20() {
     )
     .unwrap();
     for step in [0, 10, 20] {
-        assert!(parent.path().join(format!("frames/{step:05}.ckpt")).is_file());
+        assert!(parent
+            .path()
+            .join(format!("frames/{step:05}.ckpt"))
+            .is_file());
     }
     let fork = |reset_optimizer: bool| {
         let child = tempfile::tempdir().unwrap();

@@ -5,9 +5,7 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-use crate::support::{
-    problem, succeeded, test_config, tiny_spec, InProcessServer, SseEvent, LONG,
-};
+use crate::support::{problem, succeeded, test_config, tiny_spec, InProcessServer, SseEvent, LONG};
 
 impl crate::support::Api {
     async fn patch(&self, path: &str, body: &Value, key: Option<&str>) -> reqwest::Response {
@@ -56,11 +54,18 @@ async fn a_running_job_steered_twice_records_both_revisions_and_their_steps() {
     server.wait_step(id, 3, LONG).await;
 
     let first = server
-        .patch(&format!("/v1/jobs/{id}"), &json!({"prompts": "a blue lake", "lr": 0.2}), None)
+        .patch(
+            &format!("/v1/jobs/{id}"),
+            &json!({"prompts": "a blue lake", "lr": 0.2}),
+            None,
+        )
         .await;
     let first = json_of(first, 202).await;
     assert_eq!(first["revision"], 1);
-    assert_eq!(first["changes"], json!({"prompts": "a blue lake", "lr": 0.2}));
+    assert_eq!(
+        first["changes"],
+        json!({"prompts": "a blue lake", "lr": 0.2})
+    );
     let at = server.job(id).await["progress"]["step"].as_u64().unwrap();
     let second = server
         .patch(
@@ -75,8 +80,14 @@ async fn a_running_job_steered_twice_records_both_revisions_and_their_steps() {
     assert_eq!(done["state"], "succeeded", "{done}");
     let revisions = done["revisions"].as_array().unwrap();
     assert_eq!(revisions.len(), 2, "{done}");
-    let steps: Vec<u64> = revisions.iter().map(|r| r["step"].as_u64().unwrap()).collect();
-    assert!(steps[0] >= 3 && steps[1] >= steps[0] && steps[1] <= at + 25, "{steps:?}");
+    let steps: Vec<u64> = revisions
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert!(
+        steps[0] >= 3 && steps[1] >= steps[0] && steps[1] <= at + 25,
+        "{steps:?}"
+    );
     assert_eq!(done["progress"]["total"], at + 25);
     // The effective spec shows in the revisions, the submitted one stays the job's spec.
     assert_eq!(done["spec"]["prompts"], "a red apple");
@@ -95,11 +106,16 @@ async fn a_running_job_steered_twice_records_both_revisions_and_their_steps() {
             assert_eq!(before.map(|b| b.1), Some(*step), "{line:?}");
         }
         assert_eq!(after.map(|a| a.1), Some(step + 1), "{line:?}");
-        let event = events.iter().find(|e| e.event == "steered" && e.data["step"] == *step).unwrap();
+        let event = events
+            .iter()
+            .find(|e| e.event == "steered" && e.data["step"] == *step)
+            .unwrap();
         assert_eq!(event.data["revision"], n as u64 + 1);
     }
 
-    let meta = server.get_json(&format!("/v1/jobs/{id}/metadata.json")).await;
+    let meta = server
+        .get_json(&format!("/v1/jobs/{id}/metadata.json"))
+        .await;
     let listed: Vec<(u64, u64)> = meta["revisions"]
         .as_array()
         .unwrap()
@@ -109,7 +125,9 @@ async fn a_running_job_steered_twice_records_both_revisions_and_their_steps() {
     assert_eq!(listed, vec![(1, steps[0]), (2, steps[1])]);
 
     // A finished job is not steered.
-    let late = server.patch(&format!("/v1/jobs/{id}"), &json!({"lr": 0.1}), None).await;
+    let late = server
+        .patch(&format!("/v1/jobs/{id}"), &json!({"lr": 0.1}), None)
+        .await;
     let p = problem(late, 409).await;
     assert_eq!(p["state"], "succeeded");
     server.stop().await;
@@ -137,7 +155,11 @@ async fn bad_changes_are_refused_with_the_field_and_a_queued_job_takes_them_at_i
     let unknown = Value::String(uuid::Uuid::now_v7().to_string());
     let p = problem(
         server
-            .patch(&format!("/v1/jobs/{}", unknown.as_str().unwrap()), &json!({"lr": 0.1}), None)
+            .patch(
+                &format!("/v1/jobs/{}", unknown.as_str().unwrap()),
+                &json!({"lr": 0.1}),
+                None,
+            )
             .await,
         404,
     )
@@ -173,7 +195,11 @@ async fn a_fork_without_changes_continues_as_its_parent_and_forks_chain() {
     // Only saved frames are fork points; the answer lists the nearest.
     let p = problem(
         server
-            .post_json(&format!("/v1/jobs/{pid}/fork"), &json!({"from_step": 7}), None)
+            .post_json(
+                &format!("/v1/jobs/{pid}/fork"),
+                &json!({"from_step": 7}),
+                None,
+            )
             .await,
         422,
     )
@@ -194,11 +220,18 @@ async fn a_fork_without_changes_continues_as_its_parent_and_forks_chain() {
     assert_eq!(p["field"], "height");
 
     let child = server
-        .post_json(&format!("/v1/jobs/{pid}/fork"), &json!({"from_step": 10}), None)
+        .post_json(
+            &format!("/v1/jobs/{pid}/fork"),
+            &json!({"from_step": 10}),
+            None,
+        )
         .await;
     let child = json_of(child, 201).await;
     let cid = child["id"].as_str().unwrap().to_owned();
-    assert_eq!(child["parent"], json!({"id": pid, "step": 10, "href": format!("/v1/jobs/{pid}")}));
+    assert_eq!(
+        child["parent"],
+        json!({"id": pid, "step": 10, "href": format!("/v1/jobs/{pid}")})
+    );
     assert_eq!(server.wait_terminal(&cid, LONG).await["state"], "succeeded");
     for path in ["frames/20.png", "image.png"] {
         let a = server.get_bytes(&format!("/v1/jobs/{pid}/{path}")).await;
@@ -208,7 +241,10 @@ async fn a_fork_without_changes_continues_as_its_parent_and_forks_chain() {
     assert_eq!(server.job(&pid).await["forks"][0]["id"], cid);
 
     // A fork of the fork, with changes; the parent's removal does not break it.
-    assert_eq!(server.delete(&format!("/v1/jobs/{pid}")).await.status(), 204);
+    assert_eq!(
+        server.delete(&format!("/v1/jobs/{pid}")).await.status(),
+        204
+    );
     let grandchild = server
         .post_json(
             &format!("/v1/jobs/{cid}/fork"),
@@ -244,16 +280,34 @@ async fn another_keys_job_is_not_found_for_patch_and_fork() {
         vqclip_keys(&config.database.url, "b"),
     );
     let server = InProcessServer::start(config).await;
-    let r = server.post_json("/v1/jobs", &tiny_spec("mine", 4), Some(&a)).await;
+    let r = server
+        .post_json("/v1/jobs", &tiny_spec("mine", 4), Some(&a))
+        .await;
     let id = json_of(r, 201).await["id"].as_str().unwrap().to_owned();
-    problem(server.patch(&format!("/v1/jobs/{id}"), &json!({"lr": 0.2}), Some(&b)).await, 404).await;
     problem(
         server
-            .post_json(&format!("/v1/jobs/{id}/fork"), &json!({"from_step": 0}), Some(&b))
+            .patch(&format!("/v1/jobs/{id}"), &json!({"lr": 0.2}), Some(&b))
             .await,
         404,
     )
     .await;
-    json_of(server.patch(&format!("/v1/jobs/{id}"), &json!({"lr": 0.2}), Some(&a)).await, 202).await;
+    problem(
+        server
+            .post_json(
+                &format!("/v1/jobs/{id}/fork"),
+                &json!({"from_step": 0}),
+                Some(&b),
+            )
+            .await,
+        404,
+    )
+    .await;
+    json_of(
+        server
+            .patch(&format!("/v1/jobs/{id}"), &json!({"lr": 0.2}), Some(&a))
+            .await,
+        202,
+    )
+    .await;
     server.stop().await;
 }
