@@ -94,24 +94,33 @@ async fn a_running_job_steered_twice_records_both_revisions_and_their_steps() {
 
     // Each `steered` event sits between the progress events of its step and the next.
     let events = server.events(id, None, 10_000).await;
+    let steered: Vec<&SseEvent> = events.iter().filter(|e| e.event == "steered").collect();
+    let shown: Vec<(u64, u64)> = steered
+        .iter()
+        .map(|e| {
+            (
+                e.data["revision"].as_u64().unwrap(),
+                e.data["step"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(shown, vec![(1, steps[0]), (2, steps[1])]);
     let line = timeline(&events);
-    for (n, step) in steps.iter().enumerate() {
-        let at = line
-            .iter()
-            .position(|(kind, s)| kind == "steered" && s == step)
-            .unwrap_or_else(|| panic!("no steered event at step {step}: {line:?}"));
+    for (at, (kind, step)) in line.iter().enumerate() {
+        if kind != "steered" {
+            continue;
+        }
         let before = line[..at].iter().rev().find(|(k, _)| k == "progress");
         let after = line[at + 1..].iter().find(|(k, _)| k == "progress");
         if *step > 0 {
             assert_eq!(before.map(|b| b.1), Some(*step), "{line:?}");
         }
         assert_eq!(after.map(|a| a.1), Some(step + 1), "{line:?}");
-        let event = events
-            .iter()
-            .find(|e| e.event == "steered" && e.data["step"] == *step)
-            .unwrap();
-        assert_eq!(event.data["revision"], n as u64 + 1);
     }
+    assert_eq!(
+        steered[0].data["changes"],
+        json!({"prompts": "a blue lake", "lr": 0.2})
+    );
 
     let meta = server
         .get_json(&format!("/v1/jobs/{id}/metadata.json"))
