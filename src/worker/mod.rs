@@ -948,7 +948,7 @@ impl Worker {
         // Drawn at submit; only jobs stored before that have neither.
         let seed = job.seed.or(spec.seed).unwrap_or_else(rand::random);
         let reset_optimizer = job.spec["fork"]["reset_optimizer"].as_bool() == Some(true);
-        let fork = (lineage.parent.is_some() && fork_point.is_file()).then(|| ForkStart {
+        let fork = (lineage.parent.is_some() && fork_point.is_file()).then_some(ForkStart {
             path: fork_point,
             reset_optimizer,
         });
