@@ -104,6 +104,20 @@ fn check_steps(valid: &ValidJob, at: u32) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The job `scope` may see (404 otherwise) and the JSON body sent about it.
+async fn job_and_body(
+    st: &AppState,
+    scope: &Scope,
+    headers: &HeaderMap,
+    id: &str,
+    body: &[u8],
+) -> Result<(Job, Value), ApiError> {
+    let id = job_id(id)?;
+    require_json(headers)?;
+    let body = parse_json(body)?;
+    Ok((st.store.get(id, scope).await?, body))
+}
+
 /// `PATCH /v1/jobs/{id}`: 202 with the revision; it takes effect at the job's next step
 /// boundary (a queued job's at its start), where its `steered` event says which step.
 pub(super) async fn steer(
@@ -114,10 +128,8 @@ pub(super) async fn steer(
     PathParams(id): PathParams<String>,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let id = job_id(&id)?;
-    require_json(&headers)?;
-    let changes = parse_json(&body)?;
-    let job = st.store.get(id, &scope).await?;
+    let (job, changes) = job_and_body(&st, &scope, &headers, &id, &body).await?;
+    let id = job.id;
     if job.state.is_terminal() {
         // The store decides again under its lock; this answers before any validation.
         return Err(crate::queue::QueueError::Conflict {
@@ -177,10 +189,8 @@ pub(super) async fn fork(
     PathParams(id): PathParams<String>,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let id = job_id(&id)?;
-    require_json(&headers)?;
-    let raw = parse_json(&body)?;
-    let parent = st.store.get(id, &scope).await?;
+    let (parent, raw) = job_and_body(&st, &scope, &headers, &id, &body).await?;
+    let id = parent.id;
     let wanted = ForkRequest::deserialize(&raw)
         .map_err(|e| ApiError::unprocessable("invalid-fork", format!("fork request: {e}")))?;
     let step = wanted.from_step;

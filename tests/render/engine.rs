@@ -12,17 +12,7 @@ use vqclip::render::{
     RenderSession,
 };
 
-fn models() -> &'static ModelSet {
-    static MODELS: OnceLock<ModelSet> = OnceLock::new();
-    MODELS.get_or_init(|| {
-        ModelSet::load_paths(
-            &fixture("vqgan-tiny"),
-            &[fixture("clip-tiny")],
-            &Device::Cpu,
-        )
-        .expect("tiny fixtures load")
-    })
-}
+use crate::support::tiny_models as models;
 
 fn spec(json: &str) -> JobSpec {
     let mut value: serde_json::Value = serde_json::from_str(json).unwrap();

@@ -15,17 +15,7 @@ use vqclip::render::{
 
 use crate::support::fixture;
 
-fn models() -> &'static ModelSet {
-    static MODELS: OnceLock<ModelSet> = OnceLock::new();
-    MODELS.get_or_init(|| {
-        ModelSet::load_paths(
-            &fixture("vqgan-tiny"),
-            &[fixture("clip-tiny")],
-            &Device::Cpu,
-        )
-        .expect("tiny fixtures load")
-    })
-}
+use crate::support::tiny_models as models;
 
 fn spec(json: serde_json::Value) -> JobSpec {
     let mut value = serde_json::json!({

@@ -22,17 +22,7 @@ use vqclip::render::{
     VideoLimits, VideoSpec,
 };
 
-fn models() -> &'static ModelSet {
-    static MODELS: OnceLock<ModelSet> = OnceLock::new();
-    MODELS.get_or_init(|| {
-        ModelSet::load_paths(
-            &fixture("vqgan-tiny"),
-            &[fixture("clip-tiny")],
-            &Device::Cpu,
-        )
-        .expect("tiny fixtures load")
-    })
-}
+use crate::support::tiny_models as models;
 
 /// Frame `i`: a gradient with a square that moves, plus seeded noise of ±`noise`.
 fn noisy_frame(i: u32, w: u32, h: u32, noise: i16, seed: u64) -> RgbImage {
