@@ -9,8 +9,8 @@ use candle_core::Device;
 use vqclip::render::checkpoint::Checkpoint;
 use vqclip::render::prompts::prompt_set;
 use vqclip::render::{
-    render, CancelToken, ForkStart, JobSpec, ModelSet, NoProgress, ProgressEvent, RenderJob,
-    RenderOutcome, Revision,
+    render, render_batch, BatchJob, CancelToken, ForkStart, JobSpec, ModelSet, NoProgress,
+    ProgressEvent, RenderJob, RenderOutcome, Revision,
 };
 
 use crate::support::fixture;
@@ -238,4 +238,69 @@ fn a_fork_from_step_10_without_changes_reaches_the_parents_z_at_step_20() {
     // Starting the optimiser afresh is a different continuation.
     let reset = fork(true);
     assert_ne!(z(parent.path()), z(reset.path()));
+}
+
+fn pixels(path: &Path) -> Vec<u8> {
+    image::open(path.join("image.png"))
+        .unwrap()
+        .to_rgb8()
+        .into_raw()
+}
+
+/// Steers `job` with revision 1 once step 3 is reported.
+fn steer_at_3(job: &RenderJob) -> impl FnMut(ProgressEvent) + Send + 'static {
+    let steering = job.steering.clone();
+    move |ev: ProgressEvent| {
+        if let ProgressEvent::Step { step: 3, .. } = ev {
+            steering.send(revision(None));
+        }
+    }
+}
+
+#[test]
+fn a_job_steered_inside_a_batch_stays_in_it_and_renders_as_it_would_alone() {
+    let short = |prompt: &str| {
+        let mut s = base();
+        s.prompts = serde_json::from_value(serde_json::json!(prompt)).unwrap();
+        s.steps = 8;
+        s
+    };
+    let (a_spec, b_spec) = (short("a castle"), short("a meadow"));
+    let solo = |spec: &JobSpec, steered: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let job = RenderJob::new(spec.clone(), dir.path());
+        let mut sink = steer_at_3(&job);
+        let mut quiet = |_: ProgressEvent| {};
+        let sink: &mut dyn vqclip::render::ProgressSink =
+            if steered { &mut sink } else { &mut quiet };
+        render(&job, models(), sink, &CancelToken::new()).unwrap();
+        dir
+    };
+    let (a_alone, b_alone) = (solo(&a_spec, true), solo(&b_spec, false));
+
+    let root = tempfile::tempdir().unwrap();
+    let a = RenderJob::new(a_spec, root.path().join("a"));
+    let b = RenderJob::new(b_spec, root.path().join("b"));
+    let a_sink = steer_at_3(&a);
+    let outcomes = render_batch(
+        vec![
+            BatchJob::new(std::borrow::Cow::Owned(a), a_sink, CancelToken::new()),
+            BatchJob::new(std::borrow::Cow::Owned(b), NoProgress, CancelToken::new()),
+        ],
+        models(),
+    );
+    for outcome in &outcomes {
+        assert!(
+            matches!(outcome, Ok(RenderOutcome::Completed(_))),
+            "{outcome:?}"
+        );
+    }
+    // Batched equals solo up to float rounding in batch-sized kernels: a level at most.
+    let worst =
+        |x: Vec<u8>, y: Vec<u8>| x.iter().zip(&y).map(|(p, q)| p.abs_diff(*q)).max().unwrap();
+    assert!(worst(pixels(&root.path().join("a")), pixels(a_alone.path())) <= 1);
+    assert!(worst(pixels(&root.path().join("b")), pixels(b_alone.path())) <= 1);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&bytes(&root.path().join("a"), "metadata.json")).unwrap();
+    assert_eq!(meta["revisions"][0]["step"], 3);
 }
