@@ -415,8 +415,12 @@ impl<'a, 'm> Run<'a, 'm> {
     /// A frame, and beside it the state it was decoded from (`NNNNN.ckpt`), so that a
     /// new job can fork from it.
     fn write_frame(&mut self) -> Result<PathBuf, RenderError> {
+        // A fork starts its own history, so the state leaves this one's out: otherwise
+        // every frame would carry all the steps before it.
         let state = fork_point(&self.frames_dir, self.session.step_count());
-        self.session.checkpoint().write(&state, &self.history)?;
+        self.session
+            .checkpoint()
+            .write(&state, &History::default())?;
         write_frame(&self.session, &self.frames_dir, self.progress.as_mut())
     }
 
