@@ -5,6 +5,7 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
+use crate::support::s3::{backends, storage_config, Backend};
 use crate::support::{problem, succeeded, test_config, tiny_spec, InProcessServer, SseEvent, LONG};
 
 impl crate::support::Api {
@@ -192,9 +193,18 @@ async fn bad_changes_are_refused_with_the_field_and_a_queued_job_takes_them_at_i
 }
 
 #[tokio::test]
-async fn a_fork_without_changes_continues_as_its_parent_and_forks_chain() {
+async fn a_fork_without_changes_continues_as_its_parent_and_forks_chain_on_both_backends() {
+    for backend in backends() {
+        fork_chain(backend).await;
+    }
+}
+
+async fn fork_chain(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcessServer::start(test_config(dir.path(), 1)).await;
+    let (storage, _moto) = storage_config(backend, dir.path()).await;
+    let mut config = test_config(dir.path(), 1);
+    config.storage = storage;
+    let server = InProcessServer::start(config).await;
     let mut spec = tiny_spec("a castle", 20);
     spec["save_every"] = json!(10);
     let parent = server.submit(&spec).await;
