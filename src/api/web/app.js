@@ -312,6 +312,7 @@ function steerEditor(id, spec) {
       });
       $('job-steer-note').textContent = 'Revision ' + r.revision + ' takes effect at the next step.';
       $('job-prompts').textContent = $('job-steer-prompts').value;
+      view.promptNames = promptNames(Object.assign({}, spec, { prompts: $('job-steer-prompts').value }));
     } catch (e) {
       ignoreAbort(e);
       if (e instanceof Problem) $('job-steer-note').textContent = e.message;
@@ -535,9 +536,12 @@ async function jobView(id) {
   $('job-prompts').textContent = promptText(job.spec);
   view.promptNames = promptNames(job.spec);
   $('job-seed').textContent = job.seed === null || job.seed === undefined ? '–' : job.seed;
-  const revisions = job.revisions || [];
-  const steered = revisions.length ? revisions[revisions.length - 1].changes : {};
-  steerEditor(id, steered.prompts !== undefined ? steered : job.spec);
+  // The prompts in force: the latest revision that changed them, else the spec's.
+  const steered = (job.revisions || []).filter((r) => r.changes.prompts !== undefined).pop();
+  const current = Object.assign({}, job.spec, steered ? { prompts: steered.changes.prompts } : {});
+  view.promptNames = promptNames(current);
+  $('job-prompts').textContent = promptText(current);
+  steerEditor(id, current);
   $('job-fork-note').textContent = job.parent ? 'Forked from step ' + job.parent.step + ' of job ' + job.parent.id : '';
   showProgress(job.progress);
   $('job-again').hidden = false;
