@@ -2,13 +2,10 @@
 //! HF CLIP safetensors, taming VQGAN ckpt + model.yaml), on the CPU.
 
 use std::path::Path;
-use std::sync::OnceLock;
 
-use crate::support::fixture;
 use base64::Engine as _;
-use candle_core::Device;
 use vqclip::render::{
-    render, CancelToken, JobSpec, ModelSet, NoProgress, ProgressEvent, RenderJob, RenderOutcome,
+    render, CancelToken, JobSpec, NoProgress, ProgressEvent, RenderJob, RenderOutcome,
     RenderSession,
 };
 

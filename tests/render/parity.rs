@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use vqclip::render::augment::{AugmentParams, Augmentations, Kornia, Rect, TPS_SOURCE};
 use vqclip::render::cutouts::{Crop, CutoutNoise};
 use vqclip::render::engine::{CutoutDraw, SamplingReplay};
-use vqclip::render::{Augment, CutMethod, JobSpec, ModelSet, RenderJob, RenderSession};
+use vqclip::render::{Augment, CutMethod, JobSpec, RenderJob, RenderSession};
 
 fn reference() -> &'static HashMap<String, Tensor> {
     static REF: OnceLock<HashMap<String, Tensor>> = OnceLock::new();

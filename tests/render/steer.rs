@@ -3,17 +3,14 @@
 //! exactly as its source did.
 
 use std::path::Path;
-use std::sync::OnceLock;
 
 use candle_core::Device;
 use vqclip::render::checkpoint::Checkpoint;
 use vqclip::render::prompts::prompt_set;
 use vqclip::render::{
-    render, render_batch, BatchJob, CancelToken, ForkStart, JobSpec, ModelSet, NoProgress,
-    ProgressEvent, RenderJob, RenderOutcome, Revision,
+    render, render_batch, BatchJob, CancelToken, ForkStart, JobSpec, NoProgress, ProgressEvent,
+    RenderJob, RenderOutcome, Revision,
 };
-
-use crate::support::fixture;
 
 use crate::support::tiny_models as models;
 

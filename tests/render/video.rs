@@ -5,10 +5,8 @@
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use crate::support::fixture;
-use candle_core::Device;
 use image::RgbImage;
 use mp4::Metadata as _;
 use rand::{Rng, SeedableRng};
@@ -18,8 +16,8 @@ use vqclip::render::video::{
     VIDEO_CHECKPOINT,
 };
 use vqclip::render::{
-    CancelToken, JobSpec, ModelSet, ProgressEvent, RenderJob, RenderOutcome, VideoError,
-    VideoLimits, VideoSpec,
+    CancelToken, JobSpec, ProgressEvent, RenderJob, RenderOutcome, VideoError, VideoLimits,
+    VideoSpec,
 };
 
 use crate::support::tiny_models as models;
