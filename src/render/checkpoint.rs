@@ -29,6 +29,9 @@ pub struct Checkpoint {
     pub z_orig: Tensor,
     pub optimizer: OptimizerState,
     pub rng: ChaCha20Rng,
+    /// The number of the job's revision in force when it was written (0: none), so a
+    /// resume starts under it even if the queue never heard where it took effect.
+    pub revision: u32,
 }
 
 fn ckpt_err(path: &Path, reason: impl Into<String>) -> RenderError {
@@ -73,6 +76,7 @@ impl Checkpoint {
         meta.insert("spec_sha256".to_owned(), self.spec_sha256.clone());
         meta.insert("width".to_owned(), self.width.to_string());
         meta.insert("height".to_owned(), self.height.to_string());
+        meta.insert("revision".to_owned(), self.revision.to_string());
         meta.insert("optimizer_step".to_owned(), self.optimizer.step.to_string());
         meta.insert(
             "optimizer_buffers".to_owned(),
@@ -124,6 +128,12 @@ impl Checkpoint {
             spec_sha256: get("spec_sha256")?.clone(),
             width: num("width")? as u32,
             height: num("height")? as u32,
+            // Absent in files written before steering: the job as submitted.
+            revision: if meta.contains_key("revision") {
+                num("revision")? as u32
+            } else {
+                0
+            },
             z: tensor("z")?,
             z_orig: tensor("z_orig")?,
             optimizer: OptimizerState {

@@ -114,12 +114,20 @@ impl<'m> RenderSession<'m> {
             )),
             (None, None) => None,
         };
-        // A resume starts under the revisions recorded at or before its checkpoint.
+        // A resume starts under the revision in force when its checkpoint was written.
         let in_force = match &start {
-            Some((ckpt, _, None)) => job
-                .revisions
-                .iter()
-                .rfind(|r| r.step.is_some_and(|s| s <= ckpt.step)),
+            Some((ckpt, path, None)) if ckpt.revision > 0 => Some(
+                job.revisions
+                    .iter()
+                    .find(|r| r.number == ckpt.revision)
+                    .ok_or_else(|| RenderError::Checkpoint {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "was written under revision {}, which this job does not have",
+                            ckpt.revision
+                        ),
+                    })?,
+            ),
             _ => None,
         };
         let (spec, prompts, revision) = match in_force {
@@ -644,6 +652,7 @@ impl<'m> RenderSession<'m> {
             z_orig: self.z_orig.clone(),
             optimizer: self.optimizer.state().clone(),
             rng: self.rng.clone(),
+            revision: self.revision,
         }
     }
 }

@@ -960,12 +960,13 @@ impl Worker {
         render.fork = fork;
         render.inputs = inputs;
         // Applied revisions replay at their steps; pending ones wait at the first boundary.
-        for revision in revisions {
-            match revision.step {
-                Some(_) => render.revisions.push(revision),
-                None => render.steering.send(revision),
+        // All are listed: a checkpoint names the one in force when it was written.
+        for revision in &revisions {
+            if revision.step.is_none() {
+                render.steering.send(revision.clone());
             }
         }
+        render.revisions = revisions;
         Ok(render)
     }
 

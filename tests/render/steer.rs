@@ -117,12 +117,12 @@ fn a_run_steered_at_step_10_equals_one_resumed_at_20_with_the_same_revision() {
     else {
         panic!("expected an interruption at step 20, got {outcome:?}");
     };
-    // The checkpoint was written under the revision: without it, it is refused.
+    // The checkpoint names the revision it was written under: without it, it is refused.
     let mut unsteered = RenderJob::new(base(), replay.path());
     unsteered.resume = Some(checkpoint.clone());
     let err = render(&unsteered, models(), &mut NoProgress, &CancelToken::new()).unwrap_err();
     assert!(
-        err.to_string().contains("different render parameters"),
+        err.to_string().contains("written under revision 1"),
         "{err}"
     );
 
@@ -136,6 +136,31 @@ fn a_run_steered_at_step_10_equals_one_resumed_at_20_with_the_same_revision() {
         bytes(live.path(), "image.png"),
         bytes(replay.path(), "image.png")
     );
+
+    // Steered live, interrupted at 20 before the queue heard where the revision took
+    // effect: the checkpoint names the revision in force, so the resume still matches.
+    let lost = tempfile::tempdir().unwrap();
+    let mut job = RenderJob::new(base(), lost.path());
+    let steering = job.steering.clone();
+    let cancel = CancelToken::new();
+    let token = cancel.clone();
+    let mut sink = move |ev: ProgressEvent| match ev {
+        ProgressEvent::Step { step: 10, .. } => steering.send(revision(None)),
+        ProgressEvent::Checkpoint { step: 20, .. } => token.interrupt(),
+        _ => {}
+    };
+    let outcome = render(&job, models(), &mut sink, &cancel).unwrap();
+    let RenderOutcome::Interrupted { checkpoint, .. } = outcome else {
+        panic!("expected an interruption, got {outcome:?}");
+    };
+    job.revisions = vec![revision(None)];
+    job.resume = Some(checkpoint);
+    render(&job, models(), &mut NoProgress, &CancelToken::new()).unwrap();
+    assert_eq!(
+        bytes(live.path(), "image.png"),
+        bytes(lost.path(), "image.png")
+    );
+
     for dir in [live.path(), replay.path()] {
         let meta: serde_json::Value = serde_json::from_slice(&bytes(dir, "metadata.json")).unwrap();
         assert_eq!(
