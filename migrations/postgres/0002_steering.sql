@@ -21,3 +21,13 @@ CREATE TABLE job_forks (
     step      BIGINT  NOT NULL
 );
 CREATE INDEX job_forks_parent ON job_forks (parent_id);
+
+-- Every node's workers hear of a revision at once (LISTEN vqclip_steers).
+CREATE FUNCTION job_revisions_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('vqclip_steers', NEW.job_id);
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER job_revisions_notify AFTER INSERT ON job_revisions
+FOR EACH ROW EXECUTE FUNCTION job_revisions_notify();

@@ -587,6 +587,10 @@ pub trait Revisions: Send + Sync + 'static {
     fn fork(&self, job: NewJob, from: ForkLink, max_queued: u64) -> QueueFuture<'_, Submitted>;
     /// The job's parent (when it is a fork) and its forks.
     fn lineage(&self, id: Uuid) -> QueueFuture<'_, Lineage>;
+    /// The ids of jobs steered through this store (on PostgreSQL, through any node) the
+    /// moment the revision commits, so a worker takes it at the very next step boundary;
+    /// workers also poll [`Revisions::revisions`], for what a dropped notice misses.
+    fn steerings(&self) -> tokio::sync::broadcast::Receiver<Uuid>;
 }
 
 /// The whole job store, as the API and the workers hold it (`Arc<dyn JobStore>`):

@@ -427,6 +427,7 @@ pub async fn revisions_are_numbered_applied_once_and_refused_when_finished<S: Jo
         )
         .await;
     assert!(matches!(other, Err(QueueError::NotFound(_))), "{other:?}");
+    let mut steered = s.steerings();
     let r1 = s
         .steer(
             job.id,
@@ -436,6 +437,8 @@ pub async fn revisions_are_numbered_applied_once_and_refused_when_finished<S: Jo
         )
         .await
         .unwrap();
+    // Workers in this process hear of it the moment it commits.
+    assert_eq!(steered.try_recv().unwrap(), job.id);
     let r2 = s
         .steer(
             job.id,

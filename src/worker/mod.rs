@@ -1064,6 +1064,8 @@ impl Worker {
             steering,
             known: known_revision,
         };
+        let mut steers = self.ctx.store.steerings();
+        let mut steers_open = true;
         let mut result = loop {
             tokio::select! {
                 biased;
@@ -1077,6 +1079,15 @@ impl Worker {
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => cancels_open = false,
+                },
+                // A revision: handed to the render before its next step boundary.
+                id = steers.recv(), if steers_open => match id {
+                    Ok(id) if id == job.id => self.feed_revisions(job, &mut steered).await,
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        self.feed_revisions(job, &mut steered).await
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => steers_open = false,
                 },
                 event = progress.recv(), if progress_open => match event {
                     Some(event) => {

@@ -61,6 +61,7 @@ impl Revisions for PgStore {
                 .fetch_one(&mut *tx)
                 .await?;
             tx.commit().await?;
+            let _ = self.steers.send(id);
             revision_from_row(&row)
         })
     }
@@ -122,6 +123,10 @@ impl Revisions for PgStore {
 
     fn fork(&self, job: NewJob, from: ForkLink, max_queued: u64) -> QueueFuture<'_, Submitted> {
         Box::pin(self.submit_linked(job, max_queued, Some(from)))
+    }
+
+    fn steerings(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
+        self.steers.subscribe()
     }
 
     fn lineage(&self, id: Uuid) -> QueueFuture<'_, Lineage> {

@@ -61,6 +61,7 @@ impl Revisions for SqliteStore {
                 .fetch_one(&mut *tx)
                 .await?;
             tx.commit().await?;
+            let _ = self.steers.send(id);
             revision_from_row(&row)
         })
     }
@@ -121,6 +122,10 @@ impl Revisions for SqliteStore {
 
     fn fork(&self, job: NewJob, from: ForkLink, max_queued: u64) -> QueueFuture<'_, Submitted> {
         Box::pin(self.submit_linked(job, max_queued, Some(from)))
+    }
+
+    fn steerings(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
+        self.steers.subscribe()
     }
 
     fn lineage(&self, id: Uuid) -> QueueFuture<'_, Lineage> {
