@@ -122,7 +122,7 @@ impl Revisions for PgStore {
     }
 
     fn fork(&self, job: NewJob, from: ForkLink, max_queued: u64) -> QueueFuture<'_, Submitted> {
-        Box::pin(self.submit_linked(job, max_queued, Some(from)))
+        self.submit_linked(job, max_queued, Some(from))
     }
 
     fn steerings(&self) -> tokio::sync::broadcast::Receiver<Uuid> {

@@ -13,108 +13,111 @@ use crate::queue::*;
 impl SqliteStore {
     /// Submission, and a fork's submission with its link to the parent in the same
     /// transaction.
-    pub(super) async fn submit_linked(
+    pub(super) fn submit_linked(
         &self,
         new: NewJob,
         max_queued: u64,
         parent: Option<ForkLink>,
-    ) -> QueueResult<Submitted> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(key) = &new.idempotency_key {
-            let sql = format!(
-                "SELECT {JOB_COLUMNS}, request_hash FROM jobs \
+    ) -> QueueFuture<'_, Submitted> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            if let Some(key) = &new.idempotency_key {
+                let sql = format!(
+                    "SELECT {JOB_COLUMNS}, request_hash FROM jobs \
                      WHERE COALESCE(owner_key_id, '') = COALESCE(?, '') AND idempotency_key = ?"
-            );
-            let row = sqlx::query(&sql)
-                .bind(&new.owner_key_id)
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if let Some(row) = row {
-                let hash: Option<String> = row.try_get("request_hash")?;
-                if hash.as_deref() != Some(new.request_hash.as_str()) {
-                    return Err(QueueError::IdempotencyMismatch { key: key.clone() });
+                );
+                let row = sqlx::query(&sql)
+                    .bind(&new.owner_key_id)
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if let Some(row) = row {
+                    let hash: Option<String> = row.try_get("request_hash")?;
+                    if hash.as_deref() != Some(new.request_hash.as_str()) {
+                        return Err(QueueError::IdempotencyMismatch { key: key.clone() });
+                    }
+                    return Ok(Submitted::Existing(job_from_row(&row)?));
                 }
-                return Ok(Submitted::Existing(job_from_row(&row)?));
             }
-        }
-        let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")
-            .fetch_one(&mut *tx)
-            .await?;
-        if queued as u64 >= max_queued {
-            return Err(QueueError::QueueFull {
-                queued: queued as u64,
-                limit: max_queued,
-            });
-        }
-        if let Some(owner) = &new.owner_key_id {
-            // Checked in the same transaction as the insert, so concurrent
-            // submissions of one key cannot overshoot its bound.
-            let (owned, limit): (i64, i64) = sqlx::query_as(
-                "SELECT (SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner_key_id = ?1), \
-                            COALESCE((SELECT max_queued FROM api_keys WHERE id = ?1), ?2)",
-            )
-            .bind(owner)
-            .bind(self.key_bounds.max_queued as i64)
-            .fetch_one(&mut *tx)
-            .await?;
-            if limit > 0 && owned >= limit {
-                return Err(QueueError::KeyQueueFull {
-                    queued: owned as u64,
-                    limit: limit as u64,
+            let queued: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if queued as u64 >= max_queued {
+                return Err(QueueError::QueueFull {
+                    queued: queued as u64,
+                    limit: max_queued,
                 });
             }
-        }
-        let id = Uuid::now_v7();
-        let now = now_ms();
-        let sql = format!(
+            if let Some(owner) = &new.owner_key_id {
+                // Checked in the same transaction as the insert, so concurrent
+                // submissions of one key cannot overshoot its bound.
+                let (owned, limit): (i64, i64) = sqlx::query_as(
+                    "SELECT (SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner_key_id = ?1), \
+                            COALESCE((SELECT max_queued FROM api_keys WHERE id = ?1), ?2)",
+                )
+                .bind(owner)
+                .bind(self.key_bounds.max_queued as i64)
+                .fetch_one(&mut *tx)
+                .await?;
+                if limit > 0 && owned >= limit {
+                    return Err(QueueError::KeyQueueFull {
+                        queued: owned as u64,
+                        limit: limit as u64,
+                    });
+                }
+            }
+            let id = Uuid::now_v7();
+            let now = now_ms();
+            let sql = format!(
                 "INSERT INTO jobs (id, state, priority, spec, owner_key_id, idempotency_key, request_hash, \
                  keep, max_attempts, total, warnings, seed, created_at, updated_at) \
                  VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {JOB_COLUMNS}"
             );
-        let row = sqlx::query(&sql)
-            .bind(id.to_string())
-            .bind(new.priority)
-            .bind(new.spec.to_string())
-            .bind(&new.owner_key_id)
-            .bind(&new.idempotency_key)
-            .bind(&new.request_hash)
-            .bind(new.keep)
-            .bind(new.max_attempts as i64)
-            .bind(new.total_steps as i64)
-            .bind(serde_json::to_string(&new.warnings).unwrap_or_else(|_| "[]".into()))
-            // SQLite integers are signed; a seed above i64::MAX keeps its bits.
-            .bind(new.seed.map(|s| s as i64))
-            .bind(now)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?;
-        let job = job_from_row(&row)?;
-        if let Some(parent) = parent {
-            sqlx::query("INSERT INTO job_forks (child_id, parent_id, step) VALUES (?, ?, ?)")
+            let row = sqlx::query(&sql)
                 .bind(id.to_string())
-                .bind(parent.job.to_string())
-                .bind(i64::from(parent.step))
-                .execute(&mut *tx)
+                .bind(new.priority)
+                .bind(new.spec.to_string())
+                .bind(&new.owner_key_id)
+                .bind(&new.idempotency_key)
+                .bind(&new.request_hash)
+                .bind(new.keep)
+                .bind(new.max_attempts as i64)
+                .bind(new.total_steps as i64)
+                .bind(serde_json::to_string(&new.warnings).unwrap_or_else(|_| "[]".into()))
+                // SQLite integers are signed; a seed above i64::MAX keeps its bits.
+                .bind(new.seed.map(|s| s as i64))
+                .bind(now)
+                .bind(now)
+                .fetch_one(&mut *tx)
                 .await?;
-        }
-        let event = Self::insert_event(
-            &mut *tx,
-            id,
-            EventKind::State,
-            &serde_json::json!({ "state": "queued" }),
-        )
-        .await?;
-        tx.commit().await?;
-        self.notify(&event);
-        self.queued.notify_waiters();
-        Ok(Submitted::Created(job))
+            let job = job_from_row(&row)?;
+            if let Some(parent) = parent {
+                sqlx::query("INSERT INTO job_forks (child_id, parent_id, step) VALUES (?, ?, ?)")
+                    .bind(id.to_string())
+                    .bind(parent.job.to_string())
+                    .bind(i64::from(parent.step))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let event = Self::insert_event(
+                &mut *tx,
+                id,
+                EventKind::State,
+                &serde_json::json!({ "state": "queued" }),
+            )
+            .await?;
+            tx.commit().await?;
+            self.notify(&event);
+            self.queued.notify_waiters();
+            Ok(Submitted::Created(job))
+        })
     }
 }
 
 impl Jobs for SqliteStore {
     fn submit(&self, new: NewJob, max_queued: u64) -> QueueFuture<'_, Submitted> {
-        Box::pin(self.submit_linked(new, max_queued, None))
+        self.submit_linked(new, max_queued, None)
     }
 
     fn get<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, Job> {
