@@ -76,7 +76,7 @@ pub(super) fn limits(config: &Config) -> Limits {
 
 /// Catalogue names, the configured defaults, and paths inside the model cache or
 /// `models.dirs`.
-fn model_policy(config: &Config) -> ModelPolicy {
+pub(super) fn model_policy(config: &Config) -> ModelPolicy {
     let m = &config.models;
     let fixed = std::iter::once(m.vqgan.clone())
         .chain(m.clip.iter().cloned())
@@ -87,7 +87,7 @@ fn model_policy(config: &Config) -> ModelPolicy {
 }
 
 /// What a request leaves out, the deployment fills in.
-fn request_defaults(config: &Config) -> RequestDefaults {
+pub(super) fn request_defaults(config: &Config) -> RequestDefaults {
     RequestDefaults {
         vqgan: config.models.vqgan.clone(),
         clip: config.models.clip.clone(),
@@ -121,7 +121,7 @@ pub(super) async fn limits_view(State(st): State<AppState>) -> Json<Value> {
 
 /// Every image a spec names must exist (uploads) or be a valid image (inline). The
 /// source video of `video_style` is checked by [`check_video`].
-async fn check_images(
+pub(super) async fn check_images(
     st: &AppState,
     scope: &Scope,
     budget: &DecodeBudget,
@@ -323,7 +323,9 @@ pub(super) async fn get_job(
 ) -> Result<Json<Value>, ApiError> {
     let job = st.store.get(job_id(&id)?, &scope).await?;
     let position = st.store.position(&job).await?;
-    Ok(Json(job_view(&job, position, true)))
+    let mut view = job_view(&job, position, true);
+    super::steer::add_steering(&st, &job, &mut view).await?;
+    Ok(Json(view))
 }
 
 fn list_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {

@@ -16,6 +16,7 @@ pub mod metrics;
 mod ops;
 pub mod request;
 pub mod request_id;
+mod steer;
 mod uploads;
 mod web;
 mod webhooks;
@@ -27,7 +28,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, MethodRouter};
+use axum::routing::{delete, get, patch, post, MethodRouter};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
@@ -83,7 +84,9 @@ pub fn route_table(config: &Config) -> Vec<RouteEntry> {
         entry(Method::GET, "/v1/jobs", get(jobs::list)),
         entry(Method::GET, "/v1/jobs/{id}", get(jobs::get_job)),
         entry(Method::DELETE, "/v1/jobs/{id}", delete(jobs::delete_job)),
+        entry(Method::PATCH, "/v1/jobs/{id}", patch(steer::steer)),
         entry(Method::POST, "/v1/jobs/{id}/cancel", post(jobs::cancel)),
+        entry(Method::POST, "/v1/jobs/{id}/fork", post(steer::fork)),
         entry(Method::GET, "/v1/jobs/{id}/events", get(events::stream)),
         entry(
             Method::GET,
@@ -230,7 +233,7 @@ fn cors(
         return tower::util::option_layer(None);
     }
     let layer = CorsLayer::new()
-        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
         .allow_headers(Any)
         .expose_headers(Any);
     let layer = if origins.iter().any(|o| o == "*") {

@@ -159,11 +159,17 @@ impl ValidJob {
     }
 }
 
-/// The spec a client sees in a job: the stored document without the validation.
+/// Where a fork's document records its source and whether its optimiser starts afresh
+/// (`{"job", "step", "reset_optimizer"}`); a job's view shows it as `parent`.
+pub(super) const FORK_KEY: &str = "fork";
+
+/// The spec a client sees in a job: the stored document without the validation and
+/// the fork record.
 pub(super) fn echo(document: &Value) -> Value {
     let mut echo = document.clone();
     if let Value::Object(fields) = &mut echo {
         fields.remove(StoredSpec::VALIDATED_KEY);
+        fields.remove(FORK_KEY);
     }
     echo
 }

@@ -9,12 +9,14 @@ use base64::Engine as _;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use vqclip::models::catalogue::ModelCache;
+use vqclip::render::batch::fork_point;
+use vqclip::render::checkpoint::Checkpoint;
 use vqclip::render::prompts::parse_prompt;
 use vqclip::render::video::{read_frame_dir, read_mp4, style_video};
 use vqclip::render::{
-    render, Augment, CancelToken, CutMethod, ImagePromptSpec, InitNoise, InitRegulariser, JobSpec,
-    Limits, ModelSet, OptimizerKind, ProgressEvent, PromptsSpec, RenderJob, RenderOutcome,
-    SourceVideo, VideoLimits, VideoStyleSpec, ZoomSpec,
+    render, Augment, CancelToken, CutMethod, ForkStart, ImagePromptSpec, InitNoise,
+    InitRegulariser, JobSpec, Limits, ModelSet, OptimizerKind, ProgressEvent, PromptsSpec,
+    RenderJob, RenderOutcome, SourceVideo, VideoLimits, VideoStyleSpec, ZoomSpec,
 };
 
 #[derive(clap::Args)]
@@ -121,6 +123,14 @@ struct RenderFlags {
     /// Continue from a checkpoint written by an earlier run of the same job.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Start from a saved frame of an earlier run: DIR:STEP reads DIR/frames/STEP.ckpt
+    /// (z, optimiser, RNG; the step counter continues at STEP). The spec given here
+    /// (prompts, lr, ...) applies from that step on; the size must be the same.
+    #[arg(long, value_name = "DIR:STEP")]
+    fork: Option<String>,
+    /// With --fork: start the optimiser afresh instead of carrying its moments over.
+    #[arg(long, requires = "fork")]
+    reset_optimizer: bool,
     /// cpu, cuda:N, or auto (CUDA when built with it and present, else CPU).
     #[arg(long, default_value = "auto")]
     device: String,
@@ -146,6 +156,47 @@ struct RenderFlags {
     /// Blend this much (0..1) of the previous styled frame into each source frame's init.
     #[arg(long)]
     carry: Option<f32>,
+}
+
+/// `DIR:STEP` of `--fork`: the state saved beside the frame of STEP in DIR's `frames/`.
+fn fork_start(arg: &str, reset_optimizer: bool) -> anyhow::Result<ForkStart> {
+    let (dir, step) = arg
+        .rsplit_once(':')
+        .context("--fork takes DIR:STEP, e.g. out/run1:50")?;
+    let step: u32 = step
+        .parse()
+        .with_context(|| format!("--fork {arg}: {step:?} is not a step number"))?;
+    let path = fork_point(&Path::new(dir).join("frames"), step);
+    if !path.is_file() {
+        let saved = saved_steps(&Path::new(dir).join("frames"));
+        anyhow::bail!(
+            "--fork {arg}: no saved state at step {step} ({} is missing); saved steps: {}",
+            path.display(),
+            if saved.is_empty() {
+                "none".to_string()
+            } else {
+                saved.join(", ")
+            }
+        );
+    }
+    Ok(ForkStart {
+        path,
+        reset_optimizer,
+    })
+}
+
+/// The steps a run directory's `frames/` holds fork points for.
+fn saved_steps(frames: &Path) -> Vec<String> {
+    let mut steps: Vec<u32> = std::fs::read_dir(frames)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name();
+            name.to_str()?.strip_suffix(".ckpt")?.parse().ok()
+        })
+        .collect();
+    steps.sort_unstable();
+    steps.iter().map(u32::to_string).collect()
 }
 
 /// Set by SIGINT: finish the step, write a checkpoint, exit.
@@ -192,9 +243,25 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let seed = spec.seed.unwrap_or_else(rand::random);
+    let fork = args
+        .fork
+        .as_deref()
+        .map(|f| fork_start(f, args.reset_optimizer))
+        .transpose()?;
+    // A fork keeps its source's seed unless told otherwise: image prompts then embed
+    // through the same cutouts, and a fork without changes continues as its source did.
+    let fork_seed = match &fork {
+        Some(f) => Some(
+            Checkpoint::read(&f.path, &Device::Cpu)
+                .with_context(|| format!("reading the fork point {}", f.path.display()))?
+                .seed,
+        ),
+        None => None,
+    };
+    let seed = spec.seed.or(fork_seed).unwrap_or_else(rand::random);
     let mut job = RenderJob::validated(spec, validated, seed, &args.out);
     job.resume = args.resume.clone();
+    job.fork = fork;
     eprintln!("seed {}", job.seed);
     let source = match &job.spec.video_style {
         Some(style) => Some(read_style_source(&style.video, &job.spec)?),
@@ -235,7 +302,7 @@ pub fn run(args: RenderArgs) -> anyhow::Result<()> {
             ProgressEvent::Frame { path, .. } => {
                 progress_bar.println(format!("frame {}", path.display()))
             }
-            ProgressEvent::Checkpoint { .. } => {}
+            ProgressEvent::Checkpoint { .. } | ProgressEvent::Steered { .. } => {}
         }
     };
     let outcome = match &source {

@@ -154,6 +154,8 @@ pub enum EventKind {
     Completed,
     Failed,
     Canceled,
+    /// A revision took effect: `{revision, step, changes}`.
+    Steered,
 }
 
 impl EventKind {
@@ -165,16 +167,18 @@ impl EventKind {
             EventKind::Completed => "completed",
             EventKind::Failed => "failed",
             EventKind::Canceled => "canceled",
+            EventKind::Steered => "steered",
         }
     }
 
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::State,
         EventKind::Progress,
         EventKind::Frame,
         EventKind::Completed,
         EventKind::Failed,
         EventKind::Canceled,
+        EventKind::Steered,
     ];
 
     pub fn parse(s: &str) -> Option<EventKind> {
@@ -390,6 +394,35 @@ pub struct WorkerInfo {
 
 pub type QueueFuture<'a, T> = BoxFuture<'a, QueueResult<T>>;
 
+/// One numbered change of a queued or running job's render parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRevision {
+    /// 1 for a job's first revision, then 2, ...
+    pub number: u32,
+    /// The fields the client sent.
+    pub changes: serde_json::Value,
+    /// The job's whole stored document after the change (opaque to the queue).
+    pub spec: serde_json::Value,
+    /// The step it took effect at; `None` until a worker applied it.
+    pub step: Option<u32>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A fork's source: the job, and the step of the saved frame it started from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ForkLink {
+    pub job: Uuid,
+    pub step: u32,
+}
+
+/// A job's place among forks: where it came from, and the jobs forked from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lineage {
+    pub parent: Option<ForkLink>,
+    /// Oldest first; each link names the fork (`job`) and the step it started from.
+    pub forks: Vec<ForkLink>,
+}
+
 /// Per-API-key bounds on queued and running jobs, for keys that do not set their own
 /// (`api_keys.max_queued`, `api_keys.max_running`). 0 is no bound.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -524,8 +557,44 @@ pub trait Workers: Send + Sync + 'static {
     fn expire_worker<'a>(&'a self, worker_id: &'a str) -> QueueFuture<'a, u64>;
 }
 
-/// The whole job store, as the API and the workers hold it (`Arc<dyn JobStore>`):
-/// every backend that implements the five concerns is one.
-pub trait JobStore: Jobs + Leases + Events + Uploads + Workers {}
+/// Steering and forking: a job's numbered revisions and its fork links.
+pub trait Revisions: Send + Sync + 'static {
+    /// Records revision n+1 of a queued or running job `scope` may see: `changes` as
+    /// sent, `spec` the whole document after them. A finished job is a
+    /// [`QueueError::Conflict`].
+    fn steer<'a>(
+        &'a self,
+        id: Uuid,
+        scope: &'a Scope,
+        changes: serde_json::Value,
+        spec: serde_json::Value,
+    ) -> QueueFuture<'a, JobRevision>;
+    /// Every revision of the job, in number order.
+    fn revisions(&self, id: Uuid) -> QueueFuture<'_, Vec<JobRevision>>;
+    /// The worker holding the job's lease applied revision `number` before step
+    /// `step + 1`: records the step and appends a `steered` event with `data`, in one
+    /// transaction. A revision already applied is left as it is.
+    fn revision_applied<'a>(
+        &'a self,
+        job: Uuid,
+        worker_id: &'a str,
+        number: u32,
+        step: u32,
+        data: serde_json::Value,
+    ) -> QueueFuture<'a, ()>;
+    /// As [`Jobs::submit`], for a job that starts from `from`'s saved frame; the link is
+    /// written in the insert's transaction.
+    fn fork(&self, job: NewJob, from: ForkLink, max_queued: u64) -> QueueFuture<'_, Submitted>;
+    /// The job's parent (when it is a fork) and its forks.
+    fn lineage(&self, id: Uuid) -> QueueFuture<'_, Lineage>;
+    /// The ids of jobs steered through this store (on PostgreSQL, through any node) the
+    /// moment the revision commits, so a worker takes it at the very next step boundary;
+    /// workers also poll [`Revisions::revisions`], for what a dropped notice misses.
+    fn steerings(&self) -> tokio::sync::broadcast::Receiver<Uuid>;
+}
 
-impl<T: Jobs + Leases + Events + Uploads + Workers> JobStore for T {}
+/// The whole job store, as the API and the workers hold it (`Arc<dyn JobStore>`):
+/// every backend that implements the six concerns is one.
+pub trait JobStore: Jobs + Leases + Events + Uploads + Workers + Revisions {}
+
+impl<T: Jobs + Leases + Events + Uploads + Workers + Revisions> JobStore for T {}

@@ -411,9 +411,165 @@ pub async fn concurrent_claims_alongside_take_each_job_once<S: JobStore + Clone>
 /// One `#[tokio::test]` per suite test, each on a store from `$make().await`, which returns
 /// `Some((guard, store))`; the guard lives to the end of the test (a temporary directory, a
 /// database). `None` skips, which a backend allows only when told to explicitly.
+pub async fn revisions_are_numbered_applied_once_and_refused_when_finished<S: JobStore + Clone>(
+    s: S,
+) {
+    let job = submit(&s, 0).await;
+    let all = Scope::unrestricted();
+    let doc = |p: &str| serde_json::json!({ "prompts": p });
+    // Another key's job is not there to steer.
+    let other = s
+        .steer(
+            job.id,
+            &Scope::key("someone"),
+            serde_json::json!({}),
+            doc("a"),
+        )
+        .await;
+    assert!(matches!(other, Err(QueueError::NotFound(_))), "{other:?}");
+    let mut steered = s.steerings();
+    let r1 = s
+        .steer(
+            job.id,
+            &all,
+            serde_json::json!({ "prompts": "a" }),
+            doc("a"),
+        )
+        .await
+        .unwrap();
+    // Workers in this process hear of it the moment it commits.
+    assert_eq!(steered.try_recv().unwrap(), job.id);
+    let r2 = s
+        .steer(
+            job.id,
+            &all,
+            serde_json::json!({ "prompts": "b" }),
+            doc("b"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r1.number, r2.number), (1, 2));
+    assert_eq!((r1.step, r2.step), (None, None));
+
+    let claimed = s.claim("w1", "cpu", LEASE).await.unwrap().unwrap();
+    assert_eq!(claimed.id, job.id);
+    // Only the lease holder records where a revision took effect.
+    let lost = s
+        .revision_applied(job.id, "w2", 1, 0, serde_json::json!({}))
+        .await;
+    assert!(
+        matches!(lost, Err(QueueError::LeaseLost { .. })),
+        "{lost:?}"
+    );
+    let data = serde_json::json!({ "revision": 1, "step": 4 });
+    s.revision_applied(job.id, "w1", 1, 4, data.clone())
+        .await
+        .unwrap();
+    // Applied once: a repeat neither moves the step nor adds an event.
+    s.revision_applied(job.id, "w1", 1, 9, data.clone())
+        .await
+        .unwrap();
+    let revisions = s.revisions(job.id).await.unwrap();
+    assert_eq!(revisions.len(), 2);
+    assert_eq!(revisions[0].step, Some(4));
+    assert_eq!(revisions[0].spec, doc("a"));
+    assert_eq!(revisions[1].step, None);
+    let steered: Vec<JobEvent> = s
+        .events_after(job.id, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Steered)
+        .collect();
+    assert_eq!(steered.len(), 1);
+    assert_eq!(steered[0].data, data);
+
+    s.finish(job.id, "w1", Finish::Canceled { step: 5 })
+        .await
+        .unwrap();
+    let late = s.steer(job.id, &all, serde_json::json!({}), doc("c")).await;
+    assert!(
+        matches!(
+            late,
+            Err(QueueError::Conflict {
+                state: JobState::Canceled,
+                ..
+            })
+        ),
+        "{late:?}"
+    );
+}
+
+pub async fn forks_link_both_ways_and_outlive_their_parent<S: JobStore + Clone>(s: S) {
+    let parent = submit(&s, 0).await;
+    let fork = |from: Uuid, step: u32| {
+        let s = s.clone();
+        async move {
+            match s
+                .fork(new_job(0), ForkLink { job: from, step }, 100)
+                .await
+                .unwrap()
+            {
+                Submitted::Created(j) => j,
+                Submitted::Existing(_) => panic!("no idempotency key was given"),
+            }
+        }
+    };
+    let a = fork(parent.id, 10).await;
+    let b = fork(parent.id, 20).await;
+    let c = fork(a.id, 30).await;
+    assert_eq!(c.state, JobState::Queued);
+    let lineage = s.lineage(parent.id).await.unwrap();
+    assert_eq!(lineage.parent, None);
+    assert_eq!(
+        lineage.forks,
+        vec![
+            ForkLink {
+                job: a.id,
+                step: 10
+            },
+            ForkLink {
+                job: b.id,
+                step: 20
+            }
+        ]
+    );
+    let of_a = s.lineage(a.id).await.unwrap();
+    assert_eq!(
+        of_a.parent,
+        Some(ForkLink {
+            job: parent.id,
+            step: 10
+        })
+    );
+    assert_eq!(
+        of_a.forks,
+        vec![ForkLink {
+            job: c.id,
+            step: 30
+        }]
+    );
+
+    // The parent goes; its forks still name it.
+    let all = Scope::unrestricted();
+    s.cancel(parent.id, &all).await.unwrap();
+    s.delete(parent.id, &all).await.unwrap();
+    assert_eq!(
+        s.lineage(a.id).await.unwrap().parent,
+        Some(ForkLink {
+            job: parent.id,
+            step: 10
+        })
+    );
+    // A fork that goes leaves its parent's list.
+    s.cancel(c.id, &all).await.unwrap();
+    s.delete(c.id, &all).await.unwrap();
+    assert!(s.lineage(a.id).await.unwrap().forks.is_empty());
+}
+
 macro_rules! queue_suite {
     ($make:ident) => {
-        $crate::queue::suite::queue_suite!(@ $make; claims_by_priority_then_first_in_first_out, concurrent_claims_take_each_job_once, expired_leases_are_requeued_then_failed_at_max_attempts, graceful_release_requeues_without_spending_an_attempt, cancel_covers_every_state, delete_only_terminal_jobs_and_their_events, idempotency_keys_return_the_same_job_per_owner, a_full_queue_refuses_new_jobs, lists_newest_first_with_a_cursor_and_state_filter, events_are_ordered_and_notified_after_commit, claims_alongside_take_only_jobs_agreeing_with_the_leader, concurrent_claims_alongside_take_each_job_once);
+        $crate::queue::suite::queue_suite!(@ $make; claims_by_priority_then_first_in_first_out, concurrent_claims_take_each_job_once, expired_leases_are_requeued_then_failed_at_max_attempts, graceful_release_requeues_without_spending_an_attempt, cancel_covers_every_state, delete_only_terminal_jobs_and_their_events, idempotency_keys_return_the_same_job_per_owner, a_full_queue_refuses_new_jobs, lists_newest_first_with_a_cursor_and_state_filter, events_are_ordered_and_notified_after_commit, claims_alongside_take_only_jobs_agreeing_with_the_leader, concurrent_claims_alongside_take_each_job_once, revisions_are_numbered_applied_once_and_refused_when_finished, forks_link_both_ways_and_outlive_their_parent);
     };
     (@ $make:ident; $($name:ident),*) => {
         $(

@@ -23,6 +23,7 @@ use super::job::{Artifacts, RenderError, RenderJob, RenderOutcome};
 use super::models::ModelSet;
 use super::output;
 use super::progress::{CancelToken, ProgressEvent, ProgressSink};
+use super::steer::AppliedRevision;
 
 /// Runs a job to the end (or until told to stop), writing everything under
 /// `job.out_dir`: `image.png`, `frames/NNNNN.png`, `video.mp4`, `metadata.json` and,
@@ -106,6 +107,8 @@ struct Run<'a, 'm> {
     /// The job's log lines on the render thread; named by its output directory,
     /// which under the server is the job id.
     span: tracing::Span,
+    /// The revisions taken so far, with their steps, for `metadata.json`.
+    revisions: Vec<AppliedRevision>,
 }
 
 /// A step this many times slower than the job's mean so far is logged as a warning
@@ -190,7 +193,14 @@ pub fn render_batch_hosted<'a, 'm>(
         let joining = host.admit();
         admit(joining, &mut runs, host);
         for (i, run) in runs.iter_mut().enumerate() {
-            if let Some(end) = run.as_mut().and_then(Run::end_before_step) {
+            // Revisions take effect here, between steps, before the end is decided
+            // (fewer steps may end the job now).
+            let steered = run.as_mut().map_or(Ok(()), Run::steer);
+            let end = match steered {
+                Ok(()) => run.as_mut().and_then(Run::end_before_step),
+                Err(e) => Some(Err(e)),
+            };
+            if let Some(end) = end {
                 *run = None;
                 host.ended(i, end);
             }
@@ -258,6 +268,12 @@ impl<'a, 'm> Run<'a, 'm> {
             .unwrap_or_default()
             .to_string_lossy();
         let span = tracing::info_span!("render", job = %name);
+        let step = session.step_count();
+        let revisions = job
+            .revisions
+            .iter()
+            .filter_map(|r| r.step.filter(|s| *s <= step).map(|s| r.applied(s)))
+            .collect();
         let mut run = Run {
             job,
             progress,
@@ -268,6 +284,7 @@ impl<'a, 'm> Run<'a, 'm> {
             frames_dir,
             started,
             span,
+            revisions,
         };
         if run.session.step_count() == 0
             && (run.job.spec.save_every > 0 || run.session.zoom_frame_due())
@@ -277,9 +294,38 @@ impl<'a, 'm> Run<'a, 'm> {
         Ok(run)
     }
 
+    /// Takes the revisions due at this boundary: those recorded for this step (a resume
+    /// replaying them), then those that arrived since the last step, which are
+    /// reported with the step they took effect at.
+    fn steer(&mut self) -> Result<(), RenderError> {
+        let step = self.session.step_count();
+        let job = &*self.job;
+        let replayed = job.revisions.iter().filter(|r| r.step == Some(step));
+        let arrived = job.steering.take();
+        for (revision, new) in replayed
+            .map(|r| (r, false))
+            .chain(arrived.iter().map(|r| (r, true)))
+        {
+            if revision.number <= self.session.revision() {
+                continue;
+            }
+            self.session.apply_revision(job, revision)?;
+            tracing::info!(parent: &self.span, revision = revision.number, step, "revision applied");
+            self.revisions.push(revision.applied(step));
+            if new {
+                self.progress.event(ProgressEvent::Steered {
+                    revision: revision.number,
+                    step,
+                    changes: revision.changes.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The job's end if it ends before its next step: finished, canceled or interrupted.
     fn end_before_step(&mut self) -> Option<Result<RenderOutcome, RenderError>> {
-        if self.session.step_count() >= self.job.spec.steps {
+        if self.session.step_count() >= self.session.spec().steps {
             return Some(self.complete());
         }
         if self.cancel.is_canceled() {
@@ -304,7 +350,7 @@ impl<'a, 'm> Run<'a, 'm> {
 
     /// Records a step: history, progress, and the frame and checkpoint when due.
     fn after_step(&mut self, stats: StepStats, dt: f64) -> Result<(), RenderError> {
-        let total = self.job.spec.steps;
+        let total = self.session.spec().steps;
         self.history.losses.push(stats.losses.clone());
         if let Some(mean_before) = slow_step(&self.history.step_seconds, dt) {
             tracing::warn!(
@@ -366,7 +412,15 @@ impl<'a, 'm> Run<'a, 'm> {
         );
     }
 
+    /// A frame, and beside it the state it was decoded from (`NNNNN.ckpt`), so that a
+    /// new job can fork from it.
     fn write_frame(&mut self) -> Result<PathBuf, RenderError> {
+        // A fork starts its own history, so the state leaves this one's out: otherwise
+        // every frame would carry all the steps before it.
+        let state = fork_point(&self.frames_dir, self.session.step_count());
+        self.session
+            .checkpoint()
+            .write(&state, &History::default())?;
         write_frame(&self.session, &self.frames_dir, self.progress.as_mut())
     }
 
@@ -390,7 +444,14 @@ impl<'a, 'm> Run<'a, 'm> {
         };
         let similarities = self.session.similarities()?;
         let metadata = out.join("metadata.json");
-        output::write_metadata(&metadata, job, models, &self.history, &similarities)?;
+        output::write_metadata(
+            &metadata,
+            job,
+            models,
+            &self.history,
+            &similarities,
+            &self.revisions,
+        )?;
         let checkpoint = &self.checkpoint_path;
         if checkpoint.exists() {
             std::fs::remove_file(checkpoint).map_err(|e| RenderError::io(checkpoint, e))?;
@@ -403,6 +464,11 @@ impl<'a, 'm> Run<'a, 'm> {
             metadata,
         }))
     }
+}
+
+/// The saved state beside the frame of `step`: `frames/NNNNN.ckpt`.
+pub fn fork_point(frames_dir: &Path, step: u32) -> PathBuf {
+    frames_dir.join(format!("{step:05}.ckpt"))
 }
 
 fn write_frame(

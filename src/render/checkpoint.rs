@@ -9,7 +9,7 @@ use rand_chacha::ChaCha20Rng;
 use safetensors::tensor::{Dtype, TensorView};
 
 use super::history::History;
-use super::job::{RenderError, RenderJob};
+use super::job::RenderError;
 use super::optim::OptimizerState;
 use super::spec::JobSpec;
 
@@ -29,6 +29,9 @@ pub struct Checkpoint {
     pub z_orig: Tensor,
     pub optimizer: OptimizerState,
     pub rng: ChaCha20Rng,
+    /// The number of the job's revision in force when it was written (0: none), so a
+    /// resume starts under it even if the queue never heard where it took effect.
+    pub revision: u32,
 }
 
 fn ckpt_err(path: &Path, reason: impl Into<String>) -> RenderError {
@@ -73,6 +76,7 @@ impl Checkpoint {
         meta.insert("spec_sha256".to_owned(), self.spec_sha256.clone());
         meta.insert("width".to_owned(), self.width.to_string());
         meta.insert("height".to_owned(), self.height.to_string());
+        meta.insert("revision".to_owned(), self.revision.to_string());
         meta.insert("optimizer_step".to_owned(), self.optimizer.step.to_string());
         meta.insert(
             "optimizer_buffers".to_owned(),
@@ -124,6 +128,12 @@ impl Checkpoint {
             spec_sha256: get("spec_sha256")?.clone(),
             width: num("width")? as u32,
             height: num("height")? as u32,
+            // Absent in files written before steering: the job as submitted.
+            revision: if meta.contains_key("revision") {
+                num("revision")? as u32
+            } else {
+                0
+            },
             z: tensor("z")?,
             z_orig: tensor("z_orig")?,
             optimizer: OptimizerState {
@@ -144,44 +154,48 @@ impl Checkpoint {
         serde_json::from_str(text).map_err(|e| ckpt_err(path, format!("history: {e}")))
     }
 
-    /// Refuses a checkpoint written for another job.
-    pub fn check_matches(&self, job: &RenderJob, path: &Path) -> Result<(), RenderError> {
-        if self.seed != job.seed {
+    /// Refuses a checkpoint written for another job: another seed, other render
+    /// parameters than `spec` (the job's effective spec at the checkpoint's step), more
+    /// steps than the job has, another size.
+    pub fn check_matches(&self, spec: &JobSpec, seed: u64, path: &Path) -> Result<(), RenderError> {
+        if self.seed != seed {
             return Err(ckpt_err(
                 path,
                 format!(
                     "written with seed {}, but this job's seed is {}",
-                    self.seed, job.seed
+                    self.seed, seed
                 ),
             ));
         }
-        if self.spec_sha256 != spec_fingerprint(&job.spec) {
+        if self.spec_sha256 != spec_fingerprint(spec) {
             return Err(ckpt_err(
                 path,
                 "was written for different render parameters (prompts, size, models, ...)",
             ));
         }
-        let (w, h) = (self.width, self.height);
-        if self.step > job.spec.steps {
+        if self.step > spec.steps {
             return Err(ckpt_err(
                 path,
                 format!(
                     "is at step {} but the job has only {} steps",
-                    self.step, job.spec.steps
+                    self.step, spec.steps
                 ),
             ));
         }
+        self.check_size(spec, path)
+    }
+
+    /// Refuses a state of another size than `spec` renders: a fork may change the
+    /// prompts and settings, never the latent's shape.
+    pub fn check_size(&self, spec: &JobSpec, path: &Path) -> Result<(), RenderError> {
+        let (w, h) = (self.width, self.height);
         let (zw, zh) = (self.z.dim(3)?, self.z.dim(2)?);
-        if zw == 0
-            || zh == 0
-            || w.abs_diff(job.spec.width) >= 16
-            || h.abs_diff(job.spec.height) >= 16
-        {
+        if zw == 0 || zh == 0 || w.abs_diff(spec.width) >= 16 || h.abs_diff(spec.height) >= 16 {
             return Err(ckpt_err(
                 path,
                 format!(
                     "is for {w}x{h}, but the job renders {}x{}",
-                    job.spec.width, job.spec.height
+                    spec.width, spec.height
                 ),
             ));
         }

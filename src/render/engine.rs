@@ -21,6 +21,7 @@ use super::optim::Optimizer;
 use super::output;
 use super::prompts::PromptSet;
 use super::spec::{CutMethod, ImageRef, InitNoise, InitRegulariser, JobSpec};
+use super::steer::{check_steerable, setup_seed, Revision};
 
 /// generate.py's `noise_fac`: cutouts get Gaussian noise of a strength drawn in [0, 0.1).
 const CUTOUT_NOISE: f32 = 0.1;
@@ -72,6 +73,8 @@ pub struct RenderSession<'m> {
     augmentations: Augmentations,
     width: usize,
     height: usize,
+    /// The revision in force (0: the job as submitted).
+    revision: u32,
     /// Test-only: sampling replayed from a reference run instead of the RNG.
     replay: Option<Box<dyn SamplingReplay>>,
 }
@@ -100,9 +103,37 @@ impl<'m> RenderSession<'m> {
     /// Sets up a job: encodes prompts, draws the initial z, builds the optimiser.
     /// With `job.resume`, z, optimiser and RNG come from the checkpoint instead.
     pub fn new(job: &RenderJob, models: &'m ModelSet) -> Result<Self, RenderError> {
-        let spec = job.spec.clone();
         let device = models.device().clone();
-        let prompts = job.prompts()?.clone();
+        // Where the job starts: its own checkpoint, a fork's saved frame, or its seed.
+        let start = match (&job.resume, &job.fork) {
+            (Some(path), _) => Some((Checkpoint::read(path, &device)?, path.as_path(), None)),
+            (None, Some(fork)) => Some((
+                Checkpoint::read(&fork.path, &device)?,
+                fork.path.as_path(),
+                Some(fork.reset_optimizer),
+            )),
+            (None, None) => None,
+        };
+        // A resume starts under the revision in force when its checkpoint was written.
+        let in_force = match &start {
+            Some((ckpt, path, None)) if ckpt.revision > 0 => Some(
+                job.revisions
+                    .iter()
+                    .find(|r| r.number == ckpt.revision)
+                    .ok_or_else(|| RenderError::Checkpoint {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "was written under revision {}, which this job does not have",
+                            ckpt.revision
+                        ),
+                    })?,
+            ),
+            _ => None,
+        };
+        let (spec, prompts, revision) = match in_force {
+            Some(r) => (r.spec.clone(), r.prompts.clone(), r.number),
+            None => (job.spec.clone(), job.prompts()?.clone(), 0),
+        };
         let vqgan = &models.vqgan;
         let f = vqgan.downsample_factor();
         let (toks_x, toks_y) = (spec.width as usize / f, spec.height as usize / f);
@@ -119,44 +150,34 @@ impl<'m> RenderSession<'m> {
         let z_min = codebook.min(0)?.reshape((1, (), 1, 1))?;
         let z_max = codebook.max(0)?.reshape((1, (), 1, 1))?;
 
-        let cutouts: Vec<Cutouts> = models
-            .clips
-            .iter()
-            .map(|c| {
-                Cutouts::new(
-                    spec.cut_method,
-                    spec.cutn as usize,
-                    spec.cut_pow,
-                    c.image_size(),
-                )
-            })
-            .collect();
+        let cutouts = cutouts_for(&spec, models);
         let augmentations = Augmentations::for_method(spec.cut_method, &spec.augments);
-
         // Prompt set-up draws from its own stream so a resumed job, which skips the
         // initial z, still sees the very same target embeddings.
-        let mut setup_rng = ChaCha20Rng::seed_from_u64(job.seed ^ 0x5eed_5e70_0000_0001);
-        let mut targets = Vec::with_capacity(models.clips.len());
-        for (k, clip) in models.clips.iter().enumerate() {
-            targets.push(Self::encode_targets(
-                job,
-                &prompts,
-                clip,
-                &cutouts[k],
-                &augmentations,
-                (width, height),
-                &mut setup_rng,
-                &device,
-            )?);
-        }
+        let no_inputs = Inputs::new();
+        let revision_inputs = in_force.map_or(&no_inputs, |r| &r.inputs);
+        let targets = Self::all_targets(
+            (&[&job.inputs, revision_inputs], job.seed),
+            (&spec, &prompts, revision),
+            models,
+            (&cutouts, &augmentations),
+            (width, height),
+            &device,
+        )?;
 
         let mut rng = ChaCha20Rng::seed_from_u64(job.seed);
-        let (z, z_orig, optimizer, rng, step) = match &job.resume {
-            Some(path) => {
-                let ckpt = Checkpoint::read(path, &device)?;
-                ckpt.check_matches(job, path)?;
-                let optimizer =
-                    Optimizer::from_state(spec.optimizer, f64::from(spec.lr), ckpt.optimizer);
+        let (z, z_orig, optimizer, rng, step) = match start {
+            Some((ckpt, path, fork)) => {
+                match fork {
+                    None => ckpt.check_matches(&spec, job.seed, path)?,
+                    Some(_) => ckpt.check_size(&spec, path)?,
+                }
+                let lr = f64::from(spec.lr);
+                let optimizer = if fork == Some(true) {
+                    Optimizer::new(spec.optimizer, lr, &ckpt.z)?
+                } else {
+                    Optimizer::from_state(spec.optimizer, lr, ckpt.optimizer)
+                };
                 (ckpt.z, ckpt.z_orig, optimizer, ckpt.rng, ckpt.step)
             }
             None => {
@@ -190,13 +211,76 @@ impl<'m> RenderSession<'m> {
             width,
             height,
             spec,
+            revision,
             replay: None,
         })
     }
 
+    /// Every CLIP's targets for `spec`'s prompts, from the set-up stream of `revision`.
+    fn all_targets(
+        (inputs, seed): (&[&Inputs], u64),
+        (spec, prompts, revision): (&JobSpec, &PromptSet, u32),
+        models: &ModelSet,
+        (cutouts, augmentations): (&[Cutouts], &Augmentations),
+        size: (usize, usize),
+        device: &Device,
+    ) -> Result<Vec<ClipTargets>, RenderError> {
+        let mut setup_rng = ChaCha20Rng::seed_from_u64(setup_seed(seed, revision));
+        let mut targets = Vec::with_capacity(models.clips.len());
+        for (k, clip) in models.clips.iter().enumerate() {
+            targets.push(Self::encode_targets(
+                inputs,
+                spec,
+                prompts,
+                clip,
+                &cutouts[k],
+                augmentations,
+                size,
+                &mut setup_rng,
+                device,
+            )?);
+        }
+        Ok(targets)
+    }
+
+    /// Takes a revision at this step boundary: new prompts are embedded, cutouts and
+    /// augmentations rebuilt, the learning rate changed; z, the optimiser's moments and
+    /// the RNG go on as they were.
+    pub fn apply_revision(
+        &mut self,
+        job: &RenderJob,
+        revision: &Revision,
+    ) -> Result<(), RenderError> {
+        check_steerable(&self.spec, &revision.spec)?;
+        let spec = revision.spec.clone();
+        let cutouts = cutouts_for(&spec, self.models);
+        let augmentations = Augmentations::for_method(spec.cut_method, &spec.augments);
+        self.targets = Self::all_targets(
+            (&[&job.inputs, &revision.inputs], self.seed),
+            (&spec, &revision.prompts, revision.number),
+            self.models,
+            (&cutouts, &augmentations),
+            (self.width, self.height),
+            &self.device,
+        )?;
+        self.optimizer.set_lr(f64::from(spec.lr));
+        self.cutouts = cutouts;
+        self.augmentations = augmentations;
+        self.prompts = revision.prompts.clone();
+        self.spec = spec;
+        self.revision = revision.number;
+        Ok(())
+    }
+
+    /// The number of the revision in force; 0 before any.
+    pub fn revision(&self) -> u32 {
+        self.revision
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn encode_targets(
-        job: &RenderJob,
+        inputs: &[&Inputs],
+        spec: &JobSpec,
         prompts: &PromptSet,
         clip: &crate::models::Clip,
         cutouts: &Cutouts,
@@ -229,9 +313,9 @@ impl<'m> RenderSession<'m> {
 
         // generate.py embeds an image prompt through the same cutouts and
         // augmentations the render uses, at the render's area.
-        let mut images = Vec::with_capacity(job.spec.image_prompts.len());
-        for prompt in &job.spec.image_prompts {
-            let img = load_image(job, &prompt.image)?;
+        let mut images = Vec::with_capacity(spec.image_prompts.len());
+        for prompt in &spec.image_prompts {
+            let img = load_image(inputs, &prompt.image)?;
             let img = output::resize_keep_area(&img, width as u32, height as u32);
             let x = output::image_to_tensor(&img, device)?;
             let batch = make_cutouts(cutouts, augmentations, &x, rng)?;
@@ -244,7 +328,7 @@ impl<'m> RenderSession<'m> {
         }
 
         let dim = clip.config().projection_dim;
-        let noise_prompts = job.spec.all_noise_prompts();
+        let noise_prompts = spec.all_noise_prompts();
         let mut noise = Vec::with_capacity(noise_prompts.len());
         for prompt in &noise_prompts {
             let mut g = ChaCha20Rng::seed_from_u64(prompt.seed);
@@ -275,7 +359,7 @@ impl<'m> RenderSession<'m> {
         let encode = |img: image::RgbImage| encode_quantized(models, &img, device);
         let (w, h) = (width as u32, height as u32);
         if let Some(reference) = &job.spec.init_image {
-            let img = load_image(job, reference)?;
+            let img = load_image(&[&job.inputs], reference)?;
             return encode(output::resize_exact(&img, w, h));
         }
         match job.spec.init_noise {
@@ -568,8 +652,25 @@ impl<'m> RenderSession<'m> {
             z_orig: self.z_orig.clone(),
             optimizer: self.optimizer.state().clone(),
             rng: self.rng.clone(),
+            revision: self.revision,
         }
     }
+}
+
+/// One cutout maker per CLIP of the ensemble, at each CLIP's input size.
+fn cutouts_for(spec: &JobSpec, models: &ModelSet) -> Vec<Cutouts> {
+    models
+        .clips
+        .iter()
+        .map(|c| {
+            Cutouts::new(
+                spec.cut_method,
+                spec.cutn as usize,
+                spec.cut_pow,
+                c.image_size(),
+            )
+        })
+        .collect()
 }
 
 /// taming's `VQModel.encode` as generate.py uses it: the image in [-1, 1] through the
@@ -732,7 +833,11 @@ fn prompt_loss(embeds: &Tensor, target: &Target) -> candle_core::Result<Tensor> 
 }
 
 /// The bytes of an image a spec refers to.
-fn load_image(job: &RenderJob, reference: &str) -> Result<image::RgbImage, RenderError> {
+/// Image bytes by the reference a spec names them with (see [`RenderJob::inputs`]).
+type Inputs = std::collections::HashMap<String, Vec<u8>>;
+
+/// The bytes of an image a spec refers to, looked up in `inputs` in order.
+fn load_image(inputs: &[&Inputs], reference: &str) -> Result<image::RgbImage, RenderError> {
     let input_err = |reason: String| RenderError::Input {
         reference: reference.chars().take(80).collect(),
         reason,
@@ -746,7 +851,7 @@ fn load_image(job: &RenderJob, reference: &str) -> Result<image::RgbImage, Rende
                 id.to_string(),
             ];
             keys.iter()
-                .find_map(|k| job.inputs.get(k))
+                .find_map(|k| inputs.iter().find_map(|i| i.get(k)))
                 .cloned()
                 .ok_or_else(|| input_err("the upload was not provided to the renderer".into()))?
         }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::prompts::{self, PromptSet};
 use super::spec::{JobSpec, SpecError, Validated};
+use super::steer::{ForkStart, Revision, Steering};
 
 /// Everything `render` needs besides the models.
 #[derive(Debug, Clone)]
@@ -24,6 +25,14 @@ pub struct RenderJob {
     /// Image bytes for every `upload:<id>` the spec refers to, keyed by the reference
     /// exactly as written in the spec. Inline `data:` images need no entry.
     pub inputs: HashMap<String, Vec<u8>>,
+    /// The job's recorded revisions, in number order: those with a step are replayed
+    /// there (or before the first step, when a resume starts past it); those without
+    /// take effect at the first step boundary.
+    pub revisions: Vec<Revision>,
+    /// Revisions that arrive while the job renders.
+    pub steering: Steering,
+    /// Start from a saved frame's state instead of the seed; a resume wins over it.
+    pub fork: Option<ForkStart>,
 }
 
 impl RenderJob {
@@ -39,6 +48,9 @@ impl RenderJob {
             out_dir: out_dir.into(),
             resume: None,
             inputs: HashMap::new(),
+            revisions: Vec::new(),
+            steering: Steering::new(),
+            fork: None,
         }
     }
 
@@ -56,6 +68,9 @@ impl RenderJob {
             out_dir: out_dir.into(),
             resume: None,
             inputs: HashMap::new(),
+            revisions: Vec::new(),
+            steering: Steering::new(),
+            fork: None,
         }
     }
 

@@ -22,6 +22,7 @@ pub mod output;
 pub mod progress;
 pub mod prompts;
 pub mod spec;
+pub mod steer;
 pub mod video;
 
 pub use batch::{render, render_batch, render_batch_hosted, BatchHost, BatchJob};
@@ -38,4 +39,5 @@ pub use spec::{
     SpecError, TextPromptSpec, Validated, VideoSpec, VideoStyleSpec, ZoomSpec, SPEC_VERSION,
     VALIDATION_VERSION,
 };
+pub use steer::{AppliedRevision, ForkStart, Revision, Steering};
 pub use video::{SourceVideo, VideoError, VideoInfo, VideoLimits};

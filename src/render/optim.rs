@@ -68,6 +68,11 @@ impl Optimizer {
         self.kind
     }
 
+    /// A steered learning rate: the moments stay, only the step size changes.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
     /// Applies one update to `param` given its gradient.
     pub fn step(&mut self, param: &Var, grad: &Tensor) -> candle_core::Result<()> {
         self.state.step += 1;

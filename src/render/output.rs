@@ -12,6 +12,7 @@ use super::history::History;
 use super::job::{RenderError, RenderJob};
 use super::models::{ModelIdentities, ModelSet};
 use super::spec::{ImageRef, JobSpec};
+use super::steer::AppliedRevision;
 
 fn encode_err(what: &'static str, reason: impl ToString) -> RenderError {
     RenderError::Encode {
@@ -541,6 +542,8 @@ struct Metadata<'a> {
     total_seconds: f64,
     /// Final CLIP cosine similarity per prompt of the last phrase, ensemble mean.
     final_similarity: &'a [f32],
+    /// The changes steered into the job, each with the step it took effect at.
+    revisions: &'a [AppliedRevision],
 }
 
 pub fn write_metadata(
@@ -549,6 +552,7 @@ pub fn write_metadata(
     models: &ModelSet,
     history: &History,
     similarities: &[f32],
+    revisions: &[AppliedRevision],
 ) -> Result<(), RenderError> {
     let meta = Metadata {
         vqclip_version: env!("CARGO_PKG_VERSION"),
@@ -562,6 +566,7 @@ pub fn write_metadata(
         step_seconds: &history.step_seconds,
         total_seconds: history.step_seconds.iter().sum(),
         final_similarity: similarities,
+        revisions,
     };
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| encode_err("metadata", e))?;
     std::fs::write(path, json).map_err(|e| RenderError::io(path, e))

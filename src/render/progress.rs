@@ -26,6 +26,12 @@ pub enum ProgressEvent {
     Frame { step: u32, path: PathBuf },
     /// A checkpoint was written.
     Checkpoint { step: u32, path: PathBuf },
+    /// A revision took effect before step `step + 1` ran.
+    Steered {
+        revision: u32,
+        step: u32,
+        changes: serde_json::Value,
+    },
 }
 
 /// Receives progress events on the render thread; keep `event` quick.

@@ -25,6 +25,7 @@ use super::models::ModelSet;
 use super::output;
 use super::progress::{CancelToken, ProgressEvent, ProgressSink};
 use super::spec::{JobSpec, SpecError, VideoStyleSpec};
+use super::steer::Steering;
 
 /// Bounds on a video, checked from its header before anything is decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -528,6 +529,9 @@ pub fn style_video(
             out_dir: out.clone(),
             resume: None,
             inputs: std::mem::take(&mut inputs),
+            revisions: Vec::new(),
+            steering: Steering::new(),
+            fork: None,
         };
         let mut session = RenderSession::new(&frame_job, models)?;
         inputs = frame_job.inputs;
@@ -617,7 +621,7 @@ pub fn style_video(
         None
     };
     let metadata = out.join("metadata.json");
-    output::write_metadata(&metadata, job, models, &history, &similarities)?;
+    output::write_metadata(&metadata, job, models, &history, &similarities, &[])?;
     if checkpoint_path.exists() {
         std::fs::remove_file(&checkpoint_path).map_err(|e| RenderError::io(&checkpoint_path, e))?;
     }

@@ -55,6 +55,8 @@ type Result<T> = std::result::Result<T, StorageError>;
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 /// The checkpoint of a video-styling job (`render::video` writes it under this name).
 pub const VIDEO_CHECKPOINT_FILE: &str = "video_checkpoint.json";
+/// A fork's copy of the state it starts from (its parent's `frames/NNNNN.ckpt`).
+pub const FORK_POINT_FILE: &str = "fork.ckpt";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
     move |source| StorageError::Io {
@@ -441,6 +443,37 @@ impl ArtifactStore {
 
     /// The frames of `job` in the store, in step order; the render names them by step.
     pub async fn frames(&self, job: Uuid) -> Result<Vec<Frame>> {
+        self.frame_files(job, ".png").await
+    }
+
+    /// The steps of `job` whose frame has its saved state beside it (`NNNNN.ckpt`): the
+    /// steps a fork may start from, in order.
+    pub async fn fork_points(&self, job: Uuid) -> Result<Vec<u32>> {
+        Ok(self
+            .frame_files(job, ".ckpt")
+            .await?
+            .into_iter()
+            .map(|f| f.step)
+            .collect())
+    }
+
+    /// Gives `child` its own copy of `parent`'s state saved at `step`, as
+    /// [`FORK_POINT_FILE`]: the child never depends on the parent's artifacts, which
+    /// retention or a DELETE may remove.
+    pub async fn copy_fork_point(&self, parent: Uuid, step: u32, child: Uuid) -> Result<()> {
+        let from = job_key(parent, &format!("frames/{step:05}.ckpt"))?;
+        let to = job_key(child, FORK_POINT_FILE)?;
+        match self.objects.copy(&from, &to).await {
+            Ok(()) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => {
+                Err(StorageError::Missing(format!("saved state of step {step}")))
+            }
+            Err(e) => Err(store_err(&from)(e)),
+        }
+    }
+
+    /// Stored files of `job`'s `frames/` named `NNNNN<suffix>`, in step order.
+    async fn frame_files(&self, job: Uuid, suffix: &str) -> Result<Vec<Frame>> {
         let prefix = Key::from(format!("jobs/{job}/frames"));
         let stored: Vec<ObjectMeta> = self
             .objects
@@ -452,7 +485,7 @@ impl ArtifactStore {
             .iter()
             .filter_map(|m| {
                 let name = m.location.filename()?;
-                let step = name.strip_suffix(".png")?.parse::<u32>().ok()?;
+                let step = name.strip_suffix(suffix)?.parse::<u32>().ok()?;
                 Some(Frame { step, size: m.size })
             })
             .collect();

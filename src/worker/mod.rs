@@ -25,16 +25,19 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::queue::{EventKind, Finish, Job, JobStore, Metrics, Progress, QueueError, Scope};
+use crate::queue::{
+    EventKind, Finish, Job, JobRevision, JobStore, Metrics, Progress, QueueError, Scope,
+};
 use crate::render::models::{
     self as catalogue, DownloadProgress, DownloadWatcher, ModelCache, ModelKind, Presence,
 };
 use crate::render::spec::StoredSpec;
 use crate::render::{
-    render_batch_hosted, BatchHost, BatchJob, BatchKey, CancelToken, ModelSet, ModelsSpec,
-    ProgressEvent, RenderError, RenderJob, RenderOutcome,
+    render_batch_hosted, BatchHost, BatchJob, BatchKey, CancelToken, ForkStart, ModelSet,
+    ModelsSpec, ProgressEvent, RenderError, RenderJob, RenderOutcome, Revision, Steering,
+    Validated,
 };
-use crate::storage::ArtifactStore;
+use crate::storage::{ArtifactStore, FORK_POINT_FILE};
 
 pub mod retention;
 
@@ -879,24 +882,54 @@ impl Worker {
             .artifacts
             .create_job_dir(job.id)
             .map_err(|e| e.to_string())?;
-        let mut inputs = HashMap::new();
-        for (reference, id) in validated.uploads() {
-            let upload = self
-                .ctx
-                .store
-                .get_upload(id, &Scope::unrestricted())
-                .await
-                .map_err(|e| format!("{reference}: {e}"))?;
-            let bytes = self
+        let stored = self
+            .ctx
+            .store
+            .revisions(job.id)
+            .await
+            .map_err(|e| format!("reading the job's revisions: {e}"))?;
+        let mut revisions = Vec::with_capacity(stored.len());
+        let mut images = validated
+            .uploads()
+            .map(|(r, id)| (r.to_owned(), id))
+            .collect::<Vec<_>>();
+        for r in &stored {
+            let (revision, checked) = render_revision(r)?;
+            images.extend(checked.uploads().map(|(r, id)| (r.to_owned(), id)));
+            revisions.push(revision);
+        }
+        let inputs = self.read_uploads(images).await?;
+        let lineage = self
+            .ctx
+            .store
+            .lineage(job.id)
+            .await
+            .map_err(|e| format!("reading the job's parent: {e}"))?;
+        let fork_point = out_dir.join(FORK_POINT_FILE);
+        if let Some(parent) = lineage.parent.filter(|_| job.checkpoint.is_none()) {
+            // The API copies the fork point right after the submit; a worker that
+            // claimed the fork in between makes the same copy itself.
+            if self
                 .ctx
                 .artifacts
-                .read_upload(&upload.file_name)
+                .artifact(job.id, FORK_POINT_FILE)
                 .await
-                .map_err(|e| format!("{reference}: {e}"))?;
-            inputs.insert(reference.to_owned(), bytes);
+                .is_err()
+            {
+                self.ctx
+                    .artifacts
+                    .copy_fork_point(parent.job, parent.step, job.id)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "the fork point (job {}, step {}): {e}",
+                            parent.job, parent.step
+                        )
+                    })?;
+            }
         }
-        // A job that ran elsewhere resumes from what that machine stored.
-        if job.checkpoint.is_some() {
+        // A job that ran elsewhere (or a fork) starts from what the store holds.
+        if job.checkpoint.is_some() || lineage.parent.is_some() {
             match self.ctx.artifacts.restore_job(job.id).await {
                 Ok(0) => {}
                 Ok(n) => {
@@ -914,10 +947,93 @@ impl Worker {
             .filter(|p| p.is_file());
         // Drawn at submit; only jobs stored before that have neither.
         let seed = job.seed.or(spec.seed).unwrap_or_else(rand::random);
+        let reset_optimizer = job.spec["fork"]["reset_optimizer"].as_bool() == Some(true);
+        let fork = (lineage.parent.is_some() && fork_point.is_file()).then_some(ForkStart {
+            path: fork_point,
+            reset_optimizer,
+        });
+        if lineage.parent.is_some() && fork.is_none() && resume.is_none() {
+            return Err("the fork point could not be fetched from the artifact store".into());
+        }
         let mut render = RenderJob::validated(spec, validated, seed, out_dir);
         render.resume = resume;
+        render.fork = fork;
         render.inputs = inputs;
+        // Applied revisions replay at their steps; pending ones wait at the first boundary.
+        // All are listed: a checkpoint names the one in force when it was written.
+        for revision in &revisions {
+            if revision.step.is_none() {
+                render.steering.send(revision.clone());
+            }
+        }
+        render.revisions = revisions;
         Ok(render)
+    }
+
+    /// The bytes of the uploads a spec names, keyed by the reference as written.
+    async fn read_uploads(
+        &self,
+        uploads: Vec<(String, Uuid)>,
+    ) -> Result<HashMap<String, Vec<u8>>, String> {
+        let mut inputs = HashMap::new();
+        for (reference, id) in uploads {
+            let upload = self
+                .ctx
+                .store
+                .get_upload(id, &Scope::unrestricted())
+                .await
+                .map_err(|e| format!("{reference}: {e}"))?;
+            let bytes = self
+                .ctx
+                .artifacts
+                .read_upload(&upload.file_name)
+                .await
+                .map_err(|e| format!("{reference}: {e}"))?;
+            inputs.insert(reference, bytes);
+        }
+        Ok(inputs)
+    }
+
+    /// Hands a running render the revisions made since the last look, each once, with
+    /// the uploads they name.
+    async fn feed_revisions(&self, job: &Job, feed: &mut SteerFeed) {
+        let revisions = match self.ctx.store.revisions(job.id).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(worker = %self.id, job = %job.id, "reading revisions: {e}");
+                return;
+            }
+        };
+        let known = feed.known;
+        for r in revisions
+            .iter()
+            .filter(|r| r.number > known && r.step.is_none())
+        {
+            let revision = match render_revision(r) {
+                Ok((mut revision, validated)) => {
+                    let uploads = validated
+                        .uploads()
+                        .map(|(r, id)| (r.to_owned(), id))
+                        .collect();
+                    match self.read_uploads(uploads).await {
+                        Ok(inputs) => {
+                            revision.inputs = inputs;
+                            Ok(revision)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match revision {
+                Ok(revision) => feed.steering.send(revision),
+                // Validated at PATCH by this service; skipped rather than failing the job.
+                Err(e) => {
+                    tracing::warn!(worker = %self.id, job = %job.id, "skipping revision {}: {e}", r.number)
+                }
+            }
+            feed.known = r.number;
+        }
     }
 
     /// Follows one job of a batch until the render thread answers for it: records its
@@ -929,6 +1045,8 @@ impl Worker {
             mut downloads,
             mut reply,
             cancel,
+            steering,
+            known_revision,
         } = pending;
         let mut lease_lost = false;
         let mut interrupted = false;
@@ -942,6 +1060,12 @@ impl Worker {
         let mut cancels_open = true;
         let mut cancel_check = tokio::time::interval(self.ctx.cancel_check);
         cancel_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut steered = SteerFeed {
+            steering,
+            known: known_revision,
+        };
+        let mut steers = self.ctx.store.steerings();
+        let mut steers_open = true;
         let mut result = loop {
             tokio::select! {
                 biased;
@@ -955,6 +1079,15 @@ impl Worker {
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => cancels_open = false,
+                },
+                // A revision: handed to the render before its next step boundary.
+                id = steers.recv(), if steers_open => match id {
+                    Ok(id) if id == job.id => self.feed_revisions(job, &mut steered).await,
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        self.feed_revisions(job, &mut steered).await
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => steers_open = false,
                 },
                 event = progress.recv(), if progress_open => match event {
                     Some(event) => {
@@ -994,11 +1127,13 @@ impl Worker {
                     }
                     None => downloads_open = false,
                 },
-                // A cancel made by another process, read without waiting for a progress write.
+                // A cancel made by another process, read without waiting for a progress
+                // write; and revisions made since the last look, by any node.
                 _ = cancel_check.tick(), if !cancel.is_canceled() => {
                     if matches!(self.ctx.store.cancel_requested(job.id).await, Ok(true)) {
                         cancel.cancel();
                     }
+                    self.feed_revisions(job, &mut steered).await;
                 }
                 _ = heartbeat.tick() => {
                     let _ = self.ctx.store.worker_heartbeat(&self.id, &self.device, Some(job.id)).await;
@@ -1134,6 +1269,14 @@ impl Worker {
                 }
             }
             ProgressEvent::Frame { step, path } => {
+                // The saved state beside the frame first: a frame the store holds can be
+                // forked from.
+                let state = path.with_extension("ckpt");
+                if state.is_file() {
+                    if let Err(e) = self.ctx.artifacts.persist(job.id, &state).await {
+                        tracing::warn!(worker = %self.id, job = %job.id, step, "storing a frame's state: {e}");
+                    }
+                }
                 // An event names only a frame the store holds.
                 if let Err(e) = self.ctx.artifacts.persist(job.id, &path).await {
                     tracing::warn!(worker = %self.id, job = %job.id, step, "storing a frame: {e}");
@@ -1146,6 +1289,16 @@ impl Worker {
                         EventKind::Frame,
                         json!({ "step": step, "url": url }),
                     )
+                    .await?;
+            }
+            ProgressEvent::Steered {
+                revision,
+                step,
+                changes,
+            } => {
+                let data = json!({ "revision": revision, "step": step, "changes": changes });
+                store
+                    .revision_applied(job.id, &self.id, revision, step, data)
                     .await?;
             }
             ProgressEvent::Checkpoint { path, step } => {
@@ -1191,6 +1344,10 @@ struct Pending {
     downloads: mpsc::UnboundedReceiver<DownloadProgress>,
     reply: oneshot::Receiver<RenderReply>,
     cancel: CancelToken,
+    /// Where revisions made while the job renders go.
+    steering: Steering,
+    /// The highest revision number the render already has.
+    known_revision: u32,
 }
 
 impl Pending {
@@ -1202,12 +1359,21 @@ impl Pending {
         if cancel_requested {
             cancel.cancel();
         }
+        let known_revision = job
+            .revisions
+            .iter()
+            .map(|r| r.number)
+            .chain([job.steering.last_number()])
+            .max()
+            .unwrap_or(0);
         let pending = Pending {
             out_dir: job.out_dir.clone(),
             progress: progress_rx,
             downloads: downloads_rx,
             reply: reply_rx,
             cancel: cancel.clone(),
+            steering: job.steering.clone(),
+            known_revision,
         };
         let request = RenderRequest {
             job,
@@ -1218,6 +1384,29 @@ impl Pending {
         };
         (request, pending)
     }
+}
+
+/// A stored revision as the render takes it: its document read and trusted as at submit.
+fn render_revision(r: &JobRevision) -> Result<(Revision, Validated), String> {
+    let (spec, validated) = <StoredSpec as serde::Deserialize>::deserialize(&r.spec)
+        .map_err(|e| format!("revision {} cannot be read by this version: {e}", r.number))?
+        .into_validated()
+        .map_err(|e| format!("revision {} is not valid for this version: {e}", r.number))?;
+    let revision = Revision {
+        number: r.number,
+        step: r.step,
+        spec,
+        prompts: validated.prompts.clone(),
+        changes: r.changes.clone(),
+        inputs: HashMap::new(),
+    };
+    Ok((revision, validated))
+}
+
+/// Where a running render's new revisions go, and the last one it was given.
+struct SteerFeed {
+    steering: Steering,
+    known: u32,
 }
 
 /// Checkpoints are stored relative to the job directory, so the artifact root can move.

@@ -297,6 +297,42 @@ await step('/docs lists every route of openapi.yaml, from this server alone', as
   await shot('09-docs');
 });
 
+await step('steer a running job from its page, then fork the finished job from a frame', async () => {
+  const job = await api('/v1/jobs', { method: 'POST', body: { ...tiny, steps: 1000, save_every: 10 } });
+  assert.equal(job.status, 201, JSON.stringify(job.body));
+  const id = job.body.id;
+  await page.goto(BASE + '/#/jobs/' + id);
+  await waitFor('the job to run', async () => (await state()) === 'running');
+  await page.locator('#job-steer').waitFor({ state: 'visible' });
+  await page.fill('#job-steer-prompts', 'a lighthouse in a storm');
+  await page.click('#job-steer-apply');
+  await waitFor('the revision note', async () => (await page.textContent('#job-steer-note')).includes('Revision 1'));
+  await waitFor('the revision to take effect', async () => {
+    const j = (await api('/v1/jobs/' + id)).body;
+    return j.revisions.length === 1 && j.revisions[0].step !== null;
+  });
+  await shot('11-steered');
+  // Fewer steps end it soon; then a frame of it starts a new job.
+  const at = (await api('/v1/jobs/' + id)).body.progress.step;
+  const fewer = await api('/v1/jobs/' + id, { method: 'PATCH', body: { steps: at + 25 } });
+  assert.equal(fewer.status, 202, JSON.stringify(fewer.body));
+  await waitFor('the job to succeed', async () => (await state()) === 'succeeded', 120_000);
+  assert.equal(await page.locator('#job-steer').isHidden(), true, 'no editor on a finished job');
+  await page.locator('#job-fork:not([disabled])').waitFor();
+  await page.locator('#job-scrub').fill('1');
+  await page.click('#job-fork');
+  await page.waitForURL((u) => /#\/jobs\/[0-9a-f-]{36}$/.test(u.toString()) && !u.toString().endsWith(id));
+  const child = page.url().split('/').pop();
+  const fork = (await api('/v1/jobs/' + child)).body;
+  assert.deepEqual([fork.parent.id, fork.parent.step], [id, 10]);
+  // The source's spec in force at that step: steered only if the revision came by then.
+  const revision = (await api('/v1/jobs/' + id)).body.revisions[0];
+  const expected = revision.step <= 10 ? 'a lighthouse in a storm' : tiny.prompts;
+  assert.equal(fork.spec.prompts, expected, 'the fork renders the spec in force at its step');
+  await waitFor('the fork note', async () => (await page.textContent('#job-fork-note')).includes('Forked from step 10'));
+  await shot('12-forked');
+});
+
 await step('with keys on, key A sees only its own jobs', async () => {
   const env = { ...process.env };
   delete env.VQCLIP_CONFIG;

@@ -2,27 +2,14 @@
 //! HF CLIP safetensors, taming VQGAN ckpt + model.yaml), on the CPU.
 
 use std::path::Path;
-use std::sync::OnceLock;
 
-use crate::support::fixture;
 use base64::Engine as _;
-use candle_core::Device;
 use vqclip::render::{
-    render, CancelToken, JobSpec, ModelSet, NoProgress, ProgressEvent, RenderJob, RenderOutcome,
+    render, CancelToken, JobSpec, NoProgress, ProgressEvent, RenderJob, RenderOutcome,
     RenderSession,
 };
 
-fn models() -> &'static ModelSet {
-    static MODELS: OnceLock<ModelSet> = OnceLock::new();
-    MODELS.get_or_init(|| {
-        ModelSet::load_paths(
-            &fixture("vqgan-tiny"),
-            &[fixture("clip-tiny")],
-            &Device::Cpu,
-        )
-        .expect("tiny fixtures load")
-    })
-}
+use crate::support::tiny_models as models;
 
 fn spec(json: &str) -> JobSpec {
     let mut value: serde_json::Value = serde_json::from_str(json).unwrap();

@@ -10,4 +10,5 @@ mod engine;
 mod parity;
 mod render_cli;
 mod smoke;
+mod steer;
 mod video;

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use vqclip::render::augment::{AugmentParams, Augmentations, Kornia, Rect, TPS_SOURCE};
 use vqclip::render::cutouts::{Crop, CutoutNoise};
 use vqclip::render::engine::{CutoutDraw, SamplingReplay};
-use vqclip::render::{Augment, CutMethod, JobSpec, ModelSet, RenderJob, RenderSession};
+use vqclip::render::{Augment, CutMethod, JobSpec, RenderJob, RenderSession};
 
 fn reference() -> &'static HashMap<String, Tensor> {
     static REF: OnceLock<HashMap<String, Tensor>> = OnceLock::new();
@@ -341,17 +341,7 @@ fn modules(method: &str) -> &'static [&'static str] {
     }
 }
 
-fn models() -> &'static ModelSet {
-    static MODELS: OnceLock<ModelSet> = OnceLock::new();
-    MODELS.get_or_init(|| {
-        ModelSet::load_paths(
-            &fixture("vqgan-tiny"),
-            &[fixture("clip-tiny")],
-            &Device::Cpu,
-        )
-        .expect("tiny fixtures load")
-    })
-}
+use crate::support::tiny_models as models;
 
 /// Three steps of `method` against the reference: the gradient on z at each step and
 /// z after each step within 1e-4 of the reference's largest value.

@@ -159,6 +159,7 @@ fn render_command_takes_every_spec_field() {
     let mut frames: Vec<String> = std::fs::read_dir(out.path().join("frames"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".png"))
         .collect();
     frames.sort();
     assert_eq!(frames, ["00000.png", "00002.png", "00004.png"]);
@@ -185,4 +186,76 @@ fn render_command_takes_every_spec_field() {
         stderr.contains("noise_prompt_weights: must give exactly one weight per entry"),
         "{stderr}"
     );
+}
+
+/// `--fork DIR:STEP` starts from the state saved beside a frame of an earlier run: with
+/// the same settings it ends where that run ended; a step without a saved frame fails,
+/// listing the saved ones.
+#[test]
+fn render_fork_continues_a_local_run_from_a_saved_frame() {
+    let render = |out: &std::path::Path, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vqclip"))
+            .args([
+                "render",
+                "--prompt",
+                "a lighthouse",
+                "--width",
+                "16",
+                "--height",
+                "16",
+                "--steps",
+                "6",
+                "--save-every",
+                "3",
+                "--cutn",
+                "4",
+                "--device",
+                "cpu",
+            ])
+            .args(extra)
+            .arg("--clip")
+            .arg(fixture("clip-tiny"))
+            .arg("--vqgan")
+            .arg(fixture("vqgan-tiny"))
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let source = tempfile::tempdir().unwrap();
+    let done = render(source.path(), &["--seed", "11"]);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(source.path().join("frames/00003.ckpt").is_file());
+
+    let fork = tempfile::tempdir().unwrap();
+    let from = format!("{}:3", source.path().display());
+    // No --seed: a fork keeps its source's.
+    let done = render(fork.path(), &["--fork", &from]);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{stderr}");
+    assert!(stderr.contains("seed 11"), "{stderr}");
+    // The pixels: the text chunks record each run's own flags.
+    let pixels = |d: &std::path::Path| {
+        image::open(d.join("image.png"))
+            .unwrap()
+            .to_rgb8()
+            .into_raw()
+    };
+    assert!(
+        pixels(source.path()) == pixels(fork.path()),
+        "the fork ended elsewhere"
+    );
+    assert!(!fork.path().join("frames/00000.png").exists());
+
+    let bad = render(
+        fork.path(),
+        &["--fork", &format!("{}:4", source.path().display())],
+    );
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("saved steps: 0, 3, 6"), "{stderr}");
 }

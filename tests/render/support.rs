@@ -3,6 +3,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use vqclip::render::ModelSet;
 
 /// A file or folder in tests/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
@@ -20,4 +24,17 @@ pub fn offline_vqclip(args: &[&str]) -> Output {
         .env("VQCLIP_OFFLINE", "1")
         .output()
         .unwrap()
+}
+
+/// The tiny VQGAN and CLIP on the CPU, loaded once per test binary.
+pub fn tiny_models() -> &'static ModelSet {
+    static MODELS: OnceLock<ModelSet> = OnceLock::new();
+    MODELS.get_or_init(|| {
+        ModelSet::load_paths(
+            &fixture("vqgan-tiny"),
+            &[fixture("clip-tiny")],
+            &Device::Cpu,
+        )
+        .expect("tiny fixtures load")
+    })
 }

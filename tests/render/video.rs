@@ -5,10 +5,8 @@
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use crate::support::fixture;
-use candle_core::Device;
 use image::RgbImage;
 use mp4::Metadata as _;
 use rand::{Rng, SeedableRng};
@@ -18,21 +16,11 @@ use vqclip::render::video::{
     VIDEO_CHECKPOINT,
 };
 use vqclip::render::{
-    CancelToken, JobSpec, ModelSet, ProgressEvent, RenderJob, RenderOutcome, VideoError,
-    VideoLimits, VideoSpec,
+    CancelToken, JobSpec, ProgressEvent, RenderJob, RenderOutcome, VideoError, VideoLimits,
+    VideoSpec,
 };
 
-fn models() -> &'static ModelSet {
-    static MODELS: OnceLock<ModelSet> = OnceLock::new();
-    MODELS.get_or_init(|| {
-        ModelSet::load_paths(
-            &fixture("vqgan-tiny"),
-            &[fixture("clip-tiny")],
-            &Device::Cpu,
-        )
-        .expect("tiny fixtures load")
-    })
-}
+use crate::support::tiny_models as models;
 
 /// Frame `i`: a gradient with a square that moves, plus seeded noise of ±`noise`.
 fn noisy_frame(i: u32, w: u32, h: u32, noise: i16, seed: u64) -> RgbImage {

@@ -20,6 +20,7 @@ mod load;
 mod queue;
 mod restarts;
 mod serve;
+mod steer;
 mod storage_api;
 mod storage_backends;
 mod submit_parses;

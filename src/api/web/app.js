@@ -293,7 +293,48 @@ function setState(state) {
   s.textContent = state;
   s.dataset.state = state;
   $('job-cancel').hidden = TERMINAL.includes(state);
+  $('job-steer').hidden = TERMINAL.includes(state);
   if (state !== 'queued') $('job-queue').hidden = true;
+}
+
+// PATCH: the new prompts take effect at the job's next step boundary.
+function steerEditor(id, spec) {
+  $('job-steer-prompts').value = promptText(spec);
+  $('job-steer-note').textContent = '';
+  $('job-steer').onsubmit = async (event) => {
+    event.preventDefault();
+    $('job-steer-apply').disabled = true;
+    try {
+      const r = await json('/v1/jobs/' + id, {
+        method: 'PATCH',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ prompts: $('job-steer-prompts').value }),
+      });
+      $('job-steer-note').textContent = 'Revision ' + r.revision + ' takes effect at the next step.';
+      $('job-prompts').textContent = $('job-steer-prompts').value;
+      view.promptNames = promptNames(Object.assign({}, spec, { prompts: $('job-steer-prompts').value }));
+    } catch (e) {
+      ignoreAbort(e);
+      if (e instanceof Problem) $('job-steer-note').textContent = e.message;
+    } finally { $('job-steer-apply').disabled = false; }
+  };
+}
+
+// A new job from the frame on screen, with this job's settings at that step.
+async function forkFrom(id, step) {
+  $('job-fork').disabled = true;
+  try {
+    const child = await json('/v1/jobs/' + id + '/fork', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ from_step: step }),
+    });
+    location.hash = '#/jobs/' + child.id;
+  } catch (e) {
+    ignoreAbort(e);
+    if (e instanceof Problem) $('job-fork-note').textContent = e.message;
+    $('job-fork').disabled = false;
+  }
 }
 
 function showProgress(p) {
@@ -445,6 +486,11 @@ async function showResults(job) {
     scrub.value = scrub.max;
     $('job-scrub-step').textContent = frames.length ? 'step ' + frames[frames.length - 1].step : 'none';
     scrub.disabled = frames.length < 2;
+    $('job-fork').disabled = frames.length === 0;
+    $('job-fork').onclick = () => {
+      const f = frames[Number(scrub.value)];
+      if (f) forkFrom(job.id, f.step);
+    };
     scrub.oninput = () => {
       const f = frames[Number(scrub.value)];
       if (!f) return;
@@ -490,6 +536,13 @@ async function jobView(id) {
   $('job-prompts').textContent = promptText(job.spec);
   view.promptNames = promptNames(job.spec);
   $('job-seed').textContent = job.seed === null || job.seed === undefined ? '–' : job.seed;
+  // The prompts in force: the latest revision that changed them, else the spec's.
+  const steered = (job.revisions || []).filter((r) => r.changes.prompts !== undefined).pop();
+  const current = Object.assign({}, job.spec, steered ? { prompts: steered.changes.prompts } : {});
+  view.promptNames = promptNames(current);
+  $('job-prompts').textContent = promptText(current);
+  steerEditor(id, current);
+  $('job-fork-note').textContent = job.parent ? 'Forked from step ' + job.parent.step + ' of job ' + job.parent.id : '';
   showProgress(job.progress);
   $('job-again').hidden = false;
   $('job-again').onclick = () => { location.hash = '#/'; setTimeout(() => fillForm(job.spec || {}, job.seed), 0); };

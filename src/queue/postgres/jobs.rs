@@ -11,8 +11,15 @@ use super::{
 };
 use crate::queue::*;
 
-impl Jobs for PgStore {
-    fn submit(&self, new: NewJob, max_queued: u64) -> QueueFuture<'_, Submitted> {
+impl PgStore {
+    /// Submission, and a fork's submission with its link to the parent in the same
+    /// transaction.
+    pub(super) fn submit_linked(
+        &self,
+        new: NewJob,
+        max_queued: u64,
+        parent: Option<ForkLink>,
+    ) -> QueueFuture<'_, Submitted> {
         Box::pin(async move {
             let mut tx = self.pool.begin().await?;
             // One submission at a time across every node, from the checks to the commit:
@@ -89,6 +96,16 @@ impl Jobs for PgStore {
                 .fetch_one(&mut *tx)
                 .await?;
             let job = job_from_row(&row)?;
+            if let Some(parent) = parent {
+                sqlx::query(
+                    "INSERT INTO job_forks (child_id, parent_id, step) VALUES ($1, $2, $3)",
+                )
+                .bind(id.to_string())
+                .bind(parent.job.to_string())
+                .bind(i64::from(parent.step))
+                .execute(&mut *tx)
+                .await?;
+            }
             let event = Self::insert_event(
                 &mut tx,
                 id,
@@ -101,6 +118,12 @@ impl Jobs for PgStore {
             self.queued.notify_waiters();
             Ok(Submitted::Created(job))
         })
+    }
+}
+
+impl Jobs for PgStore {
+    fn submit(&self, new: NewJob, max_queued: u64) -> QueueFuture<'_, Submitted> {
+        self.submit_linked(new, max_queued, None)
     }
 
     fn get<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, Job> {

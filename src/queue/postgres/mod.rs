@@ -24,6 +24,7 @@ use super::*;
 mod events;
 mod jobs;
 mod leases;
+mod revisions;
 mod uploads;
 mod workers;
 
@@ -43,6 +44,7 @@ pub struct PgStore {
     pool: PgPool,
     events: broadcast::Sender<EventNotice>,
     cancels: broadcast::Sender<Uuid>,
+    steers: broadcast::Sender<Uuid>,
     queued: Arc<Notify>,
     key_bounds: KeyBounds,
     /// Events already announced here, by the writer or the listener, whichever came first:
@@ -81,19 +83,28 @@ impl PgStore {
     pub async fn from_pool(pool: PgPool) -> QueueResult<PgStore> {
         let (events, _) = broadcast::channel(1024);
         let (cancels, _) = broadcast::channel(256);
+        let (steers, _) = broadcast::channel(256);
         let queued = Arc::new(Notify::new());
         let announced = Arc::new(Announced::default());
         let stop = CancellationToken::new();
         // Subscribed before returning, so nothing committed after `connect` is missed.
         let mut listener = PgListener::connect_with(&pool).await?;
         listener
-            .listen_all(["vqclip_queued", "vqclip_events", "vqclip_cancels"])
+            .listen_all([
+                "vqclip_queued",
+                "vqclip_events",
+                "vqclip_cancels",
+                "vqclip_steers",
+            ])
             .await?;
         tokio::spawn(listen(
             pool.clone(),
             listener,
             events.clone(),
-            cancels.clone(),
+            Wakeups {
+                cancels: cancels.clone(),
+                steers: steers.clone(),
+            },
             queued.clone(),
             announced.clone(),
             stop.clone(),
@@ -102,6 +113,7 @@ impl PgStore {
             pool,
             events,
             cancels,
+            steers,
             queued,
             key_bounds: KeyBounds::default(),
             announced,
@@ -121,6 +133,12 @@ impl PgStore {
     }
 }
 
+/// The per-job wake-ups the listener hands on: cancel requests and revisions.
+struct Wakeups {
+    cancels: broadcast::Sender<Uuid>,
+    steers: broadcast::Sender<Uuid>,
+}
+
 /// Turns notifications from every node into this process's wake-ups. `PgListener` reconnects
 /// by itself after a dropped connection; what was sent meanwhile is lost, which the pollers
 /// (workers, SSE streams) cover.
@@ -128,7 +146,7 @@ async fn listen(
     pool: PgPool,
     mut listener: PgListener,
     events: broadcast::Sender<EventNotice>,
-    cancels: broadcast::Sender<Uuid>,
+    jobs: Wakeups,
     queued: Arc<Notify>,
     announced: Arc<Announced>,
     stop: CancellationToken,
@@ -154,7 +172,12 @@ async fn listen(
             "vqclip_queued" => queued.notify_waiters(),
             "vqclip_cancels" => {
                 if let Ok(id) = Uuid::parse_str(note.payload()) {
-                    let _ = cancels.send(id);
+                    let _ = jobs.cancels.send(id);
+                }
+            }
+            "vqclip_steers" => {
+                if let Ok(id) = Uuid::parse_str(note.payload()) {
+                    let _ = jobs.steers.send(id);
                 }
             }
             "vqclip_events" => {

@@ -306,6 +306,30 @@ async fn notify_wakes_subscribers_and_idle_workers_on_another_node() {
     assert_eq!(id, job.id);
 }
 
+/// A revision made on node A reaches node B's workers by NOTIFY, without their poll.
+#[tokio::test]
+async fn a_revision_on_one_node_wakes_workers_on_another() {
+    let Some((db, a)) = store().await else {
+        return;
+    };
+    let b = PgStore::connect(&db.url, 4).await.unwrap();
+    let mut steered = b.steerings();
+    let job = submit(&a, 0).await;
+    a.steer(
+        job.id,
+        &Scope::unrestricted(),
+        serde_json::json!({ "lr": 0.2 }),
+        serde_json::json!({ "prompts": "x", "lr": 0.2 }),
+    )
+    .await
+    .unwrap();
+    let id = tokio::time::timeout(Duration::from_secs(5), steered.recv())
+        .await
+        .expect("no revision notice on the other node")
+        .unwrap();
+    assert_eq!(id, job.id);
+}
+
 /// Event ids of a job grow in commit order even with writers racing on it, so a reader that
 /// resumes after id n never skips an event that committed later with a smaller id.
 #[tokio::test]

@@ -10,8 +10,15 @@ use super::{
 };
 use crate::queue::*;
 
-impl Jobs for SqliteStore {
-    fn submit(&self, new: NewJob, max_queued: u64) -> QueueFuture<'_, Submitted> {
+impl SqliteStore {
+    /// Submission, and a fork's submission with its link to the parent in the same
+    /// transaction.
+    pub(super) fn submit_linked(
+        &self,
+        new: NewJob,
+        max_queued: u64,
+        parent: Option<ForkLink>,
+    ) -> QueueFuture<'_, Submitted> {
         Box::pin(async move {
             let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
             if let Some(key) = &new.idempotency_key {
@@ -85,6 +92,14 @@ impl Jobs for SqliteStore {
                 .fetch_one(&mut *tx)
                 .await?;
             let job = job_from_row(&row)?;
+            if let Some(parent) = parent {
+                sqlx::query("INSERT INTO job_forks (child_id, parent_id, step) VALUES (?, ?, ?)")
+                    .bind(id.to_string())
+                    .bind(parent.job.to_string())
+                    .bind(i64::from(parent.step))
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let event = Self::insert_event(
                 &mut *tx,
                 id,
@@ -97,6 +112,12 @@ impl Jobs for SqliteStore {
             self.queued.notify_waiters();
             Ok(Submitted::Created(job))
         })
+    }
+}
+
+impl Jobs for SqliteStore {
+    fn submit(&self, new: NewJob, max_queued: u64) -> QueueFuture<'_, Submitted> {
+        self.submit_linked(new, max_queued, None)
     }
 
     fn get<'a>(&'a self, id: Uuid, scope: &'a Scope) -> QueueFuture<'a, Job> {

@@ -20,6 +20,7 @@ use super::*;
 mod events;
 mod jobs;
 mod leases;
+mod revisions;
 mod uploads;
 mod workers;
 
@@ -36,6 +37,7 @@ pub struct SqliteStore {
     pool: SqlitePool,
     events: broadcast::Sender<EventNotice>,
     cancels: broadcast::Sender<Uuid>,
+    steers: broadcast::Sender<Uuid>,
     queued: Arc<Notify>,
     key_bounds: KeyBounds,
 }
@@ -78,10 +80,12 @@ impl SqliteStore {
     pub fn from_pool(pool: SqlitePool) -> SqliteStore {
         let (events, _) = broadcast::channel(1024);
         let (cancels, _) = broadcast::channel(256);
+        let (steers, _) = broadcast::channel(256);
         SqliteStore {
             pool,
             events,
             cancels,
+            steers,
             queued: Arc::new(Notify::new()),
             key_bounds: KeyBounds::default(),
         }
