@@ -11,12 +11,11 @@
 mod bridge;
 mod engine;
 mod signing;
-mod store;
 mod target;
 
+pub use crate::queue::{Attempt, Delivery, DeliveryStatus};
 pub use engine::{OutgoingEvent, WebhookEngine, EVENT_TYPE_PREFIX};
 pub use signing::{verify, SecretError, Signer, VerifyError};
-pub use store::{Attempt, Delivery, DeliveryStatus};
 pub use target::{check_target, TargetError, TargetPolicy};
 
 use serde::{Deserialize, Serialize};
@@ -195,8 +194,8 @@ pub enum WebhookError {
     Secret(#[from] SecretError),
     #[error(transparent)]
     Target(#[from] TargetError),
-    #[error("webhook database error: {0}")]
-    Database(#[from] sqlx::Error),
+    #[error("webhook store error: {0}")]
+    Store(#[from] crate::queue::QueueError),
     #[error("could not build the webhook HTTP client: {0}")]
     Client(#[from] reqwest::Error),
 }

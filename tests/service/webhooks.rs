@@ -5,9 +5,10 @@
 use crate::support::{assert_signed, open_store, Receiver};
 use sqlx::SqlitePool;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use vqclip::queue::{Events, Jobs, NewJob, SqliteStore};
+use vqclip::queue::{Deliveries, Events, Jobs, NewJob, SqliteStore};
 use vqclip::webhooks::{
     verify, DeliveryStatus, EventKind, OutgoingEvent, VerifyError, WebhookConfig, WebhookEngine,
     WebhookError, WebhookSpec,
@@ -18,6 +19,11 @@ const SECRET: &str = "whsec_c2VjcmV0LWZvci10aGUtd2ViaG9vay10ZXN0cw==";
 /// The server's database: the job store's migrations include the webhook tables.
 async fn open_pool(dir: &Path) -> SqlitePool {
     open_store(dir, 4).await.pool().clone()
+}
+
+/// The deliveries of the server's database, as an engine holds them.
+fn deliveries(pool: &SqlitePool) -> Arc<dyn Deliveries> {
+    Arc::new(SqliteStore::from_pool(pool.clone()))
 }
 
 /// A queued job (deliveries belong to jobs), with `webhook` in its spec.
@@ -78,7 +84,7 @@ async fn delivery_is_signed_and_retried_after_a_500() {
     let (url, receiver) = Receiver::start(&[500]).await;
     let pool = open_pool(dir.path()).await;
     let job1 = job(&pool, None).await;
-    let engine = WebhookEngine::new(pool, config()).unwrap();
+    let engine = WebhookEngine::new(deliveries(&pool), config()).unwrap();
     let stop = CancellationToken::new();
     let sender = engine.spawn(stop.clone());
 
@@ -137,7 +143,7 @@ async fn a_wrong_signature_is_detectably_wrong() {
     let (url, receiver) = Receiver::start(&[]).await;
     let pool = open_pool(dir.path()).await;
     let job2 = job(&pool, None).await;
-    let engine = WebhookEngine::new(pool, config()).unwrap();
+    let engine = WebhookEngine::new(deliveries(&pool), config()).unwrap();
     let hook = spec(&url, &[EventKind::Failed]);
     engine
         .publish(
@@ -193,7 +199,7 @@ async fn a_pending_delivery_survives_a_restart() {
     let first_pool = open_pool(dir.path()).await;
     let job3 = job(&first_pool, None).await;
     let engine = WebhookEngine::new(
-        first_pool.clone(),
+        deliveries(&first_pool),
         WebhookConfig {
             initial_backoff_ms: Duration::from_millis(400),
             ..config()
@@ -230,7 +236,7 @@ async fn a_pending_delivery_survives_a_restart() {
     .unwrap();
 
     // Second life: a new engine on the same database finishes both.
-    let engine = WebhookEngine::new(second_pool, config()).unwrap();
+    let engine = WebhookEngine::new(deliveries(&second_pool), config()).unwrap();
     let stop = CancellationToken::new();
     let sender = engine.spawn(stop.clone());
     wait_until("both deliveries after the restart", || {
@@ -264,7 +270,7 @@ async fn progress_is_throttled_per_job_and_unsubscribed_events_are_dropped() {
     let (url, receiver) = Receiver::start(&[]).await;
     let pool = open_pool(dir.path()).await;
     let (job_a, job_b) = (job(&pool, None).await, job(&pool, None).await);
-    let engine = WebhookEngine::new(pool, config()).unwrap();
+    let engine = WebhookEngine::new(deliveries(&pool), config()).unwrap();
     let hook = spec(&url, &[EventKind::Progress, EventKind::Completed]);
     let interval = config().progress_interval_ms;
 
@@ -354,7 +360,7 @@ async fn private_targets_are_refused_unless_allowed() {
     let pool = open_pool(dir.path()).await;
     let (job_lit, job_name) = (job(&pool, None).await, job(&pool, None).await);
     let strict = WebhookEngine::new(
-        pool.clone(),
+        deliveries(&pool),
         WebhookConfig {
             allowed_networks: vec![],
             ..config()
@@ -407,7 +413,7 @@ async fn private_targets_are_refused_unless_allowed() {
     }
 
     // The test config allows loopback explicitly, and then it works.
-    let allowed = WebhookEngine::new(pool, config()).unwrap();
+    let allowed = WebhookEngine::new(deliveries(&pool), config()).unwrap();
     allowed
         .validate(&spec(&url, &[EventKind::Completed]))
         .await
@@ -415,7 +421,7 @@ async fn private_targets_are_refused_unless_allowed() {
 
     // Without a secret nothing could be signed, so webhooks are refused up front.
     let unsigned = WebhookEngine::new(
-        open_pool(dir.path()).await,
+        deliveries(&open_pool(dir.path()).await),
         WebhookConfig {
             secret: String::new(),
             ..config()
@@ -437,7 +443,7 @@ async fn gives_up_after_max_attempts() {
     let pool = open_pool(dir.path()).await;
     let job4 = job(&pool, None).await;
     let engine = WebhookEngine::new(
-        pool,
+        deliveries(&pool),
         WebhookConfig {
             max_attempts: 3,
             initial_backoff_ms: Duration::from_millis(20),
@@ -477,7 +483,7 @@ async fn job_events_become_deliveries_once() {
     let (url, receiver) = Receiver::start(&[]).await;
     let pool = open_pool(dir.path()).await;
     let store = SqliteStore::from_pool(pool.clone());
-    let engine = WebhookEngine::new(pool.clone(), config()).unwrap();
+    let engine = WebhookEngine::new(deliveries(&pool), config()).unwrap();
     let stop = CancellationToken::new();
     let sender = engine.spawn(stop.clone());
 

@@ -21,8 +21,10 @@ use uuid::Uuid;
 
 use super::*;
 
+mod deliveries;
 mod events;
 mod jobs;
+mod keys;
 mod leases;
 mod uploads;
 mod workers;
@@ -269,5 +271,7 @@ fn job_from_row(row: &PgRow) -> QueueResult<Job> {
     })
 }
 
+#[cfg(test)]
+pub(crate) mod testdb;
 #[cfg(test)]
 mod tests;

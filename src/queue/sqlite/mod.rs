@@ -17,8 +17,10 @@ use uuid::Uuid;
 
 use super::*;
 
+mod deliveries;
 mod events;
 mod jobs;
+mod keys;
 mod leases;
 mod uploads;
 mod workers;
