@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Lints docker/ without Docker (CI machines have none): hadolint from its PyPI wheel
-# on both Dockerfiles, and a check that compose.yaml's services are separate profiles
-# that share no host port and no volume.
+# on both Dockerfiles, a check that compose.yaml's services are separate profiles
+# that share no host port and no volume, and that compose.multinode.yaml's nodes share
+# one database and one bucket and start after a one-shot migrate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,5 +48,45 @@ for name, s in services.items():
 if errors:
     sys.exit("docker/compose.yaml:\n  " + "\n  ".join(errors))
 print(f"docker/compose.yaml: {len(services)} services, profiles {sorted(profiles)}, no shared port or volume")
+PY
+"$VENV/bin/python" - <<'PY'
+import sys, yaml
+path = "docker/compose.multinode.yaml"
+doc = yaml.safe_load(open(path))
+services = doc["services"]
+errors, ports = [], {}
+nodes = {n: s for n, s in services.items() if "build" in s}
+for name, s in services.items():
+    if "stop_grace_period" not in s:
+        errors.append(f"{name}: no stop_grace_period")
+    for port in s.get("ports", []):
+        host = str(port).rsplit(":", 1)[0]
+        if host in ports:
+            errors.append(f"{name}: host port {host} also used by {ports[host]}")
+        ports[host] = name
+    for v in s.get("volumes", []):
+        src = str(v).split(":", 1)[0]
+        if not src.startswith((".", "/")) and src not in (doc.get("volumes") or {}):
+            errors.append(f"{name}: volume {src} is not declared")
+# Every vqclip node must see the same state: one database, one bucket.
+for key in ("VQCLIP_DATABASE_URL", "VQCLIP_STORAGE_URL"):
+    values = {n: (s.get("environment") or {}).get(key) for n, s in nodes.items()}
+    if len(set(values.values())) != 1 or None in values.values():
+        errors.append(f"{key} differs between nodes: {values}")
+if not str(nodes.get("migrate", {}).get("command")) == "['migrate']":
+    errors.append("no one-shot `migrate` service")
+for name, s in nodes.items():
+    if name == "migrate":
+        continue
+    dep = (s.get("depends_on") or {}).get("migrate", {})
+    if dep.get("condition") != "service_completed_successfully":
+        errors.append(f"{name}: does not wait for migrate to succeed")
+apis = [n for n, s in nodes.items() if s.get("command", [None])[0] == "serve"]
+workers = [n for n, s in nodes.items() if s.get("command", [None])[0] == "worker"]
+if len(apis) < 2 or not workers:
+    errors.append(f"wants two API nodes and workers, has {apis} and {workers}")
+if errors:
+    sys.exit(path + ":\n  " + "\n  ".join(errors))
+print(f"{path}: {len(apis)} API nodes, {len(workers)} worker service(s), one database, one bucket")
 PY
 echo "docker/: lint passed"
