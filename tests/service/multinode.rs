@@ -304,3 +304,60 @@ async fn with_two_api_nodes_each_webhook_event_is_delivered_once() {
     a.stop();
     b.stop();
 }
+
+/// `vqclip keys` writes to the shared database: a key created (or revoked) there counts on
+/// every API node at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_created_on_the_command_line_works_on_every_api_node() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    migrate(&db.url);
+    let keys = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vqclip"))
+            .arg("keys")
+            .args(args)
+            .args(["--database-url", &db.url])
+            .env_remove("VQCLIP_CONFIG")
+            .env("VQCLIP_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let extra = format!(
+        "[storage]\nartifact_dir = \"{}/artifacts\"\n",
+        dir.path().display()
+    );
+    let config = node_config(dir.path(), "node", &db.url, &extra);
+    let nodes = [spawn_api(&config, &[]), spawn_api(&config, &[])];
+    // No key yet: keys are off everywhere.
+    for node in &nodes {
+        assert_eq!(node.get("/v1/jobs").await.status(), 200);
+    }
+    let key = succeeded(&keys(&["create", "--name", "app"]))
+        .trim()
+        .to_owned();
+    assert!(key.starts_with("vq_"), "{key}");
+    assert!(!keys(&["create", "--name", "app"]).status.success());
+    let with_key = |node: &ServerProcess, key: &str| {
+        node.client
+            .get(node.url("/v1/jobs"))
+            .bearer_auth(key)
+            .send()
+    };
+    for node in &nodes {
+        // Keys are on now: a request without one is refused, with it accepted.
+        problem(node.get("/v1/jobs").await, 401).await;
+        assert_eq!(with_key(node, &key).await.unwrap().status(), 200);
+    }
+    let listed: serde_json::Value =
+        serde_json::from_str(&succeeded(&keys(&["list", "--json"]))).unwrap();
+    assert_eq!(listed[0]["name"], "app");
+    succeeded(&keys(&["revoke", "app"]));
+    for node in &nodes {
+        problem(with_key(node, &key).await.unwrap(), 401).await;
+    }
+    let [a, b] = nodes;
+    a.stop();
+    b.stop();
+}
