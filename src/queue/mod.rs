@@ -20,6 +20,7 @@ pub mod metrics;
 mod postgres;
 #[cfg(test)]
 pub(crate) mod rooms_suite;
+mod rows;
 mod sqlite;
 #[cfg(test)]
 pub(crate) mod suite;

@@ -4,7 +4,7 @@
 
 use sqlx::Row;
 
-use super::{ts, PgStore};
+use super::{attempt_from_row, claimed_from_row, delivery_from_row, PgStore};
 use crate::queue::*;
 
 impl Deliveries for PgStore {
@@ -139,16 +139,7 @@ impl Deliveries for PgStore {
             let mut claimed = rows
                 .iter()
                 .map(|r| -> QueueResult<_> {
-                    Ok((
-                        r.try_get::<i64, _>("created_at")?,
-                        ClaimedDelivery {
-                            id: r.try_get("id")?,
-                            job_id: r.try_get("job_id")?,
-                            url: r.try_get("url")?,
-                            payload: r.try_get("payload")?,
-                            attempts: r.try_get::<i64, _>("attempts")? as u32,
-                        },
-                    ))
+                    Ok((r.try_get::<i64, _>("created_at")?, claimed_from_row(r)?))
                 })
                 .collect::<QueueResult<Vec<_>>>()?;
             // RETURNING has no order; ids are time-ordered (UUIDv7) within one millisecond.
@@ -230,34 +221,11 @@ impl Deliveries for PgStore {
             .await?;
             let mut out = rows
                 .iter()
-                .map(|r| -> QueueResult<_> {
-                    let status = DeliveryStatus::parse(r.try_get("status")?);
-                    Ok(Delivery {
-                        id: r.try_get("id")?,
-                        job_id: r.try_get("job_id")?,
-                        event: r.try_get("event")?,
-                        url: r.try_get("url")?,
-                        payload: r.try_get("payload")?,
-                        status,
-                        attempts: Vec::new(),
-                        created_at: ts(r.try_get("created_at")?),
-                        next_attempt_at: (status == DeliveryStatus::Pending)
-                            .then(|| r.try_get("next_attempt_at").map(ts))
-                            .transpose()?,
-                    })
-                })
+                .map(delivery_from_row)
                 .collect::<QueueResult<Vec<_>>>()?;
-            for a in attempts {
-                let attempt = Attempt {
-                    attempt: a.try_get::<i64, _>("attempt")? as u32,
-                    at: ts(a.try_get("at")?),
-                    status_code: a
-                        .try_get::<Option<i64>, _>("status_code")?
-                        .and_then(|c| u16::try_from(c).ok()),
-                    error: a.try_get("error")?,
-                    duration_ms: a.try_get::<i64, _>("duration_ms")?.max(0) as u64,
-                };
-                attach_attempt(&mut out, a.try_get("delivery_id")?, attempt);
+            for a in &attempts {
+                let (delivery, attempt) = attempt_from_row(a)?;
+                attach_attempt(&mut out, &delivery, attempt);
             }
             Ok(out)
         })

@@ -208,6 +208,8 @@ impl Announced {
     }
 }
 
+crate::queue::rows::row_readers!(PgRow);
+
 fn parse_uuid(s: &str) -> QueueResult<Uuid> {
     Uuid::parse_str(s).map_err(|e| QueueError::Corrupt(format!("id {s:?}: {e}")))
 }

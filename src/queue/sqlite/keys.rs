@@ -1,34 +1,10 @@
 //! [`ApiKeys`] on SQLite.
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::Row;
-
-use super::{ts, SqliteStore};
+use super::{key_from_row, SqliteStore};
 use crate::queue::*;
 
 const COLUMNS: &str = "id, name, key_prefix, admin, created_at, revoked_at, \
                        requests_per_second, burst, max_queued, max_running";
-
-fn key_from_row(r: &SqliteRow) -> QueueResult<ApiKey> {
-    let opt_u32 = |c: &str| -> QueueResult<Option<u32>> {
-        Ok(r.try_get::<Option<i64>, _>(c)?
-            .map(|v| u32::try_from(v).unwrap_or(u32::MAX)))
-    };
-    Ok(ApiKey {
-        id: r.try_get("id")?,
-        name: r.try_get("name")?,
-        prefix: r.try_get("key_prefix")?,
-        admin: r.try_get::<i64, _>("admin")? != 0,
-        created_at: ts(r.try_get("created_at")?),
-        revoked_at: r.try_get::<Option<i64>, _>("revoked_at")?.map(ts),
-        limits: LimitOverrides {
-            requests_per_second: r.try_get("requests_per_second")?,
-            burst: opt_u32("burst")?,
-            max_queued: opt_u32("max_queued")?,
-            max_running: opt_u32("max_running")?,
-        },
-    })
-}
 
 impl SqliteStore {
     /// The key whose `column` (a unique one) holds `value`.

@@ -120,6 +120,8 @@ fn ensure_parent_dir(url: &str) {
     }
 }
 
+crate::queue::rows::row_readers!(SqliteRow);
+
 fn parse_uuid(s: &str) -> QueueResult<Uuid> {
     Uuid::parse_str(s).map_err(|e| QueueError::Corrupt(format!("id {s:?}: {e}")))
 }
