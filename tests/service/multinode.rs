@@ -9,7 +9,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vqclip::queue::{Jobs, PgStore, Scope, Workers};
+use vqclip::queue::{Events, Jobs, PgStore, Scope, Workers};
 
 use crate::support::pg::TestDb;
 use crate::support::s3::{s3_skipped, MotoServer};
@@ -57,19 +57,56 @@ fn s3_env(moto: &MotoServer, scratch: &Path) -> Vec<(String, String)> {
     .collect()
 }
 
-fn spawn_api(config: &Path, env: &[(String, String)]) -> ServerProcess {
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    ServerProcess::spawn_with(config, "warn", &env, None)
+/// A `vqclip serve` node, killed if the test fails before stopping it.
+struct ApiNode(ServerProcess);
+
+impl std::ops::Deref for ApiNode {
+    type Target = ServerProcess;
+    fn deref(&self) -> &ServerProcess {
+        &self.0
+    }
 }
 
-fn spawn_worker(config: &Path, env: &[(String, String)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_vqclip"))
+impl ApiNode {
+    /// SIGTERM, then asserts the graceful exit succeeded.
+    fn stop(mut self) {
+        sigterm(&self.0.child);
+        let status = self.0.child.wait().unwrap();
+        assert!(status.success(), "{status}");
+    }
+}
+
+impl Drop for ApiNode {
+    fn drop(&mut self) {
+        let _ = self.0.child.kill();
+        let _ = self.0.child.wait();
+    }
+}
+
+fn spawn_api(config: &Path, env: &[(String, String)]) -> ApiNode {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    ApiNode(ServerProcess::spawn_with(config, "warn", &env, None))
+}
+
+/// A `vqclip worker` process, killed if the test fails before stopping it.
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_worker(config: &Path, env: &[(String, String)]) -> Worker {
+    let child = Command::new(env!("CARGO_BIN_EXE_vqclip"))
         .args(["worker", "--workers", "1", "--config"])
         .arg(config)
         .env("VQCLIP_LOG", "warn")
         .envs(env.iter().cloned())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Worker(child)
 }
 
 fn migrate(db_url: &str) {
@@ -109,7 +146,7 @@ async fn two_api_nodes_and_three_workers_share_one_database_and_bucket() {
     let worker_config = node_config(dir.path(), "worker", &db.url, "");
     let a = spawn_api(&api_config, &s3_env(&moto, &dir.path().join("a")));
     let b = spawn_api(&api_config, &s3_env(&moto, &dir.path().join("b")));
-    let mut workers: Vec<Child> = (0..3)
+    let mut workers: Vec<Worker> = (0..3)
         .map(|i| {
             spawn_worker(
                 &worker_config,
@@ -166,10 +203,10 @@ async fn two_api_nodes_and_three_workers_share_one_database_and_bucket() {
         .pid;
     let killed = workers
         .iter()
-        .position(|w| w.id() == pid)
+        .position(|w| w.0.id() == pid)
         .expect("the victim's worker is one of ours");
     let mut dead = workers.remove(killed);
-    sigkill(&mut dead);
+    sigkill(&mut dead.0);
 
     // Every job succeeds exactly once; the victim on a second attempt.
     for id in &ids {
@@ -210,10 +247,10 @@ async fn two_api_nodes_and_three_workers_share_one_database_and_bucket() {
     }
 
     for w in &workers {
-        sigterm(w);
+        sigterm(&w.0);
     }
     for mut w in workers {
-        assert!(w.wait().unwrap().success());
+        assert!(w.0.wait().unwrap().success());
     }
     a.stop();
     b.stop();
@@ -299,8 +336,8 @@ async fn with_two_api_nodes_each_webhook_event_is_delivered_once() {
     }
     assert_eq!(per_job, want);
 
-    sigterm(&worker);
-    assert!(worker.wait().unwrap().success());
+    sigterm(&worker.0);
+    assert!(worker.0.wait().unwrap().success());
     a.stop();
     b.stop();
 }
@@ -339,7 +376,7 @@ async fn a_key_created_on_the_command_line_works_on_every_api_node() {
         .to_owned();
     assert!(key.starts_with("vq_"), "{key}");
     assert!(!keys(&["create", "--name", "app"]).status.success());
-    let with_key = |node: &ServerProcess, key: &str| {
+    let with_key = |node: &ApiNode, key: &str| {
         node.client
             .get(node.url("/v1/jobs"))
             .bearer_auth(key)
@@ -360,4 +397,103 @@ async fn a_key_created_on_the_command_line_works_on_every_api_node() {
     let [a, b] = nodes;
     a.stop();
     b.stop();
+}
+
+/// The SSE wake-up through real nodes: a `vqclip worker` writes events, an SSE client on an
+/// API node that did not write them receives them. On SQLite (one file, three processes) the
+/// node learns of them from its poll; on PostgreSQL from `NOTIFY`. Run with
+/// `cargo test --test service -- --ignored multinode::bench_ --nocapture --test-threads 1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement for BENCHMARKS.md"]
+async fn bench_sse_wake_up_from_a_worker_to_another_node() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = database_url(dir.path());
+    for (backend, url) in [("SQLite", sqlite.as_str()), ("PostgreSQL", db.url.as_str())] {
+        let (median, p99, n) = wake_up_latency(dir.path(), url).await;
+        println!("{backend}: worker event -> SSE client on an API node: median {median:.1} ms, p99 {p99:.1} ms ({n} events)");
+    }
+}
+
+/// Latencies (median, p99, count) in ms from each event's commit time to its arrival on node
+/// A's stream, for jobs submitted to node B and rendered by a worker process.
+async fn wake_up_latency(dir: &Path, db_url: &str) -> (f64, f64, usize) {
+    migrate(db_url);
+    let extra = format!(
+        "[storage]\nartifact_dir = \"{}/artifacts\"\n",
+        dir.display()
+    );
+    let config = node_config(dir, "bench", db_url, &extra);
+    let a = spawn_api(&config, &[]);
+    let b = spawn_api(&config, &[]);
+    let mut worker = spawn_worker(&config, &[]);
+    let now_ms = || chrono::Utc::now().timestamp_micros() as f64 / 1000.0;
+    let mut latencies = vec![];
+    for i in 0..8 {
+        let id = b.submit(&tiny_spec(&format!("wake {i}"), 24)).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let response = a
+            .client
+            .get(a.url(&format!("/v1/jobs/{id}/events")))
+            .send()
+            .await
+            .unwrap();
+        let connected = now_ms();
+        // Arrival times as the stream delivers them, read event by event.
+        let mut arrivals = HashMap::new();
+        let mut stream = response;
+        let mut buf = String::new();
+        while let Some(chunk) = stream.chunk().await.unwrap() {
+            let at = now_ms();
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                if let Some(line) = block.lines().find(|l| l.starts_with("id:")) {
+                    let event: i64 = line[3..].trim().parse().unwrap();
+                    arrivals.insert(event, at);
+                }
+            }
+        }
+        let store_events = events_with_times(db_url, &id).await;
+        for (event, created_ms) in store_events {
+            // Events written before the stream connected are a replay, not a wake-up.
+            if let Some(at) = arrivals.get(&event).filter(|_| created_ms > connected) {
+                latencies.push(at - created_ms);
+            }
+        }
+    }
+    sigterm(&worker.0);
+    assert!(worker.0.wait().unwrap().success());
+    a.stop();
+    b.stop();
+    latencies.sort_by(f64::total_cmp);
+    let n = latencies.len();
+    assert!(n > 50, "{n} events measured");
+    (latencies[n / 2], latencies[n * 99 / 100], n)
+}
+
+/// A job's event ids and commit times (ms), read from the store the nodes share.
+async fn events_with_times(db_url: &str, job: &str) -> Vec<(i64, f64)> {
+    let job = job.parse().unwrap();
+    let events = if db_url.starts_with("postgres") {
+        let store = PgStore::connect(db_url, 2).await.unwrap();
+        let e = store.events_after(job, 0, 100_000).await.unwrap();
+        store.pool().close().await;
+        e
+    } else {
+        let store = vqclip::queue::SqliteStore::connect(db_url, Duration::from_secs(5), 2)
+            .await
+            .unwrap();
+        let e = store.events_after(job, 0, 100_000).await.unwrap();
+        store.pool().close().await;
+        e
+    };
+    events
+        .into_iter()
+        .map(|e| (e.id, e.created_at.timestamp_millis() as f64))
+        .collect()
 }
