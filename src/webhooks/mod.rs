@@ -1,12 +1,13 @@
 //! Webhooks: Standard Webhooks signing, SSRF-checked targets and persisted
 //! deliveries with retries.
 //!
-//! The background task ([`WebhookEngine::spawn`]) tails `job_events`: each
-//! event of a job whose spec carries a [`WebhookSpec`] becomes a row of
-//! `webhook_deliveries` ([`WebhookEngine::publish`]); due rows are sent and
-//! every attempt is recorded in `webhook_attempts`. Events, the read cursor,
-//! deliveries and the progress throttle all live in the database, so a
-//! restart (or a worker in another process) loses no webhook.
+//! The background task ([`WebhookEngine::spawn`]) reads the job events its store
+//! has not yet bridged: each event of a job whose spec carries a [`WebhookSpec`]
+//! becomes a delivery ([`WebhookEngine::publish`]); due deliveries are claimed
+//! under a lease, sent, and every attempt is recorded. Events, what was bridged,
+//! deliveries, leases and the progress throttle all live in the job store's
+//! database (`queue::Deliveries`), so a restart, a worker in another process or
+//! a second API node loses and duplicates no webhook.
 
 mod bridge;
 mod engine;
