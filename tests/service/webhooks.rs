@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use vqclip::queue::{Deliveries, Events, Jobs, NewJob, SqliteStore};
+use vqclip::queue::{Deliveries, Events, JobStore, NewJob, PgStore, SqliteStore};
 use vqclip::webhooks::{
     verify, DeliveryStatus, EventKind, OutgoingEvent, VerifyError, WebhookConfig, WebhookEngine,
     WebhookError, WebhookSpec,
@@ -28,20 +28,9 @@ fn deliveries(pool: &SqlitePool) -> Arc<dyn Deliveries> {
 
 /// A queued job (deliveries belong to jobs), with `webhook` in its spec.
 async fn job(pool: &SqlitePool, webhook: Option<&WebhookSpec>) -> String {
-    let store = SqliteStore::from_pool(pool.clone());
-    let new = NewJob {
-        spec: serde_json::json!({ "prompts": "x", "webhook": webhook }),
-        priority: 0,
-        keep: false,
-        total_steps: 10,
-        owner_key_id: None,
-        idempotency_key: None,
-        request_hash: "h".into(),
-        max_attempts: 2,
-        warnings: vec![],
-        seed: Some(1),
-    };
-    store.submit(new, 1000).await.unwrap().job().id.to_string()
+    submit(&SqliteStore::from_pool(pool.clone()), webhook)
+        .await
+        .to_string()
 }
 
 fn config() -> WebhookConfig {
@@ -557,4 +546,94 @@ async fn job_events_become_deliveries_once() {
         .await
         .unwrap();
     assert_eq!(attempts, 0);
+}
+
+/// The same on PostgreSQL, across nodes: events written through one node's store reach the
+/// sender of another node (through the outbox), once, and a sender on the first node that
+/// reads them later sends nothing again.
+#[tokio::test]
+async fn on_postgresql_events_written_on_one_node_are_delivered_once_by_another() {
+    let Some(db) = crate::support::pg::TestDb::create().await else {
+        return;
+    };
+    let (url, receiver) = Receiver::start(&[]).await;
+    let node_a = Arc::new(PgStore::connect(&db.url, 4).await.unwrap());
+    let node_b = Arc::new(PgStore::connect(&db.url, 4).await.unwrap());
+    let engine_b = WebhookEngine::new(node_b.clone(), config()).unwrap();
+    let stop = CancellationToken::new();
+    let sender = engine_b.spawn(stop.clone());
+
+    let hook = spec(
+        &url,
+        &[EventKind::State, EventKind::Progress, EventKind::Completed],
+    );
+    let with_hook = submit(&*node_a, Some(&hook)).await;
+    let without = submit(&*node_a, None).await;
+    for id in [with_hook, without] {
+        for step in 1..=10 {
+            node_a
+                .append_event(id, EventKind::Progress, serde_json::json!({ "step": step }))
+                .await
+                .unwrap();
+        }
+        node_a
+            .append_event(id, EventKind::Completed, serde_json::json!({}))
+            .await
+            .unwrap();
+    }
+    // queued (state) + one progress (the rest fall inside the interval) + completed; node B
+    // polls every 50 ms, so no wake-up from node A is needed.
+    wait_until("three deliveries", || receiver.got().len() == 3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = receiver.got();
+    assert_eq!(got.len(), 3, "the job without a webhook sent nothing");
+    got.iter().for_each(|r| assert_signed(SECRET, r));
+    let types: Vec<String> = got
+        .iter()
+        .map(|r| {
+            let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            assert_eq!(body["data"]["job_id"], with_hook.to_string());
+            body["type"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(types, ["job.state", "job.progress", "job.completed"]);
+    stop.cancel();
+    sender.await.unwrap();
+
+    let engine_a = WebhookEngine::new(node_a.clone(), config()).unwrap();
+    assert_eq!(engine_a.pump_events().await.unwrap(), 0, "bridged already");
+    assert_eq!(engine_a.deliver_due().await.unwrap(), 0);
+    assert_eq!(
+        engine_a
+            .history(&with_hook.to_string())
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    let statuses: Vec<DeliveryStatus> = engine_a
+        .history(&with_hook.to_string())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.status)
+        .collect();
+    assert_eq!(statuses, [DeliveryStatus::Delivered; 3]);
+}
+
+/// A queued job on any store, with `webhook` in its spec.
+async fn submit(store: &dyn JobStore, webhook: Option<&WebhookSpec>) -> uuid::Uuid {
+    let new = NewJob {
+        spec: serde_json::json!({ "prompts": "x", "webhook": webhook }),
+        priority: 0,
+        keep: false,
+        total_steps: 10,
+        owner_key_id: None,
+        idempotency_key: None,
+        request_hash: "h".into(),
+        max_attempts: 2,
+        warnings: vec![],
+        seed: Some(1),
+    };
+    store.submit(new, 1000).await.unwrap().job().id
 }
