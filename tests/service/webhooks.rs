@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use vqclip::queue::{Deliveries, Events, JobStore, NewJob, PgStore, SqliteStore};
+use vqclip::queue::{Deliveries, JobStore, NewJob, PgStore, SqliteStore};
 use vqclip::webhooks::{
     verify, DeliveryStatus, EventKind, OutgoingEvent, VerifyError, WebhookConfig, WebhookEngine,
     WebhookError, WebhookSpec,
@@ -483,41 +483,9 @@ async fn job_events_become_deliveries_once() {
     let with_hook = job(&pool, Some(&hook)).await;
     let without = job(&pool, None).await;
     for id in [&with_hook, &without] {
-        let id = id.parse().unwrap();
-        for step in 1..=10 {
-            store
-                .append_event(
-                    id,
-                    vqclip::queue::EventKind::Progress,
-                    serde_json::json!({"step": step, "total": 10}),
-                )
-                .await
-                .unwrap();
-        }
-        store
-            .append_event(
-                id,
-                vqclip::queue::EventKind::Completed,
-                serde_json::json!({"state": "succeeded"}),
-            )
-            .await
-            .unwrap();
+        write_a_render(&store, id.parse().unwrap()).await;
     }
-    // queued (state) + one progress (the rest fall inside the interval) + completed.
-    wait_until("three deliveries", || receiver.got().len() == 3).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let got = receiver.got();
-    assert_eq!(got.len(), 3, "the job without a webhook sent nothing");
-    got.iter().for_each(|r| assert_signed(SECRET, r));
-    let bodies: Vec<serde_json::Value> = got
-        .iter()
-        .map(|r| serde_json::from_str(&r.body).unwrap())
-        .collect();
-    let types: Vec<&str> = bodies.iter().map(|b| b["type"].as_str().unwrap()).collect();
-    assert_eq!(types, ["job.state", "job.progress", "job.completed"]);
-    assert!(bodies
-        .iter()
-        .all(|b| b["data"]["job_id"] == with_hook.as_str()));
+    let bodies = three_deliveries(&receiver, &with_hook).await;
     assert_eq!(bodies[0]["data"]["state"], "queued");
     assert_eq!(bodies[1]["data"]["step"], 1);
 
@@ -570,33 +538,10 @@ async fn on_postgresql_events_written_on_one_node_are_delivered_once_by_another(
     let with_hook = submit(&*node_a, Some(&hook)).await;
     let without = submit(&*node_a, None).await;
     for id in [with_hook, without] {
-        for step in 1..=10 {
-            node_a
-                .append_event(id, EventKind::Progress, serde_json::json!({ "step": step }))
-                .await
-                .unwrap();
-        }
-        node_a
-            .append_event(id, EventKind::Completed, serde_json::json!({}))
-            .await
-            .unwrap();
+        write_a_render(&*node_a, id).await;
     }
-    // queued (state) + one progress (the rest fall inside the interval) + completed; node B
-    // polls every 50 ms, so no wake-up from node A is needed.
-    wait_until("three deliveries", || receiver.got().len() == 3).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let got = receiver.got();
-    assert_eq!(got.len(), 3, "the job without a webhook sent nothing");
-    got.iter().for_each(|r| assert_signed(SECRET, r));
-    let types: Vec<String> = got
-        .iter()
-        .map(|r| {
-            let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-            assert_eq!(body["data"]["job_id"], with_hook.to_string());
-            body["type"].as_str().unwrap().to_owned()
-        })
-        .collect();
-    assert_eq!(types, ["job.state", "job.progress", "job.completed"]);
+    // Node B polls every 50 ms: no wake-up from node A is needed.
+    three_deliveries(&receiver, &with_hook.to_string()).await;
     stop.cancel();
     sender.await.unwrap();
 
@@ -636,4 +581,45 @@ async fn submit(store: &dyn JobStore, webhook: Option<&WebhookSpec>) -> uuid::Uu
         seed: Some(1),
     };
     store.submit(new, 1000).await.unwrap().job().id
+}
+
+/// The events of a short render: ten progress steps, then `completed`.
+async fn write_a_render(store: &dyn JobStore, id: uuid::Uuid) {
+    for step in 1..=10 {
+        store
+            .append_event(
+                id,
+                EventKind::Progress,
+                serde_json::json!({ "step": step, "total": 10 }),
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .append_event(
+            id,
+            EventKind::Completed,
+            serde_json::json!({ "state": "succeeded" }),
+        )
+        .await
+        .unwrap();
+}
+
+/// Waits for what [`write_a_render`] on a job subscribed to state, progress and completed
+/// sends: queued (state), one progress (the rest fall inside the interval), completed, all
+/// signed and of `job`, and nothing more; returns the bodies.
+async fn three_deliveries(receiver: &Receiver, job: &str) -> Vec<serde_json::Value> {
+    wait_until("three deliveries", || receiver.got().len() == 3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = receiver.got();
+    assert_eq!(got.len(), 3, "the job without a webhook sent nothing");
+    got.iter().for_each(|r| assert_signed(SECRET, r));
+    let bodies: Vec<serde_json::Value> = got
+        .iter()
+        .map(|r| serde_json::from_str(&r.body).unwrap())
+        .collect();
+    let types: Vec<&str> = bodies.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["job.state", "job.progress", "job.completed"]);
+    assert!(bodies.iter().all(|b| b["data"]["job_id"] == job));
+    bodies
 }
