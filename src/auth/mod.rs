@@ -14,8 +14,9 @@ mod limits;
 pub use keys::{hash_key, ApiKey, KeyError, KeyStore, LimitOverrides, NewKey, KEY_PREFIX};
 pub use limits::{KeyLimits, RateLimiter};
 
+use crate::queue::ApiKeys;
 use serde::{Deserialize, Serialize};
-use sqlx::SqlitePool;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Who may read `/metrics`.
@@ -150,10 +151,9 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// `pool` must have migration 0003 applied.
-    pub fn new(pool: SqlitePool, config: AuthConfig) -> Self {
+    pub fn new(keys: Arc<dyn ApiKeys>, config: AuthConfig) -> Self {
         Self {
-            keys: KeyStore::new(pool),
+            keys: KeyStore::new(keys),
             config,
             rate: RateLimiter::default(),
         }

@@ -2,10 +2,8 @@
 
 use anyhow::Context;
 use std::path::PathBuf;
-use std::time::Duration;
 use vqclip::auth::{ApiKey, KeyStore, LimitOverrides, NewKey};
 use vqclip::config::{Config, Overrides};
-use vqclip::queue::SqliteStore;
 
 #[derive(clap::Args, Debug)]
 pub struct DbArgs {
@@ -71,21 +69,9 @@ async fn open(db: &DbArgs) -> anyhow::Result<KeyStore> {
         ..Overrides::default()
     };
     let config = Config::load(db.config.as_deref(), &overrides)?;
-    let d = &config.database;
-    if d.url.starts_with("postgres://") || d.url.starts_with("postgresql://") {
-        anyhow::bail!(
-            "API keys are stored on SQLite only for now; `vqclip keys` cannot use {}",
-            d.url.split('@').next_back().unwrap_or_default()
-        );
-    }
-    let store = SqliteStore::connect(
-        &d.url,
-        Duration::from_millis(d.busy_timeout_ms),
-        d.max_connections,
-    )
-    .await
-    .with_context(|| format!("cannot open the database {}", d.url))?;
-    Ok(KeyStore::new(store.pool().clone()))
+    // The server's own store: keys live beside the jobs, on SQLite or PostgreSQL.
+    let store = super::serve::open_store(&config).await?;
+    Ok(KeyStore::new(store.keys()))
 }
 
 async fn run_async(c: KeysCommand) -> anyhow::Result<()> {

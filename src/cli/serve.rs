@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use vqclip::api::{self, AppState};
 use vqclip::auth::Authenticator;
 use vqclip::config::{Config, Overrides};
-use vqclip::queue::{JobStore, KeyBounds, Metrics, PgStore, SqliteStore};
+use vqclip::queue::{ApiKeys, Deliveries, JobStore, KeyBounds, Metrics, PgStore, SqliteStore};
 use vqclip::storage::ArtifactStore;
 use vqclip::webhooks::WebhookEngine;
 use vqclip::worker::retention::spawn_pruner;
@@ -76,13 +76,27 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// The job store `database.url` names: `sqlite://…` (one machine, the default) or
 /// `postgres://…` (several API and worker nodes on one database).
 #[derive(Clone)]
-enum Store {
+pub(super) enum Store {
     Sqlite(Arc<SqliteStore>),
     Postgres(Arc<PgStore>),
 }
 
 impl Store {
     fn jobs(&self) -> Arc<dyn JobStore> {
+        match self {
+            Store::Sqlite(s) => s.clone(),
+            Store::Postgres(s) => s.clone(),
+        }
+    }
+
+    pub(super) fn keys(&self) -> Arc<dyn ApiKeys> {
+        match self {
+            Store::Sqlite(s) => s.clone(),
+            Store::Postgres(s) => s.clone(),
+        }
+    }
+
+    fn deliveries(&self) -> Arc<dyn Deliveries> {
         match self {
             Store::Sqlite(s) => s.clone(),
             Store::Postgres(s) => s.clone(),
@@ -101,7 +115,7 @@ fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
-async fn open_store(config: &Config) -> anyhow::Result<Store> {
+pub(super) async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let db = &config.database;
     // Claims (here and in `vqclip worker`) honour the per-key running bound.
     let bounds = KeyBounds {
@@ -191,15 +205,6 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
     )?;
     runtime()?.block_on(async move {
         let store = open_store(&config).await?;
-        // API keys and webhook deliveries still live behind SQLite pools (auth, webhooks);
-        // until they have stores of their own on PostgreSQL, API nodes need SQLite.
-        let Store::Sqlite(sqlite) = &store else {
-            anyhow::bail!(
-                "vqclip serve cannot run on PostgreSQL yet: API keys and webhook deliveries \
-                 are stored on SQLite only; `vqclip worker` and `vqclip migrate` do run on it"
-            );
-        };
-        let sqlite = sqlite.clone();
         let artifacts = ArtifactStore::from_config(&config.storage)?;
         let metrics = Arc::new(Metrics::default());
         // Bound before the workers start, so a busy port fails before any job is claimed.
@@ -225,11 +230,8 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
             redact(&config.database.url),
             artifacts.location()
         );
-        let auth = Arc::new(Authenticator::new(
-            sqlite.pool().clone(),
-            config.auth.clone(),
-        ));
-        let webhooks = WebhookEngine::new(sqlite.pool().clone(), config.webhooks.clone())?;
+        let auth = Arc::new(Authenticator::new(store.keys(), config.auth.clone()));
+        let webhooks = WebhookEngine::new(store.deliveries(), config.webhooks.clone())?;
         let sender = webhooks.spawn(shutdown.clone());
         wake_on_events(store.jobs(), &webhooks, shutdown.clone());
         let pruner = spawn_pruner(
@@ -265,7 +267,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Events committed in this process wake the webhook sender at once; those from
-/// `vqclip worker` processes are picked up by its polling.
+/// `vqclip worker` processes too on PostgreSQL (LISTEN/NOTIFY), by its polling on SQLite.
 fn wake_on_events(
     store: Arc<dyn JobStore>,
     webhooks: &Arc<WebhookEngine>,

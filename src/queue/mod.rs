@@ -14,8 +14,13 @@
 //!   └──────────────────┘  (failed instead once attempts reach max_attempts)
 //! ```
 
+mod deliveries;
+mod keys;
 pub mod metrics;
 mod postgres;
+#[cfg(test)]
+pub(crate) mod rooms_suite;
+mod rows;
 mod sqlite;
 #[cfg(test)]
 pub(crate) mod suite;
@@ -26,6 +31,12 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use uuid::Uuid;
 
+pub(crate) use deliveries::attach_attempt;
+pub use deliveries::{
+    Attempt, AttemptRecord, ClaimedDelivery, Deliveries, Delivery, DeliveryStatus, HookEvent,
+    HookEvents, NewDelivery,
+};
+pub use keys::{ApiKey, ApiKeys, KeyRow, LimitOverrides};
 pub use metrics::Metrics;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

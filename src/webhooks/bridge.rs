@@ -1,78 +1,56 @@
-//! From job events to deliveries: the sender tails the queue's `job_events`
-//! table with a persisted cursor.
+//! From job events to deliveries: the sender reads the job events its store has not yet
+//! bridged (a persisted cursor on SQLite, an outbox filled in each event's transaction on
+//! PostgreSQL).
 //!
 //! Reading the table rather than listening to an in-process channel is what
 //! makes webhooks survive restarts and work for workers in other processes
 //! (`vqclip worker`): an event committed by anyone is seen by the server's
 //! sender, and a crash between the event and its delivery row loses nothing,
-//! because the cursor only moves after the deliveries are written and an
-//! event is delivered at most once (`event_id` is unique).
+//! because an event is marked bridged only after its deliveries are written,
+//! and each event is delivered at most once (a delivery is unique per event),
+//! however many API nodes read it.
 
 use super::engine::OutgoingEvent;
 use super::{EventKind, WebhookEngine, WebhookError, WebhookSpec};
-use sqlx::Row;
 
 /// Events read per pass.
-const BATCH: i64 = 500;
+const BATCH: u32 = 500;
 
 impl WebhookEngine {
     /// Turns the job events committed since the last pass into deliveries.
     /// Returns how many events were read.
     pub async fn pump_events(&self) -> Result<usize, WebhookError> {
-        let pool = self.store.pool();
         let mut total = 0;
         loop {
-            let cursor: i64 =
-                sqlx::query_scalar("SELECT last_event_id FROM webhook_cursor WHERE id = 1")
-                    .fetch_one(pool)
-                    .await?;
-            let rows = sqlx::query(
-                "SELECT e.id, e.job_id, e.kind, e.data, e.created_at,
-                        json_extract(j.spec, '$.webhook') AS webhook
-                   FROM job_events e LEFT JOIN jobs j ON j.id = e.job_id
-                  WHERE e.id > ? ORDER BY e.id LIMIT ?",
-            )
-            .bind(cursor)
-            .bind(BATCH)
-            .fetch_all(pool)
-            .await?;
-            let Some(last) = rows.last().map(|r| r.get::<i64, _>("id")) else {
+            let batch = self.store.unbridged_events(BATCH).await?;
+            if batch.read == 0 {
                 return Ok(total);
-            };
-            for r in &rows {
-                let Some(webhook) = r.get::<Option<String>, _>("webhook") else {
+            }
+            for e in &batch.events {
+                let Some(webhook) = &e.webhook else {
                     continue;
                 };
-                let event_id: i64 = r.get("id");
                 // The spec was validated at submission; a row that no longer
                 // parses is skipped rather than blocking every later event.
-                let Ok(spec) = serde_json::from_str::<WebhookSpec>(&webhook) else {
-                    tracing::warn!(event_id, "job has an unreadable webhook spec; skipped");
+                let Ok(spec) = serde_json::from_str::<WebhookSpec>(webhook) else {
+                    tracing::warn!(job = %e.job_id, event_id = e.event_id, "job has an unreadable webhook spec; skipped");
                     continue;
                 };
-                let Ok(kind) = r.get::<&str, _>("kind").parse::<EventKind>() else {
+                let Ok(kind) = e.kind.parse::<EventKind>() else {
                     continue;
                 };
-                let data = serde_json::from_str(r.get::<&str, _>("data"))
-                    .unwrap_or(serde_json::Value::Null);
                 let event = OutgoingEvent {
-                    job_id: r.get("job_id"),
+                    job_id: e.job_id.clone(),
                     kind,
-                    data,
-                    event_id: Some(event_id),
-                    at_ms: r.get("created_at"),
+                    data: serde_json::from_str(&e.data).unwrap_or(serde_json::Value::Null),
+                    event_id: Some(e.event_id),
+                    at_ms: e.created_at_ms,
                 };
                 self.publish(&spec, event).await?;
             }
-            // Only forward: two senders racing never move it back.
-            sqlx::query(
-                "UPDATE webhook_cursor SET last_event_id = MAX(last_event_id, ?) WHERE id = 1",
-            )
-            .bind(last)
-            .execute(pool)
-            .await?;
-            total += rows.len();
-            if (rows.len() as i64) < BATCH {
+            self.store.bridged(&batch).await?;
+            total += batch.read;
+            if batch.read < BATCH as usize {
                 return Ok(total);
             }
         }

@@ -2,11 +2,12 @@
 //! them with retries.
 
 use super::signing::Signer;
-use super::store::{Claimed, DeliveryStatus, DeliveryStore, NewDelivery};
 use super::target::{check_target, literal_refusal, GuardedResolver, TargetPolicy};
 use super::{Delivery, EventKind, WebhookConfig, WebhookError, WebhookSpec};
+use crate::queue::{
+    AttemptRecord, ClaimedDelivery as Claimed, Deliveries, DeliveryStatus, NewDelivery, QueueError,
+};
 use rand::Rng;
-use sqlx::SqlitePool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -21,7 +22,9 @@ pub const EVENT_TYPE_PREFIX: &str = "job.";
 const GONE: u16 = 410;
 
 pub struct WebhookEngine {
-    pub(crate) store: DeliveryStore,
+    pub(crate) store: Arc<dyn Deliveries>,
+    /// Who holds the delivery leases this engine takes: unique per process and engine.
+    sender: String,
     config: WebhookConfig,
     signer: Option<Signer>,
     policy: TargetPolicy,
@@ -42,8 +45,11 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 impl WebhookEngine {
-    /// `pool` must have migration 0002 applied.
-    pub fn new(pool: SqlitePool, config: WebhookConfig) -> Result<Arc<Self>, WebhookError> {
+    /// `store` holds the deliveries, in the job store's database.
+    pub fn new(
+        store: Arc<dyn Deliveries>,
+        config: WebhookConfig,
+    ) -> Result<Arc<Self>, WebhookError> {
         let signer = match config.secret.as_str() {
             "" => None,
             secret => Some(Signer::from_secret(secret)?),
@@ -59,7 +65,13 @@ impl WebhookEngine {
             .user_agent(concat!("vqclip-webhooks/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Arc::new(Self {
-            store: DeliveryStore::new(pool),
+            store,
+            sender: format!(
+                "{}:{}:{}",
+                crate::queue::hostname(),
+                std::process::id(),
+                uuid::Uuid::new_v4().simple()
+            ),
             config,
             signer,
             policy,
@@ -107,7 +119,11 @@ impl WebhookEngine {
             payload: &payload,
             at_ms: event.at_ms,
         };
-        if !self.store.insert(&delivery, throttle, now_ms()).await? {
+        if !self
+            .store
+            .insert_delivery(&delivery, throttle, now_ms())
+            .await?
+        {
             return Ok(None);
         }
         self.wake.notify_one();
@@ -121,7 +137,7 @@ impl WebhookEngine {
 
     /// The delivery history of a job, oldest first.
     pub async fn history(&self, job_id: &str) -> Result<Vec<Delivery>, WebhookError> {
-        Ok(self.store.for_job(job_id).await?)
+        Ok(self.store.deliveries_for_job(job_id).await?)
     }
 
     /// Sends every delivery that is due now, `concurrency` at a time.
@@ -135,7 +151,12 @@ impl WebhookEngine {
             let now = now_ms();
             let claimed = self
                 .store
-                .claim_due(now, now + lease.as_millis() as i64, batch as i64)
+                .claim_deliveries(
+                    &self.sender,
+                    now,
+                    now + lease.as_millis() as i64,
+                    batch as u32,
+                )
                 .await?;
             let n = claimed.len();
             total += n;
@@ -149,7 +170,7 @@ impl WebhookEngine {
                     None => by_job.push(vec![c]),
                 }
             }
-            let results: Vec<Result<(), sqlx::Error>> = futures::stream::iter(by_job)
+            let results: Vec<Result<(), QueueError>> = futures::stream::iter(by_job)
                 .map(|group| async move {
                     for c in group {
                         self.attempt(c).await?;
@@ -168,7 +189,7 @@ impl WebhookEngine {
         }
     }
 
-    async fn attempt(&self, c: Claimed) -> Result<(), sqlx::Error> {
+    async fn attempt(&self, c: Claimed) -> Result<(), QueueError> {
         let attempt = c.attempts + 1;
         let started = Instant::now();
         let outcome = self.send(&c).await;
@@ -191,18 +212,24 @@ impl WebhookEngine {
         if let Some(e) = &error {
             tracing::warn!(delivery = %c.id, attempt, error = %e, next = ?next, "webhook attempt failed");
         }
-        self.store
-            .record_attempt(
-                &c.id,
-                attempt,
-                now,
-                code,
-                error.as_deref(),
-                duration_ms,
-                next,
-                next_at,
-            )
-            .await
+        let record = AttemptRecord {
+            attempt,
+            at_ms: now,
+            status_code: code,
+            error: error.as_deref(),
+            duration_ms,
+            next,
+            next_attempt_at_ms: next_at,
+        };
+        if !self
+            .store
+            .record_attempt(&c.id, &self.sender, &record)
+            .await?
+        {
+            // Only a send that outlived its lease gets here; the new holder records its own.
+            tracing::warn!(delivery = %c.id, attempt, "webhook lease was taken over during the attempt");
+        }
+        Ok(())
     }
 
     async fn send(&self, c: &Claimed) -> Result<u16, Failure> {
@@ -255,7 +282,7 @@ impl WebhookEngine {
                 if let Err(e) = engine.deliver_due().await {
                     tracing::error!(error = %e, "webhook sender pass failed");
                 }
-                let wait = match engine.store.next_due().await {
+                let wait = match engine.store.next_delivery_due().await {
                     Ok(Some(due)) => Duration::from_millis(
                         (due - now_ms()).clamp(0, poll.as_millis() as i64) as u64,
                     ),

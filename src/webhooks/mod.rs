@@ -1,22 +1,22 @@
 //! Webhooks: Standard Webhooks signing, SSRF-checked targets and persisted
 //! deliveries with retries.
 //!
-//! The background task ([`WebhookEngine::spawn`]) tails `job_events`: each
-//! event of a job whose spec carries a [`WebhookSpec`] becomes a row of
-//! `webhook_deliveries` ([`WebhookEngine::publish`]); due rows are sent and
-//! every attempt is recorded in `webhook_attempts`. Events, the read cursor,
-//! deliveries and the progress throttle all live in the database, so a
-//! restart (or a worker in another process) loses no webhook.
+//! The background task ([`WebhookEngine::spawn`]) reads the job events its store
+//! has not yet bridged: each event of a job whose spec carries a [`WebhookSpec`]
+//! becomes a delivery ([`WebhookEngine::publish`]); due deliveries are claimed
+//! under a lease, sent, and every attempt is recorded. Events, what was bridged,
+//! deliveries, leases and the progress throttle all live in the job store's
+//! database (`queue::Deliveries`), so a restart, a worker in another process or
+//! a second API node loses and duplicates no webhook.
 
 mod bridge;
 mod engine;
 mod signing;
-mod store;
 mod target;
 
+pub use crate::queue::{Attempt, Delivery, DeliveryStatus};
 pub use engine::{OutgoingEvent, WebhookEngine, EVENT_TYPE_PREFIX};
 pub use signing::{verify, SecretError, Signer, VerifyError};
-pub use store::{Attempt, Delivery, DeliveryStatus};
 pub use target::{check_target, TargetError, TargetPolicy};
 
 use serde::{Deserialize, Serialize};
@@ -195,8 +195,8 @@ pub enum WebhookError {
     Secret(#[from] SecretError),
     #[error(transparent)]
     Target(#[from] TargetError),
-    #[error("webhook database error: {0}")]
-    Database(#[from] sqlx::Error),
+    #[error("webhook store error: {0}")]
+    Store(#[from] crate::queue::QueueError),
     #[error("could not build the webhook HTTP client: {0}")]
     Client(#[from] reqwest::Error),
 }

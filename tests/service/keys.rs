@@ -2,6 +2,7 @@
 //! keys it creates.
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::succeeded;
@@ -72,7 +73,7 @@ async fn create_list_revoke_and_what_the_server_sees() {
         .iter()
         .any(|(_, h, _)| *h == vqclip::auth::hash_key(&key)));
 
-    let auth = Authenticator::new(store.pool().clone(), AuthConfig::default());
+    let auth = Authenticator::new(Arc::new(store.clone()), AuthConfig::default());
     let web = auth.identify(Some(&format!("Bearer {key}"))).await.unwrap();
     assert!(!web.admin);
     assert_eq!(web.limits.requests_per_second, 5.0);
@@ -133,7 +134,7 @@ async fn without_keys_everyone_is_the_local_admin_unless_required() {
     let store = SqliteStore::connect(&db, Duration::from_secs(5), 2)
         .await
         .unwrap();
-    let open = Authenticator::new(store.pool().clone(), AuthConfig::default());
+    let open = Authenticator::new(Arc::new(store.clone()), AuthConfig::default());
     let caller = open.identify(None).await.unwrap();
     assert!(caller.admin && caller.key_id.is_none());
     // Nobody to rate-limit apart from the one local user.
@@ -141,7 +142,7 @@ async fn without_keys_everyone_is_the_local_admin_unless_required() {
         open.check_rate(&caller).unwrap();
     }
     let required = Authenticator::new(
-        store.pool().clone(),
+        Arc::new(store.clone()),
         AuthConfig {
             required: true,
             ..AuthConfig::default()

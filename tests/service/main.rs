@@ -17,6 +17,7 @@ mod batch;
 mod jobs;
 mod keys;
 mod load;
+mod multinode;
 mod queue;
 mod restarts;
 mod serve;

@@ -21,7 +21,7 @@ async fn store(bounds: KeyBounds) -> (tempfile::TempDir, SqliteStore) {
 }
 
 async fn key(s: &SqliteStore, name: &str, limits: LimitOverrides) -> String {
-    let keys = KeyStore::new(s.pool().clone());
+    let keys = KeyStore::new(std::sync::Arc::new(s.clone()));
     let new = NewKey {
         name: name.into(),
         admin: false,

@@ -5,9 +5,10 @@
 use crate::support::{assert_signed, open_store, Receiver};
 use sqlx::SqlitePool;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use vqclip::queue::{Events, Jobs, NewJob, SqliteStore};
+use vqclip::queue::{Deliveries, JobStore, NewJob, PgStore, SqliteStore};
 use vqclip::webhooks::{
     verify, DeliveryStatus, EventKind, OutgoingEvent, VerifyError, WebhookConfig, WebhookEngine,
     WebhookError, WebhookSpec,
@@ -20,22 +21,16 @@ async fn open_pool(dir: &Path) -> SqlitePool {
     open_store(dir, 4).await.pool().clone()
 }
 
+/// The deliveries of the server's database, as an engine holds them.
+fn deliveries(pool: &SqlitePool) -> Arc<dyn Deliveries> {
+    Arc::new(SqliteStore::from_pool(pool.clone()))
+}
+
 /// A queued job (deliveries belong to jobs), with `webhook` in its spec.
 async fn job(pool: &SqlitePool, webhook: Option<&WebhookSpec>) -> String {
-    let store = SqliteStore::from_pool(pool.clone());
-    let new = NewJob {
-        spec: serde_json::json!({ "prompts": "x", "webhook": webhook }),
-        priority: 0,
-        keep: false,
-        total_steps: 10,
-        owner_key_id: None,
-        idempotency_key: None,
-        request_hash: "h".into(),
-        max_attempts: 2,
-        warnings: vec![],
-        seed: Some(1),
-    };
-    store.submit(new, 1000).await.unwrap().job().id.to_string()
+    submit(&SqliteStore::from_pool(pool.clone()), webhook)
+        .await
+        .to_string()
 }
 
 fn config() -> WebhookConfig {
@@ -78,7 +73,7 @@ async fn delivery_is_signed_and_retried_after_a_500() {
     let (url, receiver) = Receiver::start(&[500]).await;
     let pool = open_pool(dir.path()).await;
     let job1 = job(&pool, None).await;
-    let engine = WebhookEngine::new(pool, config()).unwrap();
+    let engine = WebhookEngine::new(deliveries(&pool), config()).unwrap();
     let stop = CancellationToken::new();
     let sender = engine.spawn(stop.clone());
 
@@ -137,7 +132,7 @@ async fn a_wrong_signature_is_detectably_wrong() {
     let (url, receiver) = Receiver::start(&[]).await;
     let pool = open_pool(dir.path()).await;
     let job2 = job(&pool, None).await;
-    let engine = WebhookEngine::new(pool, config()).unwrap();
+    let engine = WebhookEngine::new(deliveries(&pool), config()).unwrap();
     let hook = spec(&url, &[EventKind::Failed]);
     engine
         .publish(
@@ -193,7 +188,7 @@ async fn a_pending_delivery_survives_a_restart() {
     let first_pool = open_pool(dir.path()).await;
     let job3 = job(&first_pool, None).await;
     let engine = WebhookEngine::new(
-        first_pool.clone(),
+        deliveries(&first_pool),
         WebhookConfig {
             initial_backoff_ms: Duration::from_millis(400),
             ..config()
@@ -230,7 +225,7 @@ async fn a_pending_delivery_survives_a_restart() {
     .unwrap();
 
     // Second life: a new engine on the same database finishes both.
-    let engine = WebhookEngine::new(second_pool, config()).unwrap();
+    let engine = WebhookEngine::new(deliveries(&second_pool), config()).unwrap();
     let stop = CancellationToken::new();
     let sender = engine.spawn(stop.clone());
     wait_until("both deliveries after the restart", || {
@@ -264,7 +259,7 @@ async fn progress_is_throttled_per_job_and_unsubscribed_events_are_dropped() {
     let (url, receiver) = Receiver::start(&[]).await;
     let pool = open_pool(dir.path()).await;
     let (job_a, job_b) = (job(&pool, None).await, job(&pool, None).await);
-    let engine = WebhookEngine::new(pool, config()).unwrap();
+    let engine = WebhookEngine::new(deliveries(&pool), config()).unwrap();
     let hook = spec(&url, &[EventKind::Progress, EventKind::Completed]);
     let interval = config().progress_interval_ms;
 
@@ -354,7 +349,7 @@ async fn private_targets_are_refused_unless_allowed() {
     let pool = open_pool(dir.path()).await;
     let (job_lit, job_name) = (job(&pool, None).await, job(&pool, None).await);
     let strict = WebhookEngine::new(
-        pool.clone(),
+        deliveries(&pool),
         WebhookConfig {
             allowed_networks: vec![],
             ..config()
@@ -407,7 +402,7 @@ async fn private_targets_are_refused_unless_allowed() {
     }
 
     // The test config allows loopback explicitly, and then it works.
-    let allowed = WebhookEngine::new(pool, config()).unwrap();
+    let allowed = WebhookEngine::new(deliveries(&pool), config()).unwrap();
     allowed
         .validate(&spec(&url, &[EventKind::Completed]))
         .await
@@ -415,7 +410,7 @@ async fn private_targets_are_refused_unless_allowed() {
 
     // Without a secret nothing could be signed, so webhooks are refused up front.
     let unsigned = WebhookEngine::new(
-        open_pool(dir.path()).await,
+        deliveries(&open_pool(dir.path()).await),
         WebhookConfig {
             secret: String::new(),
             ..config()
@@ -437,7 +432,7 @@ async fn gives_up_after_max_attempts() {
     let pool = open_pool(dir.path()).await;
     let job4 = job(&pool, None).await;
     let engine = WebhookEngine::new(
-        pool,
+        deliveries(&pool),
         WebhookConfig {
             max_attempts: 3,
             initial_backoff_ms: Duration::from_millis(20),
@@ -477,7 +472,7 @@ async fn job_events_become_deliveries_once() {
     let (url, receiver) = Receiver::start(&[]).await;
     let pool = open_pool(dir.path()).await;
     let store = SqliteStore::from_pool(pool.clone());
-    let engine = WebhookEngine::new(pool.clone(), config()).unwrap();
+    let engine = WebhookEngine::new(deliveries(&pool), config()).unwrap();
     let stop = CancellationToken::new();
     let sender = engine.spawn(stop.clone());
 
@@ -488,41 +483,9 @@ async fn job_events_become_deliveries_once() {
     let with_hook = job(&pool, Some(&hook)).await;
     let without = job(&pool, None).await;
     for id in [&with_hook, &without] {
-        let id = id.parse().unwrap();
-        for step in 1..=10 {
-            store
-                .append_event(
-                    id,
-                    vqclip::queue::EventKind::Progress,
-                    serde_json::json!({"step": step, "total": 10}),
-                )
-                .await
-                .unwrap();
-        }
-        store
-            .append_event(
-                id,
-                vqclip::queue::EventKind::Completed,
-                serde_json::json!({"state": "succeeded"}),
-            )
-            .await
-            .unwrap();
+        write_a_render(&store, id.parse().unwrap()).await;
     }
-    // queued (state) + one progress (the rest fall inside the interval) + completed.
-    wait_until("three deliveries", || receiver.got().len() == 3).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let got = receiver.got();
-    assert_eq!(got.len(), 3, "the job without a webhook sent nothing");
-    got.iter().for_each(|r| assert_signed(SECRET, r));
-    let bodies: Vec<serde_json::Value> = got
-        .iter()
-        .map(|r| serde_json::from_str(&r.body).unwrap())
-        .collect();
-    let types: Vec<&str> = bodies.iter().map(|b| b["type"].as_str().unwrap()).collect();
-    assert_eq!(types, ["job.state", "job.progress", "job.completed"]);
-    assert!(bodies
-        .iter()
-        .all(|b| b["data"]["job_id"] == with_hook.as_str()));
+    let bodies = three_deliveries(&receiver, &with_hook).await;
     assert_eq!(bodies[0]["data"]["state"], "queued");
     assert_eq!(bodies[1]["data"]["step"], 1);
 
@@ -551,4 +514,112 @@ async fn job_events_become_deliveries_once() {
         .await
         .unwrap();
     assert_eq!(attempts, 0);
+}
+
+/// The same on PostgreSQL, across nodes: events written through one node's store reach the
+/// sender of another node (through the outbox), once, and a sender on the first node that
+/// reads them later sends nothing again.
+#[tokio::test]
+async fn on_postgresql_events_written_on_one_node_are_delivered_once_by_another() {
+    let Some(db) = crate::support::pg::TestDb::create().await else {
+        return;
+    };
+    let (url, receiver) = Receiver::start(&[]).await;
+    let node_a = Arc::new(PgStore::connect(&db.url, 4).await.unwrap());
+    let node_b = Arc::new(PgStore::connect(&db.url, 4).await.unwrap());
+    let engine_b = WebhookEngine::new(node_b.clone(), config()).unwrap();
+    let stop = CancellationToken::new();
+    let sender = engine_b.spawn(stop.clone());
+
+    let hook = spec(
+        &url,
+        &[EventKind::State, EventKind::Progress, EventKind::Completed],
+    );
+    let with_hook = submit(&*node_a, Some(&hook)).await;
+    let without = submit(&*node_a, None).await;
+    for id in [with_hook, without] {
+        write_a_render(&*node_a, id).await;
+    }
+    // Node B polls every 50 ms: no wake-up from node A is needed.
+    three_deliveries(&receiver, &with_hook.to_string()).await;
+    stop.cancel();
+    sender.await.unwrap();
+
+    let engine_a = WebhookEngine::new(node_a.clone(), config()).unwrap();
+    assert_eq!(engine_a.pump_events().await.unwrap(), 0, "bridged already");
+    assert_eq!(engine_a.deliver_due().await.unwrap(), 0);
+    assert_eq!(
+        engine_a
+            .history(&with_hook.to_string())
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    let statuses: Vec<DeliveryStatus> = engine_a
+        .history(&with_hook.to_string())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.status)
+        .collect();
+    assert_eq!(statuses, [DeliveryStatus::Delivered; 3]);
+}
+
+/// A queued job on any store, with `webhook` in its spec.
+async fn submit(store: &dyn JobStore, webhook: Option<&WebhookSpec>) -> uuid::Uuid {
+    let new = NewJob {
+        spec: serde_json::json!({ "prompts": "x", "webhook": webhook }),
+        priority: 0,
+        keep: false,
+        total_steps: 10,
+        owner_key_id: None,
+        idempotency_key: None,
+        request_hash: "h".into(),
+        max_attempts: 2,
+        warnings: vec![],
+        seed: Some(1),
+    };
+    store.submit(new, 1000).await.unwrap().job().id
+}
+
+/// The events of a short render: ten progress steps, then `completed`.
+async fn write_a_render(store: &dyn JobStore, id: uuid::Uuid) {
+    for step in 1..=10 {
+        store
+            .append_event(
+                id,
+                EventKind::Progress,
+                serde_json::json!({ "step": step, "total": 10 }),
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .append_event(
+            id,
+            EventKind::Completed,
+            serde_json::json!({ "state": "succeeded" }),
+        )
+        .await
+        .unwrap();
+}
+
+/// Waits for what [`write_a_render`] on a job subscribed to state, progress and completed
+/// sends: queued (state), one progress (the rest fall inside the interval), completed, all
+/// signed and of `job`, and nothing more; returns the bodies.
+async fn three_deliveries(receiver: &Receiver, job: &str) -> Vec<serde_json::Value> {
+    wait_until("three deliveries", || receiver.got().len() == 3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = receiver.got();
+    assert_eq!(got.len(), 3, "the job without a webhook sent nothing");
+    got.iter().for_each(|r| assert_signed(SECRET, r));
+    let bodies: Vec<serde_json::Value> = got
+        .iter()
+        .map(|r| serde_json::from_str(&r.body).unwrap())
+        .collect();
+    let types: Vec<&str> = bodies.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["job.state", "job.progress", "job.completed"]);
+    assert!(bodies.iter().all(|b| b["data"]["job_id"] == job));
+    bodies
 }

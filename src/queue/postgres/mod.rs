@@ -21,8 +21,10 @@ use uuid::Uuid;
 
 use super::*;
 
+mod deliveries;
 mod events;
 mod jobs;
+mod keys;
 mod leases;
 mod revisions;
 mod uploads;
@@ -229,6 +231,8 @@ impl Announced {
     }
 }
 
+crate::queue::rows::row_readers!(PgRow);
+
 fn parse_uuid(s: &str) -> QueueResult<Uuid> {
     Uuid::parse_str(s).map_err(|e| QueueError::Corrupt(format!("id {s:?}: {e}")))
 }
@@ -292,5 +296,7 @@ fn job_from_row(row: &PgRow) -> QueueResult<Job> {
     })
 }
 
+#[cfg(test)]
+pub(crate) mod testdb;
 #[cfg(test)]
 mod tests;

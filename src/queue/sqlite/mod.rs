@@ -17,8 +17,10 @@ use uuid::Uuid;
 
 use super::*;
 
+mod deliveries;
 mod events;
 mod jobs;
+mod keys;
 mod leases;
 mod revisions;
 mod uploads;
@@ -121,6 +123,8 @@ fn ensure_parent_dir(url: &str) {
         }
     }
 }
+
+crate::queue::rows::row_readers!(SqliteRow);
 
 fn parse_uuid(s: &str) -> QueueResult<Uuid> {
     Uuid::parse_str(s).map_err(|e| QueueError::Corrupt(format!("id {s:?}: {e}")))

@@ -14,6 +14,7 @@ async fn store() -> Option<(tempfile::TempDir, SqliteStore)> {
 }
 
 crate::queue::suite::queue_suite!(store);
+crate::queue::rooms_suite::rooms_suite!(store);
 
 #[tokio::test]
 async fn state_survives_reopening_the_database() {

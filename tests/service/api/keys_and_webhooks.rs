@@ -22,7 +22,7 @@ struct Keys {
 impl Keys {
     fn of(s: &InProcessServer) -> Keys {
         Keys {
-            store: KeyStore::new(s.store.pool().clone()),
+            store: KeyStore::new(s.store.clone()),
         }
     }
 
@@ -295,7 +295,7 @@ async fn a_job_webhook_is_delivered_signed_and_listed() {
     config.webhooks.poll_interval_ms = std::time::Duration::from_millis(50);
     let s = InProcessServer::start(config.clone()).await;
     // The sender, as `vqclip serve` runs it beside the API.
-    let engine = WebhookEngine::new(s.store.pool().clone(), config.webhooks.clone()).unwrap();
+    let engine = WebhookEngine::new(s.store.clone(), config.webhooks.clone()).unwrap();
     let stop = CancellationToken::new();
     let sender = engine.spawn(stop.clone());
     let anon = As { s: &s, key: None };

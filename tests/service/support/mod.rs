@@ -1,6 +1,9 @@
 //! A real vqclip server on an ephemeral 127.0.0.1 port, with a temporary directory and
 //! the tiny random-weight models in tests/fixtures. Shared by every service test.
 
+/// The library's own per-test PostgreSQL database, the same file.
+#[path = "../../../src/queue/postgres/testdb.rs"]
+pub mod pg;
 pub mod s3;
 
 use std::collections::VecDeque;
@@ -113,12 +116,11 @@ impl InProcessServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let auth = Arc::new(vqclip::auth::Authenticator::new(
-            store.pool().clone(),
+            store.clone(),
             config.auth.clone(),
         ));
         let webhooks =
-            vqclip::webhooks::WebhookEngine::new(store.pool().clone(), config.webhooks.clone())
-                .unwrap();
+            vqclip::webhooks::WebhookEngine::new(store.clone(), config.webhooks.clone()).unwrap();
         let state = AppState {
             store: store.clone() as Arc<dyn JobStore>,
             artifacts,
