@@ -26,7 +26,9 @@ use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use super::ops::{apply_gather, gather_kernels, GatherKernel, Sample};
 use super::spec::{Augment, CutMethod};
+use rayon::prelude::*;
 
 /// One kornia augmentation module, configured as generate.py configures it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -474,7 +476,7 @@ impl AugmentParams {
                     .zip(matrices)
                     .map(|(&a, m)| a.then(|| field_from_map(&invert(m), h, w)))
                     .collect();
-                sample_fields(x, &fields, *border)
+                sample_fields(x, fields, *border)
             }
             AugmentParams::Elastic { applied, noise } => {
                 let per = 2 * h * w;
@@ -483,7 +485,7 @@ impl AugmentParams {
                     .enumerate()
                     .map(|(i, &a)| a.then(|| elastic_field(&noise[i * per..(i + 1) * per], h, w)))
                     .collect();
-                sample_fields(x, &fields, false)
+                sample_fields(x, fields, false)
             }
             AugmentParams::ThinPlate { applied, dst } => {
                 let fields: Vec<Option<Field>> = applied
@@ -491,7 +493,7 @@ impl AugmentParams {
                     .zip(dst)
                     .map(|(&a, d)| a.then(|| thin_plate_field(d, h, w)))
                     .collect();
-                sample_fields(x, &fields, false)
+                sample_fields(x, fields, false)
             }
             AugmentParams::Erase { applied, rect } => {
                 let mut keep = vec![1f32; n * h * w];
@@ -837,16 +839,61 @@ fn field_from_map(m: &Homography, h: usize, w: usize) -> Field {
     f
 }
 
+/// The four bilinear taps of a sample at pixel position (`sx`, `sy`) in an `h`×`w` plane, as
+/// torch's `grid_sample` weighs them: (index, weight), a tap outside the plane (zero padding)
+/// or of zero weight as (0, 0). `border` clamps the position to the edge first.
+fn bilinear_taps(sx: f32, sy: f32, h: usize, w: usize, border: bool) -> [(u32, f32); 4] {
+    let (sx, sy) = if border {
+        (sx.clamp(0.0, (w - 1) as f32), sy.clamp(0.0, (h - 1) as f32))
+    } else {
+        (sx, sy)
+    };
+    let (x0, y0) = (sx.floor(), sy.floor());
+    let (fx, fy) = (sx - x0, sy - y0);
+    let corners = [
+        (x0, y0, (1.0 - fx) * (1.0 - fy)),
+        (x0 + 1.0, y0, fx * (1.0 - fy)),
+        (x0, y0 + 1.0, (1.0 - fx) * fy),
+        (x0 + 1.0, y0 + 1.0, fx * fy),
+    ];
+    corners.map(|(cx, cy, wt)| {
+        let inside = cx >= 0.0 && cy >= 0.0 && cx < w as f32 && cy < h as f32;
+        if inside && wt != 0.0 {
+            ((cy as usize * w + cx as usize) as u32, wt)
+        } else {
+            (0, 0.0)
+        }
+    })
+}
+
 /// torch's `grid_sample` (bilinear) at pixel positions, zero or border padding;
-/// `None` leaves a sample untouched.
+/// `None` leaves a sample untouched. One pass forward and one backward on the CPU
+/// ([`Warp`]); candle's gather, product and sum elsewhere.
 fn sample_fields(
     x: &Tensor,
-    fields: &[Option<Field>],
+    fields: Vec<Option<Field>>,
     border: bool,
 ) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     if fields.iter().all(Option::is_none) {
         return Ok(x.clone());
+    }
+    if fields.len() != n || fields.iter().flatten().any(|f| f.len() != h * w) {
+        candle_core::bail!(
+            "{} sampling fields for a batch {:?}",
+            fields.len(),
+            x.shape()
+        );
+    }
+    if gather_kernels(x) {
+        return apply_gather(
+            x,
+            Warp {
+                fields,
+                border,
+                dims: (n, c, h, w),
+            },
+        );
     }
     let hw = h * w;
     let mut index = vec![0u32; n * 4 * hw];
@@ -862,25 +909,10 @@ fn sample_fields(
             }
             Some(field) => {
                 for (p, &(sx, sy)) in field.iter().enumerate() {
-                    let (sx, sy) = if border {
-                        (sx.clamp(0.0, (w - 1) as f32), sy.clamp(0.0, (h - 1) as f32))
-                    } else {
-                        (sx, sy)
-                    };
-                    let (x0, y0) = (sx.floor(), sy.floor());
-                    let (fx, fy) = (sx - x0, sy - y0);
-                    let corners = [
-                        (x0, y0, (1.0 - fx) * (1.0 - fy)),
-                        (x0 + 1.0, y0, fx * (1.0 - fy)),
-                        (x0, y0 + 1.0, (1.0 - fx) * fy),
-                        (x0 + 1.0, y0 + 1.0, fx * fy),
-                    ];
-                    for (k, &(cx, cy, wt)) in corners.iter().enumerate() {
-                        let inside = cx >= 0.0 && cy >= 0.0 && cx < w as f32 && cy < h as f32;
-                        if inside && wt != 0.0 {
-                            index[base + k * hw + p] = (cy as usize * w + cx as usize) as u32;
-                            weight[base + k * hw + p] = wt;
-                        }
+                    for (k, (i, wt)) in bilinear_taps(sx, sy, h, w, border).into_iter().enumerate()
+                    {
+                        index[base + k * hw + p] = i;
+                        weight[base + k * hw + p] = wt;
                     }
                 }
             }
@@ -897,6 +929,82 @@ fn sample_fields(
         .broadcast_mul(&weight)?
         .sum(2)?
         .reshape((n, c, h, w))
+}
+
+/// Bilinear sampling of a batch (N, C, H, W) at per-sample fields, as one pass: each output
+/// pixel's taps are computed once for all its channels, and only the fields (8 bytes a
+/// pixel) are kept for the backward, not candle's index, gathered and weighted tensors
+/// (48 bytes a pixel and channel).
+struct Warp {
+    fields: Vec<Option<Field>>,
+    border: bool,
+    dims: (usize, usize, usize, usize),
+}
+
+impl GatherKernel for Warp {
+    fn name(&self) -> &'static str {
+        "cpu-bilinear-warp"
+    }
+
+    fn out_dims(&self, dims: &[usize]) -> candle_core::Result<Vec<usize>> {
+        let (n, c, h, w) = self.dims;
+        if dims != [n, c, h, w] {
+            candle_core::bail!("warp kernel for {:?}, got {dims:?}", self.dims)
+        }
+        Ok(dims.to_vec())
+    }
+
+    fn forward<T: Sample>(&self, x: &[T], out: &mut [T]) {
+        let (_, c, h, w) = self.dims;
+        let hw = h * w;
+        out.par_chunks_mut(c * hw)
+            .zip(x.par_chunks(c * hw))
+            .zip(&self.fields)
+            .for_each(|((o, xs), field)| {
+                let Some(field) = field else {
+                    o.copy_from_slice(xs);
+                    return;
+                };
+                for (p, &(sx, sy)) in field.iter().enumerate() {
+                    let taps = bilinear_taps(sx, sy, h, w, self.border)
+                        .map(|(i, wt)| (i as usize, T::of(wt)));
+                    for ch in 0..c {
+                        let plane = &xs[ch * hw..(ch + 1) * hw];
+                        let mut acc = T::zero();
+                        for &(i, wt) in &taps {
+                            acc += wt * plane[i];
+                        }
+                        o[ch * hw + p] = acc;
+                    }
+                }
+            });
+    }
+
+    fn input_grad<T: Sample>(&self, _x: &[T], g: &[T], gx: &mut [T]) {
+        let (_, c, h, w) = self.dims;
+        let hw = h * w;
+        // Each sample's gradient is its own: the scatter never crosses a task.
+        gx.par_chunks_mut(c * hw)
+            .zip(g.par_chunks(c * hw))
+            .zip(&self.fields)
+            .for_each(|((gx, g), field)| {
+                let Some(field) = field else {
+                    gx.copy_from_slice(g);
+                    return;
+                };
+                for (p, &(sx, sy)) in field.iter().enumerate() {
+                    let taps = bilinear_taps(sx, sy, h, w, self.border)
+                        .map(|(i, wt)| (i as usize, T::of(wt)));
+                    for ch in 0..c {
+                        let gv = g[ch * hw + p];
+                        let plane = &mut gx[ch * hw..(ch + 1) * hw];
+                        for &(i, wt) in &taps {
+                            plane[i] += wt * gv;
+                        }
+                    }
+                }
+            });
+    }
 }
 
 /// kornia's `elastic_transform2d` defaults: the noise blurred by a Gaussian (kernel
@@ -1194,7 +1302,7 @@ fn sharpness(x: &Tensor, factors: &[f32]) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::gradcheck::check_gradient;
+    use crate::render::gradcheck::{check_gradient, check_kernel_against_reference};
     use rand::SeedableRng;
 
     fn image(n: usize, s: usize) -> Tensor {
@@ -1241,6 +1349,27 @@ mod tests {
             let x64 = x.to_dtype(DType::F64).unwrap();
             check_gradient(&x64, |t| p.apply(t), 1e-6);
         }
+    }
+
+    #[test]
+    fn warp_kernel_matches_the_reference() {
+        let x = image(3, 12);
+        let mut modules: Vec<Kornia> = [Augment::Pe, Augment::Ro, Augment::Af, Augment::Et]
+            .into_iter()
+            .chain([Augment::Ts, Augment::Re])
+            .map(|c| Kornia::from_code(c, false))
+            .collect();
+        // Border padding and a plain flip, from the `updated` pipeline.
+        modules.extend(Augmentations::for_method(CutMethod::Updated, &[]).modules());
+        let mut partial = false;
+        for m in modules {
+            let p = params_that_apply(m, &x);
+            if let AugmentParams::Warp { applied, .. } = &p {
+                partial |= applied.iter().any(|&a| !a);
+            }
+            check_kernel_against_reference(&x, |t| p.apply(t), 1e-12);
+        }
+        assert!(partial, "no warp left a cutout untouched");
     }
 
     #[test]
