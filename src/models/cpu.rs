@@ -187,6 +187,24 @@ thread_local! {
 /// enough that the im2col tile stays in the core's cache.
 const CONV_TILE_PIXELS: usize = 1024;
 
+/// The kernel of the transposed conv of a (c_out, c_in, k, k) weight: (c_in, c_out, k, k)
+/// with both spatial axes reversed, in one pass.
+pub(crate) fn flip_kernel(w: &[f32], (c_out, c_in, k): (usize, usize, usize)) -> Vec<f32> {
+    let kk = k * k;
+    let mut out = vec![0f32; w.len()];
+    out.par_chunks_mut(c_out * kk)
+        .enumerate()
+        .for_each(|(ci, dst)| {
+            for (co, taps) in dst.chunks_mut(kk).enumerate() {
+                let src = &w[(co * c_in + ci) * kk..(co * c_in + ci + 1) * kk];
+                for (t, &v) in taps.iter_mut().zip(src.iter().rev()) {
+                    *t = v;
+                }
+            }
+        });
+    out
+}
+
 /// Stride-1 2-D convolution of a contiguous (b, c_in, h, w) `x` with a contiguous
 /// (c_out, c_in, k, k) `w`, zero `padding` on each side, plus an optional bias: one im2col
 /// tile per group of output rows, written straight from the NCHW input with row copies, and
