@@ -644,6 +644,9 @@ fn select(applied: &[bool], augmented: &Tensor, x: &Tensor) -> candle_core::Resu
 /// kornia's `_clamp_unit_range`: clamps to [0, 1] with the gradient passed on the
 /// closed range (candle's clamp halves it at the bounds).
 fn clamp_unit_range(x: &Tensor) -> candle_core::Result<Tensor> {
+    if gather_kernels(x) {
+        return apply_gather(x, UnitClamp { closed: true });
+    }
     let xd = x.detach();
     let inside = xd.ge(0.0)?.mul(&xd.le(1.0)?)?.to_dtype(x.dtype())?;
     clamp_with_mask(x, &xd, inside)
@@ -652,6 +655,9 @@ fn clamp_unit_range(x: &Tensor) -> candle_core::Result<Tensor> {
 /// torch's `clamp(0, 1)` as the reference torch (2.15) differentiates it: no
 /// gradient at the bounds themselves, only strictly inside.
 fn clamp01(x: &Tensor) -> candle_core::Result<Tensor> {
+    if gather_kernels(x) {
+        return apply_gather(x, UnitClamp { closed: false });
+    }
     let xd = x.detach();
     let inside = xd.gt(0.0)?.mul(&xd.lt(1.0)?)?.to_dtype(x.dtype())?;
     clamp_with_mask(x, &xd, inside)
@@ -662,6 +668,67 @@ fn clamp_with_mask(x: &Tensor, xd: &Tensor, inside: Tensor) -> candle_core::Resu
     // inside·x + (1 − inside)·clamped: x's value and slope where inside, a constant out.
     (x * &inside)? + (value * (1.0 - inside)?)?
 }
+
+/// The clamps to [0, 1] as one pass each way, keeping only the input for the backward
+/// (the reference keeps five tensors of the batch's size per clamp, and colour jitter
+/// clamps up to five times). `closed` passes the gradient at the bounds themselves.
+struct UnitClamp {
+    closed: bool,
+}
+
+impl UnitClamp {
+    fn passes<T: Sample>(&self, v: T) -> bool {
+        let (lo, hi) = (T::zero(), T::one());
+        if self.closed {
+            v >= lo && v <= hi
+        } else {
+            v > lo && v < hi
+        }
+    }
+}
+
+impl GatherKernel for UnitClamp {
+    fn name(&self) -> &'static str {
+        "cpu-unit-clamp"
+    }
+
+    fn out_dims(&self, dims: &[usize]) -> candle_core::Result<Vec<usize>> {
+        Ok(dims.to_vec())
+    }
+
+    fn forward<T: Sample>(&self, x: &[T], out: &mut [T]) {
+        let (lo, hi) = (T::zero(), T::one());
+        out.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(x.par_chunks(ELEMENTWISE_CHUNK))
+            .for_each(|(o, x)| {
+                for (o, &v) in o.iter_mut().zip(x) {
+                    *o = if v < lo {
+                        lo
+                    } else if v > hi {
+                        hi
+                    } else {
+                        v
+                    };
+                }
+            });
+    }
+
+    fn input_grad<T: Sample>(&self, x: &[T], g: &[T], gx: &mut [T]) {
+        gx.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(
+                x.par_chunks(ELEMENTWISE_CHUNK)
+                    .zip(g.par_chunks(ELEMENTWISE_CHUNK)),
+            )
+            .for_each(|(o, (x, g))| {
+                for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+                    *o = if self.passes(v) { gv } else { T::zero() };
+                }
+            });
+    }
+}
+
+/// Elements per parallel task of the elementwise kernels.
+const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
 fn mat_mul(a: &Homography, b: &Homography) -> Homography {
     let mut m = [[0.0; 3]; 3];
@@ -1370,6 +1437,21 @@ mod tests {
             check_kernel_against_reference(&x, |t| p.apply(t), 1e-12);
         }
         assert!(partial, "no warp left a cutout untouched");
+    }
+
+    #[test]
+    fn clamp_and_jitter_kernels_match_the_reference() {
+        let v: Vec<f32> = (0..3 * 3 * 5 * 5)
+            .map(|i| [-0.2, 0.0, 0.3, 1.0, 1.4, 0.7][i % 6])
+            .collect();
+        let edges = Tensor::from_vec(v, (3, 3, 5, 5), &Device::Cpu).unwrap();
+        check_kernel_against_reference(&edges, clamp01, 0.0);
+        check_kernel_against_reference(&edges, clamp_unit_range, 0.0);
+        let x = image(3, 12);
+        for code in [Augment::Ji, Augment::Sh] {
+            let p = params_that_apply(Kornia::from_code(code, false), &x);
+            check_kernel_against_reference(&x, |t| p.apply(t), 1e-12);
+        }
     }
 
     #[test]
