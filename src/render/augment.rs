@@ -1241,8 +1241,18 @@ fn color_jitter(
                 )?
             }
             3 => {
-                let turns = per_sample(&column(3), x)?;
-                adjust_hue(&y, &(turns * std::f64::consts::TAU)?)?
+                if gather_kernels(&y) {
+                    apply_gather(
+                        &y,
+                        HueRotation {
+                            turns: column(3),
+                            dims: y.dims4()?,
+                        },
+                    )?
+                } else {
+                    let turns = per_sample(&column(3), x)?;
+                    adjust_hue(&y, &(turns * std::f64::consts::TAU)?)?
+                }
             }
             other => candle_core::bail!("colour jitter step {other} is not 0..3"),
         };
@@ -1318,6 +1328,226 @@ fn adjust_hue(x: &Tensor, shift: &Tensor) -> candle_core::Result<Tensor> {
     let g = pick([&t, &v, &v, &q, &p, &p])?;
     let b = pick([&p, &p, &t, &v, &v, &q])?;
     Tensor::cat(&[r, g, b], 1)
+}
+
+/// A value and its derivatives with respect to one pixel's (r, g, b): forward-mode
+/// differentiation of [`adjust_hue`]'s chain, one pixel at a time, so its backward needs
+/// only the input instead of the ~40 intermediate tensors the reference keeps.
+#[derive(Clone, Copy)]
+struct Dual<T> {
+    v: T,
+    d: [T; 3],
+}
+
+impl<T: Sample> Dual<T> {
+    fn constant(v: T) -> Self {
+        Self {
+            v,
+            d: [T::zero(); 3],
+        }
+    }
+    fn seed(v: T, channel: usize) -> Self {
+        let mut d = [T::zero(); 3];
+        d[channel] = T::one();
+        Self { v, d }
+    }
+    fn add(self, o: Self) -> Self {
+        Self {
+            v: self.v + o.v,
+            d: std::array::from_fn(|i| self.d[i] + o.d[i]),
+        }
+    }
+    fn sub(self, o: Self) -> Self {
+        Self {
+            v: self.v - o.v,
+            d: std::array::from_fn(|i| self.d[i] - o.d[i]),
+        }
+    }
+    fn mul(self, o: Self) -> Self {
+        Self {
+            v: self.v * o.v,
+            d: std::array::from_fn(|i| self.d[i] * o.v + self.v * o.d[i]),
+        }
+    }
+    fn div(self, o: Self) -> Self {
+        Self {
+            v: self.v / o.v,
+            d: std::array::from_fn(|i| (self.d[i] * o.v - self.v * o.d[i]) / (o.v * o.v)),
+        }
+    }
+    /// `self · k + c` (candle's `affine`, and its scalar arithmetic).
+    fn affine(self, k: T, c: T) -> Self {
+        Self {
+            v: self.v * k + c,
+            d: self.d.map(|d| d * k),
+        }
+    }
+    /// `self mod m` with slope 1, as [`modulo`].
+    fn modulo(self, m: T) -> Self {
+        let k = (self.v * (T::one() / m)).floor();
+        Self {
+            v: self.v - k * m,
+            d: self.d,
+        }
+    }
+    /// [`wrap_full_turn`].
+    fn wrap_full_turn(self) -> Self {
+        let below = if self.v < T::from_f64(std::f64::consts::TAU) {
+            T::one()
+        } else {
+            T::zero()
+        };
+        self.affine(below, T::zero())
+    }
+}
+
+/// [`channel_extreme`] of one pixel: the extreme, its slope split between tied channels.
+fn channel_extreme_dual<T: Sample>(rgb: [T; 3], largest: bool) -> Dual<T> {
+    let pick = |a: T, b: T| if (b > a) == largest && b != a { b } else { a };
+    let v = pick(pick(rgb[0], rgb[1]), rgb[2]);
+    let hits = rgb.map(|c| if c == v { T::one() } else { T::zero() });
+    let count = hits[0] + hits[1] + hits[2];
+    Dual {
+        v,
+        d: hits.map(|h| h / count),
+    }
+}
+
+/// [`adjust_hue`] of one pixel by `shift` radians, op for op, with the derivatives.
+fn hue_pixel<T: Sample>(rgb: [T; 3], shift: T) -> [Dual<T>; 3] {
+    use std::f64::consts::TAU;
+    let (zero, one) = (T::zero(), T::one());
+    let mask = |b: bool| if b { one } else { zero };
+    let tau = T::from_f64(TAU);
+    let [r, g, b] = [0, 1, 2].map(|c| Dual::seed(rgb[c], c));
+    let max = channel_extreme_dual(rgb, true);
+    let min = channel_extreme_dual(rgb, false);
+    let delta = max.sub(min);
+    let v = max;
+    let max_zero = mask(max.v == zero);
+    let denom = max
+        .affine(one, T::from_f64(1e-8))
+        .affine(one - max_zero, zero)
+        .add(Dual::constant(max_zero));
+    let s = delta.div(denom);
+    let delta_zero = mask(delta.v == zero);
+    let deltac = delta
+        .affine(one - delta_zero, zero)
+        .add(Dual::constant(delta_zero));
+    let (rc, gc, bc) = (max.sub(r), max.sub(g), max.sub(b));
+    let h1 = bc.sub(gc);
+    let h2 = rc.sub(bc).add(deltac.affine(T::from_f64(2.0), zero));
+    let h3 = gc.sub(rc).add(deltac.affine(T::from_f64(4.0), zero));
+    let is_r = mask(rgb[0] >= rgb[1]) * mask(rgb[0] >= rgb[2]);
+    let is_g = (one - is_r) * mask(rgb[1] >= rgb[2]);
+    let is_b = (one - is_r) - is_g;
+    let hue = h1
+        .affine(is_r, zero)
+        .add(h2.affine(is_g, zero))
+        .add(h3.affine(is_b, zero))
+        .div(deltac);
+    let hue = hue
+        .affine(T::from_f64(1.0 / 6.0), zero)
+        .modulo(one)
+        .affine(tau, zero)
+        .wrap_full_turn();
+    let hue = hue.affine(one, shift).modulo(tau).wrap_full_turn();
+    let h6 = hue
+        .affine(T::from_f64(1.0 / TAU), zero)
+        .affine(T::from_f64(6.0), zero);
+    let six = T::from_f64(6.0);
+    let h6m = h6.modulo(six);
+    let floor = h6.v.floor();
+    let hi = floor - (floor * (one / six)).floor() * six;
+    let hi = if hi < zero {
+        zero
+    } else if hi > T::from_f64(5.0) {
+        T::from_f64(5.0)
+    } else {
+        hi
+    };
+    let f = h6m.sub(Dual::constant(hi));
+    let neg = T::from_f64(-1.0);
+    let p = v.mul(s.affine(neg, one));
+    let q = v.mul(f.mul(s).affine(neg, one));
+    let t = v.mul(f.affine(neg, one).mul(s).affine(neg, one));
+    let sector: [T; 6] = std::array::from_fn(|k| mask(hi == T::from_f64(k as f64)));
+    let pick = |vals: [Dual<T>; 6]| {
+        let mut acc = vals[0].affine(sector[0], zero);
+        for k in 1..6 {
+            acc = acc.add(vals[k].affine(sector[k], zero));
+        }
+        acc
+    };
+    [
+        pick([v, q, p, p, t, v]),
+        pick([t, v, v, q, p, p]),
+        pick([p, p, t, v, v, q]),
+    ]
+}
+
+/// kornia's hue rotation (the jitter's hue step) of RGB cutouts (N, 3, H, W), per sample
+/// `turns` of a full turn: one pass forward, one backward that recomputes each pixel's
+/// chain with its 3×3 Jacobian.
+struct HueRotation {
+    turns: Vec<f32>,
+    dims: (usize, usize, usize, usize),
+}
+
+impl HueRotation {
+    fn shift<T: Sample>(&self, sample: usize) -> T {
+        T::of(self.turns[sample]) * T::from_f64(std::f64::consts::TAU)
+    }
+}
+
+impl GatherKernel for HueRotation {
+    fn name(&self) -> &'static str {
+        "cpu-hue-rotation"
+    }
+
+    fn out_dims(&self, dims: &[usize]) -> candle_core::Result<Vec<usize>> {
+        let (n, c, h, w) = self.dims;
+        if dims != [n, c, h, w] || c != 3 || self.turns.len() != n {
+            candle_core::bail!("hue kernel for {:?}, got {dims:?}", self.dims)
+        }
+        Ok(dims.to_vec())
+    }
+
+    fn forward<T: Sample>(&self, x: &[T], out: &mut [T]) {
+        let hw = self.dims.2 * self.dims.3;
+        out.par_chunks_mut(3 * hw)
+            .zip(x.par_chunks(3 * hw))
+            .enumerate()
+            .for_each(|(sample, (o, x))| {
+                let shift = self.shift::<T>(sample);
+                for p in 0..hw {
+                    let rgb = hue_pixel([x[p], x[hw + p], x[2 * hw + p]], shift);
+                    for (c, v) in rgb.iter().enumerate() {
+                        o[c * hw + p] = v.v;
+                    }
+                }
+            });
+    }
+
+    fn input_grad<T: Sample>(&self, x: &[T], g: &[T], gx: &mut [T]) {
+        let hw = self.dims.2 * self.dims.3;
+        gx.par_chunks_mut(3 * hw)
+            .zip(x.par_chunks(3 * hw).zip(g.par_chunks(3 * hw)))
+            .enumerate()
+            .for_each(|(sample, (gx, (x, g)))| {
+                let shift = self.shift::<T>(sample);
+                for p in 0..hw {
+                    let rgb = hue_pixel([x[p], x[hw + p], x[2 * hw + p]], shift);
+                    for c in 0..3 {
+                        let mut acc = T::zero();
+                        for (o, out) in rgb.iter().enumerate() {
+                            acc += g[o * hw + p] * out.d[c];
+                        }
+                        gx[c * hw + p] = acc;
+                    }
+                }
+            });
+    }
 }
 
 /// The largest (or smallest) channel, (N,1,H,W), with torch's `amax`/`amin`
@@ -1452,6 +1682,26 @@ mod tests {
             let p = params_that_apply(Kornia::from_code(code, false), &x);
             check_kernel_against_reference(&x, |t| p.apply(t), 1e-12);
         }
+        // Hue alone on pixels whose channels tie (grey, and two equal maxima or minima),
+        // where the reference splits the extreme's slope and takes its delta = 0 branches.
+        let v: Vec<f32> = (0..2 * 3 * 16)
+            .map(|i| {
+                let (c, p) = ((i / 16) % 3, i % 16);
+                match p % 4 {
+                    0 => 0.4,
+                    1 => [0.6, 0.6, 0.2][c],
+                    2 => [0.3, 0.7, 0.3][c],
+                    _ => 0.1 + 0.05 * (i % 13) as f32,
+                }
+            })
+            .collect();
+        let ties = Tensor::from_vec(v, (2, 3, 4, 4), &Device::Cpu).unwrap();
+        let hue = AugmentParams::Jitter {
+            applied: vec![true, true],
+            factors: vec![[1.0, 1.0, 1.0, 0.3], [1.0, 1.0, 1.0, -0.45]],
+            order: vec![3],
+        };
+        check_kernel_against_reference(&ties, |t| hue.apply(t), 1e-12);
     }
 
     #[test]

@@ -149,17 +149,24 @@ pub(crate) trait Sample:
     candle_core::WithDType + std::ops::AddAssign + std::ops::Mul<Output = Self>
 {
     fn of(v: f32) -> Self;
+    fn floor(self) -> Self;
 }
 
 impl Sample for f32 {
     fn of(v: f32) -> Self {
         v
     }
+    fn floor(self) -> Self {
+        f32::floor(self)
+    }
 }
 
 impl Sample for f64 {
     fn of(v: f32) -> Self {
         f64::from(v)
+    }
+    fn floor(self) -> Self {
+        f64::floor(self)
     }
 }
 
