@@ -529,7 +529,7 @@ pub fn attention(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     if mask.is_none() && cpu_kernels(q, &[]) && cpu::is_cpu_f32(k) && cpu::is_cpu_f32(v) {
-        return cpu::attention(q, k, v, scale);
+        return cpu::attention(q, k, v, 1, scale);
     }
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let scores = match mask {
@@ -537,6 +537,33 @@ pub fn attention(
         None => scores,
     };
     softmax_last_dim(&scores)?.matmul(v)
+}
+
+/// [`attention`] per head of (batch, t, heads · d) inputs (head `h` in columns
+/// `h·d..(h+1)·d`, as the q, k and v projections produce them), output in the same layout.
+/// The CPU kernel reads the heads in place; elsewhere the heads are split into the batch.
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    if mask.is_none() && cpu_kernels(q, &[]) && cpu::is_cpu_f32(k) && cpu::is_cpu_f32(v) {
+        return cpu::attention(q, k, v, heads, scale);
+    }
+    let split = |y: &Tensor| -> Result<Tensor> {
+        let (b, t, width) = y.dims3()?;
+        y.reshape((b, t, heads, width / heads))?
+            .transpose(1, 2)?
+            .reshape((b * heads, t, width / heads))
+    };
+    let out = attention(&split(q)?, &split(k)?, &split(v)?, scale, mask)?;
+    let (bh, t, dv) = out.dims3()?;
+    out.reshape((bh / heads, heads, t, dv))?
+        .transpose(1, 2)?
+        .reshape((bh / heads, t, heads * dv))
 }
 
 #[cfg(test)]

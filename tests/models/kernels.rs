@@ -272,3 +272,46 @@ fn attention_kernel_matches_autograd() {
         "attention gradient not deterministic"
     );
 }
+
+#[test]
+fn multi_head_attention_kernel_reads_heads_in_place() {
+    use vqclip::models::layers::multi_head_attention;
+    // Heads interleaved in the columns, as the projections write them.
+    let (b, t, heads, d) = (3, 5, 4, 8);
+    let q = randn(&[b, t, heads * d]);
+    let k = randn(&[b, t, heads * d]);
+    let v = randn(&[b, t, heads * d]);
+    let readout = Tensor::randn(0f64, 1.0, (b, t, heads * d), &Device::Cpu).unwrap();
+    let grads = |ops, dtype| {
+        with_layer_ops(ops, || -> Result<(Tensor, Vec<Tensor>)> {
+            let vars = [&q, &k, &v].map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap());
+            let [qv, kv, vv] = vars.each_ref().map(|v| v.as_tensor());
+            let out = multi_head_attention(qv, kv, vv, heads, 0.3, None)?;
+            let g = (out.to_dtype(DType::F64)? * &readout)?
+                .sum_all()?
+                .backward()?;
+            let gs = vars
+                .iter()
+                .map(|v| g.get(v.as_tensor()).expect("no gradient").clone())
+                .collect();
+            Ok((out, gs))
+        })
+        .unwrap()
+    };
+    let (out, gs) = grads(LayerOps::InputGradOnly, DType::F32);
+    let (out_ref, gs_ref) = grads(LayerOps::Autograd, DType::F64);
+    let fwd = max_rel_diff(&out, &out_ref);
+    assert!(
+        fwd < 1e-5,
+        "multi-head attention forward differs by {fwd:e}"
+    );
+    for (name, (g, r)) in ["q", "k", "v"].iter().zip(gs.iter().zip(&gs_ref)) {
+        let diff = max_rel_diff(g, r);
+        assert!(
+            diff < 1e-5,
+            "multi-head attention d/d{name} differs by {diff:e}"
+        );
+    }
+    let (again, gs_again) = grads(LayerOps::InputGradOnly, DType::F32);
+    assert!(bytes(&again) == bytes(&out) && bytes(&gs_again[1]) == bytes(&gs[1]));
+}
