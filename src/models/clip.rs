@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::clip_openai;
 use super::clip_resnet::{ModifiedResNet, ResNetVisionConfig};
-use super::layers::{multi_head_attention, Activation, Conv2d, LayerNorm, Linear};
+use super::layers::{mlp, multi_head_attention, Activation, Conv2d, LayerNorm, Linear};
 use super::tokenizer::ClipTokenizer;
 use super::{weights, ModelError};
 
@@ -244,12 +244,13 @@ impl EncoderLayer {
         let h = (x + self
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, mask)?)?;
-        let mlp = self.fc2.forward(
-            &self
-                .act
-                .forward(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?,
+        let out = mlp(
+            &self.layer_norm2.forward(&h)?,
+            &self.fc1,
+            self.act,
+            &self.fc2,
         )?;
-        h + mlp
+        h + out
     }
 }
 
