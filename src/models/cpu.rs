@@ -630,7 +630,7 @@ impl LayerNormKernel {
 }
 
 /// Elements per parallel task of the elementwise kernels.
-const ELEMENTWISE_CHUNK: usize = 1 << 14;
+pub(crate) const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
 /// `x * sigmoid(k x)` (QuickGELU with `k` = 1.702).
 pub(crate) fn quick_gelu(x: &[f32], dims: &[usize], k: f32) -> Output {

@@ -28,6 +28,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::ops::{apply_gather, gather_kernels, GatherKernel, Sample};
 use super::spec::{Augment, CutMethod};
+use crate::models::cpu::ELEMENTWISE_CHUNK;
 use rayon::prelude::*;
 
 /// One kornia augmentation module, configured as generate.py configures it.
@@ -726,9 +727,6 @@ impl GatherKernel for UnitClamp {
             });
     }
 }
-
-/// Elements per parallel task of the elementwise kernels.
-const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
 fn mat_mul(a: &Homography, b: &Homography) -> Homography {
     let mut m = [[0.0; 3]; 3];
