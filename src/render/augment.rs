@@ -1221,6 +1221,14 @@ fn color_jitter(
             continue;
         }
         y = match op {
+            0 | 2 | 3 if gather_kernels(&y) => apply_gather(
+                &y,
+                PixelJitter {
+                    step: op,
+                    factors: column(op),
+                    dims: y.dims4()?,
+                },
+            )?,
             0 => clamp01(&y.broadcast_mul(&per_sample(&column(0), x)?)?)?,
             1 => {
                 let f = per_sample(&column(1), x)?;
@@ -1239,18 +1247,8 @@ fn color_jitter(
                 )?
             }
             3 => {
-                if gather_kernels(&y) {
-                    apply_gather(
-                        &y,
-                        HueRotation {
-                            turns: column(3),
-                            dims: y.dims4()?,
-                        },
-                    )?
-                } else {
-                    let turns = per_sample(&column(3), x)?;
-                    adjust_hue(&y, &(turns * std::f64::consts::TAU)?)?
-                }
+                let turns = per_sample(&column(3), x)?;
+                adjust_hue(&y, &(turns * std::f64::consts::TAU)?)?
             }
             other => candle_core::bail!("colour jitter step {other} is not 0..3"),
         };
@@ -1388,6 +1386,15 @@ impl<T: Sample> Dual<T> {
             d: self.d,
         }
     }
+    /// [`clamp01`]: the slope passes strictly inside (0, 1).
+    fn clamp01(self) -> Self {
+        let (zero, one) = (T::zero(), T::one());
+        if self.v > zero && self.v < one {
+            self
+        } else {
+            Self::constant(if self.v > zero { one } else { zero })
+        }
+    }
     /// [`wrap_full_turn`].
     fn wrap_full_turn(self) -> Self {
         let below = if self.v < T::from_f64(std::f64::consts::TAU) {
@@ -1484,29 +1491,47 @@ fn hue_pixel<T: Sample>(rgb: [T; 3], shift: T) -> [Dual<T>; 3] {
     ]
 }
 
-/// kornia's hue rotation (the jitter's hue step) of RGB cutouts (N, 3, H, W), per sample
-/// `turns` of a full turn: one pass forward, one backward that recomputes each pixel's
-/// chain with its 3×3 Jacobian.
-struct HueRotation {
-    turns: Vec<f32>,
+/// The per-pixel steps of kornia's colour jitter on RGB cutouts (N, 3, H, W), each with
+/// its clamp: brightness (`step` 0), saturation (2) and hue (3, `factors` in turns), one
+/// factor per sample. One pass forward, and one backward that recomputes each pixel's
+/// chain with its 3×3 Jacobian, so only the input is kept (the reference keeps 5–40
+/// tensors of the batch's size per step).
+struct PixelJitter {
+    step: usize,
+    factors: Vec<f32>,
     dims: (usize, usize, usize, usize),
 }
 
-impl HueRotation {
-    fn shift<T: Sample>(&self, sample: usize) -> T {
-        T::of(self.turns[sample]) * T::from_f64(std::f64::consts::TAU)
+impl PixelJitter {
+    fn pixel<T: Sample>(&self, rgb: [T; 3], sample: usize) -> [Dual<T>; 3] {
+        let f = T::of(self.factors[sample]);
+        let zero = T::zero();
+        let seeds = [0, 1, 2].map(|c| Dual::seed(rgb[c], c));
+        match self.step {
+            0 => seeds.map(|c| c.affine(f, zero).clamp01()),
+            2 => {
+                let [r, g, b] = seeds;
+                let grey = r
+                    .affine(T::from_f64(0.299), zero)
+                    .add(g.affine(T::from_f64(0.587), zero))
+                    .add(b.affine(T::from_f64(0.114), zero));
+                let rest = f * T::from_f64(-1.0) + T::one();
+                seeds.map(|c| c.affine(f, zero).add(grey.affine(rest, zero)).clamp01())
+            }
+            _ => hue_pixel(rgb, f * T::from_f64(std::f64::consts::TAU)),
+        }
     }
 }
 
-impl GatherKernel for HueRotation {
+impl GatherKernel for PixelJitter {
     fn name(&self) -> &'static str {
-        "cpu-hue-rotation"
+        "cpu-colour-jitter"
     }
 
     fn out_dims(&self, dims: &[usize]) -> candle_core::Result<Vec<usize>> {
         let (n, c, h, w) = self.dims;
-        if dims != [n, c, h, w] || c != 3 || self.turns.len() != n {
-            candle_core::bail!("hue kernel for {:?}, got {dims:?}", self.dims)
+        if dims != [n, c, h, w] || c != 3 || self.factors.len() != n {
+            candle_core::bail!("colour jitter kernel for {:?}, got {dims:?}", self.dims)
         }
         Ok(dims.to_vec())
     }
@@ -1517,9 +1542,8 @@ impl GatherKernel for HueRotation {
             .zip(x.par_chunks(3 * hw))
             .enumerate()
             .for_each(|(sample, (o, x))| {
-                let shift = self.shift::<T>(sample);
                 for p in 0..hw {
-                    let rgb = hue_pixel([x[p], x[hw + p], x[2 * hw + p]], shift);
+                    let rgb = self.pixel([x[p], x[hw + p], x[2 * hw + p]], sample);
                     for (c, v) in rgb.iter().enumerate() {
                         o[c * hw + p] = v.v;
                     }
@@ -1533,9 +1557,8 @@ impl GatherKernel for HueRotation {
             .zip(x.par_chunks(3 * hw).zip(g.par_chunks(3 * hw)))
             .enumerate()
             .for_each(|(sample, (gx, (x, g)))| {
-                let shift = self.shift::<T>(sample);
                 for p in 0..hw {
-                    let rgb = hue_pixel([x[p], x[hw + p], x[2 * hw + p]], shift);
+                    let rgb = self.pixel([x[p], x[hw + p], x[2 * hw + p]], sample);
                     for c in 0..3 {
                         let mut acc = T::zero();
                         for (o, out) in rgb.iter().enumerate() {
@@ -1700,6 +1723,22 @@ mod tests {
             order: vec![3],
         };
         check_kernel_against_reference(&ties, |t| hue.apply(t), 1e-12);
+        // Brightness and saturation strong enough to clamp, each alone, then all four steps.
+        for (order, factors) in [
+            (vec![0], [[1.9, 1.0, 1.0, 0.0], [0.6, 1.0, 1.0, 0.0]]),
+            (vec![2], [[1.0, 1.0, 1.8, 0.0], [1.0, 1.0, 0.3, 0.0]]),
+            (
+                vec![2, 0, 3, 1],
+                [[1.2, 0.8, 1.4, 0.2], [0.9, 1.3, 0.7, -0.1]],
+            ),
+        ] {
+            let jitter = AugmentParams::Jitter {
+                applied: vec![true, false],
+                factors: factors.to_vec(),
+                order,
+            };
+            check_kernel_against_reference(&ties, |t| jitter.apply(t), 1e-12);
+        }
     }
 
     #[test]
