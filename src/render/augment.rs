@@ -1328,7 +1328,9 @@ fn adjust_hue(x: &Tensor, shift: &Tensor) -> candle_core::Result<Tensor> {
 
 /// A value and its derivatives with respect to one pixel's (r, g, b): forward-mode
 /// differentiation of [`adjust_hue`]'s chain, one pixel at a time, so its backward needs
-/// only the input instead of the ~40 intermediate tensors the reference keeps.
+/// only the input instead of the ~40 intermediate tensors the reference keeps. The three
+/// components are written out rather than mapped, which keeps the unoptimised (dev
+/// profile) build of the crate from spending seconds a step in closure calls.
 #[derive(Clone, Copy)]
 struct Dual<T> {
     v: T,
@@ -1350,32 +1352,43 @@ impl<T: Sample> Dual<T> {
     fn add(self, o: Self) -> Self {
         Self {
             v: self.v + o.v,
-            d: std::array::from_fn(|i| self.d[i] + o.d[i]),
+            d: [self.d[0] + o.d[0], self.d[1] + o.d[1], self.d[2] + o.d[2]],
         }
     }
     fn sub(self, o: Self) -> Self {
         Self {
             v: self.v - o.v,
-            d: std::array::from_fn(|i| self.d[i] - o.d[i]),
+            d: [self.d[0] - o.d[0], self.d[1] - o.d[1], self.d[2] - o.d[2]],
         }
     }
     fn mul(self, o: Self) -> Self {
         Self {
             v: self.v * o.v,
-            d: std::array::from_fn(|i| self.d[i] * o.v + self.v * o.d[i]),
+            d: [
+                self.d[0] * o.v + self.v * o.d[0],
+                self.d[1] * o.v + self.v * o.d[1],
+                self.d[2] * o.v + self.v * o.d[2],
+            ],
         }
     }
     fn div(self, o: Self) -> Self {
         Self {
             v: self.v / o.v,
-            d: std::array::from_fn(|i| (self.d[i] * o.v - self.v * o.d[i]) / (o.v * o.v)),
+            d: {
+                let o2 = o.v * o.v;
+                [
+                    (self.d[0] * o.v - self.v * o.d[0]) / o2,
+                    (self.d[1] * o.v - self.v * o.d[1]) / o2,
+                    (self.d[2] * o.v - self.v * o.d[2]) / o2,
+                ]
+            },
         }
     }
     /// `self · k + c` (candle's `affine`, and its scalar arithmetic).
     fn affine(self, k: T, c: T) -> Self {
         Self {
             v: self.v * k + c,
-            d: self.d.map(|d| d * k),
+            d: [self.d[0] * k, self.d[1] * k, self.d[2] * k],
         }
     }
     /// `self mod m` with slope 1, as [`modulo`].
