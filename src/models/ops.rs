@@ -204,7 +204,8 @@ pub fn attach_input_grad(
 /// The kernel of a stride-1 conv's input gradient: `w` (out, in, k, k) flipped in both
 /// spatial dims with in and out swapped, so that a forward conv of the output gradient with
 /// it (padding `k - 1 - p`) is the transposed conv. Frozen weights make it a constant, so it
-/// is built once per layer, on the first backward.
+/// is built once per layer, on the first backward, and kept (off the CPU f32 kernels, which
+/// flip per backward instead of holding a second copy of the weights).
 #[derive(Debug, Clone, Default)]
 pub struct FlippedKernel(Arc<OnceLock<Tensor>>);
 
