@@ -907,6 +907,7 @@ fn field_from_map(m: &Homography, h: usize, w: usize) -> Field {
 /// The four bilinear taps of a sample at pixel position (`sx`, `sy`) in an `h`×`w` plane, as
 /// torch's `grid_sample` weighs them: (index, weight), a tap outside the plane (zero padding)
 /// or of zero weight as (0, 0). `border` clamps the position to the edge first.
+#[inline(always)]
 fn bilinear_taps(sx: f32, sy: f32, h: usize, w: usize, border: bool) -> [(u32, f32); 4] {
     let (sx, sy) = if border {
         (sx.clamp(0.0, (w - 1) as f32), sy.clamp(0.0, (h - 1) as f32))
@@ -1338,29 +1339,34 @@ struct Dual<T> {
 }
 
 impl<T: Sample> Dual<T> {
+    #[inline(always)]
     fn constant(v: T) -> Self {
         Self {
             v,
             d: [T::zero(); 3],
         }
     }
+    #[inline(always)]
     fn seed(v: T, channel: usize) -> Self {
         let mut d = [T::zero(); 3];
         d[channel] = T::one();
         Self { v, d }
     }
+    #[inline(always)]
     fn add(self, o: Self) -> Self {
         Self {
             v: self.v + o.v,
             d: [self.d[0] + o.d[0], self.d[1] + o.d[1], self.d[2] + o.d[2]],
         }
     }
+    #[inline(always)]
     fn sub(self, o: Self) -> Self {
         Self {
             v: self.v - o.v,
             d: [self.d[0] - o.d[0], self.d[1] - o.d[1], self.d[2] - o.d[2]],
         }
     }
+    #[inline(always)]
     fn mul(self, o: Self) -> Self {
         Self {
             v: self.v * o.v,
@@ -1371,6 +1377,7 @@ impl<T: Sample> Dual<T> {
             ],
         }
     }
+    #[inline(always)]
     fn div(self, o: Self) -> Self {
         Self {
             v: self.v / o.v,
@@ -1385,6 +1392,7 @@ impl<T: Sample> Dual<T> {
         }
     }
     /// `self · k + c` (candle's `affine`, and its scalar arithmetic).
+    #[inline(always)]
     fn affine(self, k: T, c: T) -> Self {
         Self {
             v: self.v * k + c,
@@ -1392,6 +1400,7 @@ impl<T: Sample> Dual<T> {
         }
     }
     /// `self mod m` with slope 1, as [`modulo`].
+    #[inline(always)]
     fn modulo(self, m: T) -> Self {
         let k = (self.v * (T::one() / m)).floor();
         Self {
@@ -1400,6 +1409,7 @@ impl<T: Sample> Dual<T> {
         }
     }
     /// [`clamp01`]: the slope passes strictly inside (0, 1).
+    #[inline(always)]
     fn clamp01(self) -> Self {
         let (zero, one) = (T::zero(), T::one());
         if self.v > zero && self.v < one {
@@ -1409,6 +1419,7 @@ impl<T: Sample> Dual<T> {
         }
     }
     /// [`wrap_full_turn`].
+    #[inline(always)]
     fn wrap_full_turn(self) -> Self {
         let below = if self.v < T::from_f64(std::f64::consts::TAU) {
             T::one()
