@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::clip_openai;
 use super::clip_resnet::{ModifiedResNet, ResNetVisionConfig};
-use super::layers::{attention, Activation, Conv2d, LayerNorm, Linear};
+use super::layers::{mlp, multi_head_attention, Activation, Conv2d, LayerNorm, Linear};
 use super::tokenizer::ClipTokenizer;
 use super::{weights, ModelError};
 
@@ -201,20 +201,11 @@ impl SelfAttention {
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, t, hidden) = x.dims3()?;
-        let split = |y: Tensor| {
-            y.reshape((b, t, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .reshape((b * self.heads, t, self.head_dim))
-        };
-        let q = split(self.q_proj.forward(x)?)?;
-        let k = split(self.k_proj.forward(x)?)?;
-        let v = split(self.v_proj.forward(x)?)?;
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let out = attention(&q, &k, &v, scale, mask)?
-            .reshape((b, self.heads, t, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, t, hidden))?;
+        let out = multi_head_attention(&q, &k, &v, self.heads, scale, mask)?;
         self.out_proj.forward(&out)
     }
 }
@@ -253,12 +244,13 @@ impl EncoderLayer {
         let h = (x + self
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, mask)?)?;
-        let mlp = self.fc2.forward(
-            &self
-                .act
-                .forward(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?,
+        let out = mlp(
+            &self.layer_norm2.forward(&h)?,
+            &self.fc1,
+            self.act,
+            &self.fc2,
         )?;
-        h + mlp
+        h + out
     }
 }
 

@@ -187,6 +187,24 @@ thread_local! {
 /// enough that the im2col tile stays in the core's cache.
 const CONV_TILE_PIXELS: usize = 1024;
 
+/// The kernel of the transposed conv of a (c_out, c_in, k, k) weight: (c_in, c_out, k, k)
+/// with both spatial axes reversed, in one pass.
+pub(crate) fn flip_kernel(w: &[f32], (c_out, c_in, k): (usize, usize, usize)) -> Vec<f32> {
+    let kk = k * k;
+    let mut out = vec![0f32; w.len()];
+    out.par_chunks_mut(c_out * kk)
+        .enumerate()
+        .for_each(|(ci, dst)| {
+            for (co, taps) in dst.chunks_mut(kk).enumerate() {
+                let src = &w[(co * c_in + ci) * kk..(co * c_in + ci + 1) * kk];
+                for (t, &v) in taps.iter_mut().zip(src.iter().rev()) {
+                    *t = v;
+                }
+            }
+        });
+    out
+}
+
 /// Stride-1 2-D convolution of a contiguous (b, c_in, h, w) `x` with a contiguous
 /// (c_out, c_in, k, k) `w`, zero `padding` on each side, plus an optional bias: one im2col
 /// tile per group of output rows, written straight from the NCHW input with row copies, and
@@ -612,7 +630,7 @@ impl LayerNormKernel {
 }
 
 /// Elements per parallel task of the elementwise kernels.
-const ELEMENTWISE_CHUNK: usize = 1 << 14;
+pub(crate) const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
 /// `x * sigmoid(k x)` (QuickGELU with `k` = 1.702).
 pub(crate) fn quick_gelu(x: &[f32], dims: &[usize], k: f32) -> Output {
@@ -700,41 +718,51 @@ pub(crate) fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
         .to_vec1::<f32>()
 }
 
-/// `softmax(q kᵀ · scale) v` over contiguous (batch, t, d) `q`, `k`, `v`, one task per batch
-/// entry (a head of an image), with the input gradients of all three in its backward. The
-/// softmax is recomputed in the backward rather than kept.
+/// `softmax(q kᵀ · scale) v` per head over contiguous (batch, t, heads · d) `q`, `k`, `v`
+/// (head `h` is columns `h·d..(h+1)·d`, the layout of the projections that produce them),
+/// output in the same layout, one task per batch entry, with the input gradients of all
+/// three in its backward. Reading the heads in place spares the split and merge copies
+/// (and the graph keeping both). The softmax is recomputed in the backward rather than kept.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Attention {
     pub scale: f32,
+    pub heads: usize,
 }
 
-/// (batch, tq, tk, d, dv) of an attention call, checked.
+/// (batch, tq, tk, d, dv) per head of an attention call with `heads` heads, checked.
 fn attention_dims(
     q: &[usize],
     k: &[usize],
     v: &[usize],
+    heads: usize,
 ) -> Result<(usize, usize, usize, usize, usize)> {
-    let (&[b, tq, d], &[bk, tk, dk], &[bv, tv, dv]) = (q, k, v) else {
+    let (&[b, tq, dq], &[bk, tk, dk], &[bv, tv, dvh]) = (q, k, v) else {
         candle_core::bail!("attention kernel: expected 3-d q, k, v, got {q:?} {k:?} {v:?}")
     };
-    if b != bk || b != bv || d != dk || tk != tv || tk == 0 {
+    if b != bk || b != bv || dq != dk || tk != tv || tk == 0 || heads == 0 {
         candle_core::bail!("attention kernel: q {q:?}, k {k:?}, v {v:?} do not fit")
     }
-    Ok((b, tq, tk, d, dv))
+    if !dq.is_multiple_of(heads) || !dvh.is_multiple_of(heads) {
+        candle_core::bail!(
+            "attention kernel: {dq} and {dvh} columns do not split into {heads} heads"
+        )
+    }
+    Ok((b, tq, tk, dq / heads, dvh / heads))
 }
 
-/// `dst (m x n) = alpha · dst + beta · a (m x k) b (k x n)`, each given with its row and
-/// column strides: a single-threaded gemm for the per-head tasks.
+/// `dst (m x n, row stride rs) = alpha · dst + beta · a (m x k) b (k x n)`, `a` and `b`
+/// given with their row and column strides: a single-threaded gemm for the per-head tasks.
 fn small_gemm(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
+    (dst, rs): (&mut [f32], usize),
     a: (&[f32], usize, usize),
     b: (&[f32], usize, usize),
     beta: f32,
 ) {
-    debug_assert!(dst.len() >= m * n);
-    // SAFETY: the caller's slices hold the matrices at the strides given (checked in
-    // debug builds by the slice bounds of the callers).
+    assert!(m == 0 || n == 0 || dst.len() >= (m - 1) * rs + n);
+    assert!(m == 0 || k == 0 || a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
+    assert!(k == 0 || n == 0 || b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
+    // SAFETY: the asserts above keep every element the gemm touches inside the slices.
     unsafe {
         gemm::gemm(
             m,
@@ -742,7 +770,7 @@ fn small_gemm(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            rs as isize,
             false,
             a.0.as_ptr(),
             a.2 as isize,
@@ -775,31 +803,48 @@ fn softmax_rows(s: &mut [f32], n: usize) {
 }
 
 impl Attention {
-    /// The probabilities `softmax(q kᵀ · scale)` of one head into `p` (tq x tk).
-    fn probs(&self, q: &[f32], k: &[f32], p: &mut [f32], (tq, tk, d): (usize, usize, usize)) {
-        small_gemm((tq, tk, d), p, (q, d, 1), (k, 1, d), self.scale);
+    /// The probabilities `softmax(q kᵀ · scale)` of one head into `p` (tq x tk); `q` and
+    /// `k` start at the head's first column and have row stride `rs`.
+    fn probs(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        rs: usize,
+        p: &mut [f32],
+        (tq, tk, d): (usize, usize, usize),
+    ) {
+        small_gemm((tq, tk, d), (p, tk), (q, rs, 1), (k, 1, rs), self.scale);
         softmax_rows(p, tk);
     }
 
     fn forward(&self, q: &[f32], k: &[f32], v: &[f32], dims: [&[usize]; 3]) -> Output {
-        let (b, tq, tk, d, dv) = attention_dims(dims[0], dims[1], dims[2])?;
-        let mut out = vec![0f32; b * tq * dv];
-        out.par_chunks_mut(tq * dv).enumerate().for_each(|(i, o)| {
+        let (b, tq, tk, d, dv) = attention_dims(dims[0], dims[1], dims[2], self.heads)?;
+        let (hq, hv) = (self.heads * d, self.heads * dv);
+        let mut out = vec![0f32; b * tq * hv];
+        out.par_chunks_mut(tq * hv).enumerate().for_each(|(i, o)| {
             let mut p = vec![0f32; tq * tk];
-            let (qi, ki) = (
-                &q[i * tq * d..(i + 1) * tq * d],
-                &k[i * tk * d..(i + 1) * tk * d],
+            let (qi, ki, vi) = (
+                &q[i * tq * hq..(i + 1) * tq * hq],
+                &k[i * tk * hq..(i + 1) * tk * hq],
+                &v[i * tk * hv..(i + 1) * tk * hv],
             );
-            self.probs(qi, ki, &mut p, (tq, tk, d));
-            let vi = &v[i * tk * dv..(i + 1) * tk * dv];
-            small_gemm((tq, dv, tk), o, (&p, tk, 1), (vi, dv, 1), 1.0);
+            for h in 0..self.heads {
+                self.probs(&qi[h * d..], &ki[h * d..], hq, &mut p, (tq, tk, d));
+                small_gemm(
+                    (tq, dv, tk),
+                    (&mut o[h * dv..], hv),
+                    (&p, tk, 1),
+                    (&vi[h * dv..], hv, 1),
+                    1.0,
+                );
+            }
         });
-        Ok((out, Shape::from((b, tq, dv))))
+        Ok((out, Shape::from((b, tq, hv))))
     }
 
-    /// `(dq, dk, dv)` from the inputs and `d loss / d out`: with `P` the probabilities,
-    /// `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ⊙ (dP - rowsum(dP ⊙ P))`, `dQ = scale dS K`,
-    /// `dK = scale dSᵀ Q`.
+    /// `(dq, dk, dv)` from the inputs and `d loss / d out`: per head, with `P` the
+    /// probabilities, `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = P ⊙ (dP - rowsum(dP ⊙ P))`,
+    /// `dQ = scale dS K`, `dK = scale dSᵀ Q`.
     #[allow(clippy::type_complexity)]
     fn backward(
         &self,
@@ -809,36 +854,59 @@ impl Attention {
         go: &[f32],
         dims: [&[usize]; 3],
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let (b, tq, tk, d, dv) = attention_dims(dims[0], dims[1], dims[2])?;
-        if go.len() != b * tq * dv {
+        let (b, tq, tk, d, dv) = attention_dims(dims[0], dims[1], dims[2], self.heads)?;
+        let (hq, hv) = (self.heads * d, self.heads * dv);
+        if go.len() != b * tq * hv {
             candle_core::bail!("attention grad kernel: gradient of the wrong size")
         }
         let mut gq = vec![0f32; q.len()];
         let mut gk = vec![0f32; k.len()];
         let mut gv = vec![0f32; v.len()];
-        gq.par_chunks_mut(tq * d)
-            .zip(gk.par_chunks_mut(tk * d).zip(gv.par_chunks_mut(tk * dv)))
+        gq.par_chunks_mut(tq * hq)
+            .zip(gk.par_chunks_mut(tk * hq).zip(gv.par_chunks_mut(tk * hv)))
             .enumerate()
             .for_each(|(i, (gqi, (gki, gvi)))| {
-                let qi = &q[i * tq * d..(i + 1) * tq * d];
-                let ki = &k[i * tk * d..(i + 1) * tk * d];
-                let vi = &v[i * tk * dv..(i + 1) * tk * dv];
-                let goi = &go[i * tq * dv..(i + 1) * tq * dv];
+                let qi = &q[i * tq * hq..(i + 1) * tq * hq];
+                let ki = &k[i * tk * hq..(i + 1) * tk * hq];
+                let vi = &v[i * tk * hv..(i + 1) * tk * hv];
+                let goi = &go[i * tq * hv..(i + 1) * tq * hv];
                 let mut p = vec![0f32; tq * tk];
-                self.probs(qi, ki, &mut p, (tq, tk, d));
-                // dV = Pᵀ dO
-                small_gemm((tk, dv, tq), gvi, (&p, 1, tk), (goi, dv, 1), 1.0);
-                // dP = dO Vᵀ, then dS in place.
                 let mut ds = vec![0f32; tq * tk];
-                small_gemm((tq, tk, dv), &mut ds, (goi, dv, 1), (vi, 1, dv), 1.0);
-                for (ds_row, p_row) in ds.chunks_exact_mut(tk).zip(p.chunks_exact(tk)) {
-                    let dot: f32 = ds_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
-                    for (g, &pv) in ds_row.iter_mut().zip(p_row) {
-                        *g = pv * (*g - dot);
+                for h in 0..self.heads {
+                    let (qh, kh, vh, goh) =
+                        (&qi[h * d..], &ki[h * d..], &vi[h * dv..], &goi[h * dv..]);
+                    self.probs(qh, kh, hq, &mut p, (tq, tk, d));
+                    // dV = Pᵀ dO
+                    small_gemm(
+                        (tk, dv, tq),
+                        (&mut gvi[h * dv..], hv),
+                        (&p, 1, tk),
+                        (goh, hv, 1),
+                        1.0,
+                    );
+                    // dP = dO Vᵀ, then dS in place.
+                    small_gemm((tq, tk, dv), (&mut ds, tk), (goh, hv, 1), (vh, 1, hv), 1.0);
+                    for (ds_row, p_row) in ds.chunks_exact_mut(tk).zip(p.chunks_exact(tk)) {
+                        let dot: f32 = ds_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
+                        for (g, &pv) in ds_row.iter_mut().zip(p_row) {
+                            *g = pv * (*g - dot);
+                        }
                     }
+                    small_gemm(
+                        (tq, d, tk),
+                        (&mut gqi[h * d..], hq),
+                        (&ds, tk, 1),
+                        (kh, hq, 1),
+                        self.scale,
+                    );
+                    small_gemm(
+                        (tk, d, tq),
+                        (&mut gki[h * d..], hq),
+                        (&ds, 1, tk),
+                        (qh, hq, 1),
+                        self.scale,
+                    );
                 }
-                small_gemm((tq, d, tk), gqi, (&ds, tk, 1), (ki, d, 1), self.scale);
-                small_gemm((tk, d, tq), gki, (&ds, 1, tk), (qi, d, 1), self.scale);
             });
         Ok((gq, gk, gv))
     }
@@ -893,8 +961,15 @@ impl candle_core::CustomOp3 for Attention {
     }
 }
 
-/// `softmax(q kᵀ · scale) v` on the CPU kernel for f32 CPU tensors, unmasked.
-pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+/// `softmax(q kᵀ · scale) v` on the CPU kernel for f32 CPU tensors, unmasked, per head of
+/// (batch, t, heads · d) inputs.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     if q.track_op() || k.track_op() || v.track_op() {
         count_input_grad_layer();
@@ -904,6 +979,7 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
         &v,
         Attention {
             scale: scale as f32,
+            heads,
         },
     )
 }

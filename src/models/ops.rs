@@ -204,7 +204,8 @@ pub fn attach_input_grad(
 /// The kernel of a stride-1 conv's input gradient: `w` (out, in, k, k) flipped in both
 /// spatial dims with in and out swapped, so that a forward conv of the output gradient with
 /// it (padding `k - 1 - p`) is the transposed conv. Frozen weights make it a constant, so it
-/// is built once per layer, on the first backward.
+/// is built once per layer, on the first backward, and kept (off the CPU f32 kernels, which
+/// flip per backward instead of holding a second copy of the weights).
 #[derive(Debug, Clone, Default)]
 pub struct FlippedKernel(Arc<OnceLock<Tensor>>);
 
@@ -241,12 +242,15 @@ pub fn conv2d_input_grad(
             "conv2d input gradient needs a square kernel wider than its padding, got {kh}x{kw} with padding {padding}"
         )
     }
-    if cpu::is_cpu_f32(grad_y) && cpu::is_cpu_f32(weight) {
-        let kernel = flipped.get(weight)?;
-        let pad = kh - 1 - padding;
+    if cpu::is_cpu_f32(grad_y) && cpu::is_cpu_f32(weight) && weight.is_contiguous() {
+        // The flipped kernel is built per backward (one pass over the weight, a few ms for the
+        // whole decoder) and dropped after: caching it kept a second copy of every conv
+        // weight alive, 175 MB for f16_16384's decoder.
+        let (weight, pad) = (weight.detach(), kh - 1 - padding);
         return cpu::cpu_unary("cpu-conv2d-input-grad", grad_y, move |g, dims| {
-            cpu::with_f32(&kernel, |k| {
-                cpu::conv2d_stride1(g, dims, k, kernel.dims(), None, pad)
+            cpu::with_f32(&weight, |w| {
+                let kernel = cpu::flip_kernel(w, (c_out, c_in, kh));
+                cpu::conv2d_stride1(g, dims, &kernel, &[c_in, c_out, kh, kh], None, pad)
             })
         });
     }

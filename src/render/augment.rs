@@ -26,7 +26,10 @@ use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use super::ops::{apply_gather, gather_kernels, GatherKernel, Sample};
 use super::spec::{Augment, CutMethod};
+use crate::models::cpu::ELEMENTWISE_CHUNK;
+use rayon::prelude::*;
 
 /// One kornia augmentation module, configured as generate.py configures it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -474,7 +477,7 @@ impl AugmentParams {
                     .zip(matrices)
                     .map(|(&a, m)| a.then(|| field_from_map(&invert(m), h, w)))
                     .collect();
-                sample_fields(x, &fields, *border)
+                sample_fields(x, fields, *border)
             }
             AugmentParams::Elastic { applied, noise } => {
                 let per = 2 * h * w;
@@ -483,7 +486,7 @@ impl AugmentParams {
                     .enumerate()
                     .map(|(i, &a)| a.then(|| elastic_field(&noise[i * per..(i + 1) * per], h, w)))
                     .collect();
-                sample_fields(x, &fields, false)
+                sample_fields(x, fields, false)
             }
             AugmentParams::ThinPlate { applied, dst } => {
                 let fields: Vec<Option<Field>> = applied
@@ -491,7 +494,7 @@ impl AugmentParams {
                     .zip(dst)
                     .map(|(&a, d)| a.then(|| thin_plate_field(d, h, w)))
                     .collect();
-                sample_fields(x, &fields, false)
+                sample_fields(x, fields, false)
             }
             AugmentParams::Erase { applied, rect } => {
                 let mut keep = vec![1f32; n * h * w];
@@ -642,6 +645,9 @@ fn select(applied: &[bool], augmented: &Tensor, x: &Tensor) -> candle_core::Resu
 /// kornia's `_clamp_unit_range`: clamps to [0, 1] with the gradient passed on the
 /// closed range (candle's clamp halves it at the bounds).
 fn clamp_unit_range(x: &Tensor) -> candle_core::Result<Tensor> {
+    if gather_kernels(x) {
+        return apply_gather(x, UnitClamp { closed: true });
+    }
     let xd = x.detach();
     let inside = xd.ge(0.0)?.mul(&xd.le(1.0)?)?.to_dtype(x.dtype())?;
     clamp_with_mask(x, &xd, inside)
@@ -650,6 +656,9 @@ fn clamp_unit_range(x: &Tensor) -> candle_core::Result<Tensor> {
 /// torch's `clamp(0, 1)` as the reference torch (2.15) differentiates it: no
 /// gradient at the bounds themselves, only strictly inside.
 fn clamp01(x: &Tensor) -> candle_core::Result<Tensor> {
+    if gather_kernels(x) {
+        return apply_gather(x, UnitClamp { closed: false });
+    }
     let xd = x.detach();
     let inside = xd.gt(0.0)?.mul(&xd.lt(1.0)?)?.to_dtype(x.dtype())?;
     clamp_with_mask(x, &xd, inside)
@@ -659,6 +668,64 @@ fn clamp_with_mask(x: &Tensor, xd: &Tensor, inside: Tensor) -> candle_core::Resu
     let value = xd.clamp(0.0, 1.0)?;
     // inside·x + (1 − inside)·clamped: x's value and slope where inside, a constant out.
     (x * &inside)? + (value * (1.0 - inside)?)?
+}
+
+/// The clamps to [0, 1] as one pass each way, keeping only the input for the backward
+/// (the reference keeps five tensors of the batch's size per clamp, and colour jitter
+/// clamps up to five times). `closed` passes the gradient at the bounds themselves.
+struct UnitClamp {
+    closed: bool,
+}
+
+impl UnitClamp {
+    fn passes<T: Sample>(&self, v: T) -> bool {
+        let (lo, hi) = (T::zero(), T::one());
+        if self.closed {
+            v >= lo && v <= hi
+        } else {
+            v > lo && v < hi
+        }
+    }
+}
+
+impl GatherKernel for UnitClamp {
+    fn name(&self) -> &'static str {
+        "cpu-unit-clamp"
+    }
+
+    fn out_dims(&self, dims: &[usize]) -> candle_core::Result<Vec<usize>> {
+        Ok(dims.to_vec())
+    }
+
+    fn forward<T: Sample>(&self, x: &[T], out: &mut [T]) {
+        let (lo, hi) = (T::zero(), T::one());
+        out.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(x.par_chunks(ELEMENTWISE_CHUNK))
+            .for_each(|(o, x)| {
+                for (o, &v) in o.iter_mut().zip(x) {
+                    *o = if v < lo {
+                        lo
+                    } else if v > hi {
+                        hi
+                    } else {
+                        v
+                    };
+                }
+            });
+    }
+
+    fn input_grad<T: Sample>(&self, x: &[T], g: &[T], gx: &mut [T]) {
+        gx.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(
+                x.par_chunks(ELEMENTWISE_CHUNK)
+                    .zip(g.par_chunks(ELEMENTWISE_CHUNK)),
+            )
+            .for_each(|(o, (x, g))| {
+                for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+                    *o = if self.passes(v) { gv } else { T::zero() };
+                }
+            });
+    }
 }
 
 fn mat_mul(a: &Homography, b: &Homography) -> Homography {
@@ -837,16 +904,62 @@ fn field_from_map(m: &Homography, h: usize, w: usize) -> Field {
     f
 }
 
+/// The four bilinear taps of a sample at pixel position (`sx`, `sy`) in an `h`×`w` plane, as
+/// torch's `grid_sample` weighs them: (index, weight), a tap outside the plane (zero padding)
+/// or of zero weight as (0, 0). `border` clamps the position to the edge first.
+#[inline(always)]
+fn bilinear_taps(sx: f32, sy: f32, h: usize, w: usize, border: bool) -> [(u32, f32); 4] {
+    let (sx, sy) = if border {
+        (sx.clamp(0.0, (w - 1) as f32), sy.clamp(0.0, (h - 1) as f32))
+    } else {
+        (sx, sy)
+    };
+    let (x0, y0) = (sx.floor(), sy.floor());
+    let (fx, fy) = (sx - x0, sy - y0);
+    let corners = [
+        (x0, y0, (1.0 - fx) * (1.0 - fy)),
+        (x0 + 1.0, y0, fx * (1.0 - fy)),
+        (x0, y0 + 1.0, (1.0 - fx) * fy),
+        (x0 + 1.0, y0 + 1.0, fx * fy),
+    ];
+    corners.map(|(cx, cy, wt)| {
+        let inside = cx >= 0.0 && cy >= 0.0 && cx < w as f32 && cy < h as f32;
+        if inside && wt != 0.0 {
+            ((cy as usize * w + cx as usize) as u32, wt)
+        } else {
+            (0, 0.0)
+        }
+    })
+}
+
 /// torch's `grid_sample` (bilinear) at pixel positions, zero or border padding;
-/// `None` leaves a sample untouched.
+/// `None` leaves a sample untouched. One pass forward and one backward on the CPU
+/// ([`Warp`]); candle's gather, product and sum elsewhere.
 fn sample_fields(
     x: &Tensor,
-    fields: &[Option<Field>],
+    fields: Vec<Option<Field>>,
     border: bool,
 ) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     if fields.iter().all(Option::is_none) {
         return Ok(x.clone());
+    }
+    if fields.len() != n || fields.iter().flatten().any(|f| f.len() != h * w) {
+        candle_core::bail!(
+            "{} sampling fields for a batch {:?}",
+            fields.len(),
+            x.shape()
+        );
+    }
+    if gather_kernels(x) {
+        return apply_gather(
+            x,
+            Warp {
+                fields,
+                border,
+                dims: (n, c, h, w),
+            },
+        );
     }
     let hw = h * w;
     let mut index = vec![0u32; n * 4 * hw];
@@ -862,25 +975,10 @@ fn sample_fields(
             }
             Some(field) => {
                 for (p, &(sx, sy)) in field.iter().enumerate() {
-                    let (sx, sy) = if border {
-                        (sx.clamp(0.0, (w - 1) as f32), sy.clamp(0.0, (h - 1) as f32))
-                    } else {
-                        (sx, sy)
-                    };
-                    let (x0, y0) = (sx.floor(), sy.floor());
-                    let (fx, fy) = (sx - x0, sy - y0);
-                    let corners = [
-                        (x0, y0, (1.0 - fx) * (1.0 - fy)),
-                        (x0 + 1.0, y0, fx * (1.0 - fy)),
-                        (x0, y0 + 1.0, (1.0 - fx) * fy),
-                        (x0 + 1.0, y0 + 1.0, fx * fy),
-                    ];
-                    for (k, &(cx, cy, wt)) in corners.iter().enumerate() {
-                        let inside = cx >= 0.0 && cy >= 0.0 && cx < w as f32 && cy < h as f32;
-                        if inside && wt != 0.0 {
-                            index[base + k * hw + p] = (cy as usize * w + cx as usize) as u32;
-                            weight[base + k * hw + p] = wt;
-                        }
+                    for (k, (i, wt)) in bilinear_taps(sx, sy, h, w, border).into_iter().enumerate()
+                    {
+                        index[base + k * hw + p] = i;
+                        weight[base + k * hw + p] = wt;
                     }
                 }
             }
@@ -897,6 +995,82 @@ fn sample_fields(
         .broadcast_mul(&weight)?
         .sum(2)?
         .reshape((n, c, h, w))
+}
+
+/// Bilinear sampling of a batch (N, C, H, W) at per-sample fields, as one pass: each output
+/// pixel's taps are computed once for all its channels, and only the fields (8 bytes a
+/// pixel) are kept for the backward, not candle's index, gathered and weighted tensors
+/// (48 bytes a pixel and channel).
+struct Warp {
+    fields: Vec<Option<Field>>,
+    border: bool,
+    dims: (usize, usize, usize, usize),
+}
+
+impl GatherKernel for Warp {
+    fn name(&self) -> &'static str {
+        "cpu-bilinear-warp"
+    }
+
+    fn out_dims(&self, dims: &[usize]) -> candle_core::Result<Vec<usize>> {
+        let (n, c, h, w) = self.dims;
+        if dims != [n, c, h, w] {
+            candle_core::bail!("warp kernel for {:?}, got {dims:?}", self.dims)
+        }
+        Ok(dims.to_vec())
+    }
+
+    fn forward<T: Sample>(&self, x: &[T], out: &mut [T]) {
+        let (_, c, h, w) = self.dims;
+        let hw = h * w;
+        out.par_chunks_mut(c * hw)
+            .zip(x.par_chunks(c * hw))
+            .zip(&self.fields)
+            .for_each(|((o, xs), field)| {
+                let Some(field) = field else {
+                    o.copy_from_slice(xs);
+                    return;
+                };
+                for (p, &(sx, sy)) in field.iter().enumerate() {
+                    let taps = bilinear_taps(sx, sy, h, w, self.border)
+                        .map(|(i, wt)| (i as usize, T::of(wt)));
+                    for ch in 0..c {
+                        let plane = &xs[ch * hw..(ch + 1) * hw];
+                        let mut acc = T::zero();
+                        for &(i, wt) in &taps {
+                            acc += wt * plane[i];
+                        }
+                        o[ch * hw + p] = acc;
+                    }
+                }
+            });
+    }
+
+    fn input_grad<T: Sample>(&self, _x: &[T], g: &[T], gx: &mut [T]) {
+        let (_, c, h, w) = self.dims;
+        let hw = h * w;
+        // Each sample's gradient is its own: the scatter never crosses a task.
+        gx.par_chunks_mut(c * hw)
+            .zip(g.par_chunks(c * hw))
+            .zip(&self.fields)
+            .for_each(|((gx, g), field)| {
+                let Some(field) = field else {
+                    gx.copy_from_slice(g);
+                    return;
+                };
+                for (p, &(sx, sy)) in field.iter().enumerate() {
+                    let taps = bilinear_taps(sx, sy, h, w, self.border)
+                        .map(|(i, wt)| (i as usize, T::of(wt)));
+                    for ch in 0..c {
+                        let gv = g[ch * hw + p];
+                        let plane = &mut gx[ch * hw..(ch + 1) * hw];
+                        for &(i, wt) in &taps {
+                            plane[i] += wt * gv;
+                        }
+                    }
+                }
+            });
+    }
 }
 
 /// kornia's `elastic_transform2d` defaults: the noise blurred by a Gaussian (kernel
@@ -1048,6 +1222,14 @@ fn color_jitter(
             continue;
         }
         y = match op {
+            0 | 2 | 3 if gather_kernels(&y) => apply_gather(
+                &y,
+                PixelJitter {
+                    step: op,
+                    factors: column(op),
+                    dims: y.dims4()?,
+                },
+            )?,
             0 => clamp01(&y.broadcast_mul(&per_sample(&column(0), x)?)?)?,
             1 => {
                 let f = per_sample(&column(1), x)?;
@@ -1145,6 +1327,274 @@ fn adjust_hue(x: &Tensor, shift: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::cat(&[r, g, b], 1)
 }
 
+/// A value and its derivatives with respect to one pixel's (r, g, b): forward-mode
+/// differentiation of [`adjust_hue`]'s chain, one pixel at a time, so its backward needs
+/// only the input instead of the ~40 intermediate tensors the reference keeps. The three
+/// components are written out rather than mapped, which keeps the unoptimised (dev
+/// profile) build of the crate from spending seconds a step in closure calls.
+#[derive(Clone, Copy)]
+struct Dual<T> {
+    v: T,
+    d: [T; 3],
+}
+
+impl<T: Sample> Dual<T> {
+    #[inline(always)]
+    fn constant(v: T) -> Self {
+        Self {
+            v,
+            d: [T::zero(); 3],
+        }
+    }
+    #[inline(always)]
+    fn seed(v: T, channel: usize) -> Self {
+        let mut d = [T::zero(); 3];
+        d[channel] = T::one();
+        Self { v, d }
+    }
+    #[inline(always)]
+    fn add(self, o: Self) -> Self {
+        Self {
+            v: self.v + o.v,
+            d: [self.d[0] + o.d[0], self.d[1] + o.d[1], self.d[2] + o.d[2]],
+        }
+    }
+    #[inline(always)]
+    fn sub(self, o: Self) -> Self {
+        Self {
+            v: self.v - o.v,
+            d: [self.d[0] - o.d[0], self.d[1] - o.d[1], self.d[2] - o.d[2]],
+        }
+    }
+    #[inline(always)]
+    fn mul(self, o: Self) -> Self {
+        Self {
+            v: self.v * o.v,
+            d: [
+                self.d[0] * o.v + self.v * o.d[0],
+                self.d[1] * o.v + self.v * o.d[1],
+                self.d[2] * o.v + self.v * o.d[2],
+            ],
+        }
+    }
+    #[inline(always)]
+    fn div(self, o: Self) -> Self {
+        Self {
+            v: self.v / o.v,
+            d: {
+                let o2 = o.v * o.v;
+                [
+                    (self.d[0] * o.v - self.v * o.d[0]) / o2,
+                    (self.d[1] * o.v - self.v * o.d[1]) / o2,
+                    (self.d[2] * o.v - self.v * o.d[2]) / o2,
+                ]
+            },
+        }
+    }
+    /// `self · k + c` (candle's `affine`, and its scalar arithmetic).
+    #[inline(always)]
+    fn affine(self, k: T, c: T) -> Self {
+        Self {
+            v: self.v * k + c,
+            d: [self.d[0] * k, self.d[1] * k, self.d[2] * k],
+        }
+    }
+    /// `self mod m` with slope 1, as [`modulo`].
+    #[inline(always)]
+    fn modulo(self, m: T) -> Self {
+        let k = (self.v * (T::one() / m)).floor();
+        Self {
+            v: self.v - k * m,
+            d: self.d,
+        }
+    }
+    /// [`clamp01`]: the slope passes strictly inside (0, 1).
+    #[inline(always)]
+    fn clamp01(self) -> Self {
+        let (zero, one) = (T::zero(), T::one());
+        if self.v > zero && self.v < one {
+            self
+        } else {
+            Self::constant(if self.v > zero { one } else { zero })
+        }
+    }
+    /// [`wrap_full_turn`].
+    #[inline(always)]
+    fn wrap_full_turn(self) -> Self {
+        let below = if self.v < T::from_f64(std::f64::consts::TAU) {
+            T::one()
+        } else {
+            T::zero()
+        };
+        self.affine(below, T::zero())
+    }
+}
+
+/// [`channel_extreme`] of one pixel: the extreme, its slope split between tied channels.
+fn channel_extreme_dual<T: Sample>(rgb: [T; 3], largest: bool) -> Dual<T> {
+    let pick = |a: T, b: T| if (b > a) == largest && b != a { b } else { a };
+    let v = pick(pick(rgb[0], rgb[1]), rgb[2]);
+    let hits = rgb.map(|c| if c == v { T::one() } else { T::zero() });
+    let count = hits[0] + hits[1] + hits[2];
+    Dual {
+        v,
+        d: hits.map(|h| h / count),
+    }
+}
+
+/// [`adjust_hue`] of one pixel by `shift` radians, op for op, with the derivatives.
+fn hue_pixel<T: Sample>(rgb: [T; 3], shift: T) -> [Dual<T>; 3] {
+    use std::f64::consts::TAU;
+    let (zero, one) = (T::zero(), T::one());
+    let mask = |b: bool| if b { one } else { zero };
+    let tau = T::from_f64(TAU);
+    let [r, g, b] = [0, 1, 2].map(|c| Dual::seed(rgb[c], c));
+    let max = channel_extreme_dual(rgb, true);
+    let min = channel_extreme_dual(rgb, false);
+    let delta = max.sub(min);
+    let v = max;
+    let max_zero = mask(max.v == zero);
+    let denom = max
+        .affine(one, T::from_f64(1e-8))
+        .affine(one - max_zero, zero)
+        .add(Dual::constant(max_zero));
+    let s = delta.div(denom);
+    let delta_zero = mask(delta.v == zero);
+    let deltac = delta
+        .affine(one - delta_zero, zero)
+        .add(Dual::constant(delta_zero));
+    let (rc, gc, bc) = (max.sub(r), max.sub(g), max.sub(b));
+    let h1 = bc.sub(gc);
+    let h2 = rc.sub(bc).add(deltac.affine(T::from_f64(2.0), zero));
+    let h3 = gc.sub(rc).add(deltac.affine(T::from_f64(4.0), zero));
+    let is_r = mask(rgb[0] >= rgb[1]) * mask(rgb[0] >= rgb[2]);
+    let is_g = (one - is_r) * mask(rgb[1] >= rgb[2]);
+    let is_b = (one - is_r) - is_g;
+    let hue = h1
+        .affine(is_r, zero)
+        .add(h2.affine(is_g, zero))
+        .add(h3.affine(is_b, zero))
+        .div(deltac);
+    let hue = hue
+        .affine(T::from_f64(1.0 / 6.0), zero)
+        .modulo(one)
+        .affine(tau, zero)
+        .wrap_full_turn();
+    let hue = hue.affine(one, shift).modulo(tau).wrap_full_turn();
+    let h6 = hue
+        .affine(T::from_f64(1.0 / TAU), zero)
+        .affine(T::from_f64(6.0), zero);
+    let six = T::from_f64(6.0);
+    let h6m = h6.modulo(six);
+    let floor = h6.v.floor();
+    let hi = floor - (floor * (one / six)).floor() * six;
+    let hi = if hi < zero {
+        zero
+    } else if hi > T::from_f64(5.0) {
+        T::from_f64(5.0)
+    } else {
+        hi
+    };
+    let f = h6m.sub(Dual::constant(hi));
+    let neg = T::from_f64(-1.0);
+    let p = v.mul(s.affine(neg, one));
+    let q = v.mul(f.mul(s).affine(neg, one));
+    let t = v.mul(f.affine(neg, one).mul(s).affine(neg, one));
+    let sector: [T; 6] = std::array::from_fn(|k| mask(hi == T::from_f64(k as f64)));
+    let pick = |vals: [Dual<T>; 6]| {
+        let mut acc = vals[0].affine(sector[0], zero);
+        for k in 1..6 {
+            acc = acc.add(vals[k].affine(sector[k], zero));
+        }
+        acc
+    };
+    [
+        pick([v, q, p, p, t, v]),
+        pick([t, v, v, q, p, p]),
+        pick([p, p, t, v, v, q]),
+    ]
+}
+
+/// The per-pixel steps of kornia's colour jitter on RGB cutouts (N, 3, H, W), each with
+/// its clamp: brightness (`step` 0), saturation (2) and hue (3, `factors` in turns), one
+/// factor per sample. One pass forward, and one backward that recomputes each pixel's
+/// chain with its 3×3 Jacobian, so only the input is kept (the reference keeps 5–40
+/// tensors of the batch's size per step).
+struct PixelJitter {
+    step: usize,
+    factors: Vec<f32>,
+    dims: (usize, usize, usize, usize),
+}
+
+impl PixelJitter {
+    fn pixel<T: Sample>(&self, rgb: [T; 3], sample: usize) -> [Dual<T>; 3] {
+        let f = T::of(self.factors[sample]);
+        let zero = T::zero();
+        let seeds = [0, 1, 2].map(|c| Dual::seed(rgb[c], c));
+        match self.step {
+            0 => seeds.map(|c| c.affine(f, zero).clamp01()),
+            2 => {
+                let [r, g, b] = seeds;
+                let grey = r
+                    .affine(T::from_f64(0.299), zero)
+                    .add(g.affine(T::from_f64(0.587), zero))
+                    .add(b.affine(T::from_f64(0.114), zero));
+                let rest = f * T::from_f64(-1.0) + T::one();
+                seeds.map(|c| c.affine(f, zero).add(grey.affine(rest, zero)).clamp01())
+            }
+            _ => hue_pixel(rgb, f * T::from_f64(std::f64::consts::TAU)),
+        }
+    }
+}
+
+impl GatherKernel for PixelJitter {
+    fn name(&self) -> &'static str {
+        "cpu-colour-jitter"
+    }
+
+    fn out_dims(&self, dims: &[usize]) -> candle_core::Result<Vec<usize>> {
+        let (n, c, h, w) = self.dims;
+        if dims != [n, c, h, w] || c != 3 || self.factors.len() != n {
+            candle_core::bail!("colour jitter kernel for {:?}, got {dims:?}", self.dims)
+        }
+        Ok(dims.to_vec())
+    }
+
+    fn forward<T: Sample>(&self, x: &[T], out: &mut [T]) {
+        let hw = self.dims.2 * self.dims.3;
+        out.par_chunks_mut(3 * hw)
+            .zip(x.par_chunks(3 * hw))
+            .enumerate()
+            .for_each(|(sample, (o, x))| {
+                for p in 0..hw {
+                    let rgb = self.pixel([x[p], x[hw + p], x[2 * hw + p]], sample);
+                    for (c, v) in rgb.iter().enumerate() {
+                        o[c * hw + p] = v.v;
+                    }
+                }
+            });
+    }
+
+    fn input_grad<T: Sample>(&self, x: &[T], g: &[T], gx: &mut [T]) {
+        let hw = self.dims.2 * self.dims.3;
+        gx.par_chunks_mut(3 * hw)
+            .zip(x.par_chunks(3 * hw).zip(g.par_chunks(3 * hw)))
+            .enumerate()
+            .for_each(|(sample, (gx, (x, g)))| {
+                for p in 0..hw {
+                    let rgb = self.pixel([x[p], x[hw + p], x[2 * hw + p]], sample);
+                    for c in 0..3 {
+                        let mut acc = T::zero();
+                        for (o, out) in rgb.iter().enumerate() {
+                            acc += g[o * hw + p] * out.d[c];
+                        }
+                        gx[c * hw + p] = acc;
+                    }
+                }
+            });
+    }
+}
+
 /// The largest (or smallest) channel, (N,1,H,W), with torch's `amax`/`amin`
 /// gradient: split evenly between tied channels (candle's gives each the whole).
 fn channel_extreme(x: &Tensor, largest: bool) -> candle_core::Result<Tensor> {
@@ -1194,7 +1644,7 @@ fn sharpness(x: &Tensor, factors: &[f32]) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::gradcheck::check_gradient;
+    use crate::render::gradcheck::{check_gradient, check_kernel_against_reference};
     use rand::SeedableRng;
 
     fn image(n: usize, s: usize) -> Tensor {
@@ -1240,6 +1690,78 @@ mod tests {
             // f64 so the difference quotients resolve the HSV branches' slopes.
             let x64 = x.to_dtype(DType::F64).unwrap();
             check_gradient(&x64, |t| p.apply(t), 1e-6);
+        }
+    }
+
+    #[test]
+    fn warp_kernel_matches_the_reference() {
+        let x = image(3, 12);
+        let mut modules: Vec<Kornia> = [Augment::Pe, Augment::Ro, Augment::Af, Augment::Et]
+            .into_iter()
+            .chain([Augment::Ts, Augment::Re])
+            .map(|c| Kornia::from_code(c, false))
+            .collect();
+        // Border padding and a plain flip, from the `updated` pipeline.
+        modules.extend(Augmentations::for_method(CutMethod::Updated, &[]).modules());
+        let mut partial = false;
+        for m in modules {
+            let p = params_that_apply(m, &x);
+            if let AugmentParams::Warp { applied, .. } = &p {
+                partial |= applied.iter().any(|&a| !a);
+            }
+            check_kernel_against_reference(&x, |t| p.apply(t), 1e-12);
+        }
+        assert!(partial, "no warp left a cutout untouched");
+    }
+
+    #[test]
+    fn clamp_and_jitter_kernels_match_the_reference() {
+        let v: Vec<f32> = (0..3 * 3 * 5 * 5)
+            .map(|i| [-0.2, 0.0, 0.3, 1.0, 1.4, 0.7][i % 6])
+            .collect();
+        let edges = Tensor::from_vec(v, (3, 3, 5, 5), &Device::Cpu).unwrap();
+        check_kernel_against_reference(&edges, clamp01, 0.0);
+        check_kernel_against_reference(&edges, clamp_unit_range, 0.0);
+        let x = image(3, 12);
+        for code in [Augment::Ji, Augment::Sh] {
+            let p = params_that_apply(Kornia::from_code(code, false), &x);
+            check_kernel_against_reference(&x, |t| p.apply(t), 1e-12);
+        }
+        // Hue alone on pixels whose channels tie (grey, and two equal maxima or minima),
+        // where the reference splits the extreme's slope and takes its delta = 0 branches.
+        let v: Vec<f32> = (0..2 * 3 * 16)
+            .map(|i| {
+                let (c, p) = ((i / 16) % 3, i % 16);
+                match p % 4 {
+                    0 => 0.4,
+                    1 => [0.6, 0.6, 0.2][c],
+                    2 => [0.3, 0.7, 0.3][c],
+                    _ => 0.1 + 0.05 * (i % 13) as f32,
+                }
+            })
+            .collect();
+        let ties = Tensor::from_vec(v, (2, 3, 4, 4), &Device::Cpu).unwrap();
+        let hue = AugmentParams::Jitter {
+            applied: vec![true, true],
+            factors: vec![[1.0, 1.0, 1.0, 0.3], [1.0, 1.0, 1.0, -0.45]],
+            order: vec![3],
+        };
+        check_kernel_against_reference(&ties, |t| hue.apply(t), 1e-12);
+        // Brightness and saturation strong enough to clamp, each alone, then all four steps.
+        for (order, factors) in [
+            (vec![0], [[1.9, 1.0, 1.0, 0.0], [0.6, 1.0, 1.0, 0.0]]),
+            (vec![2], [[1.0, 1.0, 1.8, 0.0], [1.0, 1.0, 0.3, 0.0]]),
+            (
+                vec![2, 0, 3, 1],
+                [[1.2, 0.8, 1.4, 0.2], [0.9, 1.3, 0.7, -0.1]],
+            ),
+        ] {
+            let jitter = AugmentParams::Jitter {
+                applied: vec![true, false],
+                factors: factors.to_vec(),
+                order,
+            };
+            check_kernel_against_reference(&ties, |t| jitter.apply(t), 1e-12);
         }
     }
 

@@ -10,7 +10,9 @@ use candle_core::{IndexOp, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 
+use super::ops::{apply_gather, gather_kernels, GatherKernel, Sample};
 use super::spec::CutMethod;
+use rayon::prelude::*;
 
 /// A square crop of the image, in pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +88,18 @@ impl Cutouts {
     pub fn make_from(&self, image: &Tensor, crops: &[Crop]) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = image.dims4()?;
         if self.pools() {
+            if gather_kernels(image) {
+                let (b, c, h, w) = image.dims4()?;
+                if b != 1 {
+                    candle_core::bail!("cutouts of a batch of {b} images; expected one");
+                }
+                let pool = Pool {
+                    dims: (c, h, w),
+                    out: self.cut_size,
+                    copies: self.cutn,
+                };
+                return apply_gather(image, pool);
+            }
             let img = image.i(0)?;
             let avg = adaptive_avg_pool(&img, self.cut_size)?;
             let max = adaptive_max_pool(&img, self.cut_size)?;
@@ -151,6 +165,9 @@ impl CutoutNoise {
 pub fn resample_crops(image: &Tensor, crops: &[Crop], out: usize) -> candle_core::Result<Tensor> {
     let (c, h, w) = image.dims3()?;
     let n = crops.len();
+    if gather_kernels(image) {
+        return apply_gather(image, Resample::new(crops, (c, h, w), out)?);
+    }
     let mut ry = vec![0f32; n * out * h];
     let mut rx = vec![0f32; n * out * w];
     // Crops of one size share their matrix; sizes repeat often among 32 cutouts.
@@ -205,6 +222,242 @@ fn apply_separable(
         .reshape((n, out, c, out))?
         .permute((0, 2, 1, 3))?
         .contiguous()
+}
+
+/// The nonzero band of each row of a resampling matrix, placed in the full image: per
+/// output sample, its first input index and the weights from there on.
+type Bands = Vec<(usize, Vec<f32>)>;
+
+/// The bands of `m` (out × size) with its columns shifted by `offset`.
+fn bands(m: &[f32], size: usize, offset: usize) -> Bands {
+    m.chunks(size)
+        .map(|row| {
+            let first = row.iter().position(|&v| v != 0.0).unwrap_or(0);
+            let last = row.iter().rposition(|&v| v != 0.0).unwrap_or(0);
+            (offset + first, row[first..=last.max(first)].to_vec())
+        })
+        .collect()
+}
+
+/// generate.py's crop-and-resample of every cutout as one pass over the image: per cutout
+/// and channel, the rows through the (sparse) vertical filter into a crop-sized scratch
+/// row block, then the columns straight into the output. The reference form multiplies
+/// dense (out × H) and (out × W) matrices and keeps its permuted intermediates.
+struct Resample {
+    /// Per crop: its vertical and horizontal bands, and its span of columns.
+    crops: Vec<(Bands, Bands, std::ops::Range<usize>)>,
+    dims: (usize, usize, usize),
+    out: usize,
+}
+
+impl Resample {
+    fn new(crops: &[Crop], dims: (usize, usize, usize), out: usize) -> candle_core::Result<Self> {
+        let (_, h, w) = dims;
+        let mut matrices: std::collections::HashMap<usize, Vec<f32>> = Default::default();
+        let crops = crops
+            .iter()
+            .map(|crop| {
+                if crop.size == 0 || crop.x + crop.size > w || crop.y + crop.size > h {
+                    candle_core::bail!("crop {crop:?} does not fit a {w}x{h} image");
+                }
+                let m = matrices
+                    .entry(crop.size)
+                    .or_insert_with(|| crowson_resample_matrix(crop.size, out));
+                Ok((
+                    bands(m, crop.size, crop.y),
+                    bands(m, crop.size, crop.x),
+                    crop.x..crop.x + crop.size,
+                ))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { crops, dims, out })
+    }
+}
+
+impl GatherKernel for Resample {
+    fn name(&self) -> &'static str {
+        "cpu-crop-resample"
+    }
+
+    fn out_dims(&self, dims: &[usize]) -> candle_core::Result<Vec<usize>> {
+        let (c, h, w) = self.dims;
+        if dims != [c, h, w] {
+            candle_core::bail!("crop resample kernel for {:?}, got {dims:?}", self.dims)
+        }
+        Ok(vec![self.crops.len(), c, self.out, self.out])
+    }
+
+    fn forward<T: Sample>(&self, x: &[T], out: &mut [T]) {
+        let (c, h, w) = self.dims;
+        let s = self.out;
+        out.par_chunks_mut(s * s).enumerate().for_each(|(task, o)| {
+            let (rows, cols, span) = &self.crops[task / c];
+            let plane = &x[(task % c) * h * w..(task % c + 1) * h * w];
+            let width = span.len();
+            let mut tmp = vec![T::zero(); s * width];
+            for ((first, wy), t) in rows.iter().zip(tmp.chunks_mut(width)) {
+                for (j, &wv) in wy.iter().enumerate() {
+                    let src = &plane[(first + j) * w + span.start..(first + j) * w + span.end];
+                    let wv = T::of(wv);
+                    for (t, &v) in t.iter_mut().zip(src) {
+                        *t += wv * v;
+                    }
+                }
+            }
+            for (o, t) in o.chunks_mut(s).zip(tmp.chunks(width)) {
+                for (o, (first, wx)) in o.iter_mut().zip(cols) {
+                    let mut acc = T::zero();
+                    for (&wv, &v) in wx.iter().zip(&t[first - span.start..]) {
+                        acc += T::of(wv) * v;
+                    }
+                    *o = acc;
+                }
+            }
+        });
+    }
+
+    fn input_grad<T: Sample>(&self, _x: &[T], g: &[T], gx: &mut [T]) {
+        let (c, h, w) = self.dims;
+        let s = self.out;
+        // One task per channel, the crops summed in order: the result does not depend on
+        // the thread count.
+        gx.par_chunks_mut(h * w)
+            .enumerate()
+            .for_each(|(ch, plane)| {
+                for (k, (rows, cols, span)) in self.crops.iter().enumerate() {
+                    let gk = &g[(k * c + ch) * s * s..(k * c + ch + 1) * s * s];
+                    let width = span.len();
+                    let mut tmp = vec![T::zero(); s * width];
+                    for (go, t) in gk.chunks(s).zip(tmp.chunks_mut(width)) {
+                        for (&gv, (first, wx)) in go.iter().zip(cols) {
+                            for (t, &wv) in t[first - span.start..].iter_mut().zip(wx) {
+                                *t += T::of(wv) * gv;
+                            }
+                        }
+                    }
+                    for ((first, wy), t) in rows.iter().zip(tmp.chunks(width)) {
+                        for (j, &wv) in wy.iter().enumerate() {
+                            let dst = &mut plane
+                                [(first + j) * w + span.start..(first + j) * w + span.end];
+                            let wv = T::of(wv);
+                            for (d, &tv) in dst.iter_mut().zip(t) {
+                                *d += wv * tv;
+                            }
+                        }
+                    }
+                }
+            });
+    }
+}
+
+/// generate.py's pooled cutouts (`latest`, `updatedpooling`): the mean of adaptive average
+/// and adaptive max pooling of the whole image (1, C, H, W), `copies` times, in one pass;
+/// the backward sums the copies' gradients and spreads them in one more, the max's to the
+/// first maximum of each window in row-major order (recomputed, as torch credits ties).
+struct Pool {
+    dims: (usize, usize, usize),
+    out: usize,
+    copies: usize,
+}
+
+impl Pool {
+    /// Per output row or column: its window and `1 / len`.
+    fn windows(input: usize, out: usize) -> Vec<(std::ops::Range<usize>, f32)> {
+        (0..out)
+            .map(|i| {
+                let (s, e) = adaptive_window(i, input, out);
+                (s..e, 1.0 / (e - s) as f32)
+            })
+            .collect()
+    }
+
+    /// The first maximum of window (`ys`, `xs`) of `plane` in row-major order.
+    fn argmax<T: Sample>(
+        plane: &[T],
+        w: usize,
+        ys: &std::ops::Range<usize>,
+        xs: &std::ops::Range<usize>,
+    ) -> usize {
+        let mut best = ys.start * w + xs.start;
+        for y in ys.clone() {
+            for x in xs.clone() {
+                if plane[y * w + x] > plane[best] {
+                    best = y * w + x;
+                }
+            }
+        }
+        best
+    }
+}
+
+impl GatherKernel for Pool {
+    fn name(&self) -> &'static str {
+        "cpu-pooled-cutouts"
+    }
+
+    fn out_dims(&self, dims: &[usize]) -> candle_core::Result<Vec<usize>> {
+        let (c, h, w) = self.dims;
+        if dims != [1, c, h, w] {
+            candle_core::bail!("pooled cutouts kernel for {:?}, got {dims:?}", self.dims)
+        }
+        Ok(vec![self.copies, c, self.out, self.out])
+    }
+
+    fn forward<T: Sample>(&self, x: &[T], out: &mut [T]) {
+        let (c, h, w) = self.dims;
+        let s = self.out;
+        let (rows, cols) = (Self::windows(h, s), Self::windows(w, s));
+        let (first, rest) = out.split_at_mut((c * s * s).min(out.len()));
+        first
+            .par_chunks_mut(s * s)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, plane)| {
+                for (o, (ys, wy)) in o.chunks_mut(s).zip(&rows) {
+                    for (o, (xs, wx)) in o.iter_mut().zip(&cols) {
+                        let mut avg = T::zero();
+                        for y in ys.clone() {
+                            let mut row = T::zero();
+                            for &v in &plane[y * w + xs.start..y * w + xs.end] {
+                                row += T::of(*wx) * v;
+                            }
+                            avg += T::of(*wy) * row;
+                        }
+                        let max = plane[Self::argmax(plane, w, ys, xs)];
+                        *o = (avg + max) * T::of(0.5);
+                    }
+                }
+            });
+        for copy in rest.chunks_mut(first.len().max(1)) {
+            copy.copy_from_slice(first);
+        }
+    }
+
+    fn input_grad<T: Sample>(&self, x: &[T], g: &[T], gx: &mut [T]) {
+        let (c, h, w) = self.dims;
+        let s = self.out;
+        let (rows, cols) = (Self::windows(h, s), Self::windows(w, s));
+        gx.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w))
+            .enumerate()
+            .for_each(|(ch, (gplane, plane))| {
+                for (i, (ys, wy)) in rows.iter().enumerate() {
+                    for (j, (xs, wx)) in cols.iter().enumerate() {
+                        let mut gsum = T::zero();
+                        for copy in 0..self.copies {
+                            gsum += g[((copy * c + ch) * s + i) * s + j];
+                        }
+                        let half = gsum * T::of(0.5);
+                        let share = half * T::of(*wy) * T::of(*wx);
+                        for y in ys.clone() {
+                            for d in &mut gplane[y * w + xs.start..y * w + xs.end] {
+                                *d += share;
+                            }
+                        }
+                        gplane[Self::argmax(plane, w, ys, xs)] += half;
+                    }
+                }
+            });
+    }
 }
 
 /// Copies `m` (out × size) into `dst` (out × full) at column `offset`.
@@ -417,7 +670,7 @@ pub fn add_cutout_noise(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::gradcheck::check_gradient;
+    use crate::render::gradcheck::{check_gradient, check_kernel_against_reference};
     use candle_core::Device;
     use rand::SeedableRng;
 
@@ -604,6 +857,44 @@ mod tests {
         check_gradient(&img, |x| resample_crops(x, &crops, 7), 1e-2);
         check_gradient(&img, |x| adaptive_avg_pool(x, 4), 1e-2);
         check_gradient(&img, |x| adaptive_max_pool(x, 4), 1e-2);
+    }
+
+    #[test]
+    fn crop_and_pool_kernels_match_the_reference() {
+        let img = ramp_image(3, 19, 23);
+        let crops = [
+            Crop {
+                x: 0,
+                y: 0,
+                size: 19,
+            },
+            Crop {
+                x: 5,
+                y: 2,
+                size: 11,
+            },
+            Crop {
+                x: 20,
+                y: 16,
+                size: 3,
+            },
+        ];
+        // Shrinking (Lanczos then bicubic), same size and enlarging (bicubic only).
+        for out in [4, 11, 24] {
+            check_kernel_against_reference(&img, |x| resample_crops(x, &crops, out), 1e-12);
+        }
+        // Flat patches tie within pooling windows: both forms must credit the same pixel.
+        let mut v: Vec<f32> = img.flatten_all().unwrap().to_vec1().unwrap();
+        for (i, p) in v.iter_mut().enumerate() {
+            if (i / 23) % 19 < 8 && i % 23 < 9 {
+                *p = 0.25;
+            }
+        }
+        let img = host(v, &[1, 3, 19, 23]).unwrap();
+        for (method, out) in [(CutMethod::Latest, 5), (CutMethod::Updatedpooling, 30)] {
+            let cut = Cutouts::new(method, 3, 1.0, out);
+            check_kernel_against_reference(&img, |x| cut.make_from(x, &[]), 1e-12);
+        }
     }
 
     #[test]

@@ -1,12 +1,15 @@
-//! Differentiable pieces candle lacks: `asin` and generate.py's `ClampWithGrad`.
+//! Differentiable pieces candle lacks: `asin`, generate.py's `ClampWithGrad`, and the
+//! one-pass CPU kernels of the cutout resampling and augmentation gathers ([`GatherKernel`]).
 //!
-//! Both use one pattern so they run on every backend: the forward value comes from
+//! The first two use one pattern so they run on every backend: the forward value comes from
 //! primitive ops with autograd cut (`detach`), and the gradient enters through
 //! [`GradHook`], an identity custom op whose `bwd` is the exact derivative, written
 //! with primitive ops too. `(hook(x) − x̄) + ȳ` equals `ȳ` bit for bit, since
 //! `x − x = 0` exactly in IEEE arithmetic.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor,
+};
 
 /// The backward rule a [`GradHook`] applies.
 #[derive(Debug, Clone, Copy)]
@@ -122,6 +125,161 @@ pub fn stop_below(x: &Tensor, stop: f64) -> candle_core::Result<Tensor> {
     let live = x.detach().ge(stop)?.to_dtype(x.dtype())?;
     let dead = (1.0 - &live)?;
     (x * live)? + (x.detach() * dead)?
+}
+
+/// A resampling of one CPU tensor (a crop, a pooling, a warp) written as one pass over
+/// memory, with its input gradient as one more. candle's form of the same maps (weight
+/// matrices, index gathers, elementwise products) makes a pass and an allocation per op and
+/// keeps each intermediate alive for the backward; a kernel keeps only its parameters.
+///
+/// `forward` and `input_grad` see contiguous f32 or f64 values; the input gradient may read
+/// the input (a max pooling recomputes its argmax instead of storing it).
+pub(crate) trait GatherKernel: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// The output's dims for an input of `dims`, or an error when the kernel cannot take it.
+    fn out_dims(&self, dims: &[usize]) -> candle_core::Result<Vec<usize>>;
+    fn forward<T: Sample>(&self, x: &[T], out: &mut [T]);
+    /// Writes `d loss / d x` into `gx` (zeroed, the input's size) from `x` and `d loss / d out`.
+    fn input_grad<T: Sample>(&self, x: &[T], grad_out: &[T], gx: &mut [T]);
+}
+
+/// The element types the gather kernels run on: f32 (the render) and f64 (the gradient
+/// checks against finite differences).
+pub(crate) trait Sample:
+    candle_core::WithDType + std::ops::AddAssign + std::ops::Mul<Output = Self>
+{
+    fn of(v: f32) -> Self;
+    fn floor(self) -> Self;
+}
+
+impl Sample for f32 {
+    fn of(v: f32) -> Self {
+        v
+    }
+    fn floor(self) -> Self {
+        f32::floor(self)
+    }
+}
+
+impl Sample for f64 {
+    fn of(v: f32) -> Self {
+        f64::from(v)
+    }
+    fn floor(self) -> Self {
+        f64::floor(self)
+    }
+}
+
+/// Whether `x` can take a [`GatherKernel`]: f32 or f64 on the CPU, and the layer seam on its
+/// kernels (`VQCLIP_LAYER_OPS=autograd` keeps candle's reference form, so tests compare both).
+pub(crate) fn gather_kernels(x: &Tensor) -> bool {
+    use crate::models::layers::{layer_ops, LayerOps};
+    x.device().is_cpu()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        && layer_ops() == LayerOps::InputGradOnly
+}
+
+fn contiguous_slice<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    name: &str,
+) -> candle_core::Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{name}: the kernel needs a contiguous input"),
+    }
+}
+
+struct GatherForward<K>(std::sync::Arc<K>);
+
+impl<K: GatherKernel> GatherForward<K> {
+    fn run<T: Sample>(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_slice::<T>(s, l, self.0.name())?;
+        let dims = self.0.out_dims(l.dims())?;
+        let mut out = vec![T::zero(); dims.iter().product()];
+        self.0.forward(x, &mut out);
+        Ok((T::to_cpu_storage_owned(out), Shape::from(dims)))
+    }
+}
+
+impl<K: GatherKernel> CustomOp1 for GatherForward<K> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        match s {
+            CpuStorage::F32(_) => self.run::<f32>(s, l),
+            CpuStorage::F64(_) => self.run::<f64>(s, l),
+            _ => candle_core::bail!("{}: f32 or f64 only", self.0.name()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _res: &Tensor,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = x.apply_op2_no_bwd(&grad_out.contiguous()?, &GatherInputGrad(self.0.clone()))?;
+        Ok(Some(grad))
+    }
+}
+
+struct GatherInputGrad<K>(std::sync::Arc<K>);
+
+impl<K: GatherKernel> GatherInputGrad<K> {
+    fn run<T: Sample>(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.0.name();
+        let x = contiguous_slice::<T>(s1, l1, name)?;
+        let g = contiguous_slice::<T>(s2, l2, name)?;
+        let out_dims = self.0.out_dims(l1.dims())?;
+        if l2.dims() != out_dims.as_slice() {
+            candle_core::bail!(
+                "{name}: gradient {:?} for an output {out_dims:?}",
+                l2.dims()
+            )
+        }
+        let mut gx = vec![T::zero(); x.len()];
+        self.0.input_grad(x, g, &mut gx);
+        Ok((T::to_cpu_storage_owned(gx), l1.shape().clone()))
+    }
+}
+
+impl<K: GatherKernel> CustomOp2 for GatherInputGrad<K> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.run::<f32>((s1, l1), (s2, l2)),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => self.run::<f64>((s1, l1), (s2, l2)),
+            _ => candle_core::bail!("{}: f32 or f64 input and gradient", self.0.name()),
+        }
+    }
+}
+
+/// Applies `kernel` to `x` (f32 or f64 on the CPU, see [`gather_kernels`]): one graph node
+/// whose backward is the kernel's input gradient.
+pub(crate) fn apply_gather<K: GatherKernel>(x: &Tensor, kernel: K) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op1(GatherForward(std::sync::Arc::new(kernel)))
 }
 
 #[cfg(test)]

@@ -221,25 +221,21 @@ fn kernels_also_run_without_a_graph() {
     assert!(diff < 1e-5, "conv without a graph differs by {diff:e}");
 }
 
-#[test]
-fn attention_kernel_matches_autograd() {
-    use vqclip::models::layers::attention;
-    // Three inputs, so the gradient reaches all of them through one kernel node.
-    let (b, tq, tk, d) = (6, 7, 7, 16);
-    let q = randn(&[b, tq, d]);
-    let k = randn(&[b, tk, d]);
-    let v = randn(&[b, tk, d]);
-    let readout = Tensor::randn(0f64, 1.0, (b, tq, d), &Device::Cpu).unwrap();
+type Attend = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+
+/// `attend` on the CPU kernel (f32) against candle's autograd (f64): output and the gradients
+/// of q, k and v through one kernel node, and the same bytes twice.
+fn assert_attention_matches(what: &str, [q, k, v]: [&Tensor; 3], attend: &Attend) {
+    let probe = attend(q, k, v).unwrap();
+    let readout = Tensor::randn(0f64, 1.0, probe.shape(), &Device::Cpu).unwrap();
     let grads = |ops, dtype| {
         with_layer_ops(ops, || -> Result<(Tensor, Vec<Tensor>, u64)> {
-            let vars = [&q, &k, &v].map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap());
+            let vars = [q, k, v].map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap());
             let before = input_grad_layers_attached();
-            let out = attention(
+            let out = attend(
                 vars[0].as_tensor(),
                 vars[1].as_tensor(),
                 vars[2].as_tensor(),
-                0.25,
-                None,
             )?;
             let attached = input_grad_layers_attached() - before;
             let g = (out.to_dtype(DType::F64)? * &readout)?
@@ -255,20 +251,81 @@ fn attention_kernel_matches_autograd() {
     };
     let (out, gs, attached) = grads(LayerOps::InputGradOnly, DType::F32);
     let (out_ref, gs_ref, attached_ref) = grads(LayerOps::Autograd, DType::F64);
-    assert_eq!((attached, attached_ref), (1, 0));
+    assert_eq!((attached, attached_ref), (1, 0), "{what}");
     let fwd = max_rel_diff(&out, &out_ref);
-    assert!(fwd < 1e-5, "attention forward differs by {fwd:e}");
+    assert!(fwd < 1e-5, "{what} forward differs by {fwd:e}");
     for (name, (g, r)) in ["q", "k", "v"].iter().zip(gs.iter().zip(&gs_ref)) {
         let diff = max_rel_diff(g, r);
-        assert!(diff < 1e-5, "attention d/d{name} differs by {diff:e}");
+        assert!(diff < 1e-5, "{what} d/d{name} differs by {diff:e}");
     }
     let (again, gs_again, _) = grads(LayerOps::InputGradOnly, DType::F32);
     assert!(
         bytes(&again) == bytes(&out),
-        "attention forward not deterministic"
+        "{what} forward not deterministic"
     );
-    assert!(
-        bytes(&gs_again[0]) == bytes(&gs[0]),
-        "attention gradient not deterministic"
+    for (g, g_again) in gs.iter().zip(&gs_again) {
+        assert!(
+            bytes(g) == bytes(g_again),
+            "{what} gradient not deterministic"
+        );
+    }
+}
+
+#[test]
+fn attention_kernel_matches_autograd() {
+    use vqclip::models::layers::{attention, multi_head_attention};
+    // Three inputs, so the gradient reaches all of them through one kernel node.
+    let (b, tq, tk, d) = (6, 7, 7, 16);
+    let (q, k, v) = (randn(&[b, tq, d]), randn(&[b, tk, d]), randn(&[b, tk, d]));
+    assert_attention_matches("attention", [&q, &k, &v], &|q, k, v| {
+        attention(q, k, v, 0.25, None)
+    });
+    // Heads interleaved in the columns, as the projections write them, read in place.
+    let (b, t, heads, d) = (3, 5, 4, 8);
+    let qkv = [0, 1, 2].map(|_| randn(&[b, t, heads * d]));
+    assert_attention_matches(
+        "multi-head attention",
+        [&qkv[0], &qkv[1], &qkv[2]],
+        &move |q, k, v| multi_head_attention(q, k, v, heads, 0.3, None),
+    );
+}
+
+#[test]
+fn fused_mlp_matches_autograd_and_survives_a_second_backward() {
+    use vqclip::models::layers::{mlp, Linear};
+    let (rows, width, inner) = (9, 12, 40);
+    let (w1, b1, w2, b2) = (
+        randn(&[inner, width]),
+        randn(&[inner]),
+        randn(&[width, inner]),
+        randn(&[width]),
+    );
+    let layers = |dtype| {
+        let c = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        (
+            Linear::new(c(&w1), Some(c(&b1))),
+            Linear::new(c(&w2), Some(c(&b2))),
+        )
+    };
+    let (fc1, fc2) = layers(DType::F32);
+    let (fc1_64, fc2_64) = layers(DType::F64);
+    let x = randn(&[3, rows / 3, width]);
+    assert_kernel_matches(
+        "mlp",
+        &x,
+        &|t| mlp(t, &fc1, Activation::QuickGelu, &fc2),
+        &|t| mlp(t, &fc1_64, Activation::QuickGelu, &fc2_64),
+        1,
+        1e-5,
+    );
+    // The backward takes fc1's kept output; a second backward of the same graph recomputes it.
+    let v = Var::from_tensor(&x).unwrap();
+    let y = mlp(v.as_tensor(), &fc1, Activation::QuickGelu, &fc2).unwrap();
+    let loss = y.sqr().unwrap().sum_all().unwrap();
+    let first = loss.backward().unwrap();
+    let second = loss.backward().unwrap();
+    assert_eq!(
+        bytes(first.get(v.as_tensor()).unwrap()),
+        bytes(second.get(v.as_tensor()).unwrap())
     );
 }
