@@ -5,7 +5,7 @@
 //! They compute the same functions as the candle chains in [`super::layers`] and
 //! [`super::ops`]; only the order of floating-point additions differs (each kernel is
 //! deterministic: work is split by output element, never across a reduction). Tests in
-//! `tests/models_speed.rs` check each against its candle reference and against finite
+//! `tests/models/kernels.rs` check each against its candle reference (f64 autograd) and finite
 //! differences. Inputs that are not f32 on the CPU never reach these kernels.
 
 use std::cell::RefCell;
