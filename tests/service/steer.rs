@@ -6,7 +6,12 @@ use std::process::Command;
 use serde_json::{json, Value};
 
 use crate::support::s3::{backends, storage_config, Backend};
-use crate::support::{problem, succeeded, test_config, tiny_spec, InProcessServer, SseEvent, LONG};
+use crate::support::{
+    assert_signed, problem, succeeded, test_config, tiny_spec, InProcessServer, Receiver, SseEvent,
+    LONG,
+};
+
+const SECRET: &str = "whsec_c3RlZXJpbmctdGVzdC1zZWNyZXQ=";
 
 impl crate::support::Api {
     async fn patch(&self, path: &str, body: &Value, key: Option<&str>) -> reqwest::Response {
@@ -46,10 +51,22 @@ fn timeline(events: &[SseEvent]) -> Vec<(String, u64)> {
 
 #[tokio::test]
 async fn a_running_job_steered_twice_records_both_revisions_and_their_steps() {
+    let (hook_url, receiver) = Receiver::start(&[]).await;
     let dir = tempfile::tempdir().unwrap();
-    let server = InProcessServer::start(test_config(dir.path(), 1)).await;
+    let mut config = test_config(dir.path(), 1);
+    config.webhooks.secret = SECRET.into();
+    config.webhooks.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
+    config.webhooks.poll_interval_ms = std::time::Duration::from_millis(50);
+    let server = InProcessServer::start(config.clone()).await;
+    // The sender, as `vqclip serve` runs it beside the API.
+    let engine =
+        vqclip::webhooks::WebhookEngine::new(server.store.clone(), config.webhooks.clone())
+            .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sender = engine.spawn(stop.clone());
     let mut spec = tiny_spec("a red apple", 400);
     spec["save_every"] = json!(50);
+    spec["webhook"] = json!({"url": hook_url, "events": ["steered", "completed"]});
     let job = server.submit(&spec).await;
     let id = job["id"].as_str().unwrap();
     server.wait_step(id, 3, LONG).await;
@@ -133,6 +150,38 @@ async fn a_running_job_steered_twice_records_both_revisions_and_their_steps() {
         .map(|r| (r["number"].as_u64().unwrap(), r["step"].as_u64().unwrap()))
         .collect();
     assert_eq!(listed, vec![(1, steps[0]), (2, steps[1])]);
+
+    // The webhook hears each revision as `job.steered`, with its step, before the end.
+    let mut bodies: Vec<Value> = vec![];
+    for _ in 0..200 {
+        bodies = receiver
+            .got()
+            .iter()
+            .map(|r| serde_json::from_str(&r.body).unwrap())
+            .collect();
+        if bodies.iter().any(|b| b["type"] == "job.completed") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let types: Vec<&str> = bodies.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["job.steered", "job.steered", "job.completed"]);
+    let hooked: Vec<(u64, u64)> = bodies[..2]
+        .iter()
+        .map(|b| {
+            assert_eq!(b["data"]["job_id"], id);
+            (
+                b["data"]["revision"].as_u64().unwrap(),
+                b["data"]["step"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(hooked, vec![(1, steps[0]), (2, steps[1])]);
+    for r in &receiver.got() {
+        assert_signed(SECRET, r);
+    }
+    stop.cancel();
+    sender.await.unwrap();
 
     // A finished job is not steered.
     let late = server
