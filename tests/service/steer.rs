@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 
 use crate::support::s3::{backends, storage_config, Backend};
 use crate::support::{
-    assert_signed, problem, succeeded, test_config, tiny_spec, InProcessServer, Receiver, SseEvent,
-    LONG,
+    assert_signed, loopback_webhooks, problem, succeeded, test_config, tiny_spec, InProcessServer,
+    Receiver, SseEvent, LONG,
 };
 
 const SECRET: &str = "whsec_c3RlZXJpbmctdGVzdC1zZWNyZXQ=";
@@ -54,16 +54,9 @@ async fn a_running_job_steered_twice_records_both_revisions_and_their_steps() {
     let (hook_url, receiver) = Receiver::start(&[]).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), 1);
-    config.webhooks.secret = SECRET.into();
-    config.webhooks.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
-    config.webhooks.poll_interval_ms = std::time::Duration::from_millis(50);
-    let server = InProcessServer::start(config.clone()).await;
-    // The sender, as `vqclip serve` runs it beside the API.
-    let engine =
-        vqclip::webhooks::WebhookEngine::new(server.store.clone(), config.webhooks.clone())
-            .unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let sender = engine.spawn(stop.clone());
+    let start_sender = loopback_webhooks(&mut config, SECRET);
+    let server = InProcessServer::start(config).await;
+    let (stop, sender) = start_sender(&server);
     let mut spec = tiny_spec("a red apple", 400);
     spec["save_every"] = json!(50);
     spec["webhook"] = json!({"url": hook_url, "events": ["steered", "completed"]});

@@ -4,14 +4,13 @@
 use std::time::Duration;
 
 use crate::support::{
-    assert_signed, problem_response, test_config, tiny_spec, InProcessServer, Receiver,
+    assert_signed, loopback_webhooks, problem_response, test_config, tiny_spec, InProcessServer,
+    Receiver,
 };
 use axum::http::HeaderMap;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 use vqclip::auth::{KeyStore, LimitOverrides, NewKey};
-use vqclip::webhooks::WebhookEngine;
 
 const SECRET: &str = "whsec_aW50ZWdyYXRpb24tdGVzdC1zZWNyZXQ=";
 
@@ -290,14 +289,9 @@ async fn a_job_webhook_is_delivered_signed_and_listed() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), 1);
-    config.webhooks.secret = SECRET.into();
-    config.webhooks.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
-    config.webhooks.poll_interval_ms = std::time::Duration::from_millis(50);
-    let s = InProcessServer::start(config.clone()).await;
-    // The sender, as `vqclip serve` runs it beside the API.
-    let engine = WebhookEngine::new(s.store.clone(), config.webhooks.clone()).unwrap();
-    let stop = CancellationToken::new();
-    let sender = engine.spawn(stop.clone());
+    let start_sender = loopback_webhooks(&mut config, SECRET);
+    let s = InProcessServer::start(config).await;
+    let (stop, sender) = start_sender(&s);
     let anon = As { s: &s, key: None };
 
     // Private targets are refused at submission.

@@ -412,6 +412,25 @@ pub fn sigterm(child: &Child) {
     }
 }
 
+/// The webhook sender beside an in-process server, as `vqclip serve` runs it; `config`
+/// is first set to sign with `secret` and to deliver to loopback receivers quickly.
+/// Cancel the token and await the handle to stop it.
+pub fn loopback_webhooks(
+    config: &mut Config,
+    secret: &str,
+) -> impl FnOnce(&InProcessServer) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    config.webhooks.secret = secret.into();
+    config.webhooks.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
+    config.webhooks.poll_interval_ms = Duration::from_millis(50);
+    let webhooks = config.webhooks.clone();
+    move |server| {
+        let engine = vqclip::webhooks::WebhookEngine::new(server.store.clone(), webhooks).unwrap();
+        let stop = CancellationToken::new();
+        let sender = engine.spawn(stop.clone());
+        (stop, sender)
+    }
+}
+
 /// One webhook request as a receiver saw it.
 #[derive(Clone, Debug)]
 pub struct Received {
