@@ -46,6 +46,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    vqclip::models::cpu::retain_freed_memory();
     let cli = Cli::parse();
     cli::init_tracing(cli::log_format());
     match cli.command {

@@ -20,6 +20,7 @@ pub mod text_counter;
 pub mod tokenizer;
 pub mod vqgan;
 pub mod weights;
+mod winograd;
 
 pub use clip::{Clip, ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use error::ModelError;

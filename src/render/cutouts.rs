@@ -132,12 +132,25 @@ impl CutoutNoise {
         noise_fac: f32,
         rng: &mut ChaCha20Rng,
     ) -> Self {
+        use rand::{RngCore, SeedableRng};
+        use rand_chacha::ChaCha8Rng;
         use rand_distr::{Distribution, StandardNormal};
         let (n, c, h, w) = shape;
         let facs: Vec<f32> = (0..n).map(|_| rng.gen_range(0.0..noise_fac)).collect();
-        let noise: Vec<f32> = (0..n * c * h * w)
-            .map(|_| StandardNormal.sample(rng))
-            .collect();
+        // One seed from the job's RNG, then each cutout's noise from its own stream of it,
+        // so the cutouts fill in parallel and the values do not depend on the thread count.
+        let seed = rng.next_u64();
+        let mut noise = vec![0f32; n * c * h * w];
+        noise
+            .par_chunks_mut((c * h * w).max(1))
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let mut stream = ChaCha8Rng::seed_from_u64(seed);
+                stream.set_stream(i as u64);
+                for v in chunk {
+                    *v = StandardNormal.sample(&mut stream);
+                }
+            });
         Self { facs, noise }
     }
 
@@ -152,12 +165,21 @@ impl CutoutNoise {
                 batch.shape()
             );
         }
-        let dev = batch.device();
-        let facs =
-            Tensor::from_vec(self.facs.clone(), (n, 1, 1, 1), dev)?.to_dtype(batch.dtype())?;
-        let noise =
-            Tensor::from_vec(self.noise.clone(), (n, c, h, w), dev)?.to_dtype(batch.dtype())?;
-        batch + noise.broadcast_mul(&facs)?
+        // The scaled noise in one pass on the host; the sum is the one graph node.
+        let per = c * h * w;
+        let mut scaled = vec![0f32; n * per];
+        scaled
+            .par_chunks_mut(per.max(1))
+            .zip(self.noise.par_chunks(per.max(1)))
+            .zip(&self.facs)
+            .for_each(|((dst, src), &fac)| {
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = fac * s;
+                }
+            });
+        let scaled =
+            Tensor::from_vec(scaled, (n, c, h, w), batch.device())?.to_dtype(batch.dtype())?;
+        batch + scaled
     }
 }
 
@@ -687,6 +709,67 @@ mod tests {
 
     fn to_vec3(t: &Tensor) -> Vec<Vec<Vec<f32>>> {
         t.to_vec3().unwrap()
+    }
+
+    #[test]
+    fn cutout_noise_is_standard_normal_and_the_same_on_any_thread_count() {
+        let draw = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut rng = ChaCha20Rng::seed_from_u64(7);
+            let noise = pool.install(|| CutoutNoise::sample((4, 3, 32, 32), 0.1, &mut rng));
+            (noise, rng.gen::<u64>())
+        };
+        let (one, after_one) = draw(1);
+        let (two, after_two) = draw(2);
+        assert_eq!(one, two);
+        assert_eq!(after_one, after_two, "the job's RNG advances the same");
+        assert!(one.facs.iter().all(|f| (0.0..0.1).contains(f)));
+        // Each cutout's noise is its own stream: no two cutouts repeat each other.
+        let per = 3 * 32 * 32;
+        assert_ne!(one.noise[..per], one.noise[per..2 * per]);
+        let n = one.noise.len() as f64;
+        let mean = one.noise.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = one
+            .noise
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
+        // Another seed, other noise.
+        let mut rng = ChaCha20Rng::seed_from_u64(8);
+        assert_ne!(
+            CutoutNoise::sample((4, 3, 32, 32), 0.1, &mut rng).noise,
+            one.noise
+        );
+    }
+
+    #[test]
+    fn cutout_noise_adds_its_scaled_values() {
+        let batch = host(vec![1.0; 2 * 1 * 2 * 2], &[2, 1, 2, 2]).unwrap();
+        let noise = CutoutNoise {
+            facs: vec![0.5, 2.0],
+            noise: (0..8).map(|i| i as f32).collect(),
+        };
+        let out: Vec<f32> = noise
+            .apply(&batch)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(out, vec![1.0, 1.5, 2.0, 2.5, 9.0, 11.0, 13.0, 15.0]);
+        let short = CutoutNoise {
+            facs: vec![0.5],
+            noise: vec![0.0; 4],
+        };
+        assert!(short.apply(&batch).is_err());
     }
 
     #[test]

@@ -46,14 +46,28 @@ fn optimise(spec: JobSpec, steps: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     (losses, before, after)
 }
 
+/// Averaged over three seeds: on these tiny random models one run's 30 noisy steps (random
+/// cutouts, augments and noise) can end no better than they began, three on average do not.
 #[test]
 fn text_prompt_loss_falls_and_similarity_rises() {
-    let (losses, before, after) = optimise(spec(r#"{"prompts": "a red cube", "steps": 30}"#), 30);
+    let (mut first, mut last, mut before, mut after) = (0.0, 0.0, 0.0, 0.0);
+    for seed in 1..=3 {
+        let json = format!(r#"{{"prompts": "a red cube", "steps": 30, "seed": {seed}}}"#);
+        let (losses, b, a) = optimise(spec(&json), 30);
+        eprintln!("seed {seed}: losses {losses:?}, similarity {b:?} -> {a:?}");
+        first += mean(&losses[..5]);
+        last += mean(&losses[25..]);
+        before += b[0];
+        after += a[0];
+    }
     assert!(
-        mean(&losses[25..]) < mean(&losses[..5]),
-        "losses {losses:?}"
+        last < first,
+        "mean loss of the first 5 steps {first} (sum over seeds), last 5 {last}"
     );
-    assert!(after[0] > before[0], "similarity {before:?} -> {after:?}");
+    assert!(
+        after > before,
+        "similarity (sum over seeds) {before} -> {after}"
+    );
 }
 
 #[test]
