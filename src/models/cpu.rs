@@ -181,14 +181,14 @@ pub(crate) fn cpu_binary(
 
 /// A raw output pointer shared by tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 // SAFETY: every task writes a region of the buffer no other task touches (see the caller).
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     /// Through a method, so closures capture the whole (Sync) wrapper, not the raw field.
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }

@@ -13,6 +13,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::cpu::SharedOut;
+
 /// The constant matrices of one F(m×m, 3×3) algorithm, for the correlation
 /// `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A` of an (m+2)×(m+2) input tile `d` with a 3×3 kernel `g`.
 pub(crate) struct Transform<const M: usize, const A: usize> {
@@ -106,16 +108,36 @@ thread_local! {
     static SCRATCH: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
 
-/// A raw output pointer shared by tasks that write disjoint rows of one buffer.
-#[derive(Clone, Copy)]
-struct Rows(*mut f32);
-// SAFETY: every task writes output rows no other task touches (see `conv3x3`).
-unsafe impl Send for Rows {}
-unsafe impl Sync for Rows {}
+/// The instruction sets [`block`] is compiled for; the widest the CPU has is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
 
-impl Rows {
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
+impl Isa {
+    /// Every instruction set this CPU can run, widest last.
+    fn available() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut all = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                all.push(Isa::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                all.push(Isa::Avx512);
+            }
+        }
+        all
+    }
+
+    fn best() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| *Isa::available().last().unwrap_or(&Isa::Portable))
     }
 }
 
@@ -163,6 +185,32 @@ pub(crate) fn conv3x3<const M: usize, const A: usize>(
     padding: usize,
     threads: usize,
 ) -> (Vec<f32>, usize, usize) {
+    conv3x3_on(
+        Isa::best(),
+        tf,
+        x,
+        (b, c_in, h, wd),
+        w,
+        c_out,
+        bias,
+        padding,
+        threads,
+    )
+}
+
+/// [`conv3x3`] with the transforms compiled for `isa` (the tests run each one).
+#[allow(clippy::too_many_arguments)]
+fn conv3x3_on<const M: usize, const A: usize>(
+    isa: Isa,
+    tf: &Transform<M, A>,
+    x: &[f32],
+    (b, c_in, h, wd): (usize, usize, usize, usize),
+    w: &[f32],
+    c_out: usize,
+    bias: Option<&[f32]>,
+    padding: usize,
+    threads: usize,
+) -> (Vec<f32>, usize, usize) {
     let p = padding;
     let (ho, wo) = (h + 2 * p - 2, wd + 2 * p - 2);
     let mut out = vec![0f32; b * c_out * ho * wo];
@@ -195,8 +243,18 @@ pub(crate) fn conv3x3<const M: usize, const A: usize>(
         tile_rows,
         blocks_per_image,
     };
-    let out_rows = Rows(out.as_mut_ptr());
-    let task = |t: usize| run_block(tf, &geom, x, &u, bias, out_rows, gemm_par, t);
+    let job = Job {
+        tf,
+        g: geom,
+        x,
+        u: &u,
+        bias,
+        // Each task writes the output rows of its own tile rows, which no other task touches.
+        out: SharedOut(out.as_mut_ptr()),
+        gemm_par,
+        isa,
+    };
+    let task = |t: usize| run_block(&job, t);
     if outer_parallel {
         (0..tasks).into_par_iter().for_each(task);
     } else {
@@ -222,21 +280,25 @@ struct Geometry {
     blocks_per_image: usize,
 }
 
+/// One conv's inputs, transformed kernel and output, shared by its blocks.
+struct Job<'a, const M: usize, const A: usize> {
+    tf: &'a Transform<M, A>,
+    g: Geometry,
+    x: &'a [f32],
+    u: &'a [f32],
+    bias: Option<&'a [f32]>,
+    out: SharedOut,
+    gemm_par: gemm::Parallelism,
+    isa: Isa,
+}
+
 /// One block (`t` counts blocks over all images): its input tiles transformed, one GEMM per
 /// tile position, its output tiles transformed back into `out`. The transforms' loops run
-/// along a row of tiles, so they vectorise; this picks the widest vectors the CPU has, with
-/// the same arithmetic (no fused multiply-adds, the same order) and so the same results.
-#[allow(clippy::too_many_arguments)]
-fn run_block<const M: usize, const A: usize>(
-    tf: &Transform<M, A>,
-    g: &Geometry,
-    x: &[f32],
-    u: &[f32],
-    bias: Option<&[f32]>,
-    out: Rows,
-    gemm_par: gemm::Parallelism,
-    t: usize,
-) {
+/// along a row of tiles, so they vectorise; they run compiled for `job.isa` (the widest
+/// vectors the CPU has), with the same arithmetic on every one (no fused multiply-adds, the
+/// same order) and so the same results.
+fn run_block<const M: usize, const A: usize>(job: &Job<M, A>, t: usize) {
+    let g = &job.g;
     let nty = g
         .tile_rows
         .min(g.th - (t % g.blocks_per_image) * g.tile_rows);
@@ -254,18 +316,15 @@ fn run_block<const M: usize, const A: usize>(
             }
         }
         let bufs = Scratch { v, m, work };
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F, checked just above.
-                return unsafe { block_avx512(tf, g, x, u, bias, out, gemm_par, t, bufs) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2, checked just above.
-                return unsafe { block_avx2(tf, g, x, u, bias, out, gemm_par, t, bufs) };
-            }
+        match job.isa {
+            // SAFETY: `Isa::available` checked that the CPU has AVX-512F.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { block_avx512(job, t, bufs) },
+            // SAFETY: `Isa::available` checked that the CPU has AVX2.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { block_avx2(job, t, bufs) },
+            Isa::Portable => block(job, t, bufs),
         }
-        block(tf, g, x, u, bias, out, gemm_par, t, bufs)
     })
 }
 
@@ -283,39 +342,18 @@ fn work_len<const M: usize, const A: usize>(tw: usize) -> usize {
     pl * M + M * pl + A * A * tw + A * M * tw + M * tw
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512<const M: usize, const A: usize>(
-    tf: &Transform<M, A>,
-    g: &Geometry,
-    x: &[f32],
-    u: &[f32],
-    bias: Option<&[f32]>,
-    out: Rows,
-    gemm_par: gemm::Parallelism,
-    t: usize,
-    bufs: Scratch,
-) {
-    block(tf, g, x, u, bias, out, gemm_par, t, bufs)
+/// [`block`] compiled for one instruction set, so that its loops use that vector width.
+macro_rules! block_for_isa {
+    ($name:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const M: usize, const A: usize>(job: &Job<M, A>, t: usize, bufs: Scratch) {
+            block(job, t, bufs)
+        }
+    };
 }
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx2<const M: usize, const A: usize>(
-    tf: &Transform<M, A>,
-    g: &Geometry,
-    x: &[f32],
-    u: &[f32],
-    bias: Option<&[f32]>,
-    out: Rows,
-    gemm_par: gemm::Parallelism,
-    t: usize,
-    bufs: Scratch,
-) {
-    block(tf, g, x, u, bias, out, gemm_par, t, bufs)
-}
+block_for_isa!(block_avx512, "avx512f");
+block_for_isa!(block_avx2, "avx2");
 
 /// `dst = init + Σ coef[k] · src(k)`, summed in k order, in one pass over `dst` (a row of
 /// tiles, in L1) with every source read in the same pass; zero coefficients are multiplied
@@ -340,18 +378,17 @@ fn combine<'a, const K: usize>(
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn block<const M: usize, const A: usize>(
-    tf: &Transform<M, A>,
-    g: &Geometry,
-    x: &[f32],
-    u: &[f32],
-    bias: Option<&[f32]>,
-    out: Rows,
-    gemm_par: gemm::Parallelism,
-    t: usize,
-    bufs: Scratch,
-) {
+fn block<const M: usize, const A: usize>(job: &Job<M, A>, t: usize, bufs: Scratch) {
+    let Job {
+        tf,
+        ref g,
+        x,
+        u,
+        bias,
+        out,
+        gemm_par,
+        isa: _,
+    } = *job;
     let (c_in, c_out, h, wd, p, tw) = (g.c_in, g.c_out, g.h, g.wd, g.p, g.tw);
     let (img, blk) = (t / g.blocks_per_image, t % g.blocks_per_image);
     let ty0 = blk * g.tile_rows;
@@ -543,6 +580,15 @@ mod tests {
             let w = noise(c_out * c_in * 9, 2);
             let bias = noise(c_out, 3);
             let want = direct(&x, dims, &w, c_out, Some(&bias), p);
+            let best = conv3x3(tf, &x, dims, &w, c_out, Some(&bias), p, 2).0;
+            for isa in Isa::available() {
+                let got = conv3x3_on(isa, tf, &x, dims, &w, c_out, Some(&bias), p, 2).0;
+                assert!(
+                    got == best,
+                    "{isa:?} gives other values than {:?}",
+                    Isa::best()
+                );
+            }
             for threads in [1, 2] {
                 let (got, ho, wo) = conv3x3(tf, &x, dims, &w, c_out, Some(&bias), p, threads);
                 assert_eq!((ho, wo), (h + 2 * p - 2, wd + 2 * p - 2));

@@ -752,7 +752,7 @@ mod tests {
 
     #[test]
     fn cutout_noise_adds_its_scaled_values() {
-        let batch = host(vec![1.0; 2 * 1 * 2 * 2], &[2, 1, 2, 2]).unwrap();
+        let batch = host(vec![1.0; 8], &[2, 1, 2, 2]).unwrap();
         let noise = CutoutNoise {
             facs: vec![0.5, 2.0],
             noise: (0..8).map(|i| i as f32).collect(),
