@@ -253,31 +253,16 @@ pub(crate) fn conv2d_stride1(
     }
     let (ho, wo) = (h + 2 * p + 1 - k, wd + 2 * p + 1 - k);
     if k == 3 && p <= 2 {
-        let dims = (b, c_in, h, wd);
-        let conv = match winograd::choose(c_in, c_out, ho, wo) {
-            winograd::Choice::Im2col => None,
-            winograd::Choice::F2 => Some(winograd::conv3x3(
-                &winograd::F2,
-                x,
-                dims,
-                w,
-                c_out,
-                bias,
-                p,
-                threads(),
-            )),
-            winograd::Choice::F4 => Some(winograd::conv3x3(
-                &winograd::F4,
-                x,
-                dims,
-                w,
-                c_out,
-                bias,
-                p,
-                threads(),
-            )),
+        let conv = winograd::Conv3x3 {
+            x,
+            dims: (b, c_in, h, wd),
+            w,
+            c_out,
+            bias,
+            padding: p,
+            threads: threads(),
         };
-        if let Some((out, ho, wo)) = conv {
+        if let Some((out, ho, wo)) = conv.winograd() {
             return Ok((out, Shape::from((b, c_out, ho, wo))));
         }
     }

@@ -17,7 +17,7 @@ use super::cpu::SharedOut;
 
 /// The constant matrices of one F(m×m, 3×3) algorithm, for the correlation
 /// `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A` of an (m+2)×(m+2) input tile `d` with a 3×3 kernel `g`.
-pub(crate) struct Transform<const M: usize, const A: usize> {
+struct Transform<const M: usize, const A: usize> {
     /// Bᵀ, A×A: the input tile's transform.
     bt: [[f32; A]; A],
     /// G, A×3: the kernel's transform.
@@ -27,7 +27,7 @@ pub(crate) struct Transform<const M: usize, const A: usize> {
 }
 
 /// F(2×2, 3×3): interpolation points 0, ±1, ∞; every constant is 0, ±1 or ±½.
-pub(crate) const F2: Transform<2, 4> = Transform {
+const F2: Transform<2, 4> = Transform {
     bt: [
         [1.0, 0.0, -1.0, 0.0],
         [0.0, 1.0, 1.0, 0.0],
@@ -44,7 +44,7 @@ pub(crate) const F2: Transform<2, 4> = Transform {
 };
 
 /// F(4×4, 3×3): interpolation points 0, ±1, ±2, ∞.
-pub(crate) const F4: Transform<4, 6> = Transform {
+const F4: Transform<4, 6> = Transform {
     bt: [
         [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
         [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
@@ -78,13 +78,13 @@ pub(crate) const F4: Transform<4, 6> = Transform {
 /// 32² are faster on im2col). `VQCLIP_CONV=im2col|winograd2|winograd4` forces one (for
 /// timings and comparisons) wherever the channels allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Choice {
+enum Choice {
     Im2col,
     F2,
     F4,
 }
 
-pub(crate) fn choose(c_in: usize, c_out: usize, ho: usize, wo: usize) -> Choice {
+fn choose(c_in: usize, c_out: usize, ho: usize, wo: usize) -> Choice {
     static MODE: std::sync::OnceLock<Option<Choice>> = std::sync::OnceLock::new();
     let forced = *MODE.get_or_init(|| match std::env::var("VQCLIP_CONV").ok().as_deref() {
         Some("im2col") => Some(Choice::Im2col),
@@ -171,96 +171,99 @@ fn transform_kernel<const M: usize, const A: usize>(
     u
 }
 
-/// Stride-1 correlation of a contiguous (b, c_in, h, w) `x` with a contiguous
+/// One 3×3 stride-1 correlation: a contiguous (b, c_in, h, w) `x` with a contiguous
 /// (c_out, c_in, 3, 3) `w`, zero `padding` (0..=2) on each side, plus an optional bias, into
 /// a new (b, c_out, ho, wo) buffer. The caller has checked the shapes.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn conv3x3<const M: usize, const A: usize>(
-    tf: &Transform<M, A>,
-    x: &[f32],
-    (b, c_in, h, wd): (usize, usize, usize, usize),
-    w: &[f32],
-    c_out: usize,
-    bias: Option<&[f32]>,
-    padding: usize,
-    threads: usize,
-) -> (Vec<f32>, usize, usize) {
-    conv3x3_on(
-        Isa::best(),
-        tf,
-        x,
-        (b, c_in, h, wd),
-        w,
-        c_out,
-        bias,
-        padding,
-        threads,
-    )
+pub(crate) struct Conv3x3<'a> {
+    pub x: &'a [f32],
+    /// (b, c_in, h, w) of `x`.
+    pub dims: (usize, usize, usize, usize),
+    pub w: &'a [f32],
+    pub c_out: usize,
+    pub bias: Option<&'a [f32]>,
+    pub padding: usize,
+    pub threads: usize,
 }
 
-/// [`conv3x3`] with the transforms compiled for `isa` (the tests run each one).
-#[allow(clippy::too_many_arguments)]
-fn conv3x3_on<const M: usize, const A: usize>(
-    isa: Isa,
-    tf: &Transform<M, A>,
-    x: &[f32],
-    (b, c_in, h, wd): (usize, usize, usize, usize),
-    w: &[f32],
-    c_out: usize,
-    bias: Option<&[f32]>,
-    padding: usize,
-    threads: usize,
-) -> (Vec<f32>, usize, usize) {
-    let p = padding;
-    let (ho, wo) = (h + 2 * p - 2, wd + 2 * p - 2);
-    let mut out = vec![0f32; b * c_out * ho * wo];
-    if out.is_empty() {
-        return (out, ho, wo);
+impl Conv3x3<'_> {
+    /// The output and its (ho, wo) by Winograd where [`choose`] picks it for these sizes;
+    /// `None` where the im2col kernel is the better one.
+    pub(crate) fn winograd(&self) -> Option<(Vec<f32>, usize, usize)> {
+        let (_, c_in, h, wd) = self.dims;
+        let p = self.padding;
+        match choose(c_in, self.c_out, h + 2 * p - 2, wd + 2 * p - 2) {
+            Choice::Im2col => None,
+            Choice::F2 => Some(self.run(Isa::best(), &F2)),
+            Choice::F4 => Some(self.run(Isa::best(), &F4)),
+        }
     }
-    let u = transform_kernel(tf, w, c_out, c_in);
-    let (th, tw) = (ho.div_ceil(M), wo.div_ceil(M));
-    // Whole rows of tiles per block, about 2 MB of transformed values per block.
-    let target_tiles = (512 * 1024 / (A * A * c_in.max(c_out))).max(16);
-    let tile_rows = (target_tiles / tw).clamp(1, th);
-    let blocks_per_image = th.div_ceil(tile_rows);
-    let tasks = b * blocks_per_image;
-    let outer_parallel = threads > 1 && tasks >= 2 * threads;
-    let gemm_par = if outer_parallel || threads == 1 {
-        gemm::Parallelism::None
-    } else {
-        gemm::Parallelism::Rayon(threads)
-    };
-    let geom = Geometry {
-        c_in,
-        c_out,
-        h,
-        wd,
-        p,
-        ho,
-        wo,
-        th,
-        tw,
-        tile_rows,
-        blocks_per_image,
-    };
-    let job = Job {
-        tf,
-        g: geom,
-        x,
-        u: &u,
-        bias,
-        // Each task writes the output rows of its own tile rows, which no other task touches.
-        out: SharedOut(out.as_mut_ptr()),
-        gemm_par,
-        isa,
-    };
-    let task = |t: usize| run_block(&job, t);
-    if outer_parallel {
-        (0..tasks).into_par_iter().for_each(task);
-    } else {
-        (0..tasks).for_each(task);
+
+    /// By F(M×M, 3×3), the transforms compiled for `isa` (the tests run each one).
+    fn run<const M: usize, const A: usize>(
+        &self,
+        isa: Isa,
+        tf: &Transform<M, A>,
+    ) -> (Vec<f32>, usize, usize) {
+        let Conv3x3 {
+            x,
+            dims: (b, c_in, h, wd),
+            w,
+            c_out,
+            bias,
+            padding,
+            threads,
+        } = *self;
+        let p = padding;
+        let (ho, wo) = (h + 2 * p - 2, wd + 2 * p - 2);
+        let mut out = vec![0f32; b * c_out * ho * wo];
+        if out.is_empty() {
+            return (out, ho, wo);
+        }
+        let u = transform_kernel(tf, w, c_out, c_in);
+        let (th, tw) = (ho.div_ceil(M), wo.div_ceil(M));
+        // Whole rows of tiles per block, about 2 MB of transformed values per block.
+        let target_tiles = (512 * 1024 / (A * A * c_in.max(c_out))).max(16);
+        let tile_rows = (target_tiles / tw).clamp(1, th);
+        let blocks_per_image = th.div_ceil(tile_rows);
+        let tasks = b * blocks_per_image;
+        let outer_parallel = threads > 1 && tasks >= 2 * threads;
+        let gemm_par = if outer_parallel || threads == 1 {
+            gemm::Parallelism::None
+        } else {
+            gemm::Parallelism::Rayon(threads)
+        };
+        let geom = Geometry {
+            c_in,
+            c_out,
+            h,
+            wd,
+            p,
+            ho,
+            wo,
+            th,
+            tw,
+            tile_rows,
+            blocks_per_image,
+        };
+        let job = Job {
+            tf,
+            g: geom,
+            x,
+            u: &u,
+            bias,
+            // Each task writes the output rows of its own tile rows, which no other task touches.
+            out: SharedOut(out.as_mut_ptr()),
+            gemm_par,
+            isa,
+        };
+        let task = |t: usize| run_block(&job, t);
+        if outer_parallel {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
+        (out, ho, wo)
     }
-    (out, ho, wo)
 }
 
 /// The sizes of one conv and of its blocks of tile rows.
@@ -580,9 +583,18 @@ mod tests {
             let w = noise(c_out * c_in * 9, 2);
             let bias = noise(c_out, 3);
             let want = direct(&x, dims, &w, c_out, Some(&bias), p);
-            let best = conv3x3(tf, &x, dims, &w, c_out, Some(&bias), p, 2).0;
+            let conv = |threads| Conv3x3 {
+                x: &x,
+                dims,
+                w: &w,
+                c_out,
+                bias: Some(&bias),
+                padding: p,
+                threads,
+            };
+            let best = conv(2).run(Isa::best(), tf).0;
             for isa in Isa::available() {
-                let got = conv3x3_on(isa, tf, &x, dims, &w, c_out, Some(&bias), p, 2).0;
+                let got = conv(2).run(isa, tf).0;
                 assert!(
                     got == best,
                     "{isa:?} gives other values than {:?}",
@@ -590,7 +602,7 @@ mod tests {
                 );
             }
             for threads in [1, 2] {
-                let (got, ho, wo) = conv3x3(tf, &x, dims, &w, c_out, Some(&bias), p, threads);
+                let (got, ho, wo) = conv(threads).run(Isa::best(), tf);
                 assert_eq!((ho, wo), (h + 2 * p - 2, wd + 2 * p - 2));
                 assert_eq!(got.len(), want.len());
                 let worst = got
